@@ -1,0 +1,731 @@
+"""``@cached_dataset``: the decorator and the wrapper object it returns.
+
+The wrapper binds each call's arguments to the loader's signature, splits them into sources
+(paths, fingerprinted) and parameters (hashed), asks :mod:`cachedload.keys` for the key and
+:mod:`cachedload.store` for the entry, and runs the loader body only on a miss, under a
+cross-process lock so that concurrent callers compute once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import inspect
+import logging
+import os
+import platform
+import reprlib
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, Literal, NamedTuple, ParamSpec, TypeVar, overload
+
+from cachedload import __version__
+from cachedload.errors import (
+    CacheStoreWarning,
+    ConfigurationError,
+    CorruptEntryWarning,
+    SourceChangedWarning,
+    SourceNotFoundError,
+    UnhashableArgumentError,
+)
+from cachedload.fingerprint import (
+    DEFAULT_EXCLUDE,
+    RACY_WINDOW_NS,
+    Fingerprint,
+    fingerprint_source,
+    hash_file,
+)
+from cachedload.keys import UnhashableError, code_digest, function_identity, value_digest
+from cachedload.store import FORMAT_VERSION, CorruptEntry, Store, default_cache_dir, iter_entries
+
+__all__ = ["CacheInfo", "CachedDataset", "cached_dataset"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+logger = logging.getLogger("cachedload")
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_PATHISH_NAMES = ("dir", "path", "file", "folder", "root", "src", "source", "csv")
+
+
+class CacheInfo(NamedTuple):
+    """Statistics of one cached loader, shaped like ``functools.lru_cache``'s.
+
+    Attributes:
+        hits: calls answered from the cache in this process.
+        misses: calls that ran the loader body in this process.
+        stores: results written to the cache in this process.
+        entries: entries currently on disk for this loader (every code version).
+        size_bytes: their total size on disk.
+    """
+
+    hits: int
+    misses: int
+    stores: int
+    entries: int
+    size_bytes: int
+
+
+@dataclass
+class _Stats:
+    hits: int = 0
+    misses: int = 0
+    stores: int = 0
+
+
+@dataclass
+class _Call:
+    """Everything known about one call before the body runs."""
+
+    arguments: dict[str, Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    key: str
+    parameters: dict[str, tuple[str, str]]  # name -> (digest, readable text)
+    sources: dict[str, tuple[str, Fingerprint]]  # name -> (absolute path, fingerprint)
+    warned: set[str] = field(default_factory=set)
+
+
+class _Miss:
+    """A lookup that found no usable entry; ``replace`` if a bad entry sits at the key."""
+
+    def __init__(self, replace: bool = False) -> None:
+        self.replace = replace
+
+
+def _warn(message: str, category: type[Warning]) -> None:
+    """Warn with the stack level of the first frame outside this package (the user's call)."""
+    level = 1
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+def _readable(value: Any) -> str:
+    """Short human-readable text of a parameter value, for metadata and explanations."""
+    shape = getattr(value, "shape", None)
+    dtype = getattr(value, "dtype", None)
+    if shape is not None and dtype is not None:
+        return f"{type(value).__name__}(shape={tuple(shape)}, dtype={dtype})"
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '?')}.{value.__qualname__}"
+    return _REPR.repr(value)
+
+
+def summarize(value: Any, depth: int = 0) -> str:
+    """Short description of a result: type, and shape/dtype of arrays, for metadata."""
+    shape = getattr(value, "shape", None)
+    if shape is not None and getattr(value, "dtype", None) is not None:
+        return f"{type(value).__name__}(shape={tuple(shape)}, dtype={value.dtype})"
+    if depth < 2 and isinstance(value, (tuple, list)) and len(value) <= 8:
+        inner = ", ".join(summarize(item, depth + 1) for item in value)
+        return f"{type(value).__name__}({inner})"
+    if depth < 2 and isinstance(value, dict) and len(value) <= 8:
+        inner = ", ".join(f"{k!r}: {summarize(v, depth + 1)}" for k, v in value.items())
+        return f"dict({inner})"
+    if isinstance(value, (list, tuple, dict)):
+        return f"{type(value).__name__}(len={len(value)})"
+    return type(value).__name__
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 120
+
+
+def _looks_like_path_parameter(name: str) -> bool:
+    lowered = name.lower()
+    return any(part in lowered for part in _PATHISH_NAMES)
+
+
+def _parse_list(option: str, value: str | Iterable[str] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    items = tuple(value)
+    if not all(isinstance(item, str) for item in items):
+        raise ConfigurationError(option, f"expected a name or a list of names, got {value!r}")
+    return items
+
+
+class CachedDataset(Generic[P, R]):
+    """A dataset loader whose results are cached on disk (made by :func:`cached_dataset`).
+
+    Call it exactly like the loader. Its methods manage the loader's cache:
+    :meth:`cache_info`, :meth:`cache_clear`, :meth:`cache_path`, :meth:`is_cached`,
+    :meth:`recompute`; ``__wrapped__`` is the undecorated loader.
+    """
+
+    __wrapped__: Callable[P, R]
+
+    def __init__(
+        self,
+        func: Callable[P, R],
+        *,
+        source: str | Sequence[str] | None = None,
+        ignore: str | Sequence[str] | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        mmap_mode: Literal["r", "r+", "c"] | None = None,
+        compress: bool | int | str | tuple[str, int] = False,
+        fingerprint: Literal["mtime", "content"] = "mtime",
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        version: Any = None,
+        depends_on: Sequence[Callable[..., Any]] = (),
+        verify: Literal["size", "always"] = "size",
+        lock_timeout: float | None = None,
+        portable: bool = False,
+        enabled: bool = True,
+    ) -> None:
+        functools.update_wrapper(self, func)
+        self.__wrapped__ = func
+        self._signature = inspect.signature(func)
+        self._source = _parse_list("source", source) if source is not None else None
+        self._ignore = frozenset(_parse_list("ignore", ignore))
+        for option, names in (("source", self._source or ()), ("ignore", self._ignore)):
+            unknown = [n for n in names if n not in self._signature.parameters]
+            if unknown:
+                raise ConfigurationError(
+                    option, f"{unknown} not among {func.__qualname__}'s parameters"
+                )
+        if mmap_mode not in (None, "r", "r+", "c"):
+            raise ConfigurationError(
+                "mmap_mode", f"must be None, 'r', 'r+' or 'c', not {mmap_mode!r}"
+            )
+        if fingerprint not in ("mtime", "content"):
+            raise ConfigurationError(
+                "fingerprint", f"must be 'mtime' or 'content', not {fingerprint!r}"
+            )
+        if verify not in ("size", "always"):
+            raise ConfigurationError("verify", f"must be 'size' or 'always', not {verify!r}")
+        self._cache_dir = None if cache_dir is None else Path(cache_dir).expanduser()
+        self._mmap_mode = mmap_mode
+        self._compress = compress
+        self._fingerprint_mode = fingerprint
+        self._include = tuple(include or ())
+        self._exclude = DEFAULT_EXCLUDE if exclude is None else tuple(exclude)
+        self._version = version
+        self._depends_on = tuple(depends_on)
+        self._verify = verify
+        self._lock_timeout = lock_timeout
+        self._portable = portable
+        self.enabled = enabled
+        self._identity = function_identity(func)
+        self._stats = _Stats()
+        self._bound_self: Any = None
+        self._is_bound = False
+        self._code: str | None = None
+
+    # -- descriptor: decorating a method --------------------------------------------------------
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        bound = copy.copy(self)  # shares options and statistics
+        bound._bound_self = instance
+        bound._is_bound = True
+        return bound
+
+    def __repr__(self) -> str:
+        return f"<cached_dataset {self._identity}>"
+
+    def _with_self(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (self._bound_self, *args) if self._is_bound else args
+
+    # -- identity ------------------------------------------------------------------------------
+    def _code_version(self) -> str:
+        """Digest of the loader's code, its helpers' code and the user's ``version=``."""
+        if self._code is None:
+            parts = [code_digest(self.__wrapped__)]
+            parts += [f"{function_identity(f)}:{code_digest(f)}" for f in self._depends_on]
+            parts.append(value_digest(self._version))
+            self._code = value_digest(tuple(parts))
+        return self._code
+
+    def _function_dir_name(self) -> str:
+        safe = "".join(c if c.isalnum() or c in "._" else "_" for c in self._identity)
+        return f"{safe[:150]}-{self._code_version()[:8]}"
+
+    def _resolved_cache_dir(self) -> Path:
+        return self._cache_dir if self._cache_dir is not None else default_cache_dir()
+
+    def _store(self) -> Store:
+        return Store(self._resolved_cache_dir(), self._function_dir_name())
+
+    # -- one call --------------------------------------------------------------------------------
+    def _is_source(self, name: str, value: Any) -> bool:
+        if self._source is not None:
+            return name in self._source and value is not None
+        if isinstance(value, os.PathLike):
+            return True
+        if isinstance(value, str) and value:
+            return os.path.exists(value) or (
+                _looks_like_path_parameter(name) and (os.sep in value or "." in value)
+            )
+        return False
+
+    def _fingerprint(self, name: str, value: Any) -> tuple[str, Fingerprint]:
+        if not isinstance(value, (str, os.PathLike)):
+            raise ConfigurationError(
+                "source", f"parameter {name!r} is not a path: {_readable(value)}"
+            )
+        path = os.path.abspath(os.fspath(value))
+        try:
+            found = fingerprint_source(
+                path, mode=self._fingerprint_mode, include=self._include, exclude=self._exclude
+            )
+        except FileNotFoundError:
+            raise SourceNotFoundError(name, value) from None
+        return os.path.realpath(path), found
+
+    def _prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
+        args = self._with_self(args)
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        parameters: dict[str, tuple[str, str]] = {}
+        sources: dict[str, tuple[str, Fingerprint]] = {}
+        for name, value in bound.arguments.items():
+            if name in self._ignore:
+                continue
+            if self._is_source(name, value):
+                if isinstance(value, (list, tuple)):
+                    for index, item in enumerate(value):
+                        sources[f"{name}[{index}]"] = self._fingerprint(name, item)
+                else:
+                    sources[name] = self._fingerprint(name, value)
+                continue
+            try:
+                parameters[name] = (value_digest(value), _readable(value))
+            except UnhashableError as error:
+                raise UnhashableArgumentError(name, str(error)) from None
+            except RecursionError:
+                raise UnhashableArgumentError(name, "nested too deeply") from None
+        key_parts = (
+            FORMAT_VERSION,
+            self._identity,
+            self._code_version(),
+            sorted((name, digest) for name, (digest, _) in parameters.items()),
+            sorted(
+                (name, fp.digest if self._portable else f"{path}\0{fp.digest}")
+                for name, (path, fp) in sources.items()
+            ),
+        )
+        return _Call(
+            arguments=dict(bound.arguments),
+            args=bound.args,
+            kwargs=bound.kwargs,
+            key=value_digest(key_parts),
+            parameters=parameters,
+            sources=sources,
+        )
+
+    def _lookup(self, store: Store, call: _Call) -> Any:
+        """The stored result for ``call``, or a :class:`_Miss`."""
+        started = time.perf_counter()
+        try:
+            meta = store.read_meta(call.key)
+            if meta is None:
+                return _Miss()
+            if not self._racy_files_unchanged(store, call, meta):
+                logger.info(
+                    "stale %s: a recently written source file changed without a new mtime",
+                    self._identity,
+                )
+                return _Miss(replace=True)
+            value = store.load_value(
+                call.key, meta, mmap_mode=self._mmap_mode, verify=self._verify == "always"
+            )
+        except CorruptEntry as error:
+            if "corrupt" not in call.warned:
+                call.warned.add("corrupt")
+                _warn(
+                    f"cachedload: corrupt cache entry {error.path} ({error.reason}); "
+                    "recomputing it",
+                    CorruptEntryWarning,
+                )
+            return _Miss(replace=True)
+        except OSError as error:  # e.g. an unreadable cache directory
+            logger.info("cannot read cache entry %s: %s", store.entry_path(call.key), error)
+            return _Miss()
+        store.record_hit(call.key)
+        logger.info(
+            "hit %s [%s] in %.1f ms (%s bytes)",
+            self._identity,
+            call.key[:12],
+            (time.perf_counter() - started) * 1e3,
+            meta["data"]["size"],
+        )
+        return value
+
+    def _racy_files_unchanged(self, store: Store, call: _Call, meta: dict[str, Any]) -> bool:
+        racy: dict[str, dict[str, str]] = meta.get("racy") or {}
+        if not racy:
+            return True
+        for name, files in racy.items():
+            if name not in call.sources:
+                return False
+            root = call.sources[name][0]
+            for relpath, digest in files.items():
+                path = os.path.join(root, relpath) if os.path.isdir(root) else root
+                try:
+                    if hash_file(path) != digest:
+                        return False
+                except OSError:
+                    return False
+        if time.time_ns() - RACY_WINDOW_NS > int(meta.get("racy_newest_mtime_ns", 0)):
+            # Those files' mtime tick is long past: any rewrite now changes their mtime, so
+            # the content check has done its job for good. Saves hashing them on every hit.
+            cleared = {k: v for k, v in meta.items() if k not in ("racy", "racy_newest_mtime_ns")}
+            with contextlib.suppress(OSError):
+                store.rewrite_meta(call.key, cleared)
+        return True
+
+    def _racy_digests(self, call: _Call) -> tuple[dict[str, dict[str, str]], int]:
+        """Content digests of the source files whose mtime is too recent to trust."""
+        if self._fingerprint_mode == "content":
+            return {}, 0
+        racy: dict[str, dict[str, str]] = {}
+        newest = 0
+        for name, (root, fp) in call.sources.items():
+            racy_paths = fp.racy_files()
+            if not racy_paths:
+                continue
+            files = {}
+            for relpath in racy_paths:
+                path = os.path.join(root, relpath) if os.path.isdir(root) else root
+                files[relpath] = hash_file(path)
+            racy[name] = files
+            newest = max(newest, fp.newest_mtime_ns)
+        return racy, newest
+
+    def _store_failed(self, call: _Call, store: Store, error: BaseException) -> None:
+        if "store" in call.warned:
+            return
+        call.warned.add("store")
+        reason = f"{type(error).__name__}: {error}"
+        _warn(
+            f"cachedload: could not store the result of {self._identity} in "
+            f"{store.function_dir}: {reason}. The result is returned but not cached.",
+            CacheStoreWarning,
+        )
+
+    def _compute_and_store(self, store: Store, call: _Call, *, replace: bool) -> R:
+        racy_before, newest_racy = self._racy_digests(call)
+        self._stats.misses += 1
+        logger.info("miss %s [%s]: running the loader", self._identity, call.key[:12])
+        started = time.perf_counter()
+        result = self.__wrapped__(*call.args, **call.kwargs)
+        compute_seconds = time.perf_counter() - started
+        after = self._sources_after(call)
+        if after is None or self._racy_digests(call)[0] != racy_before:
+            _warn(
+                f"cachedload: source files of {self._identity} changed while it ran; "
+                "the result is returned but not cached",
+                SourceChangedWarning,
+            )
+            return result
+        meta = self._meta(call, result, compute_seconds, racy_before, newest_racy)
+        manifest = {name: fp.files for name, (_, fp) in after.items()}
+        started = time.perf_counter()
+        try:
+            size = store.save(
+                call.key, result, meta, compress=self._compress, manifest=manifest, replace=replace
+            )
+        except OSError as error:
+            self._store_failed(call, store, error)
+            return result
+        self._stats.stores += 1
+        logger.info(
+            "stored %s [%s]: %s bytes in %.1f ms (computed in %.2f s)",
+            self._identity,
+            call.key[:12],
+            size,
+            (time.perf_counter() - started) * 1e3,
+            compute_seconds,
+        )
+        return result
+
+    def _sources_after(self, call: _Call) -> dict[str, tuple[str, Fingerprint]] | None:
+        """Fingerprints taken again after the body ran; None if any source changed."""
+        after: dict[str, tuple[str, Fingerprint]] = {}
+        for name, (path, before) in call.sources.items():
+            try:
+                now = fingerprint_source(
+                    path, mode=self._fingerprint_mode, include=self._include, exclude=self._exclude
+                )
+            except FileNotFoundError:
+                return None
+            if now.digest != before.digest:
+                return None
+            after[name] = (path, now)
+        return after
+
+    def _meta(
+        self,
+        call: _Call,
+        result: Any,
+        compute_seconds: float,
+        racy: dict[str, dict[str, str]],
+        newest_racy: int,
+    ) -> dict[str, Any]:
+        import joblib
+        import numpy
+
+        return {
+            "function": self._identity,
+            "code": self._code_version(),
+            "version": _readable(self._version),
+            "parameters": {
+                name: {"digest": digest, "value": text}
+                for name, (digest, text) in call.parameters.items()
+            },
+            "sources": {
+                name: {
+                    "path": path,
+                    "digest": fp.digest,
+                    "mode": self._fingerprint_mode,
+                    "file_count": fp.file_count,
+                    "total_bytes": fp.total_bytes,
+                    "newest_mtime_ns": fp.newest_mtime_ns,
+                }
+                for name, (path, fp) in call.sources.items()
+            },
+            "portable": self._portable,
+            "racy": racy,
+            "racy_newest_mtime_ns": newest_racy,
+            "result": summarize(result),
+            "created": time.time(),
+            "compute_seconds": round(compute_seconds, 6),
+            "host": platform.node(),
+            "pid": os.getpid(),
+            "versions": {
+                "cachedload": __version__,
+                "python": platform.python_version(),
+                "numpy": numpy.__version__,
+                "joblib": joblib.__version__,
+            },
+        }
+
+    def _run(self, call: _Call, *, force: bool) -> R:
+        try:
+            store = self._store()
+        except (OSError, RuntimeError) as error:
+            logger.warning("cannot locate the cache directory: %s", error)
+            return self.__wrapped__(*call.args, **call.kwargs)
+        if not force:
+            found = self._lookup(store, call)
+            if not isinstance(found, _Miss):
+                self._stats.hits += 1
+                return found  # type: ignore[no-any-return]
+            replace = found.replace
+        else:
+            replace = True
+        try:
+            lock = store.lock(call.key, self._lock_timeout)
+            locked = self._acquire(lock, store, call)
+        except OSError as error:
+            # No lock, so no store either (the directory is unwritable): compute and return.
+            self._store_failed(call, store, error)
+            self._stats.misses += 1
+            return self.__wrapped__(*call.args, **call.kwargs)
+        try:
+            if not force:
+                found = self._lookup(store, call)  # another process may have finished it
+                if not isinstance(found, _Miss):
+                    self._stats.hits += 1
+                    return found  # type: ignore[no-any-return]
+                replace = replace or found.replace
+            return self._compute_and_store(store, call, replace=replace)
+        finally:
+            if locked:
+                with contextlib.suppress(OSError):
+                    store.lock_path(call.key).with_suffix(".owner").unlink()
+                lock.release()
+
+    def _acquire(self, lock: Any, store: Store, call: _Call) -> bool:
+        """Take the single-flight lock; False if ``lock_timeout`` ran out (compute anyway:
+        publishing is atomic, so the only cost of not waiting is duplicate work)."""
+        from filelock import Timeout
+
+        owner_file = store.lock_path(call.key).with_suffix(".owner")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            try:
+                owner = owner_file.read_text()
+            except OSError:
+                owner = "another process"
+            logger.info(
+                "waiting for %s [%s], being computed by %s", self._identity, call.key[:12], owner
+            )
+            started = time.perf_counter()
+            try:
+                lock.acquire()
+            except Timeout:
+                logger.warning(
+                    "gave up waiting for %s after %s s; computing it here too",
+                    self._identity,
+                    self._lock_timeout,
+                )
+                return False
+            logger.info("waited %.2f s for %s", time.perf_counter() - started, self._identity)
+        with contextlib.suppress(OSError):
+            owner_file.write_text(f"pid {os.getpid()} on {platform.node()}")
+        return True
+
+    # -- the public interface ----------------------------------------------------------------
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Return the loader's result for these arguments, from the cache when possible."""
+        if not self.enabled:
+            self._stats.misses += 1
+            return self.__wrapped__(*self._with_self(args), **kwargs)
+        return self._run(self._prepare(args, kwargs), force=False)
+
+    def recompute(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the loader body for these arguments and overwrite the stored entry."""
+        if not self.enabled:
+            return self(*args, **kwargs)
+        return self._run(self._prepare(args, kwargs), force=True)
+
+    def cache_path(self, *args: P.args, **kwargs: P.kwargs) -> Path:
+        """The folder where the entry for these arguments is (or would be) stored."""
+        return self._store().entry_path(self._prepare(args, kwargs).key)
+
+    def is_cached(self, *args: P.args, **kwargs: P.kwargs) -> bool:
+        """True if a call with these arguments would be answered from the cache now.
+
+        Checks the entry's metadata, its data file's size and any racy source files; does not
+        load the data.
+        """
+        if not self.enabled:
+            return False
+        call = self._prepare(args, kwargs)
+        store = self._store()
+        try:
+            meta = store.read_meta(call.key)
+            if meta is None or not self._racy_files_unchanged(store, call, meta):
+                return False
+            size = os.stat(store.entry_path(call.key) / "result.joblib").st_size
+        except (CorruptEntry, OSError):
+            return False
+        return bool(size == meta["data"]["size"])
+
+    def _function_dirs(self) -> list[Path]:
+        root = self._resolved_cache_dir()
+        prefix = self._function_dir_name().rsplit("-", 1)[0] + "-"
+        try:
+            return [p for p in root.iterdir() if p.name.startswith(prefix) and p.is_dir()]
+        except OSError:
+            return []
+
+    def cache_info(self) -> CacheInfo:
+        """Hits, misses and stores in this process; entries and bytes on disk (all code
+        versions of this loader)."""
+        entries = [entry for d in self._function_dirs() for entry in iter_entries(d)]
+        return CacheInfo(
+            hits=self._stats.hits,
+            misses=self._stats.misses,
+            stores=self._stats.stores,
+            entries=len(entries),
+            size_bytes=sum(entry.size_bytes for entry in entries),
+        )
+
+    def cache_clear(self) -> None:
+        """Delete every stored entry of this loader (all code versions) and reset statistics."""
+        for directory in self._function_dirs():
+            store = Store(directory.parent, directory.name)
+            for entry in list(store.entries()):
+                store.remove(entry.key)
+            store.remove_leftovers()
+        self._stats.hits = self._stats.misses = self._stats.stores = 0
+
+
+@overload
+def cached_dataset(func: Callable[P, R], /) -> CachedDataset[P, R]: ...
+
+
+@overload
+def cached_dataset(
+    *,
+    source: str | Sequence[str] | None = None,
+    ignore: str | Sequence[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    mmap_mode: Literal["r", "r+", "c"] | None = None,
+    compress: bool | int | str | tuple[str, int] = False,
+    fingerprint: Literal["mtime", "content"] = "mtime",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    version: Any = None,
+    depends_on: Sequence[Callable[..., Any]] = (),
+    verify: Literal["size", "always"] = "size",
+    lock_timeout: float | None = None,
+    portable: bool = False,
+    enabled: bool = True,
+) -> Callable[[Callable[P, R]], CachedDataset[P, R]]: ...
+
+
+def cached_dataset(
+    func: Callable[P, R] | None = None, /, **options: Any
+) -> CachedDataset[P, R] | Callable[[Callable[P, R]], CachedDataset[P, R]]:
+    """Cache a dataset loader's results on disk, keyed by its inputs' fingerprints.
+
+    Use bare (``@cached_dataset``) or with keyword options (``@cached_dataset(mmap_mode="r")``).
+    The first call runs the loader and stores its result with joblib; every later call with the
+    same inputs — in this process or any later one — restores it instead. The key covers:
+
+    * each **source**: the parameters named by ``source=``, or by default every argument that
+      is an ``os.PathLike`` or a string naming an existing path. A directory is fingerprinted
+      by the relative path, size and mtime of every file below it (``fingerprint="content"``:
+      by their bytes), so adding, removing, renaming, touching or rewriting a file recomputes;
+    * every other **parameter**, bound to the signature with defaults applied;
+    * the loader's **code** (parsed source, so comments and formatting do not count), the code
+      of the functions in ``depends_on`` and the user's ``version``.
+
+    Args:
+        source: parameter name(s) holding source paths (default: detected, see above).
+        ignore: parameter name(s) left out of the key (``verbose``, ``n_jobs``…).
+        cache_dir: where entries live; default ``$CACHEDLOAD_DIR`` or the user cache dir.
+        mmap_mode: ``"r"`` returns read-only memory maps of stored arrays (near-instant hits
+            whatever their size); passed to ``joblib.load``.
+        compress: passed to ``joblib.dump`` (off by default; compressed entries cannot be
+            memory-mapped).
+        fingerprint: ``"mtime"`` (one stat per file) or ``"content"`` (hash every file's bytes).
+        include: glob patterns; only matching files count as part of a source.
+        exclude: glob patterns of files and folders that never count (default: OS junk such
+            as ``.DS_Store``, ``Thumbs.db``, ``__pycache__``, ``.ipynb_checkpoints``).
+        version: any value; change it to invalidate the loader's entries by hand.
+        depends_on: helper functions whose code is part of the key.
+        verify: ``"size"`` (default) checks the data file's size on every hit;
+            ``"always"`` also its checksum (reads the whole file).
+        lock_timeout: seconds to wait for another process computing the same entry before
+            computing locally (default: wait as long as that process lives).
+        portable: key sources by fingerprint only, not by absolute path.
+        enabled: ``False`` calls the loader directly, with the same interface.
+
+    Returns:
+        A :class:`CachedDataset` wrapping the loader.
+
+    Raises:
+        ConfigurationError: an option is invalid (at decoration time).
+
+    Example::
+
+        @cached_dataset(mmap_mode="r")
+        def load_images(image_dir, size=(128, 128)):
+            ...
+            return X, y
+
+        X, y = load_images("data/train")   # slow the first time, milliseconds afterwards
+    """
+    if func is None:
+        return lambda f: CachedDataset(f, **options)
+    if not callable(func):
+        raise ConfigurationError("func", f"cached_dataset decorates a function, not {func!r}")
+    return CachedDataset(func, **options)

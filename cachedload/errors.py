@@ -1,0 +1,178 @@
+"""The exception and warning classes of cachedload.
+
+Every exception derives from :class:`CachedloadError` *and* from the built-in a user would
+naturally catch (``FileNotFoundError``, ``TypeError``, ``OSError``, ``ValueError``), carries the
+parameter or path at fault as attributes, and pickles (so it crosses process pools intact).
+Recoverable problems are warnings derived from :class:`CacheWarning`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+__all__ = [
+    "CacheStoreWarning",
+    "CacheWarning",
+    "CachedloadError",
+    "ConfigurationError",
+    "CorruptEntryWarning",
+    "ImageReadError",
+    "ImageShapeMismatchError",
+    "ImagesSkippedWarning",
+    "NoImagesFoundError",
+    "SourceChangedWarning",
+    "SourceNotFoundError",
+    "UnhashableArgumentError",
+]
+
+
+class CachedloadError(Exception):
+    """Base class of every exception raised by cachedload itself.
+
+    Exceptions raised by the user's own loader body are never wrapped: they pass through
+    unchanged.
+    """
+
+
+class ConfigurationError(CachedloadError, ValueError):
+    """An option given to :func:`cachedload.cached_dataset` (or a helper) is invalid.
+
+    Attributes:
+        option: the name of the offending option.
+    """
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"{option}: {message}")
+        self.option = option
+        self.message = message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.option, self.message))
+
+
+class SourceNotFoundError(CachedloadError, FileNotFoundError):
+    """A source path given to a cached loader does not exist.
+
+    Raised before the loader body runs. ``except FileNotFoundError`` catches it.
+
+    Attributes:
+        parameter: the loader parameter that named the path.
+        path: the missing path, as given.
+    """
+
+    def __init__(self, parameter: str, path: str | os.PathLike[str]) -> None:
+        self.parameter = parameter
+        self.path = os.fspath(path)
+        super().__init__(
+            2,  # ENOENT, so errno/strerror look like the built-in's
+            f"source {parameter!r} does not exist: {self.path!r}",
+            self.path,
+        )
+
+    def __str__(self) -> str:
+        return f"source {self.parameter!r} does not exist: {self.path!r}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.parameter, self.path))
+
+
+class UnhashableArgumentError(CachedloadError, TypeError):
+    """An argument of a cached loader cannot be turned into a stable cache key.
+
+    Attributes:
+        parameter: the loader parameter whose value could not be hashed.
+        reason: why (usually the underlying pickling error).
+    """
+
+    def __init__(self, parameter: str, reason: str) -> None:
+        self.parameter = parameter
+        self.reason = reason
+        super().__init__(
+            f"cannot hash argument {parameter!r} for the cache key: {reason}. "
+            f"If it does not change the result, leave it out of the key with "
+            f"ignore=[{parameter!r}]."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.parameter, self.reason))
+
+
+class ImageReadError(CachedloadError, OSError):
+    """An image file could not be read or decoded.
+
+    Attributes:
+        path: the file at fault.
+        reason: what went wrong.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(f"cannot read image {self.path!r}: {reason}")
+
+    def __str__(self) -> str:
+        return f"cannot read image {self.path!r}: {self.reason}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.reason))
+
+
+class NoImagesFoundError(CachedloadError, FileNotFoundError):
+    """A folder given to :func:`cachedload.load_image_folder` holds no image files.
+
+    Attributes:
+        path: the folder.
+        reason: what was looked for.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(2, f"no images in {self.path!r}: {reason}", self.path)
+
+    def __str__(self) -> str:
+        return f"no images in {self.path!r}: {self.reason}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.reason))
+
+
+class ImageShapeMismatchError(CachedloadError, ValueError):
+    """Images of different shapes were loaded without ``size=`` to bring them to one shape.
+
+    Attributes:
+        first, second: two files whose shapes differ.
+    """
+
+    def __init__(self, first: str, first_shape: tuple[int, ...], second: str,
+                 second_shape: tuple[int, ...]) -> None:  # fmt: skip
+        self.first, self.first_shape = first, tuple(first_shape)
+        self.second, self.second_shape = second, tuple(second_shape)
+        super().__init__(
+            f"images differ in shape: {first!r} is {self.first_shape}, {second!r} is "
+            f"{self.second_shape}; pass size=(height, width) to resize them to one shape"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.first, self.first_shape, self.second, self.second_shape))
+
+
+class CacheWarning(UserWarning):
+    """Base class of cachedload's warnings: something went wrong, but no data was lost."""
+
+
+class CacheStoreWarning(CacheWarning):
+    """Storing a result failed (read-only or full disk, permissions…); the result was returned."""
+
+
+class CorruptEntryWarning(CacheWarning):
+    """A stored entry was damaged or unreadable; it is being recomputed and replaced."""
+
+
+class SourceChangedWarning(CacheWarning):
+    """Source files changed while the loader ran, so its result was returned but not stored."""
+
+
+class ImagesSkippedWarning(CacheWarning):
+    """``load_image_folder(on_error="skip")`` skipped unreadable images (all named)."""

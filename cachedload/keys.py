@@ -1,0 +1,293 @@
+"""Stable, fast hashing of Python values and of a function's code, for cache keys.
+
+Every digest here is the same in every process and every run: nothing depends on Python's
+randomised ``hash()``, on ``id()`` or on the iteration order of sets and dicts. Numpy arrays are
+hashed from their buffer with xxh3 (with dtype and shape), never pickled. Functions are hashed by
+their module, qualified name and the *parsed* code of their source (so comments and formatting do
+not count), falling back to bytecode when no source is available. Other objects are hashed from
+the state they would pickle (``__reduce_ex__``), encoded canonically.
+"""
+
+from __future__ import annotations
+
+import ast
+import enum
+import functools
+import inspect
+import math
+import os
+import pathlib
+import struct
+import textwrap
+import types
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import xxhash
+
+__all__ = ["UnhashableError", "code_digest", "function_identity", "value_digest"]
+
+_ARRAY_CHUNK = 64 * 1024 * 1024
+_MAX_DEPTH = 200
+
+
+class UnhashableError(TypeError):
+    """A value has no stable digest (raised by :func:`value_digest`; the decorator names the
+    parameter in its own :class:`~cachedload.errors.UnhashableArgumentError`)."""
+
+
+def value_digest(value: object) -> str:
+    """Return the hex xxh3-128 digest of ``value``, stable across processes and runs.
+
+    Supported: ``None``, bools, ints, floats, complex, str, bytes, paths, tuples, lists, dicts,
+    sets, enums, numpy arrays and scalars, functions and other callables (by code), and any
+    object that can be pickled (by its pickled state, encoded canonically).
+
+    Raises:
+        UnhashableError: the value (or something inside it) cannot be hashed stably.
+    """
+    hasher = xxhash.xxh3_128()
+    _Encoder(hasher).encode(value)
+    return hasher.hexdigest()
+
+
+def function_identity(func: Callable[..., Any]) -> str:
+    """``module.qualname`` of a function (or of a callable object's class)."""
+    func = inspect.unwrap(func)
+    module = getattr(func, "__module__", None) or type(func).__module__
+    qualname = getattr(func, "__qualname__", None) or type(func).__qualname__
+    return f"{module}.{qualname}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _code_digest_cached(func: Callable[..., Any]) -> str:
+    hasher = xxhash.xxh3_128()
+    source = _parsed_source(func)
+    if source is not None:
+        hasher.update(b"ast\0" + source.encode())
+    else:
+        code = getattr(func, "__code__", None)
+        if code is None:
+            raise UnhashableError(f"{func!r} has neither source nor bytecode")
+        _update_code(hasher, code)
+    return hasher.hexdigest()
+
+
+def code_digest(func: Callable[..., Any]) -> str:
+    """Return the hex xxh3-128 of a function's code.
+
+    Hashes the parsed source (``ast.dump``, without docstrings, comments, formatting or
+    decorators) where the source is available, else the bytecode and constants. Digests are
+    memoised per function object: editing a function in a running session creates a new object.
+    """
+    func = inspect.unwrap(func)
+    try:
+        return _code_digest_cached(func)
+    except TypeError as error:  # an unhashable callable object cannot be memoised
+        if isinstance(error, UnhashableError):
+            raise
+        return _code_digest_cached.__wrapped__(func)
+
+
+def _parsed_source(func: Callable[..., Any]) -> str | None:
+    """``ast.dump`` of a function's definition, or None where the source is unavailable."""
+    try:
+        source = textwrap.dedent(inspect.getsource(func))
+        tree = ast.parse(source)
+    except (OSError, TypeError, SyntaxError, IndentationError):
+        return None
+    if not tree.body:
+        return None
+    node = tree.body[0]
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        node.decorator_list = []  # decorator options do not change what the body computes
+    if getattr(func, "__name__", "") == "<lambda>":
+        # getsource returns the whole line holding a lambda: keep the lambda nodes only.
+        lambdas = [n for n in ast.walk(tree) if isinstance(n, ast.Lambda)]
+        return "|".join(ast.dump(n, annotate_fields=False) for n in lambdas) or None
+    for sub in ast.walk(node):
+        body = getattr(sub, "body", None)
+        if (
+            isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            sub.body = body[1:] or [ast.Pass()]
+    return ast.dump(node, annotate_fields=False)
+
+
+def _update_code(hasher: Any, code: types.CodeType) -> None:
+    hasher.update(code.co_code)
+    hasher.update(repr(code.co_names).encode())
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _update_code(hasher, const)
+        else:
+            hasher.update(repr(const).encode())
+
+
+_INT = struct.Struct("<q")
+_FLOAT = struct.Struct("<d")
+
+
+class _Encoder:
+    """Feeds a canonical, type-tagged encoding of a value into an xxh3 hasher."""
+
+    def __init__(self, hasher: Any) -> None:
+        self.hasher = hasher
+        self.active: dict[int, int] = {}  # id -> position, to encode reference cycles
+
+    def tag(self, tag: bytes, payload: bytes = b"") -> None:
+        self.hasher.update(tag + _INT.pack(len(payload)) + payload)
+
+    def encode(self, value: object, depth: int = 0) -> None:
+        if depth > _MAX_DEPTH:
+            raise UnhashableError("nested too deeply")
+        if value is None or value is Ellipsis or isinstance(value, bool):
+            self.tag(b"c", repr(value).encode())
+        elif isinstance(value, int) and type(value) is int:
+            self.tag(b"i", str(value).encode())
+        elif isinstance(value, float) and type(value) is float:
+            self.tag(b"f", b"nan" if math.isnan(value) else _FLOAT.pack(value))
+        elif type(value) is complex:
+            self.tag(b"j", _FLOAT.pack(value.real) + _FLOAT.pack(value.imag))
+        elif type(value) is str:
+            self.tag(b"s", value.encode("utf-8", "surrogatepass"))
+        elif isinstance(value, (bytes, bytearray, memoryview)) and not isinstance(
+            value, np.ndarray
+        ):
+            self.tag(b"b", bytes(value))
+        elif isinstance(value, pathlib.PurePath):
+            self.tag(b"p", os.fspath(value).encode("utf-8", "surrogateescape"))
+        elif isinstance(value, np.ndarray):
+            self.encode_array(value)
+        elif isinstance(value, np.generic):
+            self.encode_array(np.asarray(value))
+        elif isinstance(value, enum.Enum):
+            self.tag(b"e", f"{type(value).__module__}.{type(value).__qualname__}".encode())
+            self.encode(value.value, depth + 1)
+        else:
+            self.encode_container(value, depth)
+
+    def encode_container(self, value: object, depth: int) -> None:
+        ident = id(value)
+        if ident in self.active:
+            self.tag(b"r", str(self.active[ident]).encode())  # back-reference in a cycle
+            return
+        self.active[ident] = len(self.active)
+        try:
+            kind = type(value)
+            if kind in (tuple, list):
+                self.tag(b"t" if kind is tuple else b"l", str(len(value)).encode())  # type: ignore[arg-type]
+                for item in value:  # type: ignore[attr-defined]
+                    self.encode(item, depth + 1)
+            elif kind is dict:
+                self.encode_mapping(value.items(), depth)  # type: ignore[attr-defined]
+            elif kind in (set, frozenset):
+                digests = sorted(self.sub_digest(item, depth) for item in value)  # type: ignore[attr-defined]
+                self.tag(b"S", b"".join(digests))
+            elif callable(value) and isinstance(
+                value, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)
+            ):
+                self.encode_function(value, depth)
+            elif isinstance(value, functools.partial):
+                self.tag(b"P")
+                self.encode(value.func, depth + 1)
+                self.encode(value.args, depth + 1)
+                self.encode(value.keywords, depth + 1)
+            elif isinstance(value, type):
+                self.tag(b"T", f"{value.__module__}.{value.__qualname__}".encode())
+            else:
+                self.encode_object(value, depth)
+        finally:
+            del self.active[ident]
+
+    def sub_digest(self, value: object, depth: int) -> bytes:
+        sub = _Encoder(xxhash.xxh3_128())
+        sub.active = self.active
+        sub.encode(value, depth + 1)
+        return bytes(sub.hasher.digest())
+
+    def encode_mapping(self, items: Iterable[tuple[object, object]], depth: int) -> None:
+        pairs = sorted(
+            (self.sub_digest(key, depth), self.sub_digest(item, depth)) for key, item in items
+        )
+        self.tag(b"d", b"".join(key + item for key, item in pairs))
+
+    def encode_array(self, array: np.ndarray[Any, Any]) -> None:
+        if array.dtype.hasobject:
+            self.tag(b"O", array.dtype.str.encode() + repr(array.shape).encode())
+            for item in array.ravel(order="C"):
+                self.encode(item)
+            return
+        # dtype.str includes the byte order, so "<i4" and ">i4" differ like their bytes do.
+        self.tag(b"a", array.dtype.str.encode() + repr(array.shape).encode())
+        if array.dtype.fields is not None:
+            self.hasher.update(repr(array.dtype.descr).encode())
+        if array.flags.c_contiguous:
+            self.hasher.update(array.reshape(-1).view(np.uint8).data)
+            return
+        # A non-contiguous view hashes by its logical content, copied a slab at a time.
+        flat = array.reshape(array.shape[0], -1) if array.ndim > 1 else array.reshape(-1, 1)
+        rows = max(1, _ARRAY_CHUNK // max(1, flat.shape[1] * array.itemsize))
+        for start in range(0, flat.shape[0], rows):
+            block = np.ascontiguousarray(flat[start : start + rows])
+            self.hasher.update(block.reshape(-1).view(np.uint8).data)
+
+    def encode_function(self, func: Any, depth: int) -> None:
+        if isinstance(func, types.MethodType):
+            self.tag(b"M")
+            self.encode(func.__self__, depth + 1)
+            self.encode(func.__func__, depth + 1)
+            return
+        self.tag(b"F", function_identity(func).encode())
+        if isinstance(func, types.FunctionType):
+            self.hasher.update(code_digest(func).encode())
+            # Values captured by a closure or bound as defaults change what the function does.
+            self.encode(func.__defaults__, depth + 1)
+            self.encode(func.__kwdefaults__, depth + 1)
+            cells = func.__closure__ or ()
+            for cell in cells:
+                try:
+                    contents = cell.cell_contents
+                except ValueError:  # an empty cell
+                    contents = None
+                self.encode(contents, depth + 1)
+
+    def encode_object(self, value: object, depth: int) -> None:
+        if callable(getattr(value, "__cachedload_key__", None)):
+            self.tag(b"K", type(value).__qualname__.encode())
+            self.encode(value.__cachedload_key__(), depth + 1)  # type: ignore[attr-defined]
+            return
+        try:
+            reduced = value.__reduce_ex__(4)
+        except Exception as error:
+            raise UnhashableError(
+                f"{type(value).__qualname__} object cannot be pickled ({error})"
+            ) from error
+        if isinstance(reduced, str):  # a global singleton referenced by name
+            self.tag(b"G", f"{type(value).__module__}.{reduced}".encode())
+            return
+        self.tag(b"R", f"{type(value).__module__}.{type(value).__qualname__}".encode())
+        constructor, args, *rest = tuple(reduced) + (None,) * (6 - len(reduced))
+        self.encode(getattr(constructor, "__qualname__", repr(constructor)), depth + 1)
+        self.encode(args, depth + 1)
+        state, listitems, dictitems = rest[0], rest[1], rest[2]
+        if isinstance(state, dict):
+            self.encode_mapping(state.items(), depth)
+        elif (
+            isinstance(state, tuple)
+            and len(state) == 2
+            and all(part is None or isinstance(part, dict) for part in state)
+        ):  # (__dict__, __slots__ values)
+            for part in state:
+                self.encode_mapping((part or {}).items(), depth)
+        else:
+            self.encode(state, depth + 1)
+        if listitems is not None:
+            self.encode(list(listitems), depth + 1)
+        if dictitems is not None:
+            self.encode_mapping(list(dictitems), depth)
