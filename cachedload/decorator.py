@@ -467,18 +467,25 @@ class CachedDataset(Generic[P, R]):
             after[name] = (path, now)
         return after
 
-    def _meta(
-        self,
-        call: _Call,
-        result: Any,
-        compute_seconds: float,
-        racy: dict[str, dict[str, str]],
-        newest_racy: int,
-    ) -> dict[str, Any]:
-        import joblib
-        import numpy
+    def _call_meta(self, call: _Call) -> dict[str, Any]:
+        """The metadata that describes a call's key components (no result yet).
 
+        ``group`` identifies the function, code, parameters and source *paths* without the
+        sources' fingerprints: entries sharing a group differ only in source contents, so a
+        newer one supersedes the older ones.
+        """
+        group = value_digest(
+            (
+                self._identity,
+                self._code_version(),
+                sorted((name, digest) for name, (digest, _) in call.parameters.items()),
+                sorted((name, path) for name, (path, _) in call.sources.items()),
+            )
+        )
         return {
+            "format": FORMAT_VERSION,
+            "key": call.key,
+            "group": group,
             "function": self._identity,
             "code": self._code_version(),
             "version": _readable(self._version),
@@ -498,6 +505,21 @@ class CachedDataset(Generic[P, R]):
                 for name, (path, fp) in call.sources.items()
             },
             "portable": self._portable,
+        }
+
+    def _meta(
+        self,
+        call: _Call,
+        result: Any,
+        compute_seconds: float,
+        racy: dict[str, dict[str, str]],
+        newest_racy: int,
+    ) -> dict[str, Any]:
+        import joblib
+        import numpy
+
+        return {
+            **self._call_meta(call),
             "racy": racy,
             "racy_newest_mtime_ns": newest_racy,
             "result": summarize(result),

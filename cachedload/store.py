@@ -34,8 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import xxhash
-
+from cachedload import serialize
 from cachedload.fingerprint import hash_file
 
 __all__ = [
@@ -83,28 +82,6 @@ class EntryInfo:
     size_bytes: int
     hits: int
     last_used: float
-
-
-class _HashingWriter:
-    """A binary file wrapper that hashes and counts everything written through it."""
-
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
-        self.hasher = xxhash.xxh3_128()
-        self.size = 0
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data)
-        self.hasher.update(view)
-        self.size += view.nbytes
-        written: int = self.handle.write(view)
-        return written
-
-    def tell(self) -> int:
-        return self.size
-
-    def flush(self) -> None:
-        self.handle.flush()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -221,8 +198,6 @@ class Store:
             CorruptEntry: the data file is missing, of the wrong size or checksum, or joblib
                 cannot load it.
         """
-        import joblib
-
         data_path = self.entry_path(key) / DATA_FILE
         try:
             size = os.stat(data_path).st_size
@@ -236,7 +211,7 @@ class Store:
         if verify and hash_file(data_path) != meta["data"]["xxh3"]:
             raise CorruptEntry(self.entry_path(key), "data file checksum does not match")
         try:
-            return joblib.load(data_path, mmap_mode=mmap_mode)
+            return serialize.load(data_path, mmap_mode=mmap_mode)
         except Exception as error:  # joblib/pickle raise many types on a garbled file
             raise CorruptEntry(
                 self.entry_path(key), f"cannot load data ({type(error).__name__}: {error})"
@@ -284,24 +259,14 @@ class Store:
         Raises:
             OSError: the cache directory cannot be written (the temporary folder is removed).
         """
-        import joblib
-
         self.function_dir.mkdir(parents=True, exist_ok=True)
         self.remove_leftovers()
         tmp = self.function_dir / f"{_TMP_PREFIX}{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         tmp.mkdir()
         try:
-            with open(tmp / DATA_FILE, "wb") as handle:
-                writer = _HashingWriter(handle)
-                joblib.dump(value, writer, compress=compress)
-                handle.flush()
-                os.fsync(handle.fileno())
+            size, checksum = serialize.dump(value, tmp / DATA_FILE, compress=compress)
             meta = {**meta, "format": FORMAT_VERSION, "key": key}
-            meta["data"] = {
-                "file": DATA_FILE,
-                "size": writer.size,
-                "xxh3": writer.hasher.hexdigest(),
-            }
+            meta["data"] = {"file": DATA_FILE, "size": size, "xxh3": checksum}
             self._write_file(tmp / META_FILE, json.dumps(meta, indent=1).encode())
             if manifest is not None:
                 self._write_file(
@@ -313,7 +278,6 @@ class Store:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         _fsync_dir(self.function_dir)
-        size: int = writer.size
         return size
 
     @staticmethod
