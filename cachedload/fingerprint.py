@@ -78,15 +78,15 @@ class Fingerprint:
 
 
 def hash_file(path: str | os.PathLike[str]) -> str:
-    """Return the hex xxh3-128 of a file's bytes, read in 8 MB chunks."""
-    hasher = xxhash.xxh3_128()
+    """Return the hex xxh3-128 of a file's bytes (large files are read in 8 MB chunks)."""
     with open(path, "rb", buffering=0) as handle:
+        first = handle.read(_CHUNK)
+        if len(first) < _CHUNK:
+            return xxhash.xxh3_128_hexdigest(first)
+        hasher = xxhash.xxh3_128(first)
         buffer = bytearray(_CHUNK)
         view = memoryview(buffer)
-        while True:
-            count = handle.readinto(buffer)
-            if not count:
-                break
+        while count := handle.readinto(buffer):
             hasher.update(view[:count])
     return hasher.hexdigest()
 
