@@ -1,0 +1,520 @@
+"""The decorator's contract: run once, hit afterwards, recompute on any change that matters."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cachedload import (
+    CachedDataset,
+    CachedloadError,
+    ConfigurationError,
+    SourceNotFoundError,
+    UnhashableArgumentError,
+    cached_dataset,
+)
+from tests.conftest import age, run_python, runs
+
+
+def counting_loader(counter: list[int], **options: Any) -> CachedDataset[..., Any]:
+    @cached_dataset(**options)
+    def load(image_dir: str | os.PathLike[str], size: tuple[int, int] = (8, 8), scale: float = 1.0):  # type: ignore[no-untyped-def]
+        counter.append(1)
+        names = sorted(p.name for p in Path(image_dir).rglob("*") if p.is_file())
+        return np.full(size, len(names) * scale), names
+
+    return load
+
+
+def test_runs_once_then_hits_with_an_equal_result(image_dir: Path, cache_dir: Path) -> None:
+    calls: list[int] = []
+    load = counting_loader(calls, cache_dir=cache_dir)
+    first = load(image_dir)
+    second = load(image_dir)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(first[0], second[0])
+    assert first[1] == second[1]
+    info = load.cache_info()
+    assert (info.hits, info.misses, info.stores, info.entries) == (1, 1, 1, 1)
+    assert info.size_bytes > 0
+
+
+def test_bare_form_uses_the_default_cache_dir(image_dir: Path, isolated_cache: Path) -> None:
+    calls: list[int] = []
+
+    @cached_dataset
+    def load(image_dir: Path) -> int:
+        calls.append(1)
+        return 42
+
+    assert load(image_dir) == 42
+    assert load(image_dir) == 42
+    assert len(calls) == 1
+    assert load.cache_path(image_dir).is_relative_to(isolated_cache)
+    assert load.cache_path(image_dir).is_dir()
+
+
+def test_default_arguments_share_an_entry(image_dir: Path, cache_dir: Path) -> None:
+    calls: list[int] = []
+    load = counting_loader(calls, cache_dir=cache_dir)
+    load(image_dir)
+    load(image_dir, size=(8, 8))
+    load(image_dir, (8, 8), 1.0)
+    load(image_dir=str(image_dir), scale=1.0)
+    assert len(calls) == 1
+
+
+def test_parameter_change_recomputes(image_dir: Path, cache_dir: Path) -> None:
+    calls: list[int] = []
+    load = counting_loader(calls, cache_dir=cache_dir)
+    assert load(image_dir)[0].shape == (8, 8)
+    assert load(image_dir, size=(4, 4))[0].shape == (4, 4)
+    assert load(image_dir, scale=2.0)[0][0, 0] == 12.0
+    assert len(calls) == 3
+    load(image_dir, size=(4, 4))
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("change", ["add", "remove", "rename", "touch", "rewrite"])
+def test_source_changes_recompute(image_dir: Path, cache_dir: Path, change: str) -> None:
+    calls: list[int] = []
+    load = counting_loader(calls, cache_dir=cache_dir)
+    before = load(image_dir)
+    target = next(image_dir.rglob("*.png"))
+    if change == "add":
+        (image_dir / "a" / "extra.png").write_bytes(target.read_bytes())
+    elif change == "remove":
+        target.unlink()
+    elif change == "rename":
+        target.rename(target.with_name("renamed.png"))
+    elif change == "touch":
+        info = target.stat()
+        os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns + 1))
+    elif change == "rewrite":
+        info = target.stat()
+        target.write_bytes(target.read_bytes()[::-1])  # same size, new bytes, new mtime
+        os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))
+    after = load(image_dir)
+    assert len(calls) == 2
+    if change in ("add", "remove", "rename"):
+        assert after[1] != before[1]
+
+
+def test_single_file_source_and_explicit_source(tmp_path: Path, cache_dir: Path) -> None:
+    csv = tmp_path / "labels.csv"
+    csv.write_text("a,1\nb,2\n")
+    age(tmp_path)
+    calls: list[int] = []
+
+    @cached_dataset(source="labels", cache_dir=cache_dir)
+    def load(labels: str, sep: str = ",") -> list[list[str]]:
+        calls.append(1)
+        return [line.split(sep) for line in Path(labels).read_text().splitlines()]
+
+    assert load(str(csv)) == [["a", "1"], ["b", "2"]]
+    assert load(str(csv)) == [["a", "1"], ["b", "2"]]
+    csv.write_text("a,1\nb,2\nc,3\n")
+    assert load(str(csv))[-1] == ["c", "3"]
+    assert len(calls) == 2
+
+
+def test_a_list_of_sources(tmp_path: Path, cache_dir: Path) -> None:
+    first, second = tmp_path / "one", tmp_path / "two"
+    for folder in (first, second):
+        folder.mkdir()
+        (folder / "x.png").write_bytes(b"x")
+    age(tmp_path)
+    calls: list[int] = []
+
+    @cached_dataset(source="folders", cache_dir=cache_dir)
+    def load(folders: list[Path]) -> int:
+        calls.append(1)
+        return len(folders)
+
+    load([first, second])
+    (second / "y.png").write_bytes(b"y")
+    load([first, second])
+    assert len(calls) == 2
+
+
+def test_include_exclude_options(image_dir: Path, cache_dir: Path) -> None:
+    calls: list[int] = []
+    load = counting_loader(calls, cache_dir=cache_dir, include=["*.png"], exclude=["notes"])
+    load(image_dir)
+    (image_dir / "README.txt").write_text("not an image")
+    (image_dir / "notes").mkdir()
+    (image_dir / "notes" / "n.png").write_bytes(b"excluded folder")
+    (image_dir / ".DS_Store").write_bytes(b"junk")
+    load(image_dir)
+    assert len(calls) == 1
+
+
+def test_content_fingerprint_survives_a_copy_without_mtimes(
+    image_dir: Path, cache_dir: Path
+) -> None:
+    calls: list[int] = []
+    load = counting_loader(calls, cache_dir=cache_dir, fingerprint="content")
+    load(image_dir)
+    for path in image_dir.rglob("*.png"):
+        info = path.stat()
+        os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 5 * 10**9))
+    load(image_dir)
+    assert len(calls) == 1
+    target = next(image_dir.rglob("*.png"))
+    target.write_bytes(target.read_bytes()[::-1])
+    load(image_dir)
+    assert len(calls) == 2
+
+
+def test_ignore_leaves_parameters_out_of_the_key(image_dir: Path, cache_dir: Path) -> None:
+    calls: list[int] = []
+
+    @cached_dataset(cache_dir=cache_dir, ignore=["verbose", "n_jobs"])
+    def load(image_dir: Path, verbose: bool = False, n_jobs: int = 1) -> int:
+        calls.append(1)
+        return 7
+
+    load(image_dir)
+    load(image_dir, verbose=True, n_jobs=8)
+    assert len(calls) == 1
+
+
+def test_mmap_mode_returns_read_only_memory_maps(image_dir: Path, cache_dir: Path) -> None:
+    @cached_dataset(cache_dir=cache_dir, mmap_mode="r")
+    def load(image_dir: Path) -> dict[str, np.ndarray]:
+        return {"x": np.arange(100_000, dtype=np.float32), "y": np.ones(10, dtype=np.int64)}
+
+    computed = load(image_dir)
+    restored = load(image_dir)
+    assert isinstance(restored["x"], np.memmap)
+    assert not restored["x"].flags.writeable
+    np.testing.assert_array_equal(computed["x"], restored["x"])
+
+
+def test_compress_round_trips(image_dir: Path, cache_dir: Path) -> None:
+    @cached_dataset(cache_dir=cache_dir, compress=3)
+    def load(image_dir: Path) -> np.ndarray:
+        return np.zeros(1_000_000, dtype=np.uint8)
+
+    load(image_dir)
+    assert load.cache_info().size_bytes < 100_000
+    assert load(image_dir).sum() == 0
+    assert load.cache_info().hits == 1
+
+
+@pytest.mark.parametrize(
+    "result",
+    [None, 0, "text", [1, 2], {"a": np.arange(3)}, (np.zeros(2), np.ones(2)), b"bytes"],
+    ids=["none", "zero", "str", "list", "dict", "tuple", "bytes"],
+)
+def test_any_picklable_result_is_cached(image_dir: Path, cache_dir: Path, result: Any) -> None:
+    calls: list[int] = []
+
+    @cached_dataset(cache_dir=cache_dir)
+    def load(image_dir: Path) -> Any:
+        calls.append(1)
+        return result
+
+    load(image_dir)
+    restored = load(image_dir)
+    assert len(calls) == 1
+    assert repr(restored) == repr(result)
+
+
+def test_exception_in_body_stores_nothing_and_propagates(image_dir: Path, cache_dir: Path) -> None:
+    class Boom(Exception):
+        pass
+
+    error = Boom("body failed")
+
+    @cached_dataset(cache_dir=cache_dir)
+    def load(image_dir: Path) -> int:
+        raise error
+
+    with pytest.raises(Boom) as raised:
+        load(image_dir)
+    assert raised.value is error
+    assert not load.is_cached(image_dir)
+    assert load.cache_info().entries == 0
+
+
+def test_missing_source_raises_before_the_body_runs(tmp_path: Path, cache_dir: Path) -> None:
+    calls: list[int] = []
+    load = counting_loader(calls, cache_dir=cache_dir)
+    missing = tmp_path / "no_such_dir"
+    with pytest.raises(SourceNotFoundError) as raised:
+        load(missing)
+    assert isinstance(raised.value, FileNotFoundError)
+    assert isinstance(raised.value, CachedloadError)
+    assert raised.value.parameter == "image_dir"
+    assert raised.value.path == str(missing)
+    assert "image_dir" in str(raised.value) and str(missing) in str(raised.value)
+    with pytest.raises(FileNotFoundError):
+        load(str(missing))  # a string that names a path-like parameter
+    assert calls == []
+
+
+def test_missing_explicit_source_raises(tmp_path: Path, cache_dir: Path) -> None:
+    @cached_dataset(cache_dir=cache_dir, source="data")
+    def load(data: str) -> int:
+        return 1
+
+    with pytest.raises(SourceNotFoundError, match="'data'"):
+        load("relative/missing")
+
+
+def test_unhashable_argument_names_the_parameter(image_dir: Path, cache_dir: Path) -> None:
+    @cached_dataset(cache_dir=cache_dir)
+    def load(image_dir: Path, lock: Any = None) -> int:
+        return 1
+
+    with pytest.raises(UnhashableArgumentError) as raised:
+        load(image_dir, lock=threading.Lock())
+    assert isinstance(raised.value, TypeError)
+    assert raised.value.parameter == "lock"
+    assert "ignore=['lock']" in str(raised.value)
+
+
+def test_callable_and_object_arguments_hash_by_code_and_state(
+    image_dir: Path, cache_dir: Path
+) -> None:
+    @dataclasses.dataclass
+    class Settings:
+        size: int
+
+    calls: list[int] = []
+
+    @cached_dataset(cache_dir=cache_dir)
+    def load(image_dir: Path, transform: Any, settings: Settings) -> int:
+        calls.append(1)
+        return int(transform(settings.size))
+
+    assert load(image_dir, lambda x: x * 2, Settings(3)) == 6
+    assert load(image_dir, lambda x: x * 2, Settings(3)) == 6
+    assert load(image_dir, lambda x: x * 3, Settings(3)) == 9
+    assert load(image_dir, lambda x: x * 3, Settings(4)) == 12
+    assert len(calls) == 3
+
+
+def test_numpy_argument_in_the_key(image_dir: Path, cache_dir: Path) -> None:
+    calls: list[int] = []
+
+    @cached_dataset(cache_dir=cache_dir)
+    def load(image_dir: Path, mean: np.ndarray) -> float:
+        calls.append(1)
+        return float(mean.sum())
+
+    mean = np.array([0.485, 0.456, 0.406])
+    load(image_dir, mean)
+    load(image_dir, mean.copy())
+    load(image_dir, mean.astype(np.float32))
+    load(image_dir, mean[::-1])
+    assert len(calls) == 3
+
+
+def test_version_and_depends_on_change_the_key(image_dir: Path, cache_dir: Path) -> None:
+    def body(image_dir: Path) -> int:
+        return 1
+
+    first = cached_dataset(cache_dir=cache_dir, version=1)(body)
+    second = cached_dataset(cache_dir=cache_dir, version=2)(body)
+    assert first.cache_path(image_dir) != second.cache_path(image_dir)
+
+    def helper_a() -> int:
+        return 1
+
+    def helper_b() -> int:
+        return 2
+
+    with_a = cached_dataset(cache_dir=cache_dir, depends_on=[helper_a])(body)
+    with_b = cached_dataset(cache_dir=cache_dir, depends_on=[helper_b])(body)
+    assert with_a.cache_path(image_dir) != with_b.cache_path(image_dir)
+
+
+def test_wrapper_object_interface(image_dir: Path, cache_dir: Path) -> None:
+    def load(image_dir: Path, size: int = 3) -> list[int]:
+        """Load things."""
+        return [size]
+
+    wrapped = cached_dataset(cache_dir=cache_dir)(load)
+    assert isinstance(wrapped, CachedDataset)
+    assert wrapped.__wrapped__ is load
+    assert wrapped.__name__ == "load" and wrapped.__doc__ == "Load things."
+    assert not wrapped.is_cached(image_dir)
+    path = wrapped.cache_path(image_dir)
+    assert not path.exists()
+    wrapped(image_dir)
+    assert wrapped.is_cached(image_dir) and path.is_dir()
+    assert not wrapped.is_cached(image_dir, size=4)
+    wrapped.cache_clear()
+    assert not wrapped.is_cached(image_dir)
+    assert wrapped.cache_info() == (0, 0, 0, 0, 0)
+
+
+def test_recompute_runs_the_body_and_replaces_the_entry(image_dir: Path, cache_dir: Path) -> None:
+    values = iter([1, 2, 3])
+
+    @cached_dataset(cache_dir=cache_dir)
+    def load(image_dir: Path) -> int:
+        return next(values)
+
+    assert load(image_dir) == 1
+    assert load.recompute(image_dir) == 2
+    assert load(image_dir) == 2
+
+
+def test_enabled_false_passes_straight_through(image_dir: Path, cache_dir: Path) -> None:
+    calls: list[int] = []
+    load = counting_loader(calls, cache_dir=cache_dir, enabled=False)
+    load(image_dir)
+    load(image_dir)
+    assert len(calls) == 2
+    assert not load.is_cached(image_dir)
+    assert not cache_dir.exists()
+
+
+def test_decorating_a_method(image_dir: Path, cache_dir: Path) -> None:
+    calls: list[int] = []
+
+    class Loader:
+        def __init__(self, size: int) -> None:
+            self.size = size
+
+        @cached_dataset(cache_dir=cache_dir)
+        def load(self, image_dir: Path) -> int:
+            calls.append(1)
+            return self.size
+
+        @cached_dataset(cache_dir=cache_dir, ignore=["self"])
+        def load_ignoring_self(self, image_dir: Path) -> int:
+            calls.append(1)
+            return self.size
+
+    assert Loader(2).load(image_dir) == 2
+    assert Loader(2).load(image_dir) == 2
+    assert Loader(3).load(image_dir) == 3
+    assert len(calls) == 2
+    assert Loader(2).load.is_cached(image_dir)
+    assert Loader(5).load_ignoring_self(image_dir) == 5
+    assert Loader(6).load_ignoring_self(image_dir) == 5
+    assert len(calls) == 3
+
+
+def test_invalid_options_raise_configuration_errors() -> None:
+    def body(image_dir: str) -> None:
+        return None
+
+    for options in (
+        {"source": "nope"},
+        {"ignore": ["nope"]},
+        {"mmap_mode": "w"},
+        {"fingerprint": "sha1"},
+        {"verify": "sometimes"},
+    ):
+        with pytest.raises(ConfigurationError):
+            cached_dataset(**options)(body)  # type: ignore[arg-type]
+
+
+def test_logs_hits_misses_and_stores(
+    image_dir: Path, cache_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    load = counting_loader([], cache_dir=cache_dir)
+    with caplog.at_level(logging.INFO, logger="cachedload"):
+        load(image_dir)
+        load(image_dir)
+    messages = [r.getMessage() for r in caplog.records if r.name == "cachedload"]
+    assert any(m.startswith("miss ") for m in messages)
+    assert any(m.startswith("stored ") and "bytes" in m for m in messages)
+    assert any(m.startswith("hit ") and " ms" in m for m in messages)
+
+
+def test_partial_and_functools_wraps_loaders(image_dir: Path, cache_dir: Path) -> None:
+    def body(image_dir: Path, factor: int) -> int:
+        return factor
+
+    @functools.wraps(body)
+    def wrapper(*args: Any, **kwargs: Any) -> int:
+        return body(*args, **kwargs)
+
+    load = cached_dataset(cache_dir=cache_dir)(wrapper)
+    assert load(image_dir, 2) == 2
+    assert load(image_dir, 3) == 3
+    assert load.cache_info().entries == 2
+
+
+# --- across real processes -----------------------------------------------------------------
+
+LOADER_MODULE = """
+import os, sys
+import numpy as np
+from cachedload import cached_dataset
+
+@cached_dataset(cache_dir=os.environ["CACHE"])
+def load(image_dir, size=(4, 4)):
+    with open(os.environ["COUNTER"], "a") as f:
+        f.write("run\\n")
+    return np.full(size, len(os.listdir(image_dir)))
+"""
+
+
+def test_body_runs_once_across_fresh_interpreters(
+    image_dir: Path, cache_dir: Path, counter_file: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "loader_mod.py").write_text(LOADER_MODULE)
+    code = f"""
+        import sys; sys.path.insert(0, {str(tmp_path)!r})
+        from loader_mod import load
+        print(load({str(image_dir)!r}).sum())
+    """
+    env = {"CACHE": str(cache_dir), "COUNTER": str(counter_file)}
+    first = run_python(code, **env).stdout
+    second = run_python(code, **env).stdout
+    assert first == second == "32\n"
+    assert runs(counter_file) == 1
+
+
+def test_code_change_invalidates_but_comment_change_does_not(
+    image_dir: Path, cache_dir: Path, counter_file: Path, tmp_path: Path
+) -> None:
+    module = tmp_path / "loader_mod.py"
+    code = f"""
+        import sys; sys.path.insert(0, {str(tmp_path)!r})
+        from loader_mod import load
+        print(load({str(image_dir)!r}).sum())
+    """
+    env = {"CACHE": str(cache_dir), "COUNTER": str(counter_file)}
+    module.write_text(LOADER_MODULE)
+    assert run_python(code, **env).stdout == "32\n"
+    module.write_text(
+        LOADER_MODULE.replace("    with open", "    # a new comment\n    with   open")
+    )
+    assert run_python(code, **env).stdout == "32\n"
+    assert runs(counter_file) == 1
+    module.write_text(LOADER_MODULE.replace("len(os.listdir(image_dir))", "2"))
+    assert run_python(code, **env).stdout == "32\n"
+    assert runs(counter_file) == 2
+    module.write_text(LOADER_MODULE)  # reverting the code hits the old entry again
+    assert run_python(code, **env).stdout == "32\n"
+    assert runs(counter_file) == 2
+
+
+def test_cache_paths_are_stable_across_hash_seeds(image_dir: Path, cache_dir: Path) -> None:
+    code = f"""
+        from cachedload import cached_dataset
+
+        @cached_dataset(cache_dir={str(cache_dir)!r})
+        def load(image_dir, options={{"names": {{"a", "b", "c", "d"}}, "size": (1, 2)}}):
+            return 1
+
+        print(load.cache_path({str(image_dir)!r}))
+    """
+    outputs = {run_python(code, PYTHONHASHSEED=seed).stdout for seed in ("0", "1", "99")}
+    assert len(outputs) == 1

@@ -1,0 +1,165 @@
+"""Value and code digests: stable across processes, sensitive to what matters."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cachedload.keys import UnhashableError, code_digest, function_identity, value_digest
+from tests.conftest import run_python
+
+
+def test_equal_values_equal_digests() -> None:
+    assert value_digest({"a": 1, "b": [1, 2.5, None]}) == value_digest(
+        {"b": [1, 2.5, None], "a": 1}
+    )
+    assert value_digest({3, 1, 2}) == value_digest({1, 2, 3})
+    assert value_digest(frozenset({"x", "y"})) == value_digest(frozenset({"y", "x"}))
+
+
+@pytest.mark.parametrize(
+    ("left", "right"),
+    [
+        (1, 1.0),
+        (1, True),
+        ((1, 2), [1, 2]),
+        ("1", 1),
+        (b"ab", "ab"),
+        ((128, 128), (64, 64)),
+        ({"a": 1}, {"a": 2}),
+        (0.1 + 0.2, 0.3),
+        (None, "None"),
+        (Path("a/b"), "a/b"),
+        ((1, (2, 3)), ((1, 2), 3)),
+    ],
+)
+def test_different_values_differ(left: object, right: object) -> None:
+    assert value_digest(left) != value_digest(right)
+
+
+def test_numpy_arrays_hash_by_dtype_shape_and_content() -> None:
+    base = np.arange(12, dtype=np.int32).reshape(3, 4)
+    assert value_digest(base) == value_digest(base.copy())
+    assert value_digest(base) != value_digest(base.astype(np.int64))
+    assert value_digest(base) != value_digest(base.reshape(4, 3))
+    changed = base.copy()
+    changed[2, 3] = 99
+    assert value_digest(base) != value_digest(changed)
+    assert value_digest(base) != value_digest(base.tolist())
+
+
+def test_non_contiguous_view_hashes_by_logical_content() -> None:
+    big = np.arange(100, dtype=np.float64).reshape(10, 10)
+    view = big[::2, 1::3]
+    assert not view.flags.c_contiguous
+    assert value_digest(view) == value_digest(np.ascontiguousarray(view))
+    assert value_digest(big.T) == value_digest(np.ascontiguousarray(big.T))
+    assert value_digest(big.T) != value_digest(big)
+
+
+def test_numpy_scalars_and_object_arrays() -> None:
+    assert value_digest(np.float32(1.5)) == value_digest(np.float32(1.5))
+    assert value_digest(np.float32(1.5)) != value_digest(np.float64(1.5))
+    objects = np.array([{"a": 1}, "x"], dtype=object)
+    assert value_digest(objects) == value_digest(np.array([{"a": 1}, "x"], dtype=object))
+
+
+@dataclasses.dataclass
+class Settings:
+    size: tuple[int, int]
+    tags: set[str]
+
+
+class Colour(enum.Enum):
+    RGB = "rgb"
+    GRAY = "gray"
+
+
+def test_objects_hash_by_state() -> None:
+    assert value_digest(Settings((1, 2), {"a", "b"})) == value_digest(Settings((1, 2), {"b", "a"}))
+    assert value_digest(Settings((1, 2), set())) != value_digest(Settings((2, 2), set()))
+    assert value_digest(Colour.RGB) != value_digest(Colour.GRAY)
+
+
+def scale(x: float) -> float:
+    return x * 2
+
+
+def shift(x: float) -> float:
+    return x + 2
+
+
+def test_functions_hash_by_code_closures_and_partials() -> None:
+    assert value_digest(scale) != value_digest(shift)
+
+    def make(factor: float) -> object:
+        return lambda x: x * factor
+
+    assert value_digest(make(2)) == value_digest(make(2))
+    assert value_digest(make(2)) != value_digest(make(3))
+    assert value_digest(functools.partial(scale, 1)) != value_digest(functools.partial(scale, 2))
+    assert value_digest(len) == value_digest(len)
+
+
+def test_unpicklable_object_raises() -> None:
+    with pytest.raises(UnhashableError, match="lock"):
+        value_digest({"lock": threading.Lock()})
+
+
+def test_cycles_terminate() -> None:
+    cyclic: list[object] = [1]
+    cyclic.append(cyclic)
+    assert value_digest(cyclic) == value_digest(cyclic)
+
+
+def test_code_digest_ignores_comments_docstrings_and_formatting(tmp_path: Path) -> None:
+    import importlib.util
+
+    def load(source: str, name: str) -> object:
+        path = tmp_path / f"{name}.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.f  # type: ignore[attr-defined]
+
+    original = load("def f(x):\n    return x + 1\n", "m1")
+    commented = load(
+        'def f(x):\n    """Docs."""\n    # a comment\n    return (x +\n            1)  # more\n',
+        "m2",
+    )
+    edited = load("def f(x):\n    return x + 2\n", "m3")
+    assert code_digest(original) == code_digest(commented)  # type: ignore[arg-type]
+    assert code_digest(original) != code_digest(edited)  # type: ignore[arg-type]
+
+
+def test_code_digest_falls_back_to_bytecode() -> None:
+    namespace: dict[str, object] = {}
+    exec("def g(x):\n    return x * 3\n", namespace)  # no source file to read
+    exec("def h(x):\n    return x * 4\n", namespace)
+    assert code_digest(namespace["g"]) != code_digest(namespace["h"])  # type: ignore[arg-type]
+
+
+def test_function_identity() -> None:
+    assert function_identity(scale) == f"{__name__}.scale"
+
+
+def test_digests_are_stable_across_processes_and_hash_seeds() -> None:
+    code = """
+        import numpy as np
+        from cachedload.keys import value_digest
+        value = {"names": {"alpha", "beta", "gamma", "delta"}, "size": (128, 128),
+                 "frozen": frozenset({"x", "y", "z"}), "array": np.arange(6).reshape(2, 3),
+                 ("tuple", "key"): [1.5, None, b"bytes"]}
+        print(value_digest(value))
+    """
+    seeds = ["1", "2", "12345"]
+    outputs = {run_python(code, PYTHONHASHSEED=seed).stdout.strip() for seed in seeds}
+    assert len(outputs) == 1
