@@ -31,7 +31,9 @@ from cachedload.errors import (
     SourceNotFoundError,
     UnhashableArgumentError,
 )
+from cachedload.explain import Explanation
 from cachedload.fingerprint import Fingerprint, fingerprint_source
+from cachedload.manage import EntryRecord, list_entries
 from cachedload.store import default_cache_dir
 
 if TYPE_CHECKING:
@@ -45,6 +47,8 @@ __all__ = [
     "CachedloadError",
     "ConfigurationError",
     "CorruptEntryWarning",
+    "EntryRecord",
+    "Explanation",
     "Fingerprint",
     "ImageFolderData",
     "ImageReadError",
@@ -58,6 +62,7 @@ __all__ = [
     "cached_dataset",
     "default_cache_dir",
     "fingerprint_source",
+    "list_entries",
     "load_image_folder",
 ]
 

@@ -33,6 +33,7 @@ from cachedload.errors import (
     SourceNotFoundError,
     UnhashableArgumentError,
 )
+from cachedload.explain import Explanation, explain_against_closest
 from cachedload.fingerprint import (
     DEFAULT_EXCLUDE,
     RACY_WINDOW_NS,
@@ -41,6 +42,7 @@ from cachedload.fingerprint import (
     hash_file,
 )
 from cachedload.keys import UnhashableError, code_digest, function_identity, value_digest
+from cachedload.manage import EntryRecord, enforce_after_store, entries_in, parse_size
 from cachedload.store import FORMAT_VERSION, CorruptEntry, Store, default_cache_dir, iter_entries
 
 __all__ = ["CacheInfo", "CachedDataset", "cached_dataset"]
@@ -156,12 +158,18 @@ def _parse_list(option: str, value: str | Iterable[str] | None) -> tuple[str, ..
     return items
 
 
+def _call_manifest(call: _Call) -> dict[str, Any]:
+    """The files of a call's sources, shaped like an entry's manifest (for explanations)."""
+    return {name: fp.files for name, (_, fp) in call.sources.items()}
+
+
 class CachedDataset(Generic[P, R]):
     """A dataset loader whose results are cached on disk (made by :func:`cached_dataset`).
 
     Call it exactly like the loader. Its methods manage the loader's cache:
     :meth:`cache_info`, :meth:`cache_clear`, :meth:`cache_path`, :meth:`is_cached`,
-    :meth:`recompute`; ``__wrapped__`` is the undecorated loader.
+    :meth:`recompute`, :meth:`entries`, :meth:`cache_explain`; ``__wrapped__`` is the
+    undecorated loader.
     """
 
     __wrapped__: Callable[P, R]
@@ -183,6 +191,8 @@ class CachedDataset(Generic[P, R]):
         verify: Literal["size", "always"] = "size",
         lock_timeout: float | None = None,
         portable: bool = False,
+        keep: int | None = 1,
+        max_size: int | str | None = None,
         enabled: bool = True,
     ) -> None:
         functools.update_wrapper(self, func)
@@ -206,6 +216,10 @@ class CachedDataset(Generic[P, R]):
             )
         if verify not in ("size", "always"):
             raise ConfigurationError("verify", f"must be 'size' or 'always', not {verify!r}")
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+            raise ConfigurationError("keep", f"must be a whole number >= 1 or None, not {keep!r}")
+        self._keep = keep
+        self._max_size = None if max_size is None else parse_size(max_size, "max_size")
         self._cache_dir = None if cache_dir is None else Path(cache_dir).expanduser()
         self._mmap_mode = mmap_mode
         self._compress = compress
@@ -420,6 +434,8 @@ class CachedDataset(Generic[P, R]):
         racy_before, newest_racy = self._racy_digests(call)
         self._stats.misses += 1
         logger.info("miss %s [%s]: running the loader", self._identity, call.key[:12])
+        if not replace:
+            self._log_miss_reason(call)
         started = time.perf_counter()
         result = self.__wrapped__(*call.args, **call.kwargs)
         compute_seconds = time.perf_counter() - started
@@ -450,7 +466,42 @@ class CachedDataset(Generic[P, R]):
             (time.perf_counter() - started) * 1e3,
             compute_seconds,
         )
+        self._enforce_limits(store, call.key, meta)
         return result
+
+    def _log_miss_reason(self, call: _Call) -> None:
+        """Log at INFO how this call differs from the closest stored entry (misses only)."""
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        try:
+            found = explain_against_closest(
+                self._call_meta(call), _call_manifest(call), self._function_dirs()
+            )
+        except Exception as error:  # a diagnostic must never break a load
+            logger.debug("cannot explain the miss of %s: %s", self._identity, error)
+            return
+        if found:
+            logger.info(
+                "miss %s [%s] vs. stored entry %s: %s",
+                self._identity,
+                call.key[:12],
+                (found.old_key or "?")[:12],
+                found.summary(),
+            )
+
+    def _enforce_limits(self, store: Store, key: str, meta: dict[str, Any]) -> None:
+        """Delete superseded entries and apply ``max_size`` after a store (errors only log)."""
+        max_size = self._max_size
+        configured = os.environ.get("CACHEDLOAD_MAX_SIZE", "").strip()
+        if max_size is None and configured:
+            try:
+                max_size = parse_size(configured, "$CACHEDLOAD_MAX_SIZE")
+            except ConfigurationError as error:
+                logger.warning("ignoring %s", error)
+        try:
+            enforce_after_store(store, key, meta, keep=self._keep, max_size=max_size)
+        except OSError as error:
+            logger.warning("could not prune %s after a store: %s", store.cache_dir, error)
 
     def _sources_after(self, call: _Call) -> dict[str, tuple[str, Fingerprint]] | None:
         """Fingerprints taken again after the body ran; None if any source changed."""
@@ -647,6 +698,46 @@ class CachedDataset(Generic[P, R]):
         except OSError:
             return []
 
+    def entries(self) -> list[EntryRecord]:
+        """This loader's stored entries (every code version), newest first.
+
+        Each :class:`~cachedload.manage.EntryRecord` has the readable parameters, the sources
+        with their file counts, the result summary, size on disk, created, last used and hits
+        (see :func:`cachedload.list_entries`).
+        """
+        return entries_in(self._function_dirs())
+
+    def cache_explain(self, *args: P.args, **kwargs: P.kwargs) -> Explanation:
+        """Why a call with these arguments would miss: how its key differs from the closest
+        stored entry of this loader, component by component.
+
+        ``str()`` of the result is a readable report: code changed, parameter ``size``
+        ``(128, 128) → (64, 64)``, source ``image_dir``: 3 files added, 1 modified (with the
+        first few names)… When there is nothing to compare (no entry stored yet, or the call
+        would hit), the explanation is empty and its ``note`` says so.
+
+        Example::
+
+            print(load_images.cache_explain("data/train", size=(64, 64)))
+        """
+        call = self._prepare(args, kwargs)
+        store = self._store()
+        try:
+            stored = store.read_meta(call.key)
+            if stored is not None and self._racy_files_unchanged(store, call, stored):
+                note = "an entry for these arguments is stored: the call would be a hit"
+                return Explanation(self._identity, new_key=call.key, note=note)
+        except CorruptEntry as error:
+            note = f"the entry for these arguments is damaged ({error.reason}); will recompute"
+            return Explanation(self._identity, new_key=call.key, note=note)
+        found = explain_against_closest(
+            self._call_meta(call), _call_manifest(call), self._function_dirs()
+        )
+        if found is None:
+            note = "no entry of this loader is stored yet"
+            return Explanation(self._identity, new_key=call.key, note=note)
+        return found
+
     def cache_info(self) -> CacheInfo:
         """Hits, misses and stores in this process; entries and bytes on disk (all code
         versions of this loader)."""
@@ -689,6 +780,8 @@ def cached_dataset(
     verify: Literal["size", "always"] = "size",
     lock_timeout: float | None = None,
     portable: bool = False,
+    keep: int | None = 1,
+    max_size: int | str | None = None,
     enabled: bool = True,
 ) -> Callable[[Callable[P, R]], CachedDataset[P, R]]: ...
 
@@ -729,6 +822,12 @@ def cached_dataset(
         lock_timeout: seconds to wait for another process computing the same entry before
             computing locally (default: wait as long as that process lives).
         portable: key sources by fingerprint only, not by absolute path.
+        keep: how many entries to keep per function, parameters and source paths whose source
+            files differ (default 1: storing a result for changed files deletes the entries for
+            their older contents); ``None`` keeps them all.
+        max_size: bound on the whole cache directory, bytes or a string like ``"20GB"``
+            (default ``$CACHEDLOAD_MAX_SIZE``, else unbounded). After each store, the
+            least-recently-used entries are evicted until the cache fits.
         enabled: ``False`` calls the loader directly, with the same interface.
 
     Returns:

@@ -1,0 +1,514 @@
+"""The ``cachedload`` command: see, bound and clean a cache directory.
+
+Run ``cachedload --help`` (or ``python -m cachedload --help``) for the sub-commands. This module
+is the command's front end, so it prints; the library itself never does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from cachedload.errors import ConfigurationError
+from cachedload.explain import compare_entries, read_manifest
+from cachedload.manage import (
+    EntryRecord,
+    PruneReport,
+    format_age,
+    format_size,
+    function_dirs,
+    is_busy,
+    list_entries,
+    parse_age,
+    parse_size,
+    prune,
+    remove_damaged,
+    remove_entries,
+    verify,
+)
+from cachedload.store import default_cache_dir
+
+__all__ = ["main"]
+
+_EXIT_CODES = """\
+exit status:
+  0  success
+  1  `verify` found damaged entries (even when --fix deleted them), or a deletion was
+     declined or could not be confirmed
+  2  invalid usage: a bad option, or an ID or FUNCTION that matches no entry or several
+"""
+
+
+class _UsageError(Exception):
+    """A problem with what the user asked for (exit status 2)."""
+
+
+# -- argument types ----------------------------------------------------------------------------
+def _size(text: str) -> int:
+    try:
+        return parse_size(text, "size")
+    except ConfigurationError as error:
+        raise argparse.ArgumentTypeError(error.message) from None
+
+
+def _age(text: str) -> float:
+    try:
+        return parse_age(text, "age")
+    except ConfigurationError as error:
+        raise argparse.ArgumentTypeError(error.message) from None
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def _cache_dir(args: argparse.Namespace) -> Path:
+    return Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+
+
+def _clip(text: str, width: int, *, keep_end: bool = False) -> str:
+    if len(text) <= width:
+        return text
+    return "…" + text[-(width - 1) :] if keep_end else text[: width - 1] + "…"
+
+
+def _ago(moment: float, now: float) -> str:
+    return f"{format_age(now - moment)} ago"
+
+
+def _stamp(moment: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(moment))
+
+
+def _parameters_text(record: EntryRecord) -> str:
+    return ", ".join(f"{name}={value}" for name, value in record.parameters.items()) or "-"
+
+
+def _sources_text(record: EntryRecord) -> str:
+    parts = [
+        f"{source['path']} ({source['file_count']} file{'' if source['file_count'] == 1 else 's'})"
+        for source in record.sources.values()
+    ]
+    return ", ".join(parts) or "-"
+
+
+def _match_function(records: Sequence[EntryRecord], name: str) -> str | None:
+    """The one function that ``name`` designates: its exact name, its folder's name, or an
+    unambiguous part of it. None if nothing matches.
+
+    Raises:
+        _UsageError: several functions match.
+    """
+    functions = sorted({record.function for record in records})
+    exact = {r.function for r in records if name in (r.function, r.function_dir)}
+    if len(exact) == 1:
+        return exact.pop()
+    matches = [function for function in functions if name in function]
+    if len(matches) > 1:
+        listed = "\n  ".join(matches)
+        raise _UsageError(f"{name!r} matches several functions; be more specific:\n  {listed}")
+    return matches[0] if matches else None
+
+
+def _print_entries(records: Sequence[EntryRecord], now: float) -> None:
+    for record in records:
+        print(
+            f"  - {record.id[:12]}  {record.function}  {format_size(record.size_bytes)}  "
+            f"(last used {_ago(record.last_used, now)})"
+        )
+
+
+# -- sub-commands ------------------------------------------------------------------------------
+def _ls(args: argparse.Namespace) -> int:
+    records = list_entries(_cache_dir(args))
+    if args.function:
+        records = [r for r in records if args.function in (r.function, r.function_dir)] or [
+            r for r in records if args.function in r.function
+        ]
+    if args.json:
+        print(json.dumps([record.to_dict() for record in records], indent=2))
+        return 0
+    if not records:
+        print(f"no entries in {_cache_dir(args)}")
+        return 0
+    now = time.time()
+    rows = [("ID", "FUNCTION", "PARAMETERS", "SOURCES", "SIZE", "AGE", "LAST USED", "HITS")]
+    for r in records:
+        rows.append(
+            (
+                r.id[:12],
+                _clip(r.function, 40, keep_end=True),
+                _clip(_parameters_text(r), 40),
+                _clip(_sources_text(r), 50, keep_end=True),
+                format_size(r.size_bytes),
+                format_age(now - r.created),
+                _ago(r.last_used, now) if r.hits else "never",
+                str(r.hits),
+            )
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    right = {4, 5, 7}  # numbers line up on the right
+    for row in rows:
+        cells = [
+            cell.rjust(width) if index in right else cell.ljust(width)
+            for index, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        print("  ".join(cells).rstrip())
+    total = sum(record.size_bytes for record in records)
+    noun = "entry" if len(records) == 1 else "entries"
+    print(f"{len(records)} {noun}, {format_size(total)} in {_cache_dir(args)}")
+    return 0
+
+
+def _find_entry(records: Sequence[EntryRecord], prefix: str) -> EntryRecord:
+    matches = [record for record in records if record.id.startswith(prefix)]
+    if not matches:
+        raise _UsageError(f"no entry with an ID starting with {prefix!r} (see `cachedload ls`)")
+    if len(matches) > 1:
+        listed = "\n  ".join(f"{r.id}  {r.function}" for r in matches[:10])
+        raise _UsageError(
+            f"{prefix!r} matches {len(matches)} entries; give more of the ID:\n  {listed}"
+        )
+    return matches[0]
+
+
+def _info(args: argparse.Namespace) -> int:
+    record = _find_entry(list_entries(_cache_dir(args)), args.id)
+    manifest = read_manifest(record.path)
+    busy = is_busy(record)
+    if args.json:
+        print(json.dumps({**record.to_dict(), "in_use": busy, "meta": record.meta}, indent=2))
+        return 0
+    meta, now = record.meta, time.time()
+    data = meta.get("data", {})
+    lines = [
+        ("id", record.id),
+        ("function", record.function),
+        ("folder", str(record.path)),
+        ("created", f"{_stamp(record.created)} ({_ago(record.created, now)})"),
+        (
+            "computed",
+            f"in {float(meta.get('compute_seconds', 0)):.2f} s on {meta.get('host', '?')} "
+            f"(pid {meta.get('pid', '?')})",
+        ),
+        ("last used", _ago(record.last_used, now) if record.hits else "never"),
+        ("hits", str(record.hits)),
+        ("size", f"{format_size(record.size_bytes)} ({record.size_bytes} bytes)"),
+        ("data file", f"{data.get('file', '?')}, {data.get('size', '?')} bytes"),
+        ("checksum", f"xxh3-128 {data.get('xxh3', '?')}"),
+        ("result", record.result),
+        ("code", f"{meta.get('code', '?')} (version={meta.get('version', 'None')})"),
+        ("key group", str(meta.get("group", "?"))),
+        ("in use", "yes: another process holds its lock" if busy else "no"),
+    ]
+    width = max(len(label) for label, _ in lines)
+    for label, value in lines:
+        print(f"{label.ljust(width)}  {value}")
+    print("parameters" if record.parameters else "parameters  (none)")
+    for name, value in record.parameters.items():
+        print(f"  {name} = {value}")
+    print("sources" if record.sources else "sources  (none)")
+    for name, source in (meta.get("sources") or {}).items():
+        listed = len(manifest.get(name, ())) if manifest else None
+        size = format_size(int(source.get("total_bytes", 0)))
+        print(f"  {name}: {source.get('path')}")
+        print(f"    {source.get('file_count')} files, {size}, newest file ", end="")
+        print(_stamp(int(source.get("newest_mtime_ns", 0)) / 1e9))
+        print(f"    fingerprint ({source.get('mode')}) {source.get('digest')}, ", end="")
+        print(f"{listed} files in the manifest" if listed is not None else "no manifest")
+    versions = meta.get("versions") or {}
+    print("versions  " + ", ".join(f"{name} {value}" for name, value in versions.items()))
+    return 0
+
+
+def _confirm(question: str) -> bool:
+    if not sys.stdin or not sys.stdin.isatty():
+        print(
+            f"{question} — cannot ask: standard input is not a terminal. Pass --yes to confirm.",
+            file=sys.stderr,
+        )
+        return False
+    try:
+        answer = input(f"{question} [y/N] ")
+    except EOFError:
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _report(report: PruneReport, cache_dir: Path) -> None:
+    _print_entries(report.removed, time.time())
+    remaining = list_entries(cache_dir)
+    print(report)
+    print(
+        f"cache now holds {len(remaining)} entr{'y' if len(remaining) == 1 else 'ies'}, "
+        f"{format_size(sum(r.size_bytes for r in remaining))}"
+    )
+
+
+def _clear(args: argparse.Namespace) -> int:
+    cache_dir = _cache_dir(args)
+    if args.all and (args.function or args.older_than is not None):
+        raise _UsageError("--all cannot be combined with --function or --older-than")
+    if not (args.all or args.function or args.older_than is not None):
+        raise _UsageError("say what to clear: --function NAME, --older-than AGE or --all")
+    records = list_entries(cache_dir)
+    damaged = []
+    if args.all:
+        damaged = [result for result in verify(cache_dir, checksums=False) if not result.ok]
+    if args.function:
+        function = _match_function(records, args.function)
+        records = [record for record in records if record.function == function]
+    if args.older_than is not None:
+        cutoff = time.time() - args.older_than
+        records = [record for record in records if record.last_used < cutoff]
+    if not records and not damaged:
+        print("nothing to clear: no entry matches")
+        return 0
+    total = sum(record.size_bytes for record in records) + sum(d.size_bytes for d in damaged)
+    count = len(records) + len(damaged)
+    question = f"Delete {count} entr{'y' if count == 1 else 'ies'} ({format_size(total)})?"
+    if args.all and not args.yes and not args.dry_run and not _confirm(question):
+        print("aborted: nothing deleted", file=sys.stderr)
+        return 1
+    report = remove_entries(records, dry_run=args.dry_run, reason="cleared")
+    if not args.dry_run:
+        for result in damaged:
+            remove_damaged(result)
+        for directory in function_dirs(cache_dir):
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only when empty
+    if damaged:
+        print(f"{'would remove' if args.dry_run else 'removed'} {len(damaged)} damaged entries")
+    _report(report, cache_dir)
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    max_size = args.max_size
+    configured = os.environ.get("CACHEDLOAD_MAX_SIZE", "").strip()
+    if max_size is None and configured:
+        max_size = parse_size(configured, "$CACHEDLOAD_MAX_SIZE")
+    if max_size is None and args.keep is None and args.older_than is None:
+        raise _UsageError(
+            "nothing to apply: give --max-size, --keep or --older-than "
+            "(or set $CACHEDLOAD_MAX_SIZE)"
+        )
+    report = prune(
+        _cache_dir(args),
+        max_size=max_size,
+        keep=args.keep,
+        older_than=args.older_than,
+        dry_run=args.dry_run,
+    )
+    _report(report, _cache_dir(args))
+    return 0
+
+
+def _why(args: argparse.Namespace) -> int:
+    records = list_entries(_cache_dir(args))
+    function = _match_function(records, args.function)
+    if function is None:
+        known = "\n  ".join(sorted({r.function for r in records})) or "(none)"
+        raise _UsageError(
+            f"no stored entry of a function matching {args.function!r}; "
+            f"functions in the cache:\n  {known}"
+        )
+    mine = [record for record in records if record.function == function]
+    if len(mine) < 2:
+        print(f"{function}: only one entry is stored ({mine[0].id[:12]}), nothing to compare")
+        return 0
+    newer, older = mine[0], mine[1]
+    print(compare_entries(older.path, newer.path))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    checked = damaged = 0
+    total = 0
+    for result in verify(_cache_dir(args)):
+        checked += 1
+        total += result.size_bytes
+        if result.ok:
+            print(f"OK       {result.id[:12]}  {result.function}  {format_size(result.size_bytes)}")
+            continue
+        damaged += 1
+        line = f"CORRUPT  {result.id[:12]}  {result.function}  {result.problem}"
+        if args.fix:
+            line += "  (deleted)" if remove_damaged(result) else "  (in use: not deleted)"
+        print(line)
+    print(
+        f"checked {checked} entr{'y' if checked == 1 else 'ies'} ({format_size(total)}): "
+        f"{damaged} damaged" + ("" if damaged == 0 or args.fix else "; run with --fix to delete")
+    )
+    return 1 if damaged else 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from cachedload.demo import run_demo
+
+    run_demo(cache_dir=args.cache_dir, n_images=args.images)
+    print("now try: cachedload ls" + (f" --cache-dir {args.cache_dir}" if args.cache_dir else ""))
+    return 0
+
+
+# -- the parser --------------------------------------------------------------------------------
+_AGE_HELP = "delete entries not used for AGE: 30d, 12h, 15m or 45s (never-used ones: since created)"
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help=f"the cache directory (default: $CACHEDLOAD_DIR, else {default_cache_dir()})",
+    )
+    parser = argparse.ArgumentParser(
+        prog="cachedload",
+        description="See, bound and clean the on-disk cache of @cached_dataset loaders. Each "
+        "entry is the stored result of one call: a function, its parameters and a fingerprint "
+        "of its source files.",
+        epilog=_EXIT_CODES + "\nrun `cachedload COMMAND --help` for a command's options",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log what is removed (INFO) to stderr"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(
+        name: str, handler: Callable[[argparse.Namespace], int], text: str, *examples: str
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            parents=[common],
+            help=text,
+            description=f"{text}\n\nexamples:\n  " + "\n  ".join(examples),
+            epilog=_EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.set_defaults(handler=handler)
+        return sub
+
+    ls = command(
+        "ls",
+        _ls,
+        "list the entries, newest first, with totals",
+        "cachedload ls",
+        "cachedload ls --function load_images --json",
+    )
+    ls.add_argument("--json", action="store_true", help="print a JSON array, one object per entry")
+    ls.add_argument(
+        "--function", metavar="NAME", help="only this function's entries (any part of its name)"
+    )
+
+    info = command("info", _info, "show everything known about one entry", "cachedload info 3f1c2a")
+    info.add_argument("id", metavar="ID", help="the entry's ID (see `ls`), or a unique prefix")
+    info.add_argument("--json", action="store_true", help="print JSON, with the full metadata")
+
+    clear = command(
+        "clear",
+        _clear,
+        "delete entries: a function's, those unused for a while, or all",
+        "cachedload clear --function load_images",
+        "cachedload clear --older-than 30d",
+        "cachedload clear --all --yes",
+    )
+    clear.add_argument("--function", metavar="NAME", help="delete this function's entries")
+    clear.add_argument("--older-than", metavar="AGE", type=_age, help=_AGE_HELP)
+    clear.add_argument("--all", action="store_true", help="delete every entry (asks first)")
+    clear.add_argument("-y", "--yes", action="store_true", help="do not ask before --all")
+    clear.add_argument("--dry-run", action="store_true", help="only show what would go")
+
+    prune_ = command(
+        "prune",
+        _prune,
+        "apply size, count and age limits now, and report what was freed",
+        "cachedload prune --max-size 20GB",
+        "cachedload prune --keep 1 --older-than 90d --dry-run",
+    )
+    prune_.add_argument(
+        "--max-size",
+        metavar="SIZE",
+        type=_size,
+        help="evict least-recently-used entries until the cache fits in SIZE: 20GB, 512MB, "
+        "1.5GiB (default: $CACHEDLOAD_MAX_SIZE)",
+    )
+    prune_.add_argument(
+        "--keep",
+        metavar="N",
+        type=_count,
+        help="of entries with the same function, parameters and source paths (they differ only "
+        "in the source files' contents), keep the N newest",
+    )
+    prune_.add_argument("--older-than", metavar="AGE", type=_age, help=_AGE_HELP)
+    prune_.add_argument("--dry-run", action="store_true", help="only show what would go")
+
+    why = command(
+        "why",
+        _why,
+        "explain how the two newest entries of a function differ (code, parameters, files)",
+        "cachedload why load_images",
+    )
+    why.add_argument(
+        "function", metavar="FUNCTION", help="the function name `ls` shows, or a unique part of it"
+    )
+
+    check = command(
+        "verify",
+        _verify,
+        "recompute every entry's checksum; exit status 1 if any entry is damaged",
+        "cachedload verify",
+        "cachedload verify --fix",
+    )
+    check.add_argument(
+        "--fix",
+        action="store_true",
+        help="delete the damaged entries (the exit status stays 1, so scripts notice)",
+    )
+
+    demo = command(
+        "demo",
+        _demo,
+        "make a small image folder, load it twice, show the speed-up",
+        "cachedload demo --cache-dir /tmp/demo-cache",
+    )
+    demo.add_argument(
+        "--images",
+        metavar="N",
+        type=_count,
+        default=400,
+        help="how many synthetic images to make (default: 400)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``cachedload`` command with ``argv`` (default: ``sys.argv[1:]``); return its
+    exit status."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
+    args = _parser().parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except (_UsageError, ConfigurationError) as error:
+        print(f"cachedload {args.command}: {error}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. `cachedload ls | head`
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0

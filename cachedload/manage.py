@@ -1,0 +1,596 @@
+"""Managing a cache directory: listing entries, bounding its growth, removing and verifying.
+
+Growth is bounded twice (both applied by the decorator right after each store, see
+:func:`enforce_after_store`, and on demand by :func:`prune` / ``cachedload prune``):
+
+* **superseded entries**: entries of one *group* (same function, code, parameters and source
+  paths) differ only in their sources' contents, so once a newer one is stored the older ones are
+  stale until the files are put back; at most ``keep`` of a group are kept, newest first;
+* **size**: with ``max_size``, least-recently-used entries are evicted until the cache fits.
+
+An entry is never removed while another process holds its lock (it is being computed or
+replaced): removal takes the entry's lock without waiting, and skips the entry if it cannot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cachedload.errors import ConfigurationError
+from cachedload.fingerprint import hash_file
+from cachedload.store import (
+    DATA_FILE,
+    CorruptEntry,
+    EntryInfo,
+    Store,
+    default_cache_dir,
+    iter_entries,
+)
+
+__all__ = [
+    "EntryRecord",
+    "PruneReport",
+    "VerifyResult",
+    "enforce_after_store",
+    "entries_in",
+    "format_age",
+    "format_size",
+    "function_dirs",
+    "is_busy",
+    "list_entries",
+    "parse_age",
+    "parse_size",
+    "prune",
+    "remove_damaged",
+    "remove_entries",
+    "verify",
+]
+
+logger = logging.getLogger("cachedload")
+
+# Decimal units (k, kb, m, mb, …) are powers of 1000, binary ones (kib, mib, …) of 1024.
+_SIZE_UNITS = {"": 1, "b": 1}
+for _power, _prefix in enumerate("kmgt", start=1):
+    _SIZE_UNITS.update({_prefix: 1000**_power, _prefix + "b": 1000**_power})
+    _SIZE_UNITS[_prefix + "ib"] = 1024**_power
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
+_AGE_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_AGE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]+)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class EntryRecord:
+    """One stored entry, described for people (``cachedload ls``) and programs.
+
+    Attributes:
+        id: the entry's key (its folder name); ``cachedload info`` accepts a prefix of it.
+        function: the loader's ``module.qualname``.
+        function_dir: the name of the function folder holding the entry (one per code version).
+        parameters: each parameter's readable value, e.g. ``{"size": "(64, 64)"}``.
+        sources: each source's ``{"path", "file_count", "total_bytes"}``.
+        result: a short description of the stored result (type, shapes, dtypes).
+        size_bytes: the entry's size on disk.
+        created: when it was stored (seconds since the epoch).
+        last_used: its last hit (seconds since the epoch; ``created`` if never hit).
+        hits: how many calls it answered.
+        path: the entry's folder.
+        meta: the entry's full metadata (``meta.json``).
+    """
+
+    id: str
+    function: str
+    function_dir: str
+    parameters: dict[str, str]
+    sources: dict[str, dict[str, Any]]
+    result: str
+    size_bytes: int
+    created: float
+    last_used: float
+    hits: int
+    path: Path
+    meta: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_info(cls, info: EntryInfo) -> EntryRecord:
+        """Build a record from :func:`cachedload.store.iter_entries`' description."""
+        meta = info.meta
+        parameters = {
+            name: str(value.get("value", "?")) if isinstance(value, dict) else str(value)
+            for name, value in (meta.get("parameters") or {}).items()
+        }
+        sources = {
+            name: {
+                "path": str(value.get("path", "?")),
+                "file_count": int(value.get("file_count", 0)),
+                "total_bytes": int(value.get("total_bytes", 0)),
+            }
+            for name, value in (meta.get("sources") or {}).items()
+            if isinstance(value, dict)
+        }
+        created = float(meta.get("created", 0.0))
+        return cls(
+            id=info.key,
+            function=str(meta.get("function", info.path.parent.name)),
+            function_dir=info.path.parent.name,
+            parameters=parameters,
+            sources=sources,
+            result=str(meta.get("result", "?")),
+            size_bytes=info.size_bytes,
+            created=created,
+            last_used=info.last_used,
+            hits=info.hits,
+            path=info.path,
+            meta=meta,
+        )
+
+    @property
+    def group(self) -> str | None:
+        """Entries of one group differ only in their sources' contents (see the module doc)."""
+        group = self.meta.get("group")
+        return group if isinstance(group, str) else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the record (without the raw metadata)."""
+        return {
+            "id": self.id,
+            "function": self.function,
+            "function_dir": self.function_dir,
+            "parameters": dict(self.parameters),
+            "sources": {name: dict(value) for name, value in self.sources.items()},
+            "result": self.result,
+            "size_bytes": self.size_bytes,
+            "created": self.created,
+            "last_used": self.last_used,
+            "hits": self.hits,
+            "path": str(self.path),
+        }
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """What a removal did (or, with ``dry_run``, would do).
+
+    Attributes:
+        removed: the entries removed.
+        busy: entries that should have gone but were kept: another process held their lock.
+        dry_run: True if nothing was actually deleted.
+    """
+
+    removed: tuple[EntryRecord, ...] = ()
+    busy: tuple[EntryRecord, ...] = ()
+    dry_run: bool = False
+
+    @property
+    def bytes_freed(self) -> int:
+        """Total size of the removed entries."""
+        return sum(record.size_bytes for record in self.removed)
+
+    def __add__(self, other: PruneReport) -> PruneReport:
+        return PruneReport(
+            self.removed + other.removed, self.busy + other.busy, self.dry_run or other.dry_run
+        )
+
+    def __str__(self) -> str:
+        verb = "would remove" if self.dry_run else "removed"
+        text = f"{verb} {_plural(len(self.removed), 'entry', 'entries')}, "
+        text += f"{'would free' if self.dry_run else 'freed'} {format_size(self.bytes_freed)}"
+        if self.busy:
+            text += (
+                f" ({_plural(len(self.busy), 'entry', 'entries')} in use by another process kept)"
+            )
+        return text
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """The outcome of checking one entry folder with :func:`verify`.
+
+    Attributes:
+        path: the entry's folder.
+        function: the loader's ``module.qualname`` (the folder name if the metadata is unreadable).
+        size_bytes: the entry's size on disk.
+        problem: what is wrong, or None if the entry is intact.
+    """
+
+    path: Path
+    function: str
+    size_bytes: int
+    problem: str | None
+
+    @property
+    def id(self) -> str:
+        """The entry's key."""
+        return self.path.name
+
+    @property
+    def ok(self) -> bool:
+        """True if the entry is intact."""
+        return self.problem is None
+
+
+# -- sizes and ages ----------------------------------------------------------------------------
+def parse_size(value: int | str, option: str = "max_size") -> int:
+    """Parse a size in bytes: an int, or a string such as ``"20GB"``, ``"512 MB"``, ``"1.5GiB"``.
+
+    Decimal units (``KB``, ``MB``, ``GB``, ``TB``) are powers of 1000, binary units (``KiB``,
+    ``MiB``, ``GiB``, ``TiB``) powers of 1024; a bare number is bytes. Case does not matter.
+
+    Raises:
+        ConfigurationError: the value is not a size (the error names ``option``).
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ConfigurationError(option, f"a size cannot be negative, got {value}")
+        return value
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if match and match.group(2).lower() in _SIZE_UNITS:
+            return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    raise ConfigurationError(
+        option, f"expected a size such as 20GB, 512MB or 1.5GiB (or bytes), got {value!r}"
+    )
+
+
+def parse_age(value: float | str, option: str = "older_than") -> float:
+    """Parse a duration in seconds: a number, or a string such as ``"30d"``, ``"12h"``, ``"15m"``,
+    ``"45s"`` or ``"2w"``.
+
+    Raises:
+        ConfigurationError: the value is not a duration (the error names ``option``).
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise ConfigurationError(option, f"a duration cannot be negative, got {value}")
+        return float(value)
+    if isinstance(value, str):
+        match = _AGE_RE.match(value)
+        if match and match.group(2).lower() in _AGE_UNITS:
+            return float(match.group(1)) * _AGE_UNITS[match.group(2).lower()]
+    raise ConfigurationError(
+        option, f"expected a duration such as 30d, 12h, 15m or 45s, got {value!r}"
+    )
+
+
+def format_size(size: float) -> str:
+    """A size for people, in decimal units: ``"512 B"``, ``"19.7 MB"``, ``"1.2 GB"``."""
+    if size < 1000:
+        return f"{int(size)} B"
+    for unit in ("KB", "MB", "GB", "TB"):
+        size /= 1000
+        if size < 999.95:
+            return f"{size:.1f} {unit}"
+    return f"{size / 1000:.1f} PB"
+
+
+def format_age(seconds: float) -> str:
+    """A duration for people: ``"42 s"``, ``"5 min"``, ``"3 h"``, ``"12 d"``."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 86400:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} d"
+
+
+def _plural(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
+
+
+# -- listing -----------------------------------------------------------------------------------
+def _root(cache_dir: str | os.PathLike[str] | None) -> Path:
+    return default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
+
+
+def function_dirs(cache_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """The function folders of a cache directory, sorted by name (none if it does not exist)."""
+    try:
+        children = list(os.scandir(_root(cache_dir)))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(
+        Path(child.path)
+        for child in children
+        if not child.name.startswith(".") and child.is_dir(follow_symlinks=False)
+    )
+
+
+def entries_in(directories: Iterable[Path]) -> list[EntryRecord]:
+    """The readable entries of some function folders, newest first."""
+    records = [EntryRecord.from_info(info) for d in directories for info in iter_entries(d)]
+    records.sort(key=lambda record: record.created, reverse=True)
+    return records
+
+
+def list_entries(cache_dir: str | os.PathLike[str] | None = None) -> list[EntryRecord]:
+    """Every readable entry of a cache directory, newest first.
+
+    Args:
+        cache_dir: the cache directory (default: ``$CACHEDLOAD_DIR`` or the user cache dir).
+
+    Returns:
+        One :class:`EntryRecord` per entry: function, readable parameters, sources with file
+        counts, result summary, size on disk, created, last used and hits. Damaged entries are
+        left out (``cachedload verify`` finds them).
+
+    Example::
+
+        for entry in cachedload.list_entries():
+            print(entry.function, entry.parameters, entry.size_bytes)
+    """
+    return entries_in(function_dirs(cache_dir))
+
+
+# -- removing ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _claimed(lock_path: Path) -> Iterator[bool]:
+    """Hold an entry's lock without waiting; yield False if another process holds it.
+
+    While it is held nobody computes or replaces the entry, so it can be deleted safely; the
+    lock file goes with it (a waiter that opened it notices the unlinked file and retries).
+    """
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(lock_path), timeout=0)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        with contextlib.suppress(OSError):
+            lock_path.unlink()
+        lock.release()
+
+
+def is_busy(record: EntryRecord) -> bool:
+    """True if another process holds the entry's lock (it is being recomputed or removed)."""
+    lock_path = record.path.parent / f"{record.id}.lock"
+    if not lock_path.exists():
+        return False
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(lock_path), timeout=0)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
+
+
+def _remove(record: EntryRecord, reason: str) -> bool:
+    """Delete one entry unless another process holds its lock; True if it is gone."""
+    directory = record.path.parent
+    store = Store(directory.parent, directory.name)
+    with _claimed(store.lock_path(record.id)) as free:
+        if not free:
+            logger.info("keeping %s [%s]: in use by another process", record.function, record.id)
+            return False
+        store.remove(record.id)
+    logger.info(
+        "evict %s [%s] (%s): %s bytes, last used %.0f s ago",
+        record.function,
+        record.id[:12],
+        reason,
+        record.size_bytes,
+        time.time() - record.last_used,
+    )
+    return True
+
+
+def remove_entries(
+    records: Iterable[EntryRecord], *, dry_run: bool = False, reason: str = "removed"
+) -> PruneReport:
+    """Delete entries, skipping any whose lock another process holds.
+
+    Args:
+        records: the entries (from :func:`list_entries`).
+        dry_run: only report what would be removed.
+        reason: a word for the log (``"superseded"``, ``"least recently used"``…).
+    """
+    removed: list[EntryRecord] = []
+    busy: list[EntryRecord] = []
+    for record in records:
+        if dry_run or _remove(record, reason):
+            removed.append(record)
+        else:
+            busy.append(record)
+    return PruneReport(tuple(removed), tuple(busy), dry_run)
+
+
+def _tidy(directories: Iterable[Path]) -> None:
+    """Remove dead writers' leftovers, then function folders left empty."""
+    for directory in directories:
+        Store(directory.parent, directory.name).remove_leftovers()
+        with contextlib.suppress(OSError):
+            directory.rmdir()  # only succeeds when empty
+
+
+def _superseded(records: Iterable[EntryRecord], keep: int) -> list[EntryRecord]:
+    """The entries beyond the ``keep`` newest of each group."""
+    groups: dict[tuple[str, str], list[EntryRecord]] = {}
+    for record in records:
+        if record.group is not None:
+            groups.setdefault((record.function_dir, record.group), []).append(record)
+    extra: list[EntryRecord] = []
+    for members in groups.values():
+        members.sort(key=lambda record: record.created, reverse=True)
+        extra += members[keep:]
+    return extra
+
+
+def _evict_lru(
+    records: list[EntryRecord], max_size: int, *, protect: Path | None, dry_run: bool
+) -> PruneReport:
+    """Remove least-recently-used entries until the total fits in ``max_size``."""
+    total = sum(record.size_bytes for record in records)
+    report = PruneReport(dry_run=dry_run)
+    for record in sorted(records, key=lambda record: record.last_used):
+        if total <= max_size:
+            break
+        if record.path == protect:
+            continue
+        outcome = remove_entries([record], dry_run=dry_run, reason="least recently used")
+        total -= outcome.bytes_freed
+        report += outcome
+    if total > max_size:
+        logger.info(
+            "cache is %s bytes, over max_size %s bytes: the rest is in use or just written",
+            total,
+            max_size,
+        )
+    return report
+
+
+def _check_keep(keep: int | None) -> None:
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise ConfigurationError("keep", f"must be a whole number >= 1 (or None), not {keep!r}")
+
+
+def prune(
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    max_size: int | str | None = None,
+    keep: int | None = None,
+    older_than: float | str | None = None,
+    dry_run: bool = False,
+) -> PruneReport:
+    """Apply the cache's limits now; return what was removed.
+
+    In this order: entries not used for ``older_than`` go; then, of each group of entries that
+    differ only in their sources' contents, all but the ``keep`` newest; then least-recently-used
+    entries until the cache fits in ``max_size``. Entries another process holds are kept.
+
+    Args:
+        cache_dir: the cache directory (default: ``$CACHEDLOAD_DIR`` or the user cache dir).
+        max_size: bytes, or a string such as ``"20GB"``.
+        keep: how many entries of each group to keep (>= 1).
+        older_than: seconds, or a string such as ``"30d"``: age since the last use (or since
+            creation for entries never used).
+        dry_run: only report what would be removed.
+
+    Raises:
+        ConfigurationError: a limit is invalid.
+    """
+    _check_keep(keep)
+    limit = None if max_size is None else parse_size(max_size, "max_size")
+    age = None if older_than is None else parse_age(older_than, "older_than")
+    records = list_entries(cache_dir)
+    report = PruneReport(dry_run=dry_run)
+    if age is not None:
+        cutoff = time.time() - age
+        report += remove_entries(
+            [r for r in records if r.last_used < cutoff], dry_run=dry_run, reason="unused"
+        )
+    if keep is not None:
+        gone = {record.path for record in report.removed}
+        remaining = [record for record in records if record.path not in gone]
+        report += remove_entries(_superseded(remaining, keep), dry_run=dry_run, reason="superseded")
+    if limit is not None:
+        gone = {record.path for record in report.removed}
+        remaining = [record for record in records if record.path not in gone]
+        report += _evict_lru(remaining, limit, protect=None, dry_run=dry_run)
+    if not dry_run:
+        _tidy(function_dirs(cache_dir))
+    return report
+
+
+def enforce_after_store(
+    store: Store, key: str, meta: dict[str, Any], *, keep: int | None, max_size: int | None
+) -> PruneReport:
+    """Bound the cache right after ``key`` was published (called by the decorator).
+
+    Deletes the entries that ``key`` supersedes beyond ``keep`` (same ``meta["group"]``), then,
+    with ``max_size``, evicts least-recently-used entries of the whole cache directory until it
+    fits. Never touches ``key`` itself, entries whose lock another process holds, or entries
+    being written.
+
+    Raises:
+        OSError: the cache directory cannot be read or written.
+    """
+    report = PruneReport()
+    group = meta.get("group")
+    if keep is not None and isinstance(group, str):
+        siblings = [
+            record
+            for record in entries_in([store.function_dir])
+            if record.id != key and record.group == group
+        ]
+        # The new entry is the newest of its group: it counts as one of the ``keep``.
+        report += remove_entries(_superseded(siblings, keep - 1), reason="superseded")
+    if max_size is not None:
+        records = entries_in(function_dirs(store.cache_dir))
+        report += _evict_lru(records, max_size, protect=store.entry_path(key), dry_run=False)
+    return report
+
+
+# -- verifying ---------------------------------------------------------------------------------
+def _entry_size(path: Path) -> int:
+    try:
+        return sum(f.stat().st_size for f in os.scandir(path) if f.is_file(follow_symlinks=False))
+    except OSError:
+        return 0
+
+
+def verify(
+    cache_dir: str | os.PathLike[str] | None = None, *, checksums: bool = True
+) -> Iterator[VerifyResult]:
+    """Check every entry folder of a cache directory, one at a time.
+
+    Reads each entry's metadata, checks its data file's size and, with ``checksums``, recomputes
+    the data file's checksum (reads every byte). Entries whose metadata is unreadable, or from
+    another format version, count as damaged. Entries still being written are not visible here
+    (they live in temporary folders).
+    """
+    for directory in function_dirs(cache_dir):
+        store = Store(directory.parent, directory.name)
+        try:
+            children = sorted(os.scandir(directory), key=lambda child: child.name)
+        except OSError:
+            continue
+        for child in children:
+            if child.name.startswith(".") or not child.is_dir(follow_symlinks=False):
+                continue
+            path = Path(child.path)
+            function, problem = directory.name, None
+            try:
+                meta = store.read_meta(child.name)
+                if meta is None:  # removed meanwhile
+                    continue
+                function = str(meta.get("function", function))
+                data = path / DATA_FILE
+                size = os.stat(data).st_size
+                if size != meta["data"]["size"]:
+                    problem = f"data file is {size} bytes, metadata says {meta['data']['size']}"
+                elif checksums and hash_file(data) != meta["data"]["xxh3"]:
+                    problem = "data file checksum does not match"
+            except CorruptEntry as error:
+                problem = error.reason
+            except FileNotFoundError:
+                problem = "data file is missing"
+            except OSError as error:
+                problem = f"cannot read the entry ({error})"
+            yield VerifyResult(path, function, _entry_size(path), problem)
+
+
+def remove_damaged(result: VerifyResult) -> bool:
+    """Delete an entry that :func:`verify` found damaged; False if another process holds it."""
+    directory = result.path.parent
+    store = Store(directory.parent, directory.name)
+    with _claimed(store.lock_path(result.id)) as free:
+        if free:
+            store.remove(result.id)
+            logger.info("removed damaged entry %s: %s", result.path, result.problem)
+        return free

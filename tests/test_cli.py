@@ -1,0 +1,247 @@
+"""The ``cachedload`` command, run as a real subprocess on a real cache."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cachedload import cached_dataset, list_entries
+from cachedload.cli import main
+from tests.conftest import subprocess_env
+
+OLD = time.time() - 7200
+
+
+def _body(data_dir: str, size: int = 1000) -> np.ndarray:
+    return np.arange(size, dtype=np.int64)
+
+
+def _other(data_dir: str) -> list[str]:
+    return sorted(os.listdir(data_dir))
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (folder / name).write_text(name)
+        os.utime(folder / name, (OLD, OLD))
+    return folder
+
+
+@pytest.fixture
+def cache(tmp_path: Path, data: Path) -> Path:
+    """A cache with three entries: ``_body`` with two sizes (newest: 2000), and ``_other``."""
+    cache = tmp_path / "cache"
+    cached_dataset(cache_dir=cache)(_other)(str(data))
+    load = cached_dataset(cache_dir=cache)(_body)
+    load(str(data), size=1000)
+    load(str(data), size=2000)
+    load(str(data), size=2000)  # a hit
+    return cache
+
+
+def cli(
+    *args: str, cache: Path | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m cachedload ARGS [--cache-dir CACHE]``."""
+    command = [sys.executable, "-m", "cachedload", *args]
+    if cache is not None:
+        command += ["--cache-dir", str(cache)]
+    return subprocess.run(
+        command,
+        input=stdin,
+        stdin=subprocess.DEVNULL if stdin is None else None,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
+    )
+
+
+def ls_json(cache: Path, *args: str) -> list[dict[str, Any]]:
+    result = cli("ls", "--json", *args, cache=cache)
+    assert result.returncode == 0, result.stderr
+    entries: list[dict[str, Any]] = json.loads(result.stdout)
+    return entries
+
+
+def test_ls_json_round_trips(cache: Path, data: Path) -> None:
+    entries = ls_json(cache)
+    assert [e["id"] for e in entries] == [r.id for r in list_entries(cache)]
+    newest = entries[0]
+    assert newest["function"] == f"{__name__}._body"
+    assert newest["parameters"] == {"size": "2000"}
+    assert newest["sources"] == {
+        "data_dir": {"path": str(data.resolve()), "file_count": 2, "total_bytes": 10}
+    }
+    assert newest["hits"] == 1 and entries[1]["hits"] == 0
+    assert newest["size_bytes"] > 16000
+    assert newest["created"] <= newest["last_used"] <= time.time()
+    assert {e["function"] for e in ls_json(cache, "--function", "_other")} == {f"{__name__}._other"}
+
+
+def test_ls_table_has_totals(cache: Path) -> None:
+    result = cli("ls", cache=cache)
+    assert result.returncode == 0, result.stderr
+    header, *rows, totals = result.stdout.splitlines()
+    assert header.split()[:4] == ["ID", "FUNCTION", "PARAMETERS", "SOURCES"]
+    assert len(rows) == 3 and "size=2000" in rows[0] and "(2 files)" in rows[0]
+    total = sum(r.size_bytes for r in list_entries(cache))
+    assert totals.startswith("3 entries, ") and f"{total / 1000:.1f} KB" in totals
+    assert cli("ls", cache=cache.parent / "empty").stdout.startswith("no entries")
+
+
+def test_ls_uses_the_cache_dir_from_the_environment(cache: Path) -> None:
+    env = subprocess_env(CACHEDLOAD_DIR=str(cache))
+    result = subprocess.run(
+        [sys.executable, "-m", "cachedload", "ls", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert len(json.loads(result.stdout)) == 3
+
+
+def test_info_takes_a_prefix(cache: Path) -> None:
+    record = list_entries(cache)[0]
+    result = cli("info", record.id[:8], cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert record.id in result.stdout and "size = 2000" in result.stdout
+    assert "hits       1" in result.stdout
+    as_json = json.loads(cli("info", record.id[:8], "--json", cache=cache).stdout)
+    assert as_json["meta"]["key"] == record.id and as_json["in_use"] is False
+
+    unknown = cli("info", "zzzz", cache=cache)
+    assert unknown.returncode == 2 and "no entry" in unknown.stderr
+    ambiguous = cli("info", "", cache=cache)
+    assert ambiguous.returncode == 2 and "matches 3 entries" in ambiguous.stderr
+
+
+def test_clear_by_function_and_age(cache: Path) -> None:
+    result = cli("clear", "--function", "_other", cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert "removed 1 entry" in result.stdout
+    assert {e["function"] for e in ls_json(cache)} == {f"{__name__}._body"}
+
+    oldest = list_entries(cache)[-1]
+    used = oldest.path.parent / f"{oldest.id}.used"
+    used.write_bytes(b".")
+    os.utime(used, (OLD - 40 * 86400, OLD - 40 * 86400))
+    assert cli("clear", "--older-than", "30d", cache=cache).returncode == 0
+    assert [e["id"] for e in ls_json(cache)] == [list_entries(cache)[0].id] != [oldest.id]
+
+    nothing = cli("clear", cache=cache)
+    assert nothing.returncode == 2 and "--all" in nothing.stderr
+
+
+def test_clear_all_asks_first(cache: Path) -> None:
+    refused = cli("clear", "--all", cache=cache)  # stdin is not a terminal: cannot ask
+    assert refused.returncode == 1 and "--yes" in refused.stderr
+    assert len(ls_json(cache)) == 3
+
+    result = cli("clear", "--all", "--yes", cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert "removed 3 entries" in result.stdout
+    assert ls_json(cache) == []
+    assert list(cache.iterdir()) == []
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("answer", "status", "left"), [("n\n", 1, 3), ("", 1, 3), ("yes\n", 0, 0)])
+def test_clear_all_confirmation_on_a_terminal(
+    cache: Path,
+    answer: str,
+    status: int,
+    left: int,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(sys, "stdin", _Terminal(answer))
+    assert main(["clear", "--all", "--cache-dir", str(cache)]) == status
+    assert "Delete 3 entries (" in capsys.readouterr().out
+    assert len(list_entries(cache)) == left
+
+
+def test_prune_reports_what_was_freed(cache: Path) -> None:
+    records = list_entries(cache)
+    result = cli("prune", "--max-size", "25KB", cache=cache)
+    assert result.returncode == 0, result.stderr
+    remaining = list_entries(cache)
+    freed = sum(r.size_bytes for r in records) - sum(r.size_bytes for r in remaining)
+    assert freed > 0 and sum(r.size_bytes for r in remaining) <= 25_000
+    assert f"freed {freed / 1000:.1f} KB" in result.stdout
+    assert cli("prune", "--max-size", "lots", cache=cache).returncode == 2
+    assert cli("prune", cache=cache).returncode == 2  # nothing to apply
+
+
+def test_why_explains_the_two_newest_entries(cache: Path, data: Path) -> None:
+    (data / "c.txt").write_text("c")
+    os.utime(data / "c.txt", (OLD, OLD))
+    cached_dataset(cache_dir=cache)(_body)(str(data), size=3000)
+
+    result = cli("why", "_body", cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert "parameter size: 2000 → 3000" in result.stdout
+    assert "1 file added (c.txt)" in result.stdout
+    assert "only one entry" in cli("why", "_other", cache=cache).stdout
+    assert cli("why", "test_cli", cache=cache).returncode == 2  # ambiguous
+    assert cli("why", "nothing_like_it", cache=cache).returncode == 2
+
+
+def test_verify_catches_a_corrupted_file(cache: Path) -> None:
+    assert cli("verify", cache=cache).returncode == 0
+    damaged = list_entries(cache)[1]
+    with open(damaged.path / "result.joblib", "r+b") as handle:  # same size, other bytes
+        handle.seek(-8, os.SEEK_END)
+        handle.write(b"\xff" * 8)
+
+    result = cli("verify", cache=cache)
+    assert result.returncode == 1
+    assert f"CORRUPT  {damaged.id[:12]}" in result.stdout
+    assert result.stdout.count("OK ") == 2 and "1 damaged" in result.stdout
+
+    fixed = cli("verify", "--fix", cache=cache)
+    assert fixed.returncode == 1 and "(deleted)" in fixed.stdout
+    assert not damaged.path.exists()
+    assert cli("verify", cache=cache).returncode == 0
+
+
+def test_demo(tmp_path: Path) -> None:
+    result = cli("demo", "--images", "6", cache=tmp_path / "demo")
+    assert result.returncode == 0, result.stderr
+    assert "speed-up" in result.stdout
+    assert len(list_entries(tmp_path / "demo")) == 1
+
+
+@pytest.mark.parametrize("command", ["ls", "info", "clear", "prune", "why", "verify", "demo"])
+def test_every_command_has_help_and_a_cache_dir_option(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "--cache-dir" in out and "example" in out
+
+
+def test_top_level_help_lists_commands_and_exit_codes() -> None:
+    result = cli("--help")
+    assert result.returncode == 0
+    for command in ("ls", "info", "clear", "prune", "why", "verify", "demo", "exit status"):
+        assert command in result.stdout
