@@ -9,7 +9,6 @@ cross-process lock so that concurrent callers compute once.
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import inspect
 import logging
@@ -195,6 +194,8 @@ class CachedDataset(Generic[P, R]):
         max_size: int | str | None = None,
         enabled: bool = True,
     ) -> None:
+        # Every option, as given: enough to rebuild this wrapper in another process.
+        self._options = {k: v for k, v in locals().items() if k not in ("self", "func")}
         functools.update_wrapper(self, func)
         self.__wrapped__ = func
         self._signature = inspect.signature(func)
@@ -242,10 +243,18 @@ class CachedDataset(Generic[P, R]):
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         if instance is None:
             return self
-        bound = copy.copy(self)  # shares options and statistics
+        bound = object.__new__(type(self))
+        bound.__dict__.update(self.__dict__)  # shares options and statistics
         bound._bound_self = instance
         bound._is_bound = True
         return bound
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickle by the loader's import path and the options (for worker processes): the
+        # loader's module-level name is this wrapper, so the function cannot pickle itself.
+        func = self.__wrapped__
+        bound = (self._bound_self,) if self._is_bound else ()
+        return (_restore, (func.__module__, func.__qualname__, self._options, bound))
 
     def __repr__(self) -> str:
         return f"<cached_dataset {self._identity}>"
@@ -758,6 +767,20 @@ class CachedDataset(Generic[P, R]):
                 store.remove(entry.key)
             store.remove_leftovers()
         self._stats.hits = self._stats.misses = self._stats.stores = 0
+
+
+def _restore(
+    module: str, qualname: str, options: dict[str, Any], bound: tuple[Any, ...]
+) -> CachedDataset[..., Any]:
+    """Rebuild a pickled :class:`CachedDataset` from its loader's import path and options."""
+    import importlib
+
+    target: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    func = target.__wrapped__ if isinstance(target, CachedDataset) else target
+    wrapper: CachedDataset[..., Any] = CachedDataset(func, **options)
+    return wrapper.__get__(bound[0]) if bound else wrapper
 
 
 @overload

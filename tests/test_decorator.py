@@ -518,3 +518,31 @@ def test_cache_paths_are_stable_across_hash_seeds(image_dir: Path, cache_dir: Pa
     """
     outputs = {run_python(code, PYTHONHASHSEED=seed).stdout for seed in ("0", "1", "99")}
     assert len(outputs) == 1
+
+
+@cached_dataset(version="pickled")
+def module_level_loader(image_dir: Path, size: int = 2) -> list[int]:
+    return [size]
+
+
+class ModuleLevelLoaders:
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    @cached_dataset
+    def load(self, image_dir: Path) -> int:
+        return self.size
+
+
+def test_wrappers_pickle_for_worker_processes(image_dir: Path) -> None:
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(module_level_loader))
+    assert isinstance(clone, CachedDataset)
+    assert clone.cache_path(image_dir) == module_level_loader.cache_path(image_dir)
+    module_level_loader(image_dir)
+    assert clone.is_cached(image_dir)
+    bound = pickle.loads(pickle.dumps(ModuleLevelLoaders(7).load))
+    assert bound(image_dir) == 7
+    assert ModuleLevelLoaders(7).load.is_cached(image_dir)
+    assert not ModuleLevelLoaders(8).load.is_cached(image_dir)
