@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from cachedload.backends import remote_url
 from cachedload.errors import ConfigurationError
 from cachedload.explain import compare_entries, read_manifest
 from cachedload.manage import (
@@ -73,7 +74,10 @@ def _count(text: str) -> int:
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def _cache_dir(args: argparse.Namespace) -> Path:
+def _cache_dir(args: argparse.Namespace) -> Path | str:
+    url = remote_url(args.cache_dir)  # s3://…: a remote cache, see cachedload.backends
+    if url is not None:
+        return url
     return Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
 
 
@@ -186,6 +190,10 @@ def _find_entry(records: Sequence[EntryRecord], prefix: str) -> EntryRecord:
 def _info(args: argparse.Namespace) -> int:
     record = _find_entry(list_entries(_cache_dir(args)), args.id)
     manifest = read_manifest(record.path)
+    if record.url is not None:  # a remote cache: the local copy's, else the bucket's
+        from cachedload.backends import listing
+
+        manifest = listing.read_manifest(record)
     busy = is_busy(record)
     if args.json:
         print(json.dumps({**record.to_dict(), "in_use": busy, "meta": record.meta}, indent=2))
@@ -195,7 +203,7 @@ def _info(args: argparse.Namespace) -> int:
     lines = [
         ("id", record.id),
         ("function", record.function),
-        ("folder", str(record.path)),
+        ("folder", record.url or str(record.path)),
         ("created", f"{_stamp(record.created)} ({_ago(record.created, now)})"),
         (
             "computed",
@@ -246,7 +254,7 @@ def _confirm(question: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def _report(report: PruneReport, cache_dir: Path) -> None:
+def _report(report: PruneReport, cache_dir: Path | str) -> None:
     _print_entries(report.removed, time.time())
     remaining = list_entries(cache_dir)
     print(report)
@@ -329,6 +337,11 @@ def _why(args: argparse.Namespace) -> int:
         print(f"{function}: only one entry is stored ({mine[0].id[:12]}), nothing to compare")
         return 0
     newer, older = mine[0], mine[1]
+    if newer.url is not None:  # a remote cache: no local folders to compare
+        from cachedload.backends.listing import compare_records
+
+        print(compare_records(older, newer))
+        return 0
     print(compare_entries(older.path, newer.path))
     return 0
 
@@ -371,7 +384,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--cache-dir",
         metavar="DIR",
-        help=f"the cache directory (default: $CACHEDLOAD_DIR, else {default_cache_dir()})",
+        help="the cache directory, or a remote cache's URL such as s3://bucket/prefix (default: "
+        f"$CACHEDLOAD_DIR, else {default_cache_dir()})",
     )
     parser = argparse.ArgumentParser(
         prog="cachedload",

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Generic, Literal, NamedTuple, ParamSpec, TypeVar, overload
 
 from cachedload import __version__
+from cachedload.backends import default_local_root, is_url, open_store, validate_url
 from cachedload.errors import (
     CacheStoreWarning,
     ConfigurationError,
@@ -193,6 +194,8 @@ class CachedDataset(Generic[P, R]):
         keep: int | None = 1,
         max_size: int | str | None = None,
         enabled: bool = True,
+        storage_options: dict[str, Any] | None = None,
+        local_cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         # Every option, as given: enough to rebuild this wrapper in another process.
         self._options = {k: v for k, v in locals().items() if k not in ("self", "func")}
@@ -221,7 +224,17 @@ class CachedDataset(Generic[P, R]):
             raise ConfigurationError("keep", f"must be a whole number >= 1 or None, not {keep!r}")
         self._keep = keep
         self._max_size = None if max_size is None else parse_size(max_size, "max_size")
-        self._cache_dir = None if cache_dir is None else Path(cache_dir).expanduser()
+        # A URL (s3://…) is a remote cache read through a local copy; see cachedload.backends.
+        self._cache_url = cache_dir if is_url(cache_dir) else None
+        if isinstance(cache_dir, str) and cache_dir.startswith("file://"):
+            cache_dir = cache_dir.removeprefix("file://")
+        if self._cache_url is not None:
+            validate_url(self._cache_url)
+        self._cache_dir = (
+            None if cache_dir is None or self._cache_url else Path(cache_dir).expanduser()
+        )
+        self._storage_options = None if storage_options is None else dict(storage_options)
+        self._local_cache_dir = local_cache_dir
         self._mmap_mode = mmap_mode
         self._compress = compress
         self._fingerprint_mode = fingerprint
@@ -276,10 +289,31 @@ class CachedDataset(Generic[P, R]):
         safe = "".join(c if c.isalnum() or c in "._" else "_" for c in self._identity)
         return f"{safe[:150]}-{self._code_version()[:8]}"
 
+    def _remote_url(self) -> str | None:
+        """The remote cache's URL: ``cache_dir=`` or ``$CACHEDLOAD_DIR`` if it is one."""
+        if self._cache_url is not None or self._cache_dir is not None:
+            return self._cache_url
+        configured = os.environ.get("CACHEDLOAD_DIR", "").strip()
+        return configured if is_url(configured) else None
+
     def _resolved_cache_dir(self) -> Path:
+        """The local cache directory (for a remote cache: its local read-through copy)."""
+        url = self._remote_url()
+        if url is not None:
+            if self._local_cache_dir is not None:
+                return Path(self._local_cache_dir).expanduser()
+            return default_local_root(url)
         return self._cache_dir if self._cache_dir is not None else default_cache_dir()
 
     def _store(self) -> Store:
+        url = self._remote_url()
+        if url is not None:
+            return open_store(
+                url,
+                self._function_dir_name(),
+                storage_options=self._storage_options,
+                local_cache_dir=self._resolved_cache_dir(),
+            )
         return Store(self._resolved_cache_dir(), self._function_dir_name())
 
     # -- one call --------------------------------------------------------------------------------
@@ -677,7 +711,11 @@ class CachedDataset(Generic[P, R]):
         return self._run(self._prepare(args, kwargs), force=True)
 
     def cache_path(self, *args: P.args, **kwargs: P.kwargs) -> Path:
-        """The folder where the entry for these arguments is (or would be) stored."""
+        """The folder where the entry for these arguments is (or would be) stored.
+
+        For a remote cache (``cache_dir="s3://…"``): the entry's local read-through copy, which
+        exists once a call on this machine has computed or downloaded it.
+        """
         return self._store().entry_path(self._prepare(args, kwargs).key)
 
     def is_cached(self, *args: P.args, **kwargs: P.kwargs) -> bool:
@@ -694,6 +732,11 @@ class CachedDataset(Generic[P, R]):
             meta = store.read_meta(call.key)
             if meta is None or not self._racy_files_unchanged(store, call, meta):
                 return False
+            if self._remote_url() is not None:
+                from cachedload.backends.remote import RemoteStore
+
+                if isinstance(store, RemoteStore):  # the data may be in the bucket only
+                    return store.has_data(call.key, meta)
             size = os.stat(store.entry_path(call.key) / "result.joblib").st_size
         except (CorruptEntry, OSError):
             return False
@@ -760,7 +803,16 @@ class CachedDataset(Generic[P, R]):
         )
 
     def cache_clear(self) -> None:
-        """Delete every stored entry of this loader (all code versions) and reset statistics."""
+        """Delete every stored entry of this loader (all code versions) and reset statistics.
+
+        For a remote cache: in the bucket (for every machine) and in the local copy.
+        """
+        url = self._remote_url()
+        if url is not None:
+            from cachedload.backends.listing import clear_function
+
+            prefix = self._function_dir_name().rsplit("-", 1)[0] + "-"
+            clear_function(url, prefix, self._storage_options, self._resolved_cache_dir())
         for directory in self._function_dirs():
             store = Store(directory.parent, directory.name)
             for entry in list(store.entries()):
@@ -806,6 +858,8 @@ def cached_dataset(
     keep: int | None = 1,
     max_size: int | str | None = None,
     enabled: bool = True,
+    storage_options: dict[str, Any] | None = None,
+    local_cache_dir: str | os.PathLike[str] | None = None,
 ) -> Callable[[Callable[P, R]], CachedDataset[P, R]]: ...
 
 
@@ -829,7 +883,10 @@ def cached_dataset(
     Args:
         source: parameter name(s) holding source paths (default: detected, see above).
         ignore: parameter name(s) left out of the key (``verbose``, ``n_jobs``…).
-        cache_dir: where entries live; default ``$CACHEDLOAD_DIR`` or the user cache dir.
+        cache_dir: where entries live; default ``$CACHEDLOAD_DIR`` or the user cache dir. A URL
+            (``"s3://bucket/prefix"``, or any fsspec URL) names a cache shared by several
+            machines: one computes an entry, the others wait, then download it once each into
+            a local read-through copy (see the README, "Sharing a cache across machines").
         mmap_mode: ``"r"`` returns read-only memory maps of stored arrays (near-instant hits
             whatever their size); passed to ``joblib.load``.
         compress: passed to ``joblib.dump`` (off by default; compressed entries cannot be
@@ -844,7 +901,10 @@ def cached_dataset(
             ``"always"`` also its checksum (reads the whole file).
         lock_timeout: seconds to wait for another process computing the same entry before
             computing locally (default: wait as long as that process lives).
-        portable: key sources by fingerprint only, not by absolute path.
+        portable: key sources by fingerprint only, not by absolute path. With
+            ``fingerprint="content"``, copies of a dataset at different paths — on other
+            machines sharing a cache, or restored from an archive with new mtimes — then share
+            their entries.
         keep: how many entries to keep per function, parameters and source paths whose source
             files differ (default 1: storing a result for changed files deletes the entries for
             their older contents); ``None`` keeps them all.
@@ -852,6 +912,11 @@ def cached_dataset(
             (default ``$CACHEDLOAD_MAX_SIZE``, else unbounded). After each store, the
             least-recently-used entries are evicted until the cache fits.
         enabled: ``False`` calls the loader directly, with the same interface.
+        storage_options: for a URL ``cache_dir``: credentials, endpoint… as for s3fs, e.g.
+            ``{"endpoint_url": "http://127.0.0.1:8333", "key": "…", "secret": "…"}``
+            (default ``$CACHEDLOAD_STORAGE_OPTIONS``; the usual ``AWS_*`` variables work).
+        local_cache_dir: for a URL ``cache_dir``: where entries are copied to be loaded (and
+            memory-mapped); default ``remote/<bucket-prefix>`` in the local cache directory.
 
     Returns:
         A :class:`CachedDataset` wrapping the loader.

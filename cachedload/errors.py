@@ -15,6 +15,7 @@ __all__ = [
     "CacheStoreWarning",
     "CacheWarning",
     "CachedloadError",
+    "ConditionalWritesWarning",
     "ConfigurationError",
     "CorruptEntryWarning",
     "ImageReadError",
@@ -164,6 +165,14 @@ class CacheWarning(UserWarning):
 
 class CacheStoreWarning(CacheWarning):
     """Storing a result failed (read-only or full disk, permissions…); the result was returned."""
+
+
+class ConditionalWritesWarning(CacheWarning):
+    """A remote cache's server ignores conditional writes (``If-None-Match``), found on first use.
+
+    Entries are still published safely (under unique names, metadata last), but processes on
+    different machines may compute the same entry at the same time.
+    """
 
 
 class CorruptEntryWarning(CacheWarning):

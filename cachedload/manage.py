@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cachedload.backends import remote_url
 from cachedload.errors import ConfigurationError
 from cachedload.fingerprint import hash_file
 from cachedload.store import (
@@ -83,6 +84,8 @@ class EntryRecord:
         hits: how many calls it answered.
         path: the entry's folder.
         meta: the entry's full metadata (``meta.json``).
+        url: for a remote cache (``s3://…``), the entry in the bucket; ``path`` is then where
+            this machine's local copy is or would be.
     """
 
     id: str
@@ -97,6 +100,7 @@ class EntryRecord:
     hits: int
     path: Path
     meta: dict[str, Any] = field(repr=False, compare=False)
+    url: str | None = None
 
     @classmethod
     def from_info(cls, info: EntryInfo) -> EntryRecord:
@@ -151,6 +155,7 @@ class EntryRecord:
             "last_used": self.last_used,
             "hits": self.hits,
             "path": str(self.path),
+            **({"url": self.url} if self.url is not None else {}),
         }
 
 
@@ -198,12 +203,14 @@ class VerifyResult:
         function: the loader's ``module.qualname`` (the folder name if the metadata is unreadable).
         size_bytes: the entry's size on disk.
         problem: what is wrong, or None if the entry is intact.
+        url: for a remote cache, the entry in the bucket.
     """
 
     path: Path
     function: str
     size_bytes: int
     problem: str | None
+    url: str | None = None
 
     @property
     def id(self) -> str:
@@ -293,6 +300,8 @@ def _root(cache_dir: str | os.PathLike[str] | None) -> Path:
 
 def function_dirs(cache_dir: str | os.PathLike[str] | None = None) -> list[Path]:
     """The function folders of a cache directory, sorted by name (none if it does not exist)."""
+    if remote_url(cache_dir) is not None:
+        return []  # a bucket has no local folders: see cachedload.backends.listing
     try:
         children = list(os.scandir(_root(cache_dir)))
     except (FileNotFoundError, NotADirectoryError):
@@ -326,7 +335,15 @@ def list_entries(cache_dir: str | os.PathLike[str] | None = None) -> list[EntryR
 
         for entry in cachedload.list_entries():
             print(entry.function, entry.parameters, entry.size_bytes)
+
+    A URL (``"s3://bucket/prefix"``) lists a remote cache; ``$CACHEDLOAD_STORAGE_OPTIONS`` and
+    the ``AWS_*`` variables configure access. Its records' ``url`` is the entry in the bucket.
     """
+    url = remote_url(cache_dir)
+    if url is not None:
+        from cachedload.backends import listing
+
+        return listing.list_entries(url)
     return entries_in(function_dirs(cache_dir))
 
 
@@ -338,9 +355,11 @@ def _claimed(lock_path: Path) -> Iterator[bool]:
     While it is held nobody computes or replaces the entry, so it can be deleted safely; the
     lock file goes with it (a waiter that opened it notices the unlinked file and retries).
     """
-    from filelock import FileLock, Timeout
+    from filelock import Timeout
 
-    lock = FileLock(str(lock_path), timeout=0)
+    from cachedload.backends.mount import entry_lock, uses_lease
+
+    lock = entry_lock(lock_path, 0)
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -349,19 +368,26 @@ def _claimed(lock_path: Path) -> Iterator[bool]:
     try:
         yield True
     finally:
-        with contextlib.suppress(OSError):
-            lock_path.unlink()
+        if not uses_lease(lock_path.parent):  # a lease's marker file is removed by release()
+            with contextlib.suppress(OSError):
+                lock_path.unlink()
         lock.release()
 
 
 def is_busy(record: EntryRecord) -> bool:
     """True if another process holds the entry's lock (it is being recomputed or removed)."""
+    if record.url is not None:
+        from cachedload.backends import listing
+
+        return listing.is_busy(record)
     lock_path = record.path.parent / f"{record.id}.lock"
     if not lock_path.exists():
         return False
-    from filelock import FileLock, Timeout
+    from filelock import Timeout
 
-    lock = FileLock(str(lock_path), timeout=0)
+    from cachedload.backends.mount import entry_lock
+
+    lock = entry_lock(lock_path, 0)
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -372,6 +398,10 @@ def is_busy(record: EntryRecord) -> bool:
 
 def _remove(record: EntryRecord, reason: str) -> bool:
     """Delete one entry unless another process holds its lock; True if it is gone."""
+    if record.url is not None:
+        from cachedload.backends import listing
+
+        return listing.remove_entry(record, reason)
     directory = record.path.parent
     store = Store(directory.parent, directory.name)
     with _claimed(store.lock_path(record.id)) as free:
@@ -504,6 +534,11 @@ def prune(
         report += _evict_lru(remaining, limit, protect=None, dry_run=dry_run)
     if not dry_run:
         _tidy(function_dirs(cache_dir))
+        url = remote_url(cache_dir)
+        if url is not None:
+            from cachedload.backends import listing
+
+            listing.tidy(url)
     return report
 
 
@@ -554,6 +589,12 @@ def verify(
     another format version, count as damaged. Entries still being written are not visible here
     (they live in temporary folders).
     """
+    url = remote_url(cache_dir)
+    if url is not None:
+        from cachedload.backends import listing
+
+        yield from listing.verify(url, checksums=checksums)
+        return
     for directory in function_dirs(cache_dir):
         store = Store(directory.parent, directory.name)
         try:
@@ -587,6 +628,10 @@ def verify(
 
 def remove_damaged(result: VerifyResult) -> bool:
     """Delete an entry that :func:`verify` found damaged; False if another process holds it."""
+    if result.url is not None:
+        from cachedload.backends import listing
+
+        return listing.remove_damaged(result)
     directory = result.path.parent
     store = Store(directory.parent, directory.name)
     with _claimed(store.lock_path(result.id)) as free:

