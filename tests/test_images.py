@@ -1,0 +1,463 @@
+"""Tests for cachedload.images.load_image_folder."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+from typing import Any
+
+import cv2
+import joblib
+import numpy as np
+import pytest
+
+from cachedload import images as images_module
+from cachedload.errors import (
+    ConfigurationError,
+    ImageReadError,
+    ImageShapeMismatchError,
+    ImagesSkippedWarning,
+    NoImagesFoundError,
+)
+from cachedload.images import ImageFolderData, load_image_folder
+
+RED_BGR = (0, 0, 255)
+
+
+def write(path: Path, img: np.ndarray, *params: int) -> Path:
+    """Encode with OpenCV by extension; write the bytes ourselves (works for any file name)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok, buf = cv2.imencode(path.suffix, img, list(params))
+    assert ok
+    path.write_bytes(buf.tobytes())
+    return path
+
+
+def solid(bgr: tuple[int, ...], shape: tuple[int, int] = (8, 12)) -> np.ndarray:
+    return np.full((*shape, len(bgr)), bgr, dtype=np.uint8)
+
+
+def noise(seed: int, shape: tuple[int, ...] = (8, 12, 3)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def smooth(side: int, seed: int = 0) -> np.ndarray:
+    """A photo-like image: gradients plus mild noise."""
+    y, x = np.mgrid[0:side, 0:side] / side
+    img = np.dstack([200 * x + 30, 120 + 90 * np.sin(6 * y), 255 * x * y])
+    img += np.random.default_rng(seed).normal(0, 4, img.shape)
+    out: np.ndarray = np.clip(img, 0, 255).astype(np.uint8)
+    return out
+
+
+def read(path: Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
+    """The reference decode: OpenCV's own cv2.imread."""
+    img = cv2.imread(str(path), flags)
+    assert img is not None
+    return img
+
+
+@pytest.fixture
+def class_folder(tmp_path: Path) -> Path:
+    """root/{cat,dog}/... PNGs, with junk that must be ignored."""
+    root = tmp_path / "data"
+    for i in range(3):
+        write(root / "cat" / f"c{i}.png", noise(i))
+        write(root / "dog" / f"d{i}.png", noise(10 + i))
+    write(root / "dog" / "puppies" / "p0.png", noise(20))  # nested: still a dog
+    write(root / ".hidden" / "h.png", noise(30))
+    write(root / "cat" / ".h.png", noise(31))
+    write(root / "__pycache__" / "x.png", noise(32))
+    (root / ".DS_Store").write_bytes(b"\0junk")
+    (root / "cat" / "Thumbs.db").write_bytes(b"junk")
+    (root / "cat" / "notes.txt").write_text("not an image")
+    (root / "empty").mkdir()  # no images: not a class
+    return root
+
+
+def test_class_layout_labels_classes_paths(class_folder: Path) -> None:
+    data = load_image_folder(class_folder)
+    assert isinstance(data, ImageFolderData)
+    assert data._fields == ("images", "labels", "classes", "paths")
+    assert data.classes == ("cat", "dog")
+    assert data.paths == (
+        "cat/c0.png", "cat/c1.png", "cat/c2.png",
+        "dog/d0.png", "dog/d1.png", "dog/d2.png", "dog/puppies/p0.png",
+    )  # fmt: skip
+    assert data.labels is not None and data.labels.dtype == np.int64
+    assert data.labels.tolist() == [0, 0, 0, 1, 1, 1, 1]
+    assert data.images.shape == (7, 8, 12, 3) and data.images.dtype == np.uint8
+    expected = cv2.cvtColor(noise(20), cv2.COLOR_BGR2RGB)  # PNG is lossless
+    np.testing.assert_array_equal(data.images[6], expected)
+
+
+def test_each_folder_stays_contiguous_in_class_order(tmp_path: Path) -> None:
+    for name in ("a b", "a", "a-c"):  # " " and "-" sort before "/": plain string order mixes them
+        write(tmp_path / name / "x.png", noise(0))
+        write(tmp_path / name / "y" / "z.png", noise(1))
+    data = load_image_folder(tmp_path)
+    assert data.classes == ("a", "a b", "a-c")
+    assert data.paths == (
+        "a/x.png", "a/y/z.png", "a b/x.png", "a b/y/z.png", "a-c/x.png", "a-c/y/z.png",
+    )  # fmt: skip
+    assert data.labels is not None and data.labels.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_symlinked_folders_are_followed_once(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    write(root / "cat" / "a.png", noise(0))
+    write(tmp_path / "elsewhere" / "b.png", noise(1))
+    (root / "dog").symlink_to(tmp_path / "elsewhere")
+    (root / "cat" / "loop").symlink_to(root)  # a cycle back to the root
+    data = load_image_folder(root)
+    assert data.paths == ("cat/a.png", "dog/b.png")
+
+
+def test_flat_layout_has_no_labels(tmp_path: Path) -> None:
+    for i in (2, 0, 1):
+        write(tmp_path / f"img{i}.png", noise(i))
+    write(tmp_path / "more" / "img3.png", noise(3))
+    data = load_image_folder(tmp_path)
+    assert data.labels is None
+    assert data.classes == ()
+    assert data.paths == ("img0.png", "img1.png", "img2.png", "more/img3.png")
+    np.testing.assert_array_equal(data.images[2], cv2.cvtColor(noise(2), cv2.COLOR_BGR2RGB))
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp", ".tiff", ".webp"])
+@pytest.mark.parametrize(("color", "pixel"), [("rgb", [255, 0, 0]), ("bgr", [0, 0, 255])])
+def test_channel_order_of_a_red_image(
+    tmp_path: Path, ext: str, color: str, pixel: list[int]
+) -> None:
+    write(tmp_path / f"red{ext}", solid(RED_BGR))
+    data = load_image_folder(tmp_path, color=color)  # type: ignore[arg-type]
+    assert data.images.shape == (1, 8, 12, 3)
+    np.testing.assert_allclose(data.images[0, 4, 6], pixel, atol=3)  # JPEG/WebP are lossy
+
+
+def test_jpeg_is_decoded_like_opencv(tmp_path: Path) -> None:
+    img = smooth(48)
+    path = write(tmp_path / "a.jpg", img, cv2.IMWRITE_JPEG_QUALITY, 90)
+    data = load_image_folder(tmp_path)
+    expected = cv2.cvtColor(read(path), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(data.images[0], expected)
+
+
+def test_gray_gives_three_dimensional_images(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.png", noise(1))
+    data = load_image_folder(tmp_path, color="gray")
+    assert data.images.shape == (1, 8, 12)
+    np.testing.assert_array_equal(data.images[0], read(path, cv2.IMREAD_GRAYSCALE))
+
+
+def test_16_bit_png(tmp_path: Path) -> None:
+    img = np.random.default_rng(0).integers(0, 65536, (6, 7, 3), dtype=np.uint16)
+    img[0, 0] = 65535
+    write(tmp_path / "deep.png", img)
+    kept = load_image_folder(tmp_path, color="unchanged")
+    assert kept.images.dtype == np.uint16
+    np.testing.assert_array_equal(kept.images[0], img[..., ::-1])  # RGB order
+    scaled = load_image_folder(tmp_path, color="unchanged", dtype=np.float32)
+    assert scaled.images.dtype == np.float32 and scaled.images.max() == 1.0
+    np.testing.assert_allclose(scaled.images[0], img[..., ::-1] / 65535, rtol=1e-6)
+    eight_bit = load_image_folder(tmp_path)  # default colour mode: OpenCV reduces to 8 bits
+    assert eight_bit.images.dtype == np.uint8
+    np.testing.assert_array_equal(eight_bit.images[0], (img[..., ::-1] >> 8).astype(np.uint8))
+
+
+def test_rgba_with_unchanged_keeps_alpha(tmp_path: Path) -> None:
+    write(tmp_path / "a.png", solid((10, 20, 30, 40)))
+    data = load_image_folder(tmp_path, color="unchanged")
+    assert data.images.shape == (1, 8, 12, 4)
+    assert data.images[0, 0, 0].tolist() == [30, 20, 10, 40]
+    assert load_image_folder(tmp_path).images.shape == (1, 8, 12, 3)  # rgb drops alpha
+
+
+@pytest.mark.parametrize("size", [(4, 6), (16, 30), (5, 40)])
+def test_size_resizes_every_image(tmp_path: Path, size: tuple[int, int]) -> None:
+    write(tmp_path / "a.png", solid((50, 100, 150), (8, 12)))
+    write(tmp_path / "b.png", solid((50, 100, 150), (20, 10)))
+    data = load_image_folder(tmp_path, size=size)
+    assert data.images.shape == (2, *size, 3)
+    assert (data.images == [150, 100, 50]).all()
+
+
+def test_shrinking_uses_inter_area(tmp_path: Path) -> None:
+    img = noise(3, (40, 40, 3))
+    write(tmp_path / "a.png", img)
+    data = load_image_folder(tmp_path, size=(10, 10), color="bgr")
+    np.testing.assert_array_equal(
+        data.images[0], cv2.resize(img, (10, 10), interpolation=cv2.INTER_AREA)
+    )
+
+
+def test_float32_is_scaled_to_unit_range(tmp_path: Path) -> None:
+    img = noise(4)
+    img[0, 0] = (255, 255, 255)
+    img[0, 1] = (0, 0, 0)
+    write(tmp_path / "a.png", img)
+    data = load_image_folder(tmp_path, dtype=np.float32)
+    assert data.images.dtype == np.float32
+    assert data.images.min() == 0.0 and data.images.max() == 1.0
+    expected = cv2.cvtColor(img, cv2.COLOR_BGR2RGB) / np.float32(255)
+    np.testing.assert_allclose(data.images[0], expected, rtol=1e-6)
+
+
+def test_mismatched_shapes_name_both_files(tmp_path: Path) -> None:
+    write(tmp_path / "a.png", noise(0, (8, 12, 3)))
+    write(tmp_path / "b.png", noise(1, (8, 12, 3)))
+    write(tmp_path / "c.png", noise(2, (9, 12, 3)))
+    with pytest.raises(ImageShapeMismatchError) as info:
+        load_image_folder(tmp_path, n_jobs=1)
+    assert info.value.first.endswith("a.png") and info.value.second.endswith("c.png")
+    assert "a.png" in str(info.value) and "c.png" in str(info.value)
+    assert info.value.second_shape == (9, 12, 3)
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"\x89PNG\r\n\x1a\n not really", b"\xff\xd8\xff" + bytes(50)]
+)
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_corrupt_or_empty_file_raises_naming_it(
+    tmp_path: Path, content: bytes, n_jobs: int
+) -> None:
+    for i in range(20):
+        write(tmp_path / f"ok{i:02d}.png", noise(i))
+    (tmp_path / "ok10_bad.png").write_bytes(content)
+    with pytest.raises(ImageReadError, match="file is empty" if not content else "decode") as info:
+        load_image_folder(tmp_path, n_jobs=n_jobs)
+    assert info.value.path == str(tmp_path / "ok10_bad.png")
+    assert "ok10_bad.png" in str(info.value)
+    assert isinstance(info.value, OSError)
+
+
+def test_unreadable_file_raises_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path / "a.png", noise(0))
+    write(tmp_path / "b.png", noise(1))
+
+    def deny(file: str, mode: str = "r") -> Any:
+        if file.endswith("b.png"):  # chmod cannot lock out root, so fail the open() itself
+            raise PermissionError(13, "Permission denied", file)
+        return open(file, mode)
+
+    monkeypatch.setattr(images_module, "open", deny, raising=False)
+    with pytest.raises(ImageReadError, match="Permission denied") as info:
+        load_image_folder(tmp_path)
+    assert info.value.path == str(tmp_path / "b.png")
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_skip_warns_once_naming_every_skipped_file(tmp_path: Path, n_jobs: int) -> None:
+    for cls in ("a", "b"):
+        for i in range(12):
+            write(tmp_path / cls / f"{i:02d}.png", noise(i + (100 if cls == "b" else 0)))
+    (tmp_path / "a" / "00.png").write_bytes(b"")  # the very first file
+    (tmp_path / "a" / "05.png").write_bytes(b"garbage")
+    (tmp_path / "b" / "11.png").write_bytes(b"garbage")  # the very last file
+    with pytest.warns(ImagesSkippedWarning) as record:
+        data = load_image_folder(tmp_path, on_error="skip", n_jobs=n_jobs)
+    assert len(record) == 1
+    message = str(record[0].message)
+    for name in ("a/00.png", "a/05.png", "b/11.png"):
+        assert name in message
+    assert "skipped 3 " in message
+    assert len(data.paths) == 21 and data.images.shape[0] == 21
+    assert "a/05.png" not in data.paths
+    assert data.labels is not None
+    assert data.labels.tolist() == [0] * 10 + [1] * 11
+    for row, rel in enumerate(data.paths):  # rows still match their paths after compaction
+        cls, name = rel.split("/")
+        seed = int(name[:2]) + (100 if cls == "b" else 0)
+        np.testing.assert_array_equal(
+            data.images[row], cv2.cvtColor(noise(seed), cv2.COLOR_BGR2RGB)
+        )
+
+
+def test_skip_with_nothing_readable_raises(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"garbage")
+    with pytest.raises(NoImagesFoundError, match="readable"):
+        load_image_folder(tmp_path, on_error="skip")
+
+
+def test_empty_folder_raises_naming_it(tmp_path: Path) -> None:
+    (tmp_path / ".DS_Store").write_bytes(b"junk")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "readme.txt").write_text("no images here")
+    with pytest.raises(NoImagesFoundError) as info:
+        load_image_folder(tmp_path)
+    assert info.value.path == str(tmp_path)
+    assert str(tmp_path) in str(info.value)
+
+
+def test_missing_folder_raises_file_not_found(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError) as info:
+        load_image_folder(missing)
+    assert str(missing) in str(info.value)
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        load_image_folder(write(tmp_path / "a.png", noise(0)))
+
+
+def test_unicode_file_name(tmp_path: Path) -> None:
+    write(tmp_path / "café" / "café_图像.png", noise(5))
+    write(tmp_path / "niño" / "ñ.jpg", noise(6))
+    data = load_image_folder(tmp_path)
+    assert data.classes == ("café", "niño")
+    assert data.paths == ("café/café_图像.png", "niño/ñ.jpg")
+    np.testing.assert_array_equal(data.images[0], cv2.cvtColor(noise(5), cv2.COLOR_BGR2RGB))
+
+
+def test_extensions_are_case_insensitive(tmp_path: Path) -> None:
+    write(tmp_path / "a.PNG", noise(0))
+    write(tmp_path / "b.Jpg", noise(1))
+    write(tmp_path / "c.bmp", noise(2))
+    assert load_image_folder(tmp_path).paths == ("a.PNG", "b.Jpg", "c.bmp")
+    assert load_image_folder(tmp_path, extensions=[".png", "JPG"]).paths == ("a.PNG", "b.Jpg")
+    assert load_image_folder(tmp_path, extensions="bmp").paths == ("c.bmp",)
+
+
+def test_n_jobs_1_and_2_give_identical_results(tmp_path: Path) -> None:
+    for i in range(60):
+        write(tmp_path / f"c{i % 3}" / f"{i:03d}.jpg", smooth(40, seed=i))
+    one = load_image_folder(tmp_path, size=(24, 20), n_jobs=1)
+    two = load_image_folder(tmp_path, size=(24, 20), n_jobs=2)
+    many = load_image_folder(tmp_path, size=(24, 20), n_jobs=7)
+    for other in (two, many):
+        np.testing.assert_array_equal(one.images, other.images)
+        assert one.labels is not None and other.labels is not None
+        np.testing.assert_array_equal(one.labels, other.labels)
+        assert (one.classes, one.paths) == (other.classes, other.paths)
+
+
+def test_opencv_threads_are_off_during_a_parallel_load_then_restored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for i in range(10):
+        write(tmp_path / f"{i}.png", noise(i))
+    seen: list[int] = []
+    real = cv2.imdecode
+
+    def spy(buf: Any, flags: int) -> Any:
+        seen.append(cv2.getNumThreads())
+        return real(buf, flags)
+
+    monkeypatch.setattr(cv2, "imdecode", spy)  # the module images.py calls into
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(3)
+    try:
+        load_image_folder(tmp_path, n_jobs=2)
+        assert cv2.getNumThreads() == 3
+        assert seen[1:] == [1] * 9  # the first image is decoded before the pool starts
+        (tmp_path / "9.png").write_bytes(b"garbage")
+        with pytest.raises(ImageReadError):
+            load_image_folder(tmp_path, n_jobs=2)
+        assert cv2.getNumThreads() == 3
+    finally:
+        cv2.setNumThreads(before)
+
+
+def spy_on_imdecode(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    flags_seen: list[int] = []
+    real = cv2.imdecode
+
+    def spy(buf: Any, flags: int) -> Any:
+        flags_seen.append(flags)
+        return real(buf, flags)
+
+    monkeypatch.setattr(cv2, "imdecode", spy)  # the module images.py calls into
+    return flags_seen
+
+
+@pytest.mark.parametrize(("side", "factor"), [(64, 2), (32, 4), (16, 8), (100, 1), (200, 1)])
+def test_reduced_jpeg_decode_is_close_to_full_decode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, side: int, factor: int
+) -> None:
+    img = smooth(256)
+    path = write(tmp_path / "a.jpg", img, cv2.IMWRITE_JPEG_QUALITY, 90)
+    flags_seen = spy_on_imdecode(monkeypatch)
+    data = load_image_folder(tmp_path, size=(side, side), color="bgr")
+    reduced = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+               8: cv2.IMREAD_REDUCED_COLOR_8, 1: cv2.IMREAD_COLOR}  # fmt: skip
+    assert flags_seen == [reduced[factor]]
+    full = cv2.resize(read(path), (side, side), interpolation=cv2.INTER_AREA)
+    assert np.abs(data.images[0].astype(int) - full).mean() < 1.0
+
+
+def test_no_reduced_decode_when_a_side_is_not_a_multiple(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(tmp_path / "a.jpg", smooth(250))  # 250 is not a multiple of 4
+    flags_seen = spy_on_imdecode(monkeypatch)
+    data = load_image_folder(tmp_path, size=(30, 30), color="gray")
+    assert flags_seen == [cv2.IMREAD_REDUCED_GRAYSCALE_2]
+    write(tmp_path / "a.jpg", smooth(250)[:, :249])  # 249 is odd: no reduction at all
+    flags_seen.clear()
+    load_image_folder(tmp_path, size=(30, 30), color="gray")
+    assert flags_seen == [cv2.IMREAD_GRAYSCALE]
+    assert data.images.shape == (1, 30, 30)
+
+
+def test_round_trips_through_joblib_with_mmap(class_folder: Path, tmp_path: Path) -> None:
+    data = load_image_folder(class_folder)
+    joblib.dump(data, tmp_path / "result.joblib")
+    back = joblib.load(tmp_path / "result.joblib", mmap_mode="r")
+    assert type(back) is ImageFolderData
+    assert isinstance(back.images, np.memmap)
+    np.testing.assert_array_equal(back.images, data.images)
+    assert back.labels is not None and data.labels is not None
+    np.testing.assert_array_equal(back.labels, data.labels)
+    assert (back.classes, back.paths) == (data.classes, data.paths)
+    assert pickle.loads(pickle.dumps(data)).paths == data.paths
+
+
+def test_progress_false_prints_nothing(
+    class_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    load_image_folder(class_folder, progress=False)
+    assert capsys.readouterr() == ("", "")
+
+
+def test_progress_true_draws_a_bar(class_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    load_image_folder(class_folder, progress=True)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "7/7" in captured.err
+
+
+def test_debug_log_line(class_folder: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="cachedload"):
+        load_image_folder(class_folder, size=(4, 4))
+    (record,) = [r for r in caplog.records if r.name == "cachedload"]
+    assert record.levelno == logging.DEBUG
+    assert "(7, 4, 4, 3) uint8" in record.getMessage() and str(class_folder) in record.getMessage()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("size", (0, 4)),
+        ("size", 64),
+        ("size", (64, 64, 3)),
+        ("size", (64.0, 64)),
+        ("color", "RGB"),
+        ("color", "hsv"),
+        ("dtype", np.int32),
+        ("dtype", "not a dtype"),
+        ("extensions", []),
+        ("extensions", [""]),
+        ("extensions", [3]),
+        ("n_jobs", 0),
+        ("n_jobs", True),
+        ("n_jobs", 1.5),
+        ("on_error", "ignore"),
+        ("progress", "yes"),
+    ],
+)
+def test_invalid_options_raise_configuration_error(
+    class_folder: Path, option: str, value: object
+) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        load_image_folder(class_folder, **{option: value})  # type: ignore[arg-type]
+    assert info.value.option == option
+    assert isinstance(info.value, ValueError)
