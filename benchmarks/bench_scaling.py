@@ -138,7 +138,7 @@ def section_realistic(args: Any, scratch: Path, rounds: int) -> None:
     cold: list[tuple[float, float]] = []
     warm: list[tuple[float, float]] = []
     nbytes = 0
-    for _ in range(max(3, rounds // 2)):
+    for _ in range(rounds):
         if cache.exists():
             import shutil
 
