@@ -14,36 +14,37 @@ import inspect
 import logging
 import os
 import platform
-import reprlib
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Literal, NamedTuple, ParamSpec, TypeVar, overload
 
-from cachedload import __version__
 from cachedload.backends import default_local_root, is_url, open_store, validate_url
+from cachedload.calls import (
+    Call,
+    KeyRules,
+    call_manifest,
+    entry_meta,
+    parse_names,
+    racy_files_unchanged,
+    racy_records_expired,
+)
 from cachedload.errors import (
     CacheStoreWarning,
     ConfigurationError,
     CorruptEntryWarning,
     SourceChangedWarning,
-    SourceNotFoundError,
-    UnhashableArgumentError,
 )
 from cachedload.explain import Explanation, explain_against_closest
 from cachedload.fingerprint import (
     DEFAULT_EXCLUDE,
-    RACY_WINDOW_NS,
-    Fingerprint,
-    fingerprint_source,
-    hash_file,
 )
-from cachedload.keys import UnhashableError, code_digest, function_identity, value_digest
+from cachedload.keys import code_digest, function_identity, value_digest
 from cachedload.manage import EntryRecord, enforce_after_store, entries_in, parse_size
-from cachedload.store import FORMAT_VERSION, CorruptEntry, Store, default_cache_dir, iter_entries
+from cachedload.store import CorruptEntry, Store, default_cache_dir, iter_entries
 
 __all__ = ["CacheInfo", "CachedDataset", "cached_dataset"]
 
@@ -53,7 +54,6 @@ R = TypeVar("R")
 logger = logging.getLogger("cachedload")
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-_PATHISH_NAMES = ("dir", "path", "file", "folder", "root", "src", "source", "csv")
 
 
 class CacheInfo(NamedTuple):
@@ -81,19 +81,6 @@ class _Stats:
     stores: int = 0
 
 
-@dataclass
-class _Call:
-    """Everything known about one call before the body runs."""
-
-    arguments: dict[str, Any]
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    key: str
-    parameters: dict[str, tuple[str, str]]  # name -> (digest, readable text)
-    sources: dict[str, tuple[str, Fingerprint]]  # name -> (absolute path, fingerprint)
-    warned: set[str] = field(default_factory=set)
-
-
 class _Miss:
     """A lookup that found no usable entry; ``replace`` if a bad entry sits at the key."""
 
@@ -109,58 +96,6 @@ def _warn(message: str, category: type[Warning]) -> None:
         frame = frame.f_back  # type: ignore[assignment]
         level += 1
     warnings.warn(message, category, stacklevel=level)
-
-
-def _readable(value: Any) -> str:
-    """Short human-readable text of a parameter value, for metadata and explanations."""
-    shape = getattr(value, "shape", None)
-    dtype = getattr(value, "dtype", None)
-    if shape is not None and dtype is not None:
-        return f"{type(value).__name__}(shape={tuple(shape)}, dtype={dtype})"
-    if callable(value) and hasattr(value, "__qualname__"):
-        return f"{getattr(value, '__module__', '?')}.{value.__qualname__}"
-    return _REPR.repr(value)
-
-
-def summarize(value: Any, depth: int = 0) -> str:
-    """Short description of a result: type, and shape/dtype of arrays, for metadata."""
-    shape = getattr(value, "shape", None)
-    if shape is not None and getattr(value, "dtype", None) is not None:
-        return f"{type(value).__name__}(shape={tuple(shape)}, dtype={value.dtype})"
-    if depth < 2 and isinstance(value, (tuple, list)) and len(value) <= 8:
-        inner = ", ".join(summarize(item, depth + 1) for item in value)
-        return f"{type(value).__name__}({inner})"
-    if depth < 2 and isinstance(value, dict) and len(value) <= 8:
-        inner = ", ".join(f"{k!r}: {summarize(v, depth + 1)}" for k, v in value.items())
-        return f"dict({inner})"
-    if isinstance(value, (list, tuple, dict)):
-        return f"{type(value).__name__}(len={len(value)})"
-    return type(value).__name__
-
-
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 120
-
-
-def _looks_like_path_parameter(name: str) -> bool:
-    lowered = name.lower()
-    return any(part in lowered for part in _PATHISH_NAMES)
-
-
-def _parse_list(option: str, value: str | Iterable[str] | None) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    items = tuple(value)
-    if not all(isinstance(item, str) for item in items):
-        raise ConfigurationError(option, f"expected a name or a list of names, got {value!r}")
-    return items
-
-
-def _call_manifest(call: _Call) -> dict[str, Any]:
-    """The files of a call's sources, shaped like an entry's manifest (for explanations)."""
-    return {name: fp.files for name, (_, fp) in call.sources.items()}
 
 
 class CachedDataset(Generic[P, R]):
@@ -202,9 +137,9 @@ class CachedDataset(Generic[P, R]):
         functools.update_wrapper(self, func)
         self.__wrapped__ = func
         self._signature = inspect.signature(func)
-        self._source = _parse_list("source", source) if source is not None else None
-        self._ignore = frozenset(_parse_list("ignore", ignore))
-        for option, names in (("source", self._source or ()), ("ignore", self._ignore)):
+        sources = parse_names("source", source) if source is not None else None
+        ignored = frozenset(parse_names("ignore", ignore))
+        for option, names in (("source", sources or ()), ("ignore", ignored)):
             unknown = [n for n in names if n not in self._signature.parameters]
             if unknown:
                 raise ConfigurationError(
@@ -237,16 +172,21 @@ class CachedDataset(Generic[P, R]):
         self._local_cache_dir = local_cache_dir
         self._mmap_mode = mmap_mode
         self._compress = compress
-        self._fingerprint_mode = fingerprint
-        self._include = tuple(include or ())
-        self._exclude = DEFAULT_EXCLUDE if exclude is None else tuple(exclude)
         self._version = version
         self._depends_on = tuple(depends_on)
         self._verify = verify
         self._lock_timeout = lock_timeout
-        self._portable = portable
         self.enabled = enabled
         self._identity = function_identity(func)
+        self._rules = KeyRules(
+            identity=self._identity,
+            source=sources,
+            ignore=ignored,
+            mode=fingerprint,
+            include=tuple(include or ()),
+            exclude=DEFAULT_EXCLUDE if exclude is None else tuple(exclude),
+            portable=portable,
+        )
         self._stats = _Stats()
         self._bound_self: Any = None
         self._is_bound = False
@@ -317,73 +257,15 @@ class CachedDataset(Generic[P, R]):
         return Store(self._resolved_cache_dir(), self._function_dir_name())
 
     # -- one call --------------------------------------------------------------------------------
-    def _is_source(self, name: str, value: Any) -> bool:
-        if self._source is not None:
-            return name in self._source and value is not None
-        if isinstance(value, os.PathLike):
-            return True
-        if isinstance(value, str) and value:
-            return os.path.exists(value) or (
-                _looks_like_path_parameter(name) and (os.sep in value or "." in value)
-            )
-        return False
-
-    def _fingerprint(self, name: str, value: Any) -> tuple[str, Fingerprint]:
-        if not isinstance(value, (str, os.PathLike)):
-            raise ConfigurationError(
-                "source", f"parameter {name!r} is not a path: {_readable(value)}"
-            )
-        path = os.path.abspath(os.fspath(value))
-        try:
-            found = fingerprint_source(
-                path, mode=self._fingerprint_mode, include=self._include, exclude=self._exclude
-            )
-        except FileNotFoundError:
-            raise SourceNotFoundError(name, value) from None
-        return os.path.realpath(path), found
-
-    def _prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
-        args = self._with_self(args)
-        bound = self._signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        parameters: dict[str, tuple[str, str]] = {}
-        sources: dict[str, tuple[str, Fingerprint]] = {}
-        for name, value in bound.arguments.items():
-            if name in self._ignore:
-                continue
-            if self._is_source(name, value):
-                if isinstance(value, (list, tuple)):
-                    for index, item in enumerate(value):
-                        sources[f"{name}[{index}]"] = self._fingerprint(name, item)
-                else:
-                    sources[name] = self._fingerprint(name, value)
-                continue
-            try:
-                parameters[name] = (value_digest(value), _readable(value))
-            except UnhashableError as error:
-                raise UnhashableArgumentError(name, str(error)) from None
-            except RecursionError:
-                raise UnhashableArgumentError(name, "nested too deeply") from None
-        key_parts = (
-            FORMAT_VERSION,
-            self._identity,
-            self._code_version(),
-            sorted((name, digest) for name, (digest, _) in parameters.items()),
-            sorted(
-                (name, fp.digest if self._portable else f"{path}\0{fp.digest}")
-                for name, (path, fp) in sources.items()
-            ),
-        )
-        return _Call(
-            arguments=dict(bound.arguments),
-            args=bound.args,
-            kwargs=bound.kwargs,
-            key=value_digest(key_parts),
-            parameters=parameters,
-            sources=sources,
+    def _prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
+        return self._rules.bind(
+            self._signature, self._with_self(args), kwargs, self._code_version()
         )
 
-    def _lookup(self, store: Store, call: _Call) -> Any:
+    def _call_meta(self, call: Call) -> dict[str, Any]:
+        return self._rules.call_meta(call, self._code_version(), self._version)
+
+    def _lookup(self, store: Store, call: Call) -> Any:
         """The stored result for ``call``, or a :class:`_Miss`."""
         started = time.perf_counter()
         try:
@@ -421,48 +303,17 @@ class CachedDataset(Generic[P, R]):
         )
         return value
 
-    def _racy_files_unchanged(self, store: Store, call: _Call, meta: dict[str, Any]) -> bool:
-        racy: dict[str, dict[str, str]] = meta.get("racy") or {}
-        if not racy:
-            return True
-        for name, files in racy.items():
-            if name not in call.sources:
-                return False
-            root = call.sources[name][0]
-            for relpath, digest in files.items():
-                path = os.path.join(root, relpath) if os.path.isdir(root) else root
-                try:
-                    if hash_file(path) != digest:
-                        return False
-                except OSError:
-                    return False
-        if time.time_ns() - RACY_WINDOW_NS > int(meta.get("racy_newest_mtime_ns", 0)):
-            # Those files' mtime tick is long past: any rewrite now changes their mtime, so
-            # the content check has done its job for good. Saves hashing them on every hit.
+    def _racy_files_unchanged(self, store: Store, call: Call, meta: dict[str, Any]) -> bool:
+        if not racy_files_unchanged(call, meta):
+            return False
+        if racy_records_expired(meta):
+            # Saves hashing those files on every hit from now on.
             cleared = {k: v for k, v in meta.items() if k not in ("racy", "racy_newest_mtime_ns")}
             with contextlib.suppress(OSError):
                 store.rewrite_meta(call.key, cleared)
         return True
 
-    def _racy_digests(self, call: _Call) -> tuple[dict[str, dict[str, str]], int]:
-        """Content digests of the source files whose mtime is too recent to trust."""
-        if self._fingerprint_mode == "content":
-            return {}, 0
-        racy: dict[str, dict[str, str]] = {}
-        newest = 0
-        for name, (root, fp) in call.sources.items():
-            racy_paths = fp.racy_files()
-            if not racy_paths:
-                continue
-            files = {}
-            for relpath in racy_paths:
-                path = os.path.join(root, relpath) if os.path.isdir(root) else root
-                files[relpath] = hash_file(path)
-            racy[name] = files
-            newest = max(newest, fp.newest_mtime_ns)
-        return racy, newest
-
-    def _store_failed(self, call: _Call, store: Store, error: BaseException) -> None:
+    def _store_failed(self, call: Call, store: Store, error: BaseException) -> None:
         if "store" in call.warned:
             return
         call.warned.add("store")
@@ -473,8 +324,8 @@ class CachedDataset(Generic[P, R]):
             CacheStoreWarning,
         )
 
-    def _compute_and_store(self, store: Store, call: _Call, *, replace: bool) -> R:
-        racy_before, newest_racy = self._racy_digests(call)
+    def _compute_and_store(self, store: Store, call: Call, *, replace: bool) -> R:
+        racy_before, newest_racy = self._rules.racy_digests(call)
         self._stats.misses += 1
         logger.info("miss %s [%s]: running the loader", self._identity, call.key[:12])
         if not replace:
@@ -482,15 +333,15 @@ class CachedDataset(Generic[P, R]):
         started = time.perf_counter()
         result = self.__wrapped__(*call.args, **call.kwargs)
         compute_seconds = time.perf_counter() - started
-        after = self._sources_after(call)
-        if after is None or self._racy_digests(call)[0] != racy_before:
+        after = self._rules.sources_after(call)
+        if after is None or self._rules.racy_digests(call)[0] != racy_before:
             _warn(
                 f"cachedload: source files of {self._identity} changed while it ran; "
                 "the result is returned but not cached",
                 SourceChangedWarning,
             )
             return result
-        meta = self._meta(call, result, compute_seconds, racy_before, newest_racy)
+        meta = entry_meta(self._call_meta(call), result, compute_seconds, racy_before, newest_racy)
         manifest = {name: fp.files for name, (_, fp) in after.items()}
         started = time.perf_counter()
         try:
@@ -512,13 +363,13 @@ class CachedDataset(Generic[P, R]):
         self._enforce_limits(store, call.key, meta)
         return result
 
-    def _log_miss_reason(self, call: _Call) -> None:
+    def _log_miss_reason(self, call: Call) -> None:
         """Log at INFO how this call differs from the closest stored entry (misses only)."""
         if not logger.isEnabledFor(logging.INFO):
             return
         try:
             found = explain_against_closest(
-                self._call_meta(call), _call_manifest(call), self._function_dirs()
+                self._call_meta(call), call_manifest(call), self._function_dirs()
             )
         except Exception as error:  # a diagnostic must never break a load
             logger.debug("cannot explain the miss of %s: %s", self._identity, error)
@@ -546,90 +397,7 @@ class CachedDataset(Generic[P, R]):
         except OSError as error:
             logger.warning("could not prune %s after a store: %s", store.cache_dir, error)
 
-    def _sources_after(self, call: _Call) -> dict[str, tuple[str, Fingerprint]] | None:
-        """Fingerprints taken again after the body ran; None if any source changed."""
-        after: dict[str, tuple[str, Fingerprint]] = {}
-        for name, (path, before) in call.sources.items():
-            try:
-                now = fingerprint_source(
-                    path, mode=self._fingerprint_mode, include=self._include, exclude=self._exclude
-                )
-            except FileNotFoundError:
-                return None
-            if now.digest != before.digest:
-                return None
-            after[name] = (path, now)
-        return after
-
-    def _call_meta(self, call: _Call) -> dict[str, Any]:
-        """The metadata that describes a call's key components (no result yet).
-
-        ``group`` identifies the function, code, parameters and source *paths* without the
-        sources' fingerprints: entries sharing a group differ only in source contents, so a
-        newer one supersedes the older ones.
-        """
-        group = value_digest(
-            (
-                self._identity,
-                self._code_version(),
-                sorted((name, digest) for name, (digest, _) in call.parameters.items()),
-                sorted((name, path) for name, (path, _) in call.sources.items()),
-            )
-        )
-        return {
-            "format": FORMAT_VERSION,
-            "key": call.key,
-            "group": group,
-            "function": self._identity,
-            "code": self._code_version(),
-            "version": _readable(self._version),
-            "parameters": {
-                name: {"digest": digest, "value": text}
-                for name, (digest, text) in call.parameters.items()
-            },
-            "sources": {
-                name: {
-                    "path": path,
-                    "digest": fp.digest,
-                    "mode": self._fingerprint_mode,
-                    "file_count": fp.file_count,
-                    "total_bytes": fp.total_bytes,
-                    "newest_mtime_ns": fp.newest_mtime_ns,
-                }
-                for name, (path, fp) in call.sources.items()
-            },
-            "portable": self._portable,
-        }
-
-    def _meta(
-        self,
-        call: _Call,
-        result: Any,
-        compute_seconds: float,
-        racy: dict[str, dict[str, str]],
-        newest_racy: int,
-    ) -> dict[str, Any]:
-        import joblib
-        import numpy
-
-        return {
-            **self._call_meta(call),
-            "racy": racy,
-            "racy_newest_mtime_ns": newest_racy,
-            "result": summarize(result),
-            "created": time.time(),
-            "compute_seconds": round(compute_seconds, 6),
-            "host": platform.node(),
-            "pid": os.getpid(),
-            "versions": {
-                "cachedload": __version__,
-                "python": platform.python_version(),
-                "numpy": numpy.__version__,
-                "joblib": joblib.__version__,
-            },
-        }
-
-    def _run(self, call: _Call, *, force: bool) -> R:
+    def _run(self, call: Call, *, force: bool) -> R:
         try:
             store = self._store()
         except (OSError, RuntimeError) as error:
@@ -665,7 +433,7 @@ class CachedDataset(Generic[P, R]):
                     store.lock_path(call.key).with_suffix(".owner").unlink()
                 lock.release()
 
-    def _acquire(self, lock: Any, store: Store, call: _Call) -> bool:
+    def _acquire(self, lock: Any, store: Store, call: Call) -> bool:
         """Take the single-flight lock; False if ``lock_timeout`` ran out (compute anyway:
         publishing is atomic, so the only cost of not waiting is duplicate work)."""
         from filelock import Timeout
@@ -783,7 +551,7 @@ class CachedDataset(Generic[P, R]):
             note = f"the entry for these arguments is damaged ({error.reason}); will recompute"
             return Explanation(self._identity, new_key=call.key, note=note)
         found = explain_against_closest(
-            self._call_meta(call), _call_manifest(call), self._function_dirs()
+            self._call_meta(call), call_manifest(call), self._function_dirs()
         )
         if found is None:
             note = "no entry of this loader is stored yet"

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-import cachedload.decorator
+import cachedload.calls
 from cachedload import (
     CacheStoreWarning,
     CorruptEntryWarning,
@@ -533,7 +533,7 @@ def test_racy_records_are_dropped_once_the_window_has_passed(
     assert json.loads(meta_file.read_text())["racy"]
     load(folder)
     assert json.loads(meta_file.read_text())["racy"]  # still within the window
-    monkeypatch.setattr(cachedload.decorator, "RACY_WINDOW_NS", -(10**12))  # "much later"
+    monkeypatch.setattr(cachedload.calls, "RACY_WINDOW_NS", -(10**12))  # "much later"
     load(folder)
     assert "racy" not in json.loads(meta_file.read_text())
     assert len(calls) == 1

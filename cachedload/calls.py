@@ -1,0 +1,315 @@
+"""One call of a cached loader: its arguments split into sources and parameters, and its key.
+
+:class:`KeyRules` holds the decorator options that decide what a key covers; ``bind`` turns a
+call's arguments into a :class:`Call` (fingerprinted sources, hashed parameters, the key). The
+checks around the loader body (racy source files, sources changing while it runs) and the
+metadata describing a call live here too, so that the decorator only orchestrates.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import platform
+import reprlib
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cachedload.errors import ConfigurationError, SourceNotFoundError, UnhashableArgumentError
+from cachedload.fingerprint import RACY_WINDOW_NS, Fingerprint, fingerprint_source, hash_file
+from cachedload.keys import UnhashableError, value_digest
+from cachedload.store import FORMAT_VERSION
+
+__all__ = [
+    "Call",
+    "KeyRules",
+    "call_manifest",
+    "entry_meta",
+    "parse_names",
+    "racy_files_unchanged",
+    "racy_records_expired",
+    "readable",
+    "summarize",
+]
+
+_PATHISH_NAMES = ("dir", "path", "file", "folder", "root", "src", "source", "csv")
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 120
+
+
+@dataclass
+class Call:
+    """Everything known about one call before the body runs."""
+
+    arguments: dict[str, Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    key: str
+    parameters: dict[str, tuple[str, str]]  # name -> (digest, readable text)
+    sources: dict[str, tuple[str, Fingerprint]]  # name -> (absolute path, fingerprint)
+    warned: set[str] = field(default_factory=set)
+
+
+def readable(value: Any) -> str:
+    """Short human-readable text of a parameter value, for metadata and explanations."""
+    shape = getattr(value, "shape", None)
+    dtype = getattr(value, "dtype", None)
+    if shape is not None and dtype is not None:
+        return f"{type(value).__name__}(shape={tuple(shape)}, dtype={dtype})"
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '?')}.{value.__qualname__}"
+    return _REPR.repr(value)
+
+
+def summarize(value: Any, depth: int = 0) -> str:
+    """Short description of a result: type, and shape/dtype of arrays, for metadata."""
+    shape = getattr(value, "shape", None)
+    if shape is not None and getattr(value, "dtype", None) is not None:
+        return f"{type(value).__name__}(shape={tuple(shape)}, dtype={value.dtype})"
+    if depth < 2 and isinstance(value, (tuple, list)) and len(value) <= 8:
+        inner = ", ".join(summarize(item, depth + 1) for item in value)
+        return f"{type(value).__name__}({inner})"
+    if depth < 2 and isinstance(value, dict) and len(value) <= 8:
+        inner = ", ".join(f"{k!r}: {summarize(v, depth + 1)}" for k, v in value.items())
+        return f"dict({inner})"
+    if isinstance(value, (list, tuple, dict)):
+        return f"{type(value).__name__}(len={len(value)})"
+    return type(value).__name__
+
+
+def parse_names(option: str, value: str | Iterable[str] | None) -> tuple[str, ...]:
+    """A parameter name or a list of them, as a tuple (``ConfigurationError`` otherwise)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    items = tuple(value)
+    if not all(isinstance(item, str) for item in items):
+        raise ConfigurationError(option, f"expected a name or a list of names, got {value!r}")
+    return items
+
+
+def call_manifest(call: Call) -> dict[str, Any]:
+    """The files of a call's sources, shaped like an entry's manifest (for explanations)."""
+    return {name: fp.files for name, (_, fp) in call.sources.items()}
+
+
+def _source_file(root: str, relpath: str) -> str:
+    return os.path.join(root, relpath) if os.path.isdir(root) else root
+
+
+def racy_files_unchanged(call: Call, meta: dict[str, Any]) -> bool:
+    """True unless a source file recorded as racy in an entry has different content now."""
+    racy: dict[str, dict[str, str]] = meta.get("racy") or {}
+    for name, files in racy.items():
+        if name not in call.sources:
+            return False
+        root = call.sources[name][0]
+        for relpath, digest in files.items():
+            try:
+                if hash_file(_source_file(root, relpath)) != digest:
+                    return False
+            except OSError:
+                return False
+    return True
+
+
+def racy_records_expired(meta: dict[str, Any]) -> bool:
+    """True once every racy file's mtime tick is long past (then any rewrite changes its
+    mtime, and the content records have done their job for good)."""
+    if not meta.get("racy"):
+        return False
+    return time.time_ns() - RACY_WINDOW_NS > int(meta.get("racy_newest_mtime_ns", 0))
+
+
+@dataclass(frozen=True)
+class KeyRules:
+    """What a loader's cache key covers: the decorator options that shape it."""
+
+    identity: str
+    source: tuple[str, ...] | None
+    ignore: frozenset[str]
+    mode: str
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    portable: bool
+
+    def is_source(self, name: str, value: Any) -> bool:
+        """Is this argument a source path (named by ``source=``, or detected)?"""
+        if self.source is not None:
+            return name in self.source and value is not None
+        if isinstance(value, os.PathLike):
+            return True
+        if isinstance(value, str) and value:
+            if os.path.exists(value):
+                return True
+            # A missing path is an error only where the parameter's name says it is a path.
+            lowered = name.lower()
+            return any(part in lowered for part in _PATHISH_NAMES) and (
+                os.sep in value or "." in value
+            )
+        return False
+
+    def fingerprint(self, name: str, value: Any) -> tuple[str, Fingerprint]:
+        """The resolved absolute path and fingerprint of one source argument."""
+        if not isinstance(value, (str, os.PathLike)):
+            raise ConfigurationError(
+                "source", f"parameter {name!r} is not a path: {readable(value)}"
+            )
+        path = os.path.abspath(os.fspath(value))
+        try:
+            found = fingerprint_source(
+                path, mode=self.mode, include=self.include, exclude=self.exclude
+            )
+        except FileNotFoundError:
+            raise SourceNotFoundError(name, value) from None
+        return os.path.realpath(path), found
+
+    def bind(
+        self,
+        signature: inspect.Signature,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        code_version: str,
+    ) -> Call:
+        """Bind arguments to the loader's signature (defaults applied) and make the key."""
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        parameters: dict[str, tuple[str, str]] = {}
+        sources: dict[str, tuple[str, Fingerprint]] = {}
+        for name, value in bound.arguments.items():
+            if name in self.ignore:
+                continue
+            if self.is_source(name, value):
+                if isinstance(value, (list, tuple)):
+                    for index, item in enumerate(value):
+                        sources[f"{name}[{index}]"] = self.fingerprint(name, item)
+                else:
+                    sources[name] = self.fingerprint(name, value)
+                continue
+            try:
+                parameters[name] = (value_digest(value), readable(value))
+            except UnhashableError as error:
+                raise UnhashableArgumentError(name, str(error)) from None
+            except RecursionError:
+                raise UnhashableArgumentError(name, "nested too deeply") from None
+        key_parts = (
+            FORMAT_VERSION,
+            self.identity,
+            code_version,
+            sorted((name, digest) for name, (digest, _) in parameters.items()),
+            sorted(
+                (name, fp.digest if self.portable else f"{path}\0{fp.digest}")
+                for name, (path, fp) in sources.items()
+            ),
+        )
+        return Call(
+            arguments=dict(bound.arguments),
+            args=bound.args,
+            kwargs=bound.kwargs,
+            key=value_digest(key_parts),
+            parameters=parameters,
+            sources=sources,
+        )
+
+    def sources_after(self, call: Call) -> dict[str, tuple[str, Fingerprint]] | None:
+        """Fingerprints taken again after the body ran; None if any source changed."""
+        after: dict[str, tuple[str, Fingerprint]] = {}
+        for name, (path, before) in call.sources.items():
+            try:
+                now = fingerprint_source(
+                    path, mode=self.mode, include=self.include, exclude=self.exclude
+                )
+            except FileNotFoundError:
+                return None
+            if now.digest != before.digest:
+                return None
+            after[name] = (path, now)
+        return after
+
+    def racy_digests(self, call: Call) -> tuple[dict[str, dict[str, str]], int]:
+        """Content digests of the source files whose mtime is too recent to trust, and the
+        newest such mtime (content fingerprints need none)."""
+        if self.mode == "content":
+            return {}, 0
+        racy: dict[str, dict[str, str]] = {}
+        newest = 0
+        for name, (root, fp) in call.sources.items():
+            racy_paths = fp.racy_files()
+            if racy_paths:
+                racy[name] = {rel: hash_file(_source_file(root, rel)) for rel in racy_paths}
+                newest = max(newest, fp.newest_mtime_ns)
+        return racy, newest
+
+    def call_meta(self, call: Call, code_version: str, version: Any) -> dict[str, Any]:
+        """The metadata that describes a call's key components (no result yet).
+
+        ``group`` identifies the function, code, parameters and source *paths* without the
+        sources' fingerprints: entries sharing a group differ only in source contents, so a
+        newer one supersedes the older ones.
+        """
+        group = value_digest(
+            (
+                self.identity,
+                code_version,
+                sorted((name, digest) for name, (digest, _) in call.parameters.items()),
+                sorted((name, path) for name, (path, _) in call.sources.items()),
+            )
+        )
+        return {
+            "format": FORMAT_VERSION,
+            "key": call.key,
+            "group": group,
+            "function": self.identity,
+            "code": code_version,
+            "version": readable(version),
+            "parameters": {
+                name: {"digest": digest, "value": text}
+                for name, (digest, text) in call.parameters.items()
+            },
+            "sources": {
+                name: {
+                    "path": path,
+                    "digest": fp.digest,
+                    "mode": self.mode,
+                    "file_count": fp.file_count,
+                    "total_bytes": fp.total_bytes,
+                    "newest_mtime_ns": fp.newest_mtime_ns,
+                }
+                for name, (path, fp) in call.sources.items()
+            },
+            "portable": self.portable,
+        }
+
+
+def entry_meta(
+    call_meta: dict[str, Any],
+    result: Any,
+    compute_seconds: float,
+    racy: dict[str, dict[str, str]],
+    newest_racy: int,
+) -> dict[str, Any]:
+    """A call's metadata completed with its result's summary, timings and versions."""
+    import joblib
+    import numpy
+
+    from cachedload import __version__
+
+    return {
+        **call_meta,
+        "racy": racy,
+        "racy_newest_mtime_ns": newest_racy,
+        "result": summarize(result),
+        "created": time.time(),
+        "compute_seconds": round(compute_seconds, 6),
+        "host": platform.node(),
+        "pid": os.getpid(),
+        "versions": {
+            "cachedload": __version__,
+            "python": platform.python_version(),
+            "numpy": numpy.__version__,
+            "joblib": joblib.__version__,
+        },
+    }
