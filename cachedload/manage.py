@@ -409,6 +409,12 @@ def _remove(record: EntryRecord, reason: str) -> bool:
             logger.info("keeping %s [%s]: in use by another process", record.function, record.id)
             return False
         store.remove(record.id)
+    log_removal(record, reason)
+    return True
+
+
+def log_removal(record: EntryRecord, reason: str) -> None:
+    """Log (INFO) that an entry was removed, why, its size and when it was last used."""
     logger.info(
         "evict %s [%s] (%s): %s bytes, last used %.0f s ago",
         record.function,
@@ -417,7 +423,6 @@ def _remove(record: EntryRecord, reason: str) -> bool:
         record.size_bytes,
         time.time() - record.last_used,
     )
-    return True
 
 
 def remove_entries(

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,6 +60,17 @@ def age(folder: Path, seconds: int = 3600) -> None:
         if path.is_file():
             info = path.stat()
             os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns - seconds * 10**9))
+
+
+def write_old(path: Path, text: str, mtime: float | None = None) -> None:
+    """Write a source file with a fixed mtime two hours old (so it is not "racy")."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    when = OLD if mtime is None else mtime
+    os.utime(path, (when, when))
+
+
+OLD = time.time() - 7200
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +12,9 @@ import pytest
 
 from cachedload import CachedDataset, Explanation
 from cachedload.explain import compare, read_manifest
+from tests.conftest import OLD, write_old
 
-OLD = time.time() - 7200
-
-
-def write(path: Path, text: str, mtime: float = OLD) -> None:
-    """Write a source file with a fixed, old mtime (so it is not "racy")."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    os.utime(path, (mtime, mtime))
+write = write_old
 
 
 @pytest.fixture

@@ -19,16 +19,9 @@ import cachedload.decorator
 from cachedload import CachedDataset, ConfigurationError, EntryRecord, list_entries
 from cachedload.manage import format_age, format_size, parse_age, parse_size, prune
 from cachedload.store import _HOST
-from tests.conftest import subprocess_env
+from tests.conftest import subprocess_env, write_old
 
-OLD = time.time() - 7200  # source files are this old, so none is "racy"
-
-
-def write(path: Path, text: str, mtime: float = OLD) -> None:
-    """Write a source file and give it a fixed, old mtime."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    os.utime(path, (mtime, mtime))
+write = write_old
 
 
 @pytest.fixture

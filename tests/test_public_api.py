@@ -15,7 +15,37 @@ from cachedload import errors
 from tests.conftest import REPO_ROOT, subprocess_env, write_images
 
 
+PUBLIC_API = [
+    "CacheInfo",
+    "CacheStoreWarning",
+    "CacheWarning",
+    "CachedDataset",
+    "CachedloadError",
+    "ConditionalWritesWarning",
+    "ConfigurationError",
+    "CorruptEntryWarning",
+    "EntryRecord",
+    "Explanation",
+    "Fingerprint",
+    "ImageFolderData",
+    "ImageReadError",
+    "ImageShapeMismatchError",
+    "ImagesSkippedWarning",
+    "NoImagesFoundError",
+    "SourceChangedWarning",
+    "SourceNotFoundError",
+    "UnhashableArgumentError",
+    "__version__",
+    "cached_dataset",
+    "default_cache_dir",
+    "fingerprint_source",
+    "list_entries",
+    "load_image_folder",
+]
+
+
 def test_all_is_pinned_and_sorted() -> None:
+    assert cachedload.__all__ == PUBLIC_API  # change both on purpose, or neither
     assert cachedload.__all__ == sorted(cachedload.__all__)
     for name in cachedload.__all__:
         assert getattr(cachedload, name) is not None, name

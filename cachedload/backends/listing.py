@@ -24,7 +24,7 @@ from cachedload import explain
 from cachedload.backends import default_local_root, object_store, open_store
 from cachedload.backends.objects import ObjectInfo, ObjectStore
 from cachedload.backends.remote import RemoteStore
-from cachedload.manage import EntryRecord, VerifyResult
+from cachedload.manage import EntryRecord, VerifyResult, log_removal
 from cachedload.store import MANIFEST_FILE, META_FILE, CorruptEntry, EntryInfo
 
 __all__ = [
@@ -144,14 +144,7 @@ def remove_entry(
         return False
     assert record.url is not None
     _store_of(record.url, record.path, storage_options).remove(record.id)
-    logger.info(
-        "evict %s [%s] (%s): %s bytes, last used %.0f s ago",
-        record.function,
-        record.id[:12],
-        reason,
-        record.size_bytes,
-        time.time() - record.last_used,
-    )
+    log_removal(record, reason)
     return True
 
 
