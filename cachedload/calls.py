@@ -137,9 +137,19 @@ class KeyRules:
     portable: bool
 
     def is_source(self, name: str, value: Any) -> bool:
-        """Is this argument a source path (named by ``source=``, or detected)?"""
+        """Is this argument a source path (named by ``source=``, or detected)?
+
+        Detected: an ``os.PathLike``, a string naming an existing path, or a non-empty list or
+        tuple of those (each item is then a source).
+        """
         if self.source is not None:
             return name in self.source and value is not None
+        if isinstance(value, (list, tuple)):
+            return bool(value) and all(self._is_path(name, item) for item in value)
+        return self._is_path(name, value)
+
+    @staticmethod
+    def _is_path(name: str, value: Any) -> bool:
         if isinstance(value, os.PathLike):
             return True
         if isinstance(value, str) and value:
@@ -182,19 +192,16 @@ class KeyRules:
         for name, value in bound.arguments.items():
             if name in self.ignore:
                 continue
-            if self.is_source(name, value):
-                if isinstance(value, (list, tuple)):
-                    for index, item in enumerate(value):
-                        sources[f"{name}[{index}]"] = self.fingerprint(name, item)
-                else:
-                    sources[name] = self.fingerprint(name, value)
+            kind = signature.parameters[name].kind
+            if self.source is None and kind is inspect.Parameter.VAR_POSITIONAL:
+                items: Iterable[tuple[Any, Any]] = enumerate(value)
+            elif self.source is None and kind is inspect.Parameter.VAR_KEYWORD:
+                items = sorted(value.items())
+            else:
+                self._add(name, name, value, parameters, sources)
                 continue
-            try:
-                parameters[name] = (value_digest(value), readable(value))
-            except UnhashableError as error:
-                raise UnhashableArgumentError(name, str(error)) from None
-            except RecursionError:
-                raise UnhashableArgumentError(name, "nested too deeply") from None
+            for index, item in items:  # *args and **kwargs: each item on its own
+                self._add(name, f"{name}[{index}]", item, parameters, sources)
         key_parts = (
             FORMAT_VERSION,
             self.identity,
@@ -213,6 +220,29 @@ class KeyRules:
             parameters=parameters,
             sources=sources,
         )
+
+    def _add(
+        self,
+        name: str,
+        label: str,
+        value: Any,
+        parameters: dict[str, tuple[str, str]],
+        sources: dict[str, tuple[str, Fingerprint]],
+    ) -> None:
+        """File one argument (or one item of ``*args``/``**kwargs``) as sources or a parameter."""
+        if self.is_source(name, value):
+            if isinstance(value, (list, tuple)):
+                for index, item in enumerate(value):
+                    sources[f"{label}[{index}]"] = self.fingerprint(name, item)
+            else:
+                sources[label] = self.fingerprint(name, value)
+            return
+        try:
+            parameters[label] = (value_digest(value), readable(value))
+        except UnhashableError as error:
+            raise UnhashableArgumentError(name, str(error)) from None
+        except RecursionError:
+            raise UnhashableArgumentError(name, "nested too deeply") from None
 
     def sources_after(self, call: Call) -> dict[str, tuple[str, Fingerprint]] | None:
         """Fingerprints taken again after the body ran; None if any source changed."""

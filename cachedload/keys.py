@@ -67,11 +67,14 @@ def _code_digest_cached(func: Callable[..., Any]) -> str:
     source = _parsed_source(func)
     if source is not None:
         hasher.update(b"ast\0" + source.encode())
-    else:
-        code = getattr(func, "__code__", None)
-        if code is None:
-            raise UnhashableError(f"{func!r} has neither source nor bytecode")
-        _update_code(hasher, code)
+    code = getattr(func, "__code__", None)
+    if code is not None:
+        # The running bytecode too, not only the source on disk: a module edited but not
+        # reloaded must not file the old code's results under the new code's key (and two
+        # lambdas on one line differ here). Comments and formatting leave bytecode unchanged.
+        _update_code(hasher, code, docstring=getattr(func, "__doc__", None))
+    elif source is None:
+        raise UnhashableError(f"{func!r} has neither source nor bytecode")
     return hasher.hexdigest()
 
 
@@ -79,8 +82,9 @@ def code_digest(func: Callable[..., Any]) -> str:
     """Return the hex xxh3-128 of a function's code.
 
     Hashes the parsed source (``ast.dump``, without docstrings, comments, formatting or
-    decorators) where the source is available, else the bytecode and constants. Digests are
-    memoised per function object: editing a function in a running session creates a new object.
+    decorators) where the source is available, and the running bytecode and constants (so the
+    digest describes the code that actually runs, even when its file was edited since it was
+    imported). Digests are memoised per function object.
     """
     func = inspect.unwrap(func)
     try:
@@ -167,10 +171,14 @@ def _parsed_source(func: Callable[..., Any]) -> str | None:
     return ast.dump(node, annotate_fields=False)
 
 
-def _update_code(hasher: Any, code: types.CodeType) -> None:
+def _update_code(hasher: Any, code: types.CodeType, docstring: str | None = None) -> None:
     hasher.update(code.co_code)
     hasher.update(repr(code.co_names).encode())
-    for const in code.co_consts:
+    consts = code.co_consts
+    # A function's first constant is its docstring, or None without one: not behaviour.
+    if consts and (consts[0] is None or (docstring is not None and consts[0] == docstring)):
+        consts = consts[1:]
+    for const in consts:
         if isinstance(const, types.CodeType):
             _update_code(hasher, const)
         else:
@@ -218,8 +226,10 @@ class _Encoder:
             self.tag(b"b", bytes(value))
         elif isinstance(value, pathlib.PurePath):
             self.tag(b"p", os.fspath(value).encode("utf-8", "surrogateescape"))
-        elif isinstance(value, np.ndarray):
+        elif type(value) is np.ndarray or type(value) is np.memmap:
             self.encode_array(value)
+        elif isinstance(value, np.ndarray):
+            self.encode_array_subclass(value, depth)
         elif isinstance(value, np.generic):
             self.encode_array(np.asarray(value))
         elif isinstance(value, enum.Enum):
@@ -292,6 +302,18 @@ class _Encoder:
         for start in range(0, flat.shape[0], rows):
             block = np.ascontiguousarray(flat[start : start + rows])
             self.hasher.update(block.reshape(-1).view(np.uint8).data)
+
+    def encode_array_subclass(self, array: np.ndarray[Any, Any], depth: int) -> None:
+        # Its class and its extra state count (a masked array's mask, a matrix's type).
+        kind = type(array)
+        self.tag(b"A", f"{kind.__module__}.{kind.__qualname__}".encode())
+        if isinstance(array, np.ma.MaskedArray):
+            self.encode_array(np.asarray(array.data))
+            self.encode_array(np.ma.getmaskarray(array))
+            self.encode(array.fill_value, depth + 1)
+        else:
+            self.encode_array(np.asarray(array))
+            self.encode(getattr(array, "__dict__", None), depth + 1)
 
     def encode_function(self, func: Any, depth: int) -> None:
         if isinstance(func, types.MethodType):

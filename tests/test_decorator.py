@@ -546,3 +546,24 @@ def test_wrappers_pickle_for_worker_processes(image_dir: Path) -> None:
     assert bound(image_dir) == 7
     assert ModuleLevelLoaders(7).load.is_cached(image_dir)
     assert not ModuleLevelLoaders(8).load.is_cached(image_dir)
+
+
+def test_paths_in_args_and_lists_are_sources(tmp_path: Path, cache_dir: Path) -> None:
+    first, second = tmp_path / "one.txt", tmp_path / "two.txt"
+    for path in (first, second):
+        path.write_text("old")
+    age(tmp_path)
+
+    @cached_dataset(cache_dir=cache_dir)
+    def concat(*paths: str) -> str:
+        return "".join(Path(p).read_text() for p in paths)
+
+    @cached_dataset(cache_dir=cache_dir)
+    def concat_list(paths: list[str], sep: str = "") -> str:
+        return sep.join(Path(p).read_text() for p in paths)
+
+    assert concat(str(first), str(second)) == "oldold"
+    assert concat_list([str(first), str(second)]) == "oldold"
+    second.write_text("new!")
+    assert concat(str(first), str(second)) == "oldnew!"
+    assert concat_list([str(first), str(second)]) == "oldnew!"

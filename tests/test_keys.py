@@ -163,3 +163,44 @@ def test_digests_are_stable_across_processes_and_hash_seeds() -> None:
     seeds = ["1", "2", "12345"]
     outputs = {run_python(code, PYTHONHASHSEED=seed).stdout.strip() for seed in seeds}
     assert len(outputs) == 1
+
+
+def test_two_lambdas_on_one_line_differ() -> None:
+    first, second = (lambda x: x + 1, lambda x: x * 2)
+    assert value_digest(first) != value_digest(second)
+
+
+def test_code_edited_on_disk_but_not_reloaded_keeps_its_own_digest(tmp_path: Path) -> None:
+    import importlib.util
+
+    path = tmp_path / "edited_mod.py"
+    path.write_text("def f(x):\n    return 'v1'\n")
+    spec = importlib.util.spec_from_file_location("edited_mod", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path.write_text("def f(x):\n    return 'v2'\n")  # edited, not reloaded: v1 still runs
+    running_v1 = code_digest(module.f)
+    fresh_v2 = run_python(
+        f"""
+        import importlib.util
+        from cachedload.keys import code_digest
+        spec = importlib.util.spec_from_file_location("edited_mod", {str(path)!r})
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        print(code_digest(module.f))
+        """
+    ).stdout.strip()
+    assert running_v1 != fresh_v2
+
+
+def test_array_subclasses_hash_with_their_type_and_state() -> None:
+    class Tagged(np.ndarray):  # type: ignore[type-arg]
+        pass
+
+    plain = np.array([[1, 2]])
+    assert value_digest(plain.view(Tagged)) != value_digest(plain)
+    masked = np.ma.MaskedArray([1, 2], mask=[0, 1])
+    assert value_digest(masked) == value_digest(np.ma.MaskedArray([1, 2], mask=[0, 1]))
+    assert value_digest(masked) != value_digest(np.ma.MaskedArray([1, 2], mask=[1, 0]))
+    assert value_digest(masked) != value_digest(np.array([1, 2]))

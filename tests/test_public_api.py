@@ -14,7 +14,6 @@ import cachedload
 from cachedload import errors
 from tests.conftest import REPO_ROOT, subprocess_env, write_images
 
-
 PUBLIC_API = [
     "CacheInfo",
     "CacheStoreWarning",
