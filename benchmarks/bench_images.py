@@ -33,31 +33,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from _common import write_images  # noqa: E402
+
 from cachedload import images as images_module  # noqa: E402
 from cachedload.images import load_image_folder  # noqa: E402
 
 SIDE = 256
-
-
-def write_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:SIDE, 0:SIDE].astype(np.float32) / SIDE
-    paths = []
-    for i in range(n):
-        a, b, c = rng.uniform(1, 8, 3)
-        phase = rng.uniform(0, 6.3, 3)
-        img = np.dstack(
-            [
-                128 + 100 * np.sin(a * x + b * y + phase[0]),
-                128 + 100 * np.cos(b * x - c * y + phase[1]),
-                255 * (x * y) ** (c / 4) + 20 * np.sin(c * 9 * x + phase[2]),
-            ]
-        )
-        img += rng.normal(0, 8, img.shape)
-        path = folder / f"{i:06d}.jpg"
-        cv2.imwrite(str(path), np.clip(img, 0, 255).astype(np.uint8))
-        paths.append(path)
-    return paths
 
 
 def cv2_loop(paths: list[Path], side: int) -> np.ndarray:
@@ -118,7 +99,8 @@ def busy_cpu_seconds() -> float | None:
 
 def reduced_decode_error(paths: list[Path], side: int) -> float:
     """Mean absolute difference (grey levels) of load_image_folder vs full decode + INTER_AREA."""
-    ours = load_image_folder(paths[0].parent, size=(side, side), progress=False).images
+    root = paths[0].parent.parent  # the class folders' parent
+    ours = load_image_folder(root, size=(side, side), progress=False).images
     full = cv2_loop(paths, side)
     return float(np.abs(ours.astype(np.int16) - full).mean())
 
@@ -138,7 +120,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench_images_") as tmp:
         folder = Path(tmp)
-        paths = write_images(folder, n)
+        paths = sorted(write_images(folder, n, side=SIDE))
         for path in paths:  # warm the page cache: every method reads from memory
             path.read_bytes()
         print(f"data    : {n} JPEGs {SIDE}x{SIDE} (quality 95) in {folder}, {repeats} repeat(s)")
