@@ -155,11 +155,14 @@ class KeyRules:
         if isinstance(value, str) and value:
             if os.path.exists(value):
                 return True
-            # A missing path is an error only where the parameter's name says it is a path.
+            # A missing path is an error where the parameter's name says it is a path, or where
+            # the string is a path into an existing folder ("/data/train" with /data there).
             lowered = name.lower()
-            return any(part in lowered for part in _PATHISH_NAMES) and (
+            if any(part in lowered for part in _PATHISH_NAMES) and (
                 os.sep in value or "." in value
-            )
+            ):
+                return True
+            return os.sep in value and os.path.isdir(os.path.dirname(os.path.abspath(value)))
         return False
 
     def fingerprint(self, name: str, value: Any) -> tuple[str, Fingerprint]:

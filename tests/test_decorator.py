@@ -262,6 +262,17 @@ def test_missing_source_raises_before_the_body_runs(tmp_path: Path, cache_dir: P
     assert calls == []
 
 
+def test_missing_path_into_an_existing_folder_raises(tmp_path: Path, cache_dir: Path) -> None:
+    @cached_dataset(cache_dir=cache_dir)
+    def load(data: str, label: str = "a/b") -> int:
+        return 1
+
+    with pytest.raises(SourceNotFoundError, match="'data'"):
+        load(str(tmp_path / "not_there"))
+    (tmp_path / "data").mkdir()
+    assert load(str(tmp_path / "data"), label="x/y") == 1  # "x/y": no such folder, a parameter
+
+
 def test_missing_explicit_source_raises(tmp_path: Path, cache_dir: Path) -> None:
     @cached_dataset(cache_dir=cache_dir, source="data")
     def load(data: str) -> int:
