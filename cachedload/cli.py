@@ -398,6 +398,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="log what is removed (INFO) to stderr"
     )
+    parser.add_argument(  # also accepted before the command; the command's own wins
+        "--cache-dir", dest="global_cache_dir", metavar="DIR", help="as the commands' --cache-dir"
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(
@@ -514,6 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
     args = _parser().parse_args(argv)
+    if args.cache_dir is None:
+        args.cache_dir = args.global_cache_dir
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     handler: Callable[[argparse.Namespace], int] = args.handler

@@ -114,6 +114,12 @@ def test_ls_uses_the_cache_dir_from_the_environment(cache: Path) -> None:
     assert len(json.loads(result.stdout)) == 3
 
 
+def test_cache_dir_may_come_before_the_command(cache: Path) -> None:
+    before = cli("--cache-dir", str(cache), "ls", "--json")
+    assert before.returncode == 0, before.stderr
+    assert [e["id"] for e in json.loads(before.stdout)] == [e["id"] for e in ls_json(cache)]
+
+
 def test_info_takes_a_prefix(cache: Path) -> None:
     record = list_entries(cache)[0]
     result = cli("info", record.id[:8], cache=cache)
