@@ -102,6 +102,11 @@ class EntryRecord:
     meta: dict[str, Any] = field(repr=False, compare=False)
     url: str | None = None
 
+    @property
+    def key(self) -> str:
+        """The entry's cache key (the same as ``id``)."""
+        return self.id
+
     @classmethod
     def from_info(cls, info: EntryInfo) -> EntryRecord:
         """Build a record from :func:`cachedload.store.iter_entries`' description."""

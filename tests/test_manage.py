@@ -121,7 +121,8 @@ def test_list_entries_describes_each_entry(tmp_path: Path, data: Path) -> None:
     assert newest.hits == 1 and records[1].hits == 0
     assert newest.last_used >= newest.created
     assert newest.size_bytes == sum(f.stat().st_size for f in newest.path.iterdir())
-    assert newest.to_dict()["id"] == newest.id
+    assert newest.to_dict()["id"] == newest.id == newest.key
+    assert newest.path == load.cache_path(str(data), size=8)
     assert [r.id for r in load.entries()] == [r.id for r in records]
     assert list_entries(tmp_path / "nowhere") == []
 
