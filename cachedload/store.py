@@ -185,6 +185,16 @@ class Store:
             or not isinstance(data.get("xxh3"), str)
         ):
             raise CorruptEntry(entry, "metadata lacks the data file's size and checksum")
+        racy = meta.get("racy", {})
+        if not (
+            isinstance(racy, dict)
+            and all(
+                isinstance(files, dict) and all(isinstance(d, str) for d in files.values())
+                for files in racy.values()
+            )
+            and isinstance(meta.get("racy_newest_mtime_ns", 0), int)
+        ):
+            raise CorruptEntry(entry, "metadata's records of recently modified files are invalid")
         return meta
 
     def load_value(

@@ -588,3 +588,24 @@ def test_sources_changing_during_the_body_are_not_stored(
     assert second == target.read_text()
     assert load(folder) == second
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    "racy",
+    [{"racy": "x"}, {"racy": {"image_dir": ["a.png"]}}, {"racy_newest_mtime_ns": "soon"}],
+    ids=["not-a-mapping", "files-not-a-mapping", "mtime-not-a-number"],
+)
+def test_valid_json_with_invalid_racy_records_is_a_corrupt_entry(
+    image_dir: Path, cache_dir: Path, racy: dict[str, Any]
+) -> None:
+    calls: list[int] = []
+    load = corrupting_loader(cache_dir, calls)
+    load(image_dir)
+    meta_file = entry_of(load, image_dir) / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, **racy}))
+    with pytest.warns(CorruptEntryWarning, match="recently modified"):
+        np.testing.assert_array_equal(load(image_dir), np.arange(10_000))
+    assert len(calls) == 2
+    np.testing.assert_array_equal(load(image_dir), np.arange(10_000))
+    assert len(calls) == 2
