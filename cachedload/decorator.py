@@ -14,9 +14,7 @@ import inspect
 import logging
 import os
 import platform
-import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,7 @@ from cachedload.errors import (
     ConfigurationError,
     CorruptEntryWarning,
     SourceChangedWarning,
+    warn_at_caller,
 )
 from cachedload.explain import Explanation, explain_against_closest
 from cachedload.fingerprint import (
@@ -52,8 +51,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 logger = logging.getLogger("cachedload")
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 class CacheInfo(NamedTuple):
@@ -86,16 +83,6 @@ class _Miss:
 
     def __init__(self, replace: bool = False) -> None:
         self.replace = replace
-
-
-def _warn(message: str, category: type[Warning]) -> None:
-    """Warn with the stack level of the first frame outside this package (the user's call)."""
-    level = 1
-    frame = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        frame = frame.f_back  # type: ignore[assignment]
-        level += 1
-    warnings.warn(message, category, stacklevel=level)
 
 
 class CachedDataset(Generic[P, R]):
@@ -284,7 +271,7 @@ class CachedDataset(Generic[P, R]):
         except CorruptEntry as error:
             if "corrupt" not in call.warned:
                 call.warned.add("corrupt")
-                _warn(
+                warn_at_caller(
                     f"cachedload: corrupt cache entry {error.path} ({error.reason}); "
                     "recomputing it",
                     CorruptEntryWarning,
@@ -318,7 +305,7 @@ class CachedDataset(Generic[P, R]):
             return
         call.warned.add("store")
         reason = f"{type(error).__name__}: {error}"
-        _warn(
+        warn_at_caller(
             f"cachedload: could not store the result of {self._identity} in "
             f"{store.function_dir}: {reason}. The result is returned but not cached.",
             CacheStoreWarning,
@@ -335,7 +322,7 @@ class CachedDataset(Generic[P, R]):
         compute_seconds = time.perf_counter() - started
         after = self._rules.sources_after(call)
         if after is None or self._rules.racy_digests(call)[0] != racy_before:
-            _warn(
+            warn_at_caller(
                 f"cachedload: source files of {self._identity} changed while it ran; "
                 "the result is returned but not cached",
                 SourceChangedWarning,

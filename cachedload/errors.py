@@ -9,6 +9,8 @@ Recoverable problems are warnings derived from :class:`CacheWarning`.
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from typing import Any
 
 __all__ = [
@@ -25,7 +27,20 @@ __all__ = [
     "SourceChangedWarning",
     "SourceNotFoundError",
     "UnhashableArgumentError",
+    "warn_at_caller",
 ]
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def warn_at_caller(message: str, category: type[Warning]) -> None:
+    """Warn, attributed to the first frame outside cachedload: the user's call."""
+    level = 2  # 1 would be this function; 2 is its caller
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 class CachedloadError(Exception):

@@ -168,7 +168,9 @@ class Store:
                 raise CorruptEntry(entry, "metadata file is missing") from None
             return None
         except NotADirectoryError:
-            raise CorruptEntry(entry, "entry is not a folder") from None
+            if entry.exists():  # a file where the entry's folder should be
+                raise CorruptEntry(entry, "entry is not a folder") from None
+            return None  # a file further up: no entry (storing will report the path)
         try:
             meta = json.loads(raw)
         except ValueError as error:

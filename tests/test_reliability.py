@@ -339,6 +339,7 @@ def test_corrupt_entries_warn_recompute_and_heal(
         result = load(image_dir)
     assert len(caught) == 1
     assert str(entry) in str(caught[0].message)
+    assert caught[0].filename == __file__  # attributed to the user's call, not the library
     np.testing.assert_array_equal(result, np.arange(10_000))
     assert len(calls) == 2
     np.testing.assert_array_equal(load(image_dir), np.arange(10_000))  # a plain hit
@@ -450,9 +451,13 @@ def test_uncreatable_cache_dir_returns_the_result_with_one_warning(
     else:
         cache = tmp_path / ("x" * 300)
     calls: list[int] = []
-    result, messages = call_counting_store_warnings(big_loader(cache, calls), image_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = big_loader(cache, calls)(image_dir)
     assert result.sum() == 4 * 1024 * 1024
-    assert len(messages) == 1 and str(cache) in messages[0]
+    assert len(caught) == 1  # that one warning, and no other
+    assert issubclass(caught[0].category, CacheStoreWarning) and str(cache) in str(caught[0].message)
+    assert caught[0].filename == __file__
 
 
 def test_file_too_large_returns_the_result_with_one_warning(

@@ -34,7 +34,6 @@ import sys
 import threading
 import time
 import uuid
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -49,7 +48,7 @@ from cachedload.backends.objects import (
     Progress,
     probe,
 )
-from cachedload.errors import ConditionalWritesWarning
+from cachedload.errors import ConditionalWritesWarning, warn_at_caller
 from cachedload.store import (
     DATA_FILE,
     FORMAT_VERSION,
@@ -64,7 +63,6 @@ __all__ = ["EntryReplaced", "RemoteStore", "capabilities", "parse_meta"]
 
 logger = logging.getLogger("cachedload")
 
-_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
 _HOST = socket.gethostname().replace("-", "_")
 _CAPABILITIES: dict[str, Capabilities] = {}
 _CAPABILITIES_LOCK = threading.Lock()
@@ -75,14 +73,6 @@ _SIZE_TAG, _CHECKSUM_TAG = "cachedload-size", "cachedload-xxh3"
 
 class EntryReplaced(FileNotFoundError):
     """The remote entry changed or vanished while it was being read: a plain miss."""
-
-
-def _warn(message: str, category: type[Warning]) -> None:
-    """Warn with the stack level of the first frame outside cachedload (the user's call)."""
-    level, frame = 1, sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
-    warnings.warn(message, category, stacklevel=level)
 
 
 def capabilities(objects: ObjectStore) -> Capabilities:
@@ -96,7 +86,7 @@ def capabilities(objects: ObjectStore) -> Capabilities:
             found = _CAPABILITIES[objects.identity] = probe(objects)
             logger.info("%s honours conditional writes: %s", objects.url, found)
             if not found.if_none_match:
-                _warn(
+                warn_at_caller(
                     f"cachedload: {objects.url} does not honour conditional writes "
                     "(If-None-Match); entries are still published safely, but processes on "
                     "different machines may compute the same entry at the same time",
