@@ -487,15 +487,9 @@ class CachedDataset(Generic[P, R]):
             meta = store.read_meta(call.key)
             if meta is None or not self._racy_files_unchanged(store, call, meta):
                 return False
-            if self._remote_url() is not None:
-                from cachedload.backends.remote import RemoteStore
-
-                if isinstance(store, RemoteStore):  # the data may be in the bucket only
-                    return store.has_data(call.key, meta)
-            size = os.stat(store.entry_path(call.key) / "result.joblib").st_size
+            return store.has_data(call.key, meta)  # a remote store also looks in the bucket
         except (CorruptEntry, OSError):
             return False
-        return bool(size == meta["data"]["size"])
 
     def _function_dirs(self) -> list[Path]:
         root = self._resolved_cache_dir()

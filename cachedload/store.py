@@ -199,6 +199,14 @@ class Store:
             raise CorruptEntry(entry, "metadata's records of recently modified files are invalid")
         return meta
 
+    def has_data(self, key: str, meta: dict[str, Any]) -> bool:
+        """True if the entry's data file is there with the size ``meta`` records."""
+        try:
+            size = os.stat(self.entry_path(key) / DATA_FILE).st_size
+        except OSError:
+            return False
+        return bool(size == meta["data"]["size"])
+
     def load_value(
         self, key: str, meta: dict[str, Any], *, mmap_mode: str | None, verify: bool
     ) -> Any:

@@ -456,7 +456,8 @@ def test_uncreatable_cache_dir_returns_the_result_with_one_warning(
         result = big_loader(cache, calls)(image_dir)
     assert result.sum() == 4 * 1024 * 1024
     assert len(caught) == 1  # that one warning, and no other
-    assert issubclass(caught[0].category, CacheStoreWarning) and str(cache) in str(caught[0].message)
+    assert issubclass(caught[0].category, CacheStoreWarning)
+    assert str(cache) in str(caught[0].message)
     assert caught[0].filename == __file__
 
 
