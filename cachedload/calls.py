@@ -13,9 +13,9 @@ import os
 import platform
 import reprlib
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from cachedload.errors import ConfigurationError, SourceNotFoundError, UnhashableArgumentError
 from cachedload.fingerprint import RACY_WINDOW_NS, Fingerprint, fingerprint_source, hash_file
@@ -39,6 +39,14 @@ _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 120
 
 
+class _SourceArgument(NamedTuple):
+    """A source argument, bound but not yet fingerprinted."""
+
+    name: str  # the loader's parameter
+    value: Any  # the path as passed
+    paths: tuple[str, str]  # absolute path, real path
+
+
 @dataclass
 class Call:
     """Everything known about one call before the body runs."""
@@ -47,8 +55,10 @@ class Call:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     key: str
+    group: str  # the key without the sources' fingerprints (see KeyRules.call_meta)
     parameters: dict[str, tuple[str, str]]  # name -> (digest, readable text)
     sources: dict[str, tuple[str, Fingerprint]]  # name -> (absolute path, fingerprint)
+    fingerprint_seconds: float = 0.0  # how long fingerprinting the sources took
     warned: set[str] = field(default_factory=set)
 
 
@@ -165,20 +175,26 @@ class KeyRules:
             return os.sep in value and os.path.isdir(os.path.dirname(os.path.abspath(value)))
         return False
 
-    def fingerprint(self, name: str, value: Any) -> tuple[str, Fingerprint]:
-        """The resolved absolute path and fingerprint of one source argument."""
+    @staticmethod
+    def _paths(name: str, value: Any) -> tuple[str, str]:
+        """A source argument's absolute path and its real path (symlinks resolved)."""
         if not isinstance(value, (str, os.PathLike)):
             raise ConfigurationError(
                 "source", f"parameter {name!r} is not a path: {readable(value)}"
             )
         path = os.path.abspath(os.fspath(value))
+        return path, os.path.realpath(path)
+
+    def _fingerprint(self, source: _SourceArgument) -> tuple[str, Fingerprint]:
+        """The real path and fingerprint of one source argument."""
+        path, real = source.paths
         try:
             found = fingerprint_source(
                 path, mode=self.mode, include=self.include, exclude=self.exclude
             )
         except FileNotFoundError:
-            raise SourceNotFoundError(name, value) from None
-        return os.path.realpath(path), found
+            raise SourceNotFoundError(source.name, source.value) from None
+        return real, found
 
     def bind(
         self,
@@ -186,12 +202,17 @@ class KeyRules:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         code_version: str,
+        before_fingerprints: Callable[[str], None] | None = None,
     ) -> Call:
-        """Bind arguments to the loader's signature (defaults applied) and make the key."""
+        """Bind arguments to the loader's signature (defaults applied) and make the key.
+
+        ``before_fingerprints(group)`` is called once the call's group (see :meth:`call_meta`)
+        is known and before the sources are fingerprinted, the slow part of most calls.
+        """
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         parameters: dict[str, tuple[str, str]] = {}
-        sources: dict[str, tuple[str, Fingerprint]] = {}
+        pending: dict[str, _SourceArgument] = {}
         for name, value in bound.arguments.items():
             if name in self.ignore:
                 continue
@@ -201,10 +222,20 @@ class KeyRules:
             elif self.source is None and kind is inspect.Parameter.VAR_KEYWORD:
                 items = sorted(value.items())
             else:
-                self._add(name, name, value, parameters, sources)
+                self._add(name, name, value, parameters, pending)
                 continue
             for index, item in items:  # *args and **kwargs: each item on its own
-                self._add(name, f"{name}[{index}]", item, parameters, sources)
+                self._add(name, f"{name}[{index}]", item, parameters, pending)
+        group = self._group(
+            code_version,
+            parameters,
+            {label: source.paths[1] for label, source in pending.items()},
+        )
+        if before_fingerprints is not None:
+            before_fingerprints(group)
+        started = time.perf_counter()
+        sources = {label: self._fingerprint(source) for label, source in pending.items()}
+        fingerprint_seconds = time.perf_counter() - started
         key_parts = (
             FORMAT_VERSION,
             self.identity,
@@ -220,8 +251,22 @@ class KeyRules:
             args=bound.args,
             kwargs=bound.kwargs,
             key=value_digest(key_parts),
+            group=group,
             parameters=parameters,
             sources=sources,
+            fingerprint_seconds=fingerprint_seconds,
+        )
+
+    def _group(
+        self, code_version: str, parameters: dict[str, tuple[str, str]], paths: dict[str, str]
+    ) -> str:
+        return value_digest(
+            (
+                self.identity,
+                code_version,
+                sorted((name, digest) for name, (digest, _) in parameters.items()),
+                sorted(paths.items()),
+            )
         )
 
     def _add(
@@ -230,15 +275,17 @@ class KeyRules:
         label: str,
         value: Any,
         parameters: dict[str, tuple[str, str]],
-        sources: dict[str, tuple[str, Fingerprint]],
+        sources: dict[str, _SourceArgument],
     ) -> None:
         """File one argument (or one item of ``*args``/``**kwargs``) as sources or a parameter."""
         if self.is_source(name, value):
             if isinstance(value, (list, tuple)):
                 for index, item in enumerate(value):
-                    sources[f"{label}[{index}]"] = self.fingerprint(name, item)
+                    sources[f"{label}[{index}]"] = _SourceArgument(
+                        name, item, self._paths(name, item)
+                    )
             else:
-                sources[label] = self.fingerprint(name, value)
+                sources[label] = _SourceArgument(name, value, self._paths(name, value))
             return
         try:
             parameters[label] = (value_digest(value), readable(value))
@@ -283,14 +330,7 @@ class KeyRules:
         sources' fingerprints: entries sharing a group differ only in source contents, so a
         newer one supersedes the older ones.
         """
-        group = value_digest(
-            (
-                self.identity,
-                code_version,
-                sorted((name, digest) for name, (digest, _) in call.parameters.items()),
-                sorted((name, path) for name, (path, _) in call.sources.items()),
-            )
-        )
+        group = call.group
         return {
             "format": FORMAT_VERSION,
             "key": call.key,

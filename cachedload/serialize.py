@@ -32,12 +32,13 @@ import pickle
 import struct
 import sys
 import tempfile
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import xxhash
+
+from cachedload.reading import SharedReader, read_exactly
 
 __all__ = ["dump", "load"]
 
@@ -53,9 +54,6 @@ _PROBE = 4096  # first read of a file: its head and, usually, the whole index
 _WRITE_CHUNK = 8 * 1024 * 1024  # hash then write a slice while it is in the CPU cache
 _NDITER_BUFFER = 16 * 1024 * 1024  # non-contiguous arrays: joblib's chunk size
 _SPOOL_MAX = 64 * 1024 * 1024  # a larger skeleton is pickled into a temporary file
-_PREADV = hasattr(os, "preadv")
-_PARALLEL_MIN = 32 * 1024 * 1024  # per thread: below this a thread costs more than it saves
-_PAGE = 4096
 _FOREIGN = ">" if sys.byteorder == "little" else "<"
 
 
@@ -243,62 +241,9 @@ class _SkeletonUnpickler(pickle.Unpickler):
         return self.arrays[pid]
 
 
-def _read_exactly(fd: int, view: memoryview, offset: int) -> None:
-    """Fill ``view`` from the file at ``offset`` (``preadv`` straight into the buffer)."""
-    done = 0
-    total = view.nbytes
-    while done < total:
-        if _PREADV:
-            count = os.preadv(fd, [view[done:]], offset + done)
-        else:  # pragma: no cover - platforms without preadv
-            os.lseek(fd, offset + done, os.SEEK_SET)
-            count = os.readv(fd, [view[done:]])
-        if count == 0:
-            raise EOFError(f"file ends {total - done} bytes short of an array")
-        done += count
-
-
-def _read_parallel(fd: int, view: memoryview, offset: int) -> None:
-    """Fill ``view`` like :func:`_read_exactly`, large buffers in slices read by threads.
-
-    ``preadv`` releases the GIL, and the page faults and the copy out of the page cache are
-    per-core work: two threads restore a large array ~1.4x faster than one (or ``np.load``).
-    Threads are started per call (not a pool that a fork would leave without workers).
-    """
-    workers = min(_READ_THREADS, view.nbytes // _PARALLEL_MIN)
-    if workers < 2:
-        _read_exactly(fd, view, offset)
-        return
-    step = -(-view.nbytes // workers)
-    step += -step % _PAGE
-    errors: list[BaseException] = []
-
-    def read(start: int) -> None:
-        try:
-            _read_exactly(fd, view[start : start + step], offset + start)
-        except BaseException as error:  # re-raised in the calling thread
-            errors.append(error)
-
-    threads = [threading.Thread(target=read, args=(s,)) for s in range(step, view.nbytes, step)]
-    for thread in threads:
-        thread.start()
-    read(0)
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-
-
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def _pread(fd: int, count: int, offset: int) -> bytes:
     data = bytearray(count)
-    _read_exactly(fd, memoryview(data), offset)
+    read_exactly(fd, memoryview(data), offset)
     return bytes(data)
 
 
@@ -314,11 +259,17 @@ def _native(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     return array
 
 
-_READ_THREADS = min(4, _usable_cpus())
-
-
-def load(path: str | os.PathLike[str], *, mmap_mode: str | None) -> Any:
+def load(
+    path: str | os.PathLike[str],
+    *,
+    mmap_mode: str | None,
+    reader: SharedReader | None = None,
+    on_open: Callable[[int], None] | None = None,
+) -> Any:
     """Read a value written by :func:`dump` (``mmap_mode="r"`` memory-maps its arrays).
+
+    Arrays are read through ``reader`` (default: a :class:`~cachedload.reading.SharedReader`
+    that splits large ones between threads); ``on_open(fd)`` is called with the file opened.
 
     Raises:
         ValueError, EOFError, pickle.UnpicklingError (and whatever joblib raises): the file is
@@ -326,6 +277,8 @@ def load(path: str | os.PathLike[str], *, mmap_mode: str | None) -> Any:
     """
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
+        if on_open is not None:
+            on_open(fd)
         size = os.fstat(fd).st_size
         head = os.pread(fd, _PROBE, 0)
         start = len(_HEAD) + _U64.size
@@ -362,7 +315,9 @@ def load(path: str | os.PathLike[str], *, mmap_mode: str | None) -> Any:
                 arrays.append(mapped)
                 continue
             array = np.empty(shape, dtype, order=order)
-            _read_parallel(fd, array.ravel(order=order).view(np.uint8).data, offset)
+            if reader is None:
+                reader = SharedReader()
+            reader.read(fd, array.ravel(order=order).view(np.uint8).data, offset)
             arrays.append(array if mmap_mode is not None else _native(array))
     finally:
         os.close(fd)

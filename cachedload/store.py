@@ -36,6 +36,7 @@ from typing import Any
 
 from cachedload import serialize
 from cachedload.fingerprint import hash_file
+from cachedload.reading import NOTHING, ReadAhead
 
 __all__ = [
     "DATA_FILE",
@@ -208,11 +209,19 @@ class Store:
         return bool(size == meta["data"]["size"])
 
     def load_value(
-        self, key: str, meta: dict[str, Any], *, mmap_mode: str | None, verify: bool
+        self,
+        key: str,
+        meta: dict[str, Any],
+        *,
+        mmap_mode: str | None,
+        verify: bool,
+        ahead: ReadAhead | None = None,
     ) -> Any:
         """Load the stored result of an entry whose metadata was read with :meth:`read_meta`.
 
         Checks the data file's size against the metadata (and its checksum when ``verify``).
+        ``ahead``: this entry's data, being read by :meth:`read_ahead`; used if it was read
+        from the same file.
 
         Raises:
             CorruptEntry: the data file is missing, of the wrong size or checksum, or joblib
@@ -220,9 +229,10 @@ class Store:
         """
         data_path = self.entry_path(key) / DATA_FILE
         try:
-            size = os.stat(data_path).st_size
+            info = os.stat(data_path)
         except FileNotFoundError:
             raise CorruptEntry(self.entry_path(key), "data file is missing") from None
+        size = info.st_size
         if size != meta["data"]["size"]:
             raise CorruptEntry(
                 self.entry_path(key),
@@ -230,12 +240,26 @@ class Store:
             )
         if verify and hash_file(data_path) != meta["data"]["xxh3"]:
             raise CorruptEntry(self.entry_path(key), "data file checksum does not match")
+        if ahead is not None:
+            value = ahead.take(info)
+            if value is not NOTHING:
+                return value
         try:
             return serialize.load(data_path, mmap_mode=mmap_mode)
         except Exception as error:  # joblib/pickle raise many types on a garbled file
             raise CorruptEntry(
                 self.entry_path(key), f"cannot load data ({type(error).__name__}: {error})"
             ) from error
+
+    def read_ahead(self, key: str) -> ReadAhead:
+        """Start loading an entry's data (``mmap_mode=None``) in a background thread, before
+        it is known whether the call will ask for it; see :meth:`load_value`."""
+        data_path = self.entry_path(key) / DATA_FILE
+        return ReadAhead(
+            lambda reader, opened: serialize.load(
+                data_path, mmap_mode=None, reader=reader, on_open=opened
+            )
+        )
 
     def record_hit(self, key: str) -> None:
         """Note one use of an entry (appends one byte beside it; never rewrites the entry)."""

@@ -49,6 +49,7 @@ from cachedload.backends.objects import (
     probe,
 )
 from cachedload.errors import ConditionalWritesWarning, warn_at_caller
+from cachedload.reading import ReadAhead
 from cachedload.store import (
     DATA_FILE,
     FORMAT_VERSION,
@@ -219,7 +220,13 @@ class RemoteStore(Store):
         return self.read_remote_meta(key)
 
     def load_value(
-        self, key: str, meta: dict[str, Any], *, mmap_mode: str | None, verify: bool
+        self,
+        key: str,
+        meta: dict[str, Any],
+        *,
+        mmap_mode: str | None,
+        verify: bool,
+        ahead: ReadAhead | None = None,
     ) -> Any:
         """Load the entry from the local copy, downloading it first if needed.
 
@@ -231,7 +238,9 @@ class RemoteStore(Store):
         local = meta if self._local_read == (key, id(meta)) else self._local_meta(key)
         if local is not None:
             try:
-                return super().load_value(key, local, mmap_mode=mmap_mode, verify=verify)
+                return super().load_value(
+                    key, local, mmap_mode=mmap_mode, verify=verify, ahead=ahead
+                )
             except CorruptEntry as error:
                 logger.info("dropping the damaged local copy %s: %s", error.path, error.reason)
                 super().remove(key)

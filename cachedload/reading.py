@@ -1,0 +1,204 @@
+"""Reading large arrays out of a file: in chunks that several threads share, and ahead of time.
+
+A hit's restore of a large array is bound by page faults and the copy out of the page cache,
+which are per-core work: :class:`SharedReader` splits each buffer into chunks that any number
+of threads take from one queue (``preadv`` releases the GIL). :class:`ReadAhead` starts that
+work in a background thread *before* the call's key is known, on the entry the same call hit
+last time, so that the restore overlaps with fingerprinting the sources (Python-bound, one
+core); the caller then helps with the chunks that are left. The read-ahead result is used only
+if the key turns out to be the same and the file is the very one the hit would have read.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["NOTHING", "ReadAhead", "ReadCancelled", "SharedReader", "read_exactly"]
+
+_PREADV = hasattr(os, "preadv")
+_CHUNK = 8 * 1024 * 1024  # measured: 4-16 MiB chunks restore equally fast; 8 MiB balances them
+_PARALLEL_MIN = 32 * 1024 * 1024  # per thread: below this a thread costs more than it saves
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+_READ_THREADS = min(4, _usable_cpus())
+
+#: What :meth:`ReadAhead.take` returns when the read-ahead cannot be used.
+NOTHING: Any = object()
+
+
+class ReadCancelled(Exception):
+    """The read was cancelled (the read-ahead guessed the wrong entry)."""
+
+
+def read_exactly(fd: int, view: memoryview, offset: int) -> None:
+    """Fill ``view`` from the file at ``offset`` (``preadv`` straight into the buffer).
+
+    Raises:
+        EOFError: the file ends before the buffer is full.
+    """
+    done = 0
+    total = view.nbytes
+    while done < total:
+        if _PREADV:
+            count = os.preadv(fd, [view[done:]], offset + done)
+        else:  # pragma: no cover - platforms without preadv
+            os.lseek(fd, offset + done, os.SEEK_SET)
+            count = os.readv(fd, [view[done:]])
+        if count == 0:
+            raise EOFError(f"file ends {total - done} bytes short of an array")
+        done += count
+
+
+class SharedReader:
+    """Fills buffers from files in chunks that any thread may take from one queue.
+
+    The thread that calls :meth:`read` queues a buffer's chunks, starts up to ``helpers``
+    threads for a large one, reads chunks itself and returns when all are read. Another thread
+    may join in with :meth:`help` (the caller of a :class:`ReadAhead`).
+    """
+
+    def __init__(self, helpers: int = _READ_THREADS - 1, *, shared: bool = False) -> None:
+        self._helpers = helpers
+        self._shared = shared  # another thread will help: queue buffers of any size
+        self._changed = threading.Condition()
+        self._chunks: deque[tuple[int, memoryview, int]] = deque()
+        self._pending = 0  # chunks queued or being read
+        self._finished = False  # no more buffers will be queued
+        self._cancelled = False
+        self._error: BaseException | None = None
+
+    def read(self, fd: int, view: memoryview, offset: int) -> None:
+        """Fill ``view`` from ``fd`` at ``offset``; return when every chunk is read.
+
+        Raises:
+            ReadCancelled: :meth:`cancel` was called.
+            EOFError, OSError: a chunk could not be read.
+        """
+        if not self._shared and (self._helpers < 1 or view.nbytes < 2 * _PARALLEL_MIN):
+            read_exactly(fd, view, offset)  # nobody to share the work with
+            return
+        with self._changed:
+            if self._cancelled:
+                raise ReadCancelled
+            for start in range(0, view.nbytes, _CHUNK):
+                self._chunks.append((fd, view[start : start + _CHUNK], offset + start))
+                self._pending += 1
+            self._changed.notify_all()
+        workers = min(self._helpers, view.nbytes // _PARALLEL_MIN - 1)
+        threads = [threading.Thread(target=self._take_chunks) for _ in range(workers)]
+        for thread in threads:
+            thread.start()
+        self._take_chunks()
+        with self._changed:
+            while self._pending:
+                self._changed.wait()
+        for thread in threads:
+            thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._cancelled:
+            raise ReadCancelled
+
+    def _take_chunks(self, until_finished: bool = False) -> None:
+        """Read queued chunks until the queue is empty (or, ``until_finished``, until
+        :meth:`finish` says no more will come)."""
+        while True:
+            with self._changed:
+                while not self._chunks:
+                    if not until_finished or self._finished:
+                        return
+                    self._changed.wait()
+                fd, view, offset = self._chunks.popleft()
+            try:
+                read_exactly(fd, view, offset)
+            except BaseException as error:  # re-raised by read(), in the loading thread
+                with self._changed:
+                    self._error = self._error or error
+                    self._drop_queued()
+            with self._changed:
+                self._pending -= 1
+                self._changed.notify_all()
+
+    def help(self) -> None:
+        """Read chunks alongside the loading thread until it says it is done."""
+        self._take_chunks(until_finished=True)
+
+    def finish(self) -> None:
+        """No more buffers will be queued (wakes the threads in :meth:`help`)."""
+        with self._changed:
+            self._finished = True
+            self._changed.notify_all()
+
+    def cancel(self) -> None:
+        """Drop the chunks not yet started; :meth:`read` then raises :class:`ReadCancelled`."""
+        with self._changed:
+            self._cancelled = True
+            self._drop_queued()
+            self._changed.notify_all()
+
+    def _drop_queued(self) -> None:
+        self._pending -= len(self._chunks)
+        self._chunks.clear()
+
+
+def file_identity(info: os.stat_result) -> tuple[int, ...]:
+    """What tells two opens of a path apart: same inode, size and change times."""
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
+class ReadAhead:
+    """A value loaded in a background thread while the caller does something else.
+
+    ``load(reader, opened)`` must read large buffers through ``reader`` and call
+    ``opened(fd)`` once with the file it reads, so that :meth:`take` can check that the file
+    is the one the caller would have read.
+    """
+
+    def __init__(self, load: Callable[[SharedReader, Callable[[int], None]], Any]) -> None:
+        self._load = load
+        self._reader = SharedReader(helpers=0, shared=True)  # the caller helps once it is free
+        self._value: Any = NOTHING
+        self._identity: tuple[int, ...] | None = None
+        self.used = False  # whether take() returned the value
+        self._thread = threading.Thread(target=self._run, name="cachedload-read-ahead")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._load(self._reader, self._opened)
+        except BaseException:  # a damaged or vanished entry: the caller's own read reports it
+            self._value = NOTHING
+        finally:
+            self._reader.finish()
+
+    def _opened(self, fd: int) -> None:
+        self._identity = file_identity(os.fstat(fd))
+
+    def take(self, info: os.stat_result) -> Any:
+        """The loaded value if it was read from the file ``info`` describes, else
+        :data:`NOTHING`. Helps with the chunks left, then waits for the loading thread."""
+        self._reader.help()
+        self._thread.join()
+        if self._identity is None or self._identity != file_identity(info):
+            return NOTHING
+        value, self._value = self._value, NOTHING  # taken once: no reference kept here
+        self.used = value is not NOTHING
+        return value
+
+    def cancel(self) -> None:
+        """Stop reading (a wrong guess, or an error in the caller) and free the buffers."""
+        self._reader.cancel()
+        self._thread.join()
+        self._value = NOTHING
