@@ -93,6 +93,12 @@ class _Recent(NamedTuple):
     size: int
     fingerprint_seconds: float
 
+    def worth_reading_ahead(self) -> bool:
+        return (
+            self.size >= _READ_AHEAD_MIN_BYTES
+            and self.fingerprint_seconds >= _READ_AHEAD_MIN_SECONDS
+        )
+
 
 class _Miss:
     """A lookup that found no usable entry; ``replace`` if a bad entry sits at the key."""
@@ -191,7 +197,7 @@ class CachedDataset(Generic[P, R]):
             portable=portable,
         )
         self._stats = _Stats()
-        self._recent: dict[str, _Recent] = {}  # group -> its entry last used here
+        self._recent: dict[str, _Recent | None] = {}  # group -> the entry it used last
         self._bound_self: Any = None
         self._is_bound = False
         self._code: str | None = None
@@ -275,28 +281,50 @@ class CachedDataset(Generic[P, R]):
             before_fingerprints,
         )
 
+    def _reads_ahead(self) -> bool:
+        # Memory maps are instant; compressed entries are read by joblib.
+        return self._mmap_mode is None and not self._compress
+
     def _read_ahead(self, group: str, started: list[tuple[str, ReadAhead]]) -> None:
-        """Start reading the entry that this call's group hit or stored last in this process,
-        while the sources are fingerprinted (see :mod:`cachedload.reading`)."""
-        guess = self._recent.get(group)
-        if (
-            guess is None
-            or guess.size < _READ_AHEAD_MIN_BYTES
-            or guess.fingerprint_seconds < _READ_AHEAD_MIN_SECONDS
-        ):
+        """Start reading the entry that this call's group hit or stored last, while the
+        sources are fingerprinted (see :mod:`cachedload.reading`). The guess comes from this
+        process, or on a group's first call here from the hint the store keeps."""
+        if not self._reads_ahead():
             return
         try:
-            started.append((guess.key, self._store().read_ahead(guess.key)))
+            if group in self._recent:
+                guess = self._recent[group]
+                store = None
+            else:
+                store = self._store()
+                head = store.read_head(group)
+                guess = None if head is None else _Recent(*head)
+                self._note_recent(group, guess)
+            if guess is None or not guess.worth_reading_ahead():
+                return
+            store = store or self._store()
+            started.append((guess.key, store.read_ahead(guess.key)))
         except (OSError, RuntimeError) as error:  # RuntimeError: no thread could be started
             logger.debug("no read-ahead for %s: %s", self._identity, error)
 
-    def _remember(self, call: Call, size: int) -> None:
-        """Note the entry a call's group used, for :meth:`_read_ahead` on its next call."""
-        if self._mmap_mode is not None or self._compress:
-            return  # memory maps are instant; compressed entries are read by joblib
+    def _remember(self, store: Store, call: Call, size: int) -> None:
+        """Note the entry a call's group used, for :meth:`_read_ahead` on its next call (in
+        this process, and in the store for other processes if reading it ahead pays)."""
+        if not self._reads_ahead():
+            return
+        used = _Recent(call.key, size, call.fingerprint_seconds)
+        before = self._recent.get(call.group)
+        self._note_recent(call.group, used)
+        if used.worth_reading_ahead() and (before is None or before.key != used.key):
+            try:
+                store.write_head(call.group, used.key, used.size, used.fingerprint_seconds)
+            except OSError as error:  # a read-only cache still serves hits
+                logger.debug("cannot note the entry of %s: %s", self._identity, error)
+
+    def _note_recent(self, group: str, used: _Recent | None) -> None:
         recent = self._recent
-        recent.pop(call.group, None)
-        recent[call.group] = _Recent(call.key, size, call.fingerprint_seconds)
+        recent.pop(group, None)
+        recent[group] = used
         if len(recent) > _RECENT_GROUPS:
             del recent[next(iter(recent))]  # the least recently used
 
@@ -337,7 +365,7 @@ class CachedDataset(Generic[P, R]):
             logger.info("cannot read cache entry %s: %s", store.entry_path(call.key), error)
             return _Miss()
         store.record_hit(call.key)
-        self._remember(call, meta["data"]["size"])
+        self._remember(store, call, meta["data"]["size"])
         logger.info(
             "hit %s [%s] in %.1f ms (%s bytes%s)",
             self._identity,
@@ -397,7 +425,7 @@ class CachedDataset(Generic[P, R]):
             self._store_failed(call, store, error)
             return result
         self._stats.stores += 1
-        self._remember(call, size)
+        self._remember(store, call, size)
         logger.info(
             "stored %s [%s]: %s bytes in %.1f ms (computed in %.2f s)",
             self._identity,

@@ -15,7 +15,7 @@ from cachedload import cached_dataset, reading
 from cachedload.errors import CorruptEntryWarning
 from cachedload.reading import NOTHING, ReadAhead, ReadCancelled, SharedReader
 
-from .conftest import age
+from .conftest import age, run_python
 
 MIB = 1024 * 1024
 
@@ -301,3 +301,71 @@ def test_switching_back_to_an_older_entry_returns_its_own_data(
     assert load(source).tobytes() == b"state one"
     assert load(source).tobytes() == b"state one"
     assert [m.endswith(", read ahead)") for m in _hit_logs(caplog)] == [True, False, True]
+
+
+# -- the hint kept in the store, for a group's first call in a new process -------------------
+
+_CHILD = """
+    import logging, sys
+    import numpy as np
+    import cachedload.decorator as decorator
+    from cachedload import cached_dataset
+
+    decorator._READ_AHEAD_MIN_BYTES = 0  # read ahead whatever the sizes
+    decorator._READ_AHEAD_MIN_SECONDS = 0.0
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+
+    @cached_dataset(cache_dir={cache!r})
+    def load(folder, n=2):
+        with open({counter!r}, "a") as runs:
+            runs.write("run\\n")
+        return np.arange(50_000) * n
+
+    assert load({source!r})[-1] == 49_999 * 2
+"""
+
+
+def _child(tmp_path: Path, cache_dir: Path, source: Path) -> str:
+    counter = tmp_path / "runs.txt"
+    code = _CHILD.format(cache=str(cache_dir), counter=str(counter), source=str(source))
+    return run_python(code).stdout
+
+
+def test_a_new_process_reads_ahead_the_entry_noted_in_the_store(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    source = _source(tmp_path)
+    assert "stored" in _child(tmp_path, cache_dir, source)
+    heads = list(cache_dir.glob("*/*.head"))
+    assert len(heads) == 1
+    out = _child(tmp_path, cache_dir, source)  # a fresh interpreter: its first call
+    assert ", read ahead)" in out
+    assert (tmp_path / "runs.txt").read_text().count("run") == 1
+
+
+def test_a_damaged_or_stale_hint_is_ignored(tmp_path: Path, cache_dir: Path) -> None:
+    source = _source(tmp_path)
+    _child(tmp_path, cache_dir, source)
+    (head,) = cache_dir.glob("*/*.head")
+    for text in ("", "garbage", "../../../../etc/passwd 10 1.0", "0123456789abcdef0123 5 x"):
+        head.write_text(text)
+        out = _child(tmp_path, cache_dir, source)
+        assert "hit " in out and ", read ahead)" not in out
+    head.write_text("0123456789abcdef0123456789abcdef 400000 1.0")  # an entry that is gone
+    out = _child(tmp_path, cache_dir, source)
+    assert "hit " in out and ", read ahead)" not in out
+    assert (tmp_path / "runs.txt").read_text().count("run") == 1
+
+
+@pytest.mark.usefixtures("always_read_ahead")
+def test_clearing_the_cache_removes_the_hint(tmp_path: Path, cache_dir: Path) -> None:
+    source = _source(tmp_path)
+
+    @cached_dataset(cache_dir=cache_dir)
+    def load(folder: Path) -> np.ndarray[Any, Any]:
+        return np.zeros(1000)
+
+    load(source)
+    assert len(list(cache_dir.glob("*/*.head"))) == 1
+    load.cache_clear()
+    assert list(cache_dir.glob("*/*.head")) == []
