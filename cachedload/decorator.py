@@ -326,7 +326,9 @@ class CachedDataset(Generic[P, R]):
         recent.pop(group, None)
         recent[group] = used
         if len(recent) > _RECENT_GROUPS:
-            del recent[next(iter(recent))]  # the least recently used
+            # The least recently used (another thread may be trimming it at the same time).
+            with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+                del recent[next(iter(recent))]
 
     def _call_meta(self, call: Call) -> dict[str, Any]:
         return self._rules.call_meta(call, self._code_version(), self._version)
@@ -479,6 +481,8 @@ class CachedDataset(Generic[P, R]):
             return self.__wrapped__(*call.args, **call.kwargs)
         if not force:
             found = self._lookup(store, call, ahead)
+            if ahead is not None:
+                ahead.cancel()  # taken, or of no use now: free its buffer before computing
             if not isinstance(found, _Miss):
                 self._stats.hits += 1
                 return found  # type: ignore[no-any-return]
@@ -547,11 +551,16 @@ class CachedDataset(Generic[P, R]):
         started: list[tuple[str, ReadAhead]] = []
         try:
             call = self._prepare(args, kwargs, lambda group: self._read_ahead(group, started))
-            ahead = next((reading for key, reading in started if key == call.key), None)
+            ahead = None
+            for key, reading in started:
+                if key == call.key:
+                    ahead = reading
+                else:
+                    reading.cancel()  # a wrong guess: stop it and free its buffer now
             return self._run(call, force=False, ahead=ahead)
         finally:
             for _, reading in started:
-                reading.cancel()  # a wrong guess, or not used: stop it, free its buffer
+                reading.cancel()  # after an error (a no-op once taken or cancelled)
 
     def recompute(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the loader body for these arguments and overwrite the stored entry."""

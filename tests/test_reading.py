@@ -190,8 +190,11 @@ def test_changed_source_never_gets_the_entry_read_ahead(
     # changes, the key differs and the guess must be thrown away, not returned.
     source = _source(tmp_path)
 
+    events: list[str] = []
+
     @cached_dataset(cache_dir=cache_dir)
     def load(folder: Path) -> np.ndarray[Any, Any]:
+        events.append("body")
         text = "".join(p.read_text() for p in sorted(folder.iterdir()))
         return np.frombuffer(text.encode(), dtype=np.uint8).copy()
 
@@ -200,7 +203,17 @@ def test_changed_source_never_gets_the_entry_read_ahead(
     load(source)  # a hit: the group's entry is now remembered
     (source / "f2.txt").write_text("file X")  # same size, new mtime
     age(source, 60)
-    changed = load(source)
+    cancel = ReadAhead.cancel
+
+    def spy(self: ReadAhead) -> None:
+        events.append("cancel")
+        cancel(self)
+
+    events.clear()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ReadAhead, "cancel", spy)
+        changed = load(source)
+    assert events[:2] == ["cancel", "body"]  # the wrong guess is stopped before the body runs
     assert b"file X" in changed.tobytes()
     assert load(source).tobytes() == changed.tobytes()
     assert [m.endswith(", read ahead)") for m in _hit_logs(caplog)] == [True, True]
