@@ -8,6 +8,7 @@ metadata describing a call live here too, so that the decorator only orchestrate
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import platform
@@ -47,6 +48,20 @@ class _SourceArgument(NamedTuple):
     paths: tuple[str, str]  # absolute path, real path
 
 
+@dataclass(frozen=True)
+class CallGroup:
+    """What a group of calls shares: function, code, parameters and source *paths*, but not
+    the sources' fingerprints. Entries of one group differ only in source contents."""
+
+    token: tuple[Any, ...]  # hashable, cheap: for in-memory lookups
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """The group as stored in metadata (computed on first use: it costs a hash)."""
+        identity, code, parameters, paths = self.token
+        return value_digest((identity, code, list(parameters), list(paths)))
+
+
 @dataclass
 class Call:
     """Everything known about one call before the body runs."""
@@ -55,11 +70,16 @@ class Call:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     key: str
-    group: str  # the key without the sources' fingerprints (see KeyRules.call_meta)
+    group_of: CallGroup
     parameters: dict[str, tuple[str, str]]  # name -> (digest, readable text)
     sources: dict[str, tuple[str, Fingerprint]]  # name -> (absolute path, fingerprint)
     fingerprint_seconds: float = 0.0  # how long fingerprinting the sources took
     warned: set[str] = field(default_factory=set)
+
+    @property
+    def group(self) -> str:
+        """The digest of the call's :class:`CallGroup`."""
+        return self.group_of.digest
 
 
 def readable(value: Any) -> str:
@@ -202,7 +222,7 @@ class KeyRules:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         code_version: str,
-        before_fingerprints: Callable[[str], None] | None = None,
+        before_fingerprints: Callable[[CallGroup], None] | None = None,
     ) -> Call:
         """Bind arguments to the loader's signature (defaults applied) and make the key.
 
@@ -226,10 +246,13 @@ class KeyRules:
                 continue
             for index, item in items:  # *args and **kwargs: each item on its own
                 self._add(name, f"{name}[{index}]", item, parameters, pending)
-        group = self._group(
-            code_version,
-            parameters,
-            {label: source.paths[1] for label, source in pending.items()},
+        group = CallGroup(
+            (
+                self.identity,
+                code_version,
+                tuple(sorted((name, digest) for name, (digest, _) in parameters.items())),
+                tuple(sorted((label, source.paths[1]) for label, source in pending.items())),
+            )
         )
         if before_fingerprints is not None:
             before_fingerprints(group)
@@ -251,22 +274,10 @@ class KeyRules:
             args=bound.args,
             kwargs=bound.kwargs,
             key=value_digest(key_parts),
-            group=group,
+            group_of=group,
             parameters=parameters,
             sources=sources,
             fingerprint_seconds=fingerprint_seconds,
-        )
-
-    def _group(
-        self, code_version: str, parameters: dict[str, tuple[str, str]], paths: dict[str, str]
-    ) -> str:
-        return value_digest(
-            (
-                self.identity,
-                code_version,
-                sorted((name, digest) for name, (digest, _) in parameters.items()),
-                sorted(paths.items()),
-            )
         )
 
     def _add(

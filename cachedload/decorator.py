@@ -23,6 +23,7 @@ from typing import Any, Generic, Literal, NamedTuple, ParamSpec, TypeVar, overlo
 from cachedload.backends import default_local_root, is_url, open_store, validate_url
 from cachedload.calls import (
     Call,
+    CallGroup,
     KeyRules,
     call_manifest,
     entry_meta,
@@ -197,7 +198,8 @@ class CachedDataset(Generic[P, R]):
             portable=portable,
         )
         self._stats = _Stats()
-        self._recent: dict[str, _Recent | None] = {}  # group -> the entry it used last
+        # A call group's token -> the entry the group used last (see _read_ahead).
+        self._recent: dict[tuple[Any, ...], _Recent | None] = {}
         self._bound_self: Any = None
         self._is_bound = False
         self._code: str | None = None
@@ -271,7 +273,7 @@ class CachedDataset(Generic[P, R]):
         self,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        before_fingerprints: Callable[[str], None] | None = None,
+        before_fingerprints: Callable[[CallGroup], None] | None = None,
     ) -> Call:
         return self._rules.bind(
             self._signature,
@@ -285,21 +287,21 @@ class CachedDataset(Generic[P, R]):
         # Memory maps are instant; compressed entries are read by joblib.
         return self._mmap_mode is None and not self._compress
 
-    def _read_ahead(self, group: str, started: list[tuple[str, ReadAhead]]) -> None:
+    def _read_ahead(self, group: CallGroup, started: list[tuple[str, ReadAhead]]) -> None:
         """Start reading the entry that this call's group hit or stored last, while the
         sources are fingerprinted (see :mod:`cachedload.reading`). The guess comes from this
         process, or on a group's first call here from the hint the store keeps."""
         if not self._reads_ahead():
             return
         try:
-            if group in self._recent:
-                guess = self._recent[group]
+            if group.token in self._recent:
+                guess = self._recent[group.token]
                 store = None
             else:
                 store = self._store()
-                head = store.read_head(group)
+                head = store.read_head(group.digest)
                 guess = None if head is None else _Recent(*head)
-                self._note_recent(group, guess)
+                self._note_recent(group.token, guess)
             if guess is None or not guess.worth_reading_ahead():
                 return
             store = store or self._store()
@@ -313,15 +315,15 @@ class CachedDataset(Generic[P, R]):
         if not self._reads_ahead():
             return
         used = _Recent(call.key, size, call.fingerprint_seconds)
-        before = self._recent.get(call.group)
-        self._note_recent(call.group, used)
+        before = self._recent.get(call.group_of.token)
+        self._note_recent(call.group_of.token, used)
         if used.worth_reading_ahead() and (before is None or before.key != used.key):
             try:
                 store.write_head(call.group, used.key, used.size, used.fingerprint_seconds)
             except OSError as error:  # a read-only cache still serves hits
                 logger.debug("cannot note the entry of %s: %s", self._identity, error)
 
-    def _note_recent(self, group: str, used: _Recent | None) -> None:
+    def _note_recent(self, group: tuple[Any, ...], used: _Recent | None) -> None:
         recent = self._recent
         recent.pop(group, None)
         recent[group] = used

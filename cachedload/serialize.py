@@ -38,7 +38,7 @@ from typing import Any, BinaryIO, Literal
 import numpy as np
 import xxhash
 
-from cachedload.reading import SharedReader, read_exactly
+from cachedload.reading import SharedReader, read_exactly, read_parallel
 
 __all__ = ["dump", "load"]
 
@@ -315,9 +315,11 @@ def load(
                 arrays.append(mapped)
                 continue
             array = np.empty(shape, dtype, order=order)
+            view = array.ravel(order=order).view(np.uint8).data
             if reader is None:
-                reader = SharedReader()
-            reader.read(fd, array.ravel(order=order).view(np.uint8).data, offset)
+                read_parallel(fd, view, offset)
+            else:
+                reader.read(fd, view, offset)
             arrays.append(array if mmap_mode is not None else _native(array))
     finally:
         os.close(fd)
