@@ -17,6 +17,7 @@ Sources are aged (mtimes a day old) like a real dataset. ``--quick``: 1k/4k file
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -151,9 +152,9 @@ def section_realistic(args: Any, scratch: Path, rounds: int) -> None:
     warm: list[tuple[float, float]] = []
     memory_warm: list[tuple[float, float]] = []
     nbytes = 0
-    for _ in range(rounds):
-        import shutil
-
+    # Fresh interpreters vary a lot here (first touches of memory in a new process): twice
+    # the rounds of the other tables.
+    for _ in range(2 * rounds):
         for folder in (cache, memory_cache):
             if folder.exists():
                 shutil.rmtree(folder)

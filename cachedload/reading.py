@@ -91,6 +91,7 @@ class SharedReader:
         self._changed = threading.Condition()
         self._chunks: deque[tuple[int, memoryview, int]] = deque()
         self._pending = 0  # chunks queued or being read
+        self._queued_bytes = 0
         self._finished = False  # no more buffers will be queued
         self._cancelled = False
         self._error: BaseException | None = None
@@ -116,8 +117,10 @@ class SharedReader:
             if self._cancelled:
                 raise ReadCancelled
             for start in range(0, view.nbytes, chunk):
-                self._chunks.append((fd, view[start : start + chunk], offset + start))
+                piece = view[start : start + chunk]
+                self._chunks.append((fd, piece, offset + start))
                 self._pending += 1
+                self._queued_bytes += piece.nbytes
             self._changed.notify_all()
         threads = [threading.Thread(target=self._take_chunks) for _ in range(workers)]
         for thread in threads:
@@ -133,16 +136,20 @@ class SharedReader:
         if self._cancelled:
             raise ReadCancelled
 
-    def _take_chunks(self, until_finished: bool = False) -> None:
+    def _take_chunks(self, until_finished: bool = False, min_queued: int = 0) -> None:
         """Read queued chunks until the queue is empty (or, ``until_finished``, until
-        :meth:`finish` says no more will come)."""
+        :meth:`finish` says no more will come); stop early once fewer than ``min_queued``
+        bytes are waiting."""
         while True:
             with self._changed:
                 while not self._chunks:
                     if not until_finished or self._finished:
                         return
                     self._changed.wait()
+                if self._queued_bytes < min_queued:
+                    return
                 fd, view, offset = self._chunks.popleft()
+                self._queued_bytes -= view.nbytes
             try:
                 read_exactly(fd, view, offset)
             except BaseException as error:  # re-raised by read(), in the loading thread
@@ -153,9 +160,10 @@ class SharedReader:
                 self._pending -= 1
                 self._changed.notify_all()
 
-    def help(self) -> None:
-        """Read chunks alongside the loading thread until it says it is done."""
-        self._take_chunks(until_finished=True)
+    def help(self, min_queued: int = 0) -> None:
+        """Read chunks alongside the loading thread until it says it is done, or until fewer
+        than ``min_queued`` bytes are left to read."""
+        self._take_chunks(until_finished=True, min_queued=min_queued)
 
     def finish(self) -> None:
         """No more buffers will be queued (wakes the threads in :meth:`help`)."""
@@ -172,6 +180,7 @@ class SharedReader:
 
     def _drop_queued(self) -> None:
         self._pending -= len(self._chunks)
+        self._queued_bytes = 0
         self._chunks.clear()
 
 
@@ -211,8 +220,16 @@ class ReadAhead:
 
     def take(self, info: os.stat_result) -> Any:
         """The loaded value if it was read from the file ``info`` describes, else
-        :data:`NOTHING`. Helps with the chunks left, then waits for the loading thread."""
-        self._reader.help()
+        :data:`NOTHING`. Helps with the chunks left while there are many, then waits for the
+        loading thread.
+
+        Measured on the realistic case of ``benchmarks/bench_scaling.py``: helping with the
+        last few chunks gains nothing (the copy is bound by memory, not by one core) and, on a
+        virtual machine, two threads faulting in fresh memory at once sometimes stall for
+        10 ms or more; so the caller helps only while two threads would also be used without
+        reading ahead (at least 2 x 32 MiB left).
+        """
+        self._reader.help(min_queued=2 * _PARALLEL_MIN)
         self._thread.join()
         if self._identity is None or self._identity != file_identity(info):
             return NOTHING

@@ -62,6 +62,35 @@ def test_shared_reader_with_a_helping_thread(tmp_path: Path) -> None:
     assert bytes(buffer) == data
 
 
+def test_helper_leaves_a_small_remainder_to_the_loading_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, data = _file(tmp_path, 40 * MIB)
+    readers: list[str] = []
+    original = reading.read_exactly
+
+    def spy(fd: int, view: memoryview, offset: int) -> None:
+        readers.append(threading.current_thread().name)
+        original(fd, view, offset)
+
+    monkeypatch.setattr(reading, "read_exactly", spy)
+    buffer = bytearray(len(data))
+    reader = SharedReader(helpers=0, shared=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        loader = threading.Thread(
+            target=lambda: (reader.read(fd, memoryview(buffer), 0), reader.finish()),
+            name="loader",
+        )
+        loader.start()
+        reader.help(min_queued=64 * MIB)  # 40 MiB is less: nothing to help with
+        loader.join()
+    finally:
+        os.close(fd)
+    assert bytes(buffer) == data
+    assert set(readers) == {"loader"} and len(readers) == 5  # five 8 MiB chunks
+
+
 def test_shared_reader_reports_a_short_file(tmp_path: Path) -> None:
     path, _ = _file(tmp_path, 70 * MIB)
     buffer = bytearray(80 * MIB)
