@@ -73,6 +73,8 @@ class Call:
     group_of: CallGroup
     parameters: dict[str, tuple[str, str]]  # name -> (digest, readable text)
     sources: dict[str, tuple[str, Fingerprint]]  # name -> (absolute path, fingerprint)
+    # name -> the absolute path as given, before symlinks were resolved into ``sources``
+    given_paths: dict[str, str] = field(default_factory=dict)
     fingerprint_seconds: float = 0.0  # how long fingerprinting the sources took
     warned: set[str] = field(default_factory=set)
 
@@ -197,13 +199,21 @@ class KeyRules:
 
     @staticmethod
     def _paths(name: str, value: Any) -> tuple[str, str]:
-        """A source argument's absolute path and its real path (symlinks resolved)."""
+        """A source argument's absolute path and its real path (symlinks resolved).
+
+        Raises:
+            SourceNotFoundError: nothing is there (checked here, in argument order, before
+                any later parameter is hashed).
+        """
         if not isinstance(value, (str, os.PathLike)):
             raise ConfigurationError(
                 "source", f"parameter {name!r} is not a path: {readable(value)}"
             )
         path = os.path.abspath(os.fspath(value))
-        return path, os.path.realpath(path)
+        real = os.path.realpath(path)
+        if not os.path.exists(real):
+            raise SourceNotFoundError(name, value)
+        return path, real
 
     def _fingerprint(self, source: _SourceArgument) -> tuple[str, Fingerprint]:
         """The real path and fingerprint of one source argument."""
@@ -259,6 +269,7 @@ class KeyRules:
         started = time.perf_counter()
         sources = {label: self._fingerprint(source) for label, source in pending.items()}
         fingerprint_seconds = time.perf_counter() - started
+        given_paths = {label: source.paths[0] for label, source in pending.items()}
         key_parts = (
             FORMAT_VERSION,
             self.identity,
@@ -277,6 +288,7 @@ class KeyRules:
             group_of=group,
             parameters=parameters,
             sources=sources,
+            given_paths=given_paths,
             fingerprint_seconds=fingerprint_seconds,
         )
 
@@ -306,9 +318,14 @@ class KeyRules:
             raise UnhashableArgumentError(name, "nested too deeply") from None
 
     def sources_after(self, call: Call) -> dict[str, tuple[str, Fingerprint]] | None:
-        """Fingerprints taken again after the body ran; None if any source changed."""
+        """Fingerprints taken again after the body ran; None if any source changed, including
+        a symlink on the way to it now pointing elsewhere (the key names the real path taken
+        before fingerprinting; the body may have read through the new link)."""
         after: dict[str, tuple[str, Fingerprint]] = {}
         for name, (path, before) in call.sources.items():
+            given = call.given_paths.get(name)
+            if given is not None and os.path.realpath(given) != path:
+                return None
             try:
                 now = fingerprint_source(
                     path, mode=self.mode, include=self.include, exclude=self.exclude

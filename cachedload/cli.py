@@ -7,7 +7,6 @@ is the command's front end, so it prints; the library itself never does.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import logging
@@ -33,6 +32,7 @@ from cachedload.manage import (
     prune,
     remove_damaged,
     remove_entries,
+    tidy_function_dirs,
     verify,
 )
 from cachedload.store import default_cache_dir
@@ -293,9 +293,7 @@ def _clear(args: argparse.Namespace) -> int:
     if not args.dry_run:
         for result in damaged:
             remove_damaged(result)
-        for directory in function_dirs(cache_dir):
-            with contextlib.suppress(OSError):
-                directory.rmdir()  # only when empty
+        tidy_function_dirs(function_dirs(cache_dir))
     if damaged:
         print(f"{'would remove' if args.dry_run else 'removed'} {len(damaged)} damaged entries")
     _report(report, cache_dir)

@@ -101,6 +101,9 @@ class _Recent(NamedTuple):
         )
 
 
+_UNKNOWN: Any = object()  # a call group not seen yet in this process
+
+
 class _Miss:
     """A lookup that found no usable entry; ``replace`` if a bad entry sits at the key."""
 
@@ -294,10 +297,9 @@ class CachedDataset(Generic[P, R]):
         if not self._reads_ahead():
             return
         try:
-            if group.token in self._recent:
-                guess = self._recent[group.token]
-                store = None
-            else:
+            guess = self._recent.get(group.token, _UNKNOWN)
+            store = None
+            if guess is _UNKNOWN:
                 store = self._store()
                 head = store.read_head(group.digest)
                 guess = None if head is None else _Recent(*head)

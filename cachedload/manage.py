@@ -52,6 +52,7 @@ __all__ = [
     "prune",
     "remove_damaged",
     "remove_entries",
+    "tidy_function_dirs",
     "verify",
 ]
 
@@ -450,8 +451,8 @@ def remove_entries(
     return PruneReport(tuple(removed), tuple(busy), dry_run)
 
 
-def _tidy(directories: Iterable[Path]) -> None:
-    """Remove dead writers' leftovers, then function folders left empty."""
+def tidy_function_dirs(directories: Iterable[Path]) -> None:
+    """Remove dead writers' leftovers and orphan hints, then function folders left empty."""
     for directory in directories:
         Store(directory.parent, directory.name).remove_leftovers()
         with contextlib.suppress(OSError):
@@ -543,7 +544,7 @@ def prune(
         remaining = [record for record in records if record.path not in gone]
         report += _evict_lru(remaining, limit, protect=None, dry_run=dry_run)
     if not dry_run:
-        _tidy(function_dirs(cache_dir))
+        tidy_function_dirs(function_dirs(cache_dir))
         url = remote_url(cache_dir)
         if url is not None:
             from cachedload.backends import listing

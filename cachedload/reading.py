@@ -30,6 +30,7 @@ _PREADV = hasattr(os, "preadv")
 _CHUNK = 8 * 1024 * 1024  # measured: 4-16 MiB chunks restore equally fast; 8 MiB balances them
 _PARALLEL_MIN = 32 * 1024 * 1024  # per thread: below this a thread costs more than it saves
 _PAGE = 4096
+_MAX_UNPICKLING = 1024 * 1024  # pickled bytes (besides arrays) a read-ahead may unpickle
 
 
 def _usable_cpus() -> int:
@@ -85,9 +86,16 @@ class SharedReader:
     may join in with :meth:`help` (the caller of a :class:`ReadAhead`).
     """
 
-    def __init__(self, helpers: int = _READ_THREADS - 1, *, shared: bool = False) -> None:
+    def __init__(
+        self,
+        helpers: int = _READ_THREADS - 1,
+        *,
+        shared: bool = False,
+        max_unpickling: int | None = None,
+    ) -> None:
         self._helpers = helpers
         self._shared = shared  # another thread will help: queue buffers of any size
+        self._max_unpickling = max_unpickling
         self._changed = threading.Condition()
         self._chunks: deque[tuple[int, memoryview, int]] = deque()
         self._pending = 0  # chunks queued or being read
@@ -125,15 +133,31 @@ class SharedReader:
         threads = [threading.Thread(target=self._take_chunks) for _ in range(workers)]
         for thread in threads:
             thread.start()
-        self._take_chunks()
-        with self._changed:
-            while self._pending:
-                self._changed.wait()
-        for thread in threads:
-            thread.join()
+        try:
+            self._take_chunks()
+            with self._changed:
+                while self._pending:
+                    self._changed.wait()
+        except BaseException:  # e.g. KeyboardInterrupt: stop the helpers before leaving
+            self.cancel()
+            raise
+        finally:
+            for thread in threads:
+                thread.join()  # within one chunk once cancelled
         if self._error is not None:
             raise self._error
         if self._cancelled:
+            raise ReadCancelled
+
+    def before_unpickling(self, nbytes: int) -> None:
+        """Called by the loader before it unpickles ``nbytes`` of pickled data (Python work,
+        under the GIL, that :meth:`cancel` cannot interrupt).
+
+        Raises:
+            ReadCancelled: the read was cancelled, or ``nbytes`` is more than this reader
+                lets its thread unpickle.
+        """
+        if self._cancelled or (self._max_unpickling is not None and nbytes > self._max_unpickling):
             raise ReadCancelled
 
     def _take_chunks(self, until_finished: bool = False, min_queued: int = 0) -> None:
@@ -141,24 +165,30 @@ class SharedReader:
         :meth:`finish` says no more will come); stop early once fewer than ``min_queued``
         bytes are waiting."""
         while True:
-            with self._changed:
-                while not self._chunks:
-                    if not until_finished or self._finished:
-                        return
-                    self._changed.wait()
-                if self._queued_bytes < min_queued:
-                    return
-                fd, view, offset = self._chunks.popleft()
-                self._queued_bytes -= view.nbytes
+            taken = None
             try:
-                read_exactly(fd, view, offset)
-            except BaseException as error:  # re-raised by read(), in the loading thread
+                with self._changed:
+                    while not self._chunks:
+                        if not until_finished or self._finished:
+                            return
+                        self._changed.wait()
+                    if self._queued_bytes < min_queued:
+                        return
+                    taken = self._chunks.popleft()
+                    self._queued_bytes -= taken[1].nbytes
+                read_exactly(*taken)
+            except Exception as error:  # re-raised by read(), in the loading thread
                 with self._changed:
                     self._error = self._error or error
                     self._drop_queued()
-            with self._changed:
-                self._pending -= 1
-                self._changed.notify_all()
+            except BaseException:  # KeyboardInterrupt, SystemExit: this thread's own, raised
+                self.cancel()  # here; the loading thread stops with ReadCancelled
+                raise
+            finally:
+                if taken is not None:
+                    with self._changed:
+                        self._pending -= 1
+                        self._changed.notify_all()
 
     def help(self, min_queued: int = 0) -> None:
         """Read chunks alongside the loading thread until it says it is done, or until fewer
@@ -199,7 +229,10 @@ class ReadAhead:
 
     def __init__(self, load: Callable[[SharedReader, Callable[[int], None]], Any]) -> None:
         self._load = load
-        self._reader = SharedReader(helpers=0, shared=True)  # the caller helps once it is free
+        # The caller helps once it is free. Results that are mostly pickled objects are not
+        # read ahead: unpickling them would hold the GIL that fingerprinting needs, and a
+        # wrong guess could not be stopped in the middle.
+        self._reader = SharedReader(helpers=0, shared=True, max_unpickling=_MAX_UNPICKLING)
         self._value: Any = NOTHING
         self._identity: tuple[int, ...] | None = None
         self.used = False  # whether take() returned the value
@@ -231,9 +264,9 @@ class ReadAhead:
         """
         self._reader.help(min_queued=2 * _PARALLEL_MIN)
         self._thread.join()
-        if self._identity is None or self._identity != file_identity(info):
-            return NOTHING
         value, self._value = self._value, NOTHING  # taken once: no reference kept here
+        if self._identity is None or self._identity != file_identity(info):
+            return NOTHING  # (and its buffers are freed before the caller reads the file)
         self.used = value is not NOTHING
         return value
 

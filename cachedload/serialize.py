@@ -283,10 +283,14 @@ def load(
         head = os.pread(fd, _PROBE, 0)
         start = len(_HEAD) + _U64.size
         if head[: len(_HEAD)] != _HEAD or head[start : start + len(_MAGIC)] != _MAGIC:
+            if reader is not None:
+                reader.before_unpickling(size)
             return _load_with_joblib(path, mmap_mode)  # compressed, or written by joblib
         index_len = _U64.unpack_from(head, len(_HEAD))[0]
         if start + index_len > size:
             raise ValueError("index runs past the end of the file")
+        if reader is not None:
+            reader.before_unpickling(index_len)
         index = head[start : start + index_len]
         if len(index) < index_len:
             index = _pread(fd, index_len, start)
@@ -296,6 +300,8 @@ def load(
         offsets = struct.unpack(f"<{len(table) + 1}Q", packed)
         if offsets[0] + skeleton_len > size:
             raise ValueError("skeleton runs past the end of the file")
+        if reader is not None:
+            reader.before_unpickling(skeleton_len)
         if offsets[0] + skeleton_len <= len(head):  # usually: one read for the head and all
             skeleton = head[offsets[0] : offsets[0] + skeleton_len]
         else:
@@ -323,6 +329,8 @@ def load(
             arrays.append(array if mmap_mode is not None else _native(array))
     finally:
         os.close(fd)
+    if reader is not None:
+        reader.before_unpickling(0)  # a cancelled read-ahead stops here, before unpickling
     return _SkeletonUnpickler(io.BytesIO(skeleton), arrays).load()
 
 

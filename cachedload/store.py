@@ -381,6 +381,12 @@ class Store:
             durable=False,
         )
 
+    def _remove_orphan_head(self, group: str) -> None:
+        head = self.read_head(group)
+        if head is None or not self.entry_path(head[0]).exists():
+            with contextlib.suppress(FileNotFoundError):
+                (self.function_dir / f"{group}{_HEAD_SUFFIX}").unlink()
+
     def remove(self, key: str) -> None:
         """Delete an entry: first move it out of sight atomically, then delete its files
         (and the hint naming it, if any)."""
@@ -405,13 +411,17 @@ class Store:
                     (self.function_dir / f"{group}{_HEAD_SUFFIX}").unlink()
 
     def remove_leftovers(self) -> None:
-        """Delete temporary files of dead writers (same host, pid gone) or older than an hour."""
+        """Delete temporary files of dead writers (same host, pid gone) or older than an hour,
+        and hints (``<group>.head``) that name no entry."""
         now = time.time()
         try:
             children = list(os.scandir(self.function_dir))
         except FileNotFoundError:
             return
         for child in children:
+            if child.name.endswith(_HEAD_SUFFIX) and not child.name.startswith("."):
+                self._remove_orphan_head(child.name.removesuffix(_HEAD_SUFFIX))
+                continue
             if not child.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
                 continue
             try:

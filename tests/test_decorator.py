@@ -578,3 +578,15 @@ def test_paths_in_args_and_lists_are_sources(tmp_path: Path, cache_dir: Path) ->
     second.write_text("new!")
     assert concat(str(first), str(second)) == "oldnew!"
     assert concat_list([str(first), str(second)]) == "oldnew!"
+
+
+def test_a_missing_source_is_reported_before_a_later_unhashable_argument(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    @cached_dataset(cache_dir=cache_dir)
+    def load(image_dir: str, transform: Any = None) -> int:
+        return 1
+
+    unpicklable = threading.Lock()
+    with pytest.raises(SourceNotFoundError, match="image_dir"):
+        load(str(tmp_path / "missing"), transform=unpicklable)

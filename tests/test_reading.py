@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,7 @@ from cachedload import cached_dataset, reading
 from cachedload.errors import CorruptEntryWarning
 from cachedload.reading import NOTHING, ReadAhead, ReadCancelled, SharedReader
 
-from .conftest import age, run_python
+from .conftest import age, run_python, subprocess_env
 
 MIB = 1024 * 1024
 
@@ -411,3 +414,93 @@ def test_clearing_the_cache_removes_the_hint(tmp_path: Path, cache_dir: Path) ->
     assert len(list(cache_dir.glob("*/*.head"))) == 1
     load.cache_clear()
     assert list(cache_dir.glob("*/*.head")) == []
+
+
+# -- found in review: interrupts, pickled-object results, orphan hints ---------------------
+
+
+@pytest.mark.usefixtures("always_read_ahead")
+def test_ctrl_c_while_the_caller_helps_a_read_ahead_propagates(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    source = _source(tmp_path)
+
+    @cached_dataset(cache_dir=cache_dir)
+    def load(folder: Path) -> np.ndarray[Any, Any]:
+        return np.ones(80 * MIB, dtype=np.uint8)
+
+    load(source)
+    load(source)  # the group's entry is remembered: the next call reads it ahead
+    original = reading.read_exactly
+    fired: list[int] = []
+
+    def read_exactly(fd: int, view: memoryview, offset: int) -> None:
+        if threading.current_thread() is threading.main_thread():
+            if not fired:
+                fired.append(1)
+                signal.raise_signal(signal.SIGINT)  # the user presses Ctrl-C now
+        else:
+            time.sleep(0.05)  # a slow loading thread leaves chunks to the caller
+        original(fd, view, offset)
+
+    monkeypatch.setattr(reading, "read_exactly", read_exactly)
+    with pytest.raises(KeyboardInterrupt):
+        load(source)
+    assert fired
+    assert _read_ahead_threads() == []
+
+
+@pytest.mark.usefixtures("always_read_ahead")
+def test_results_made_of_pickled_objects_are_not_unpickled_ahead(
+    tmp_path: Path, cache_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Unpickling holds the GIL that fingerprinting needs, and cannot be stopped midway.
+    source = _source(tmp_path)
+
+    @cached_dataset(cache_dir=cache_dir)
+    def load(folder: Path) -> list[str]:
+        return [f"row {i}" for i in range(300_000)]  # ~3 MB of pickled strings
+
+    caplog.set_level(logging.INFO, logger="cachedload")
+    expected = load(source)
+    assert load(source) == expected
+    assert load(source) == expected
+    assert not any(m.endswith(", read ahead)") for m in _hit_logs(caplog))
+    assert _read_ahead_threads() == []
+
+
+def test_a_mismatched_read_ahead_frees_its_value_before_returning(tmp_path: Path) -> None:
+    path, data = _file(tmp_path, 1 * MIB)
+    ahead = ReadAhead(_load_bytes(path))
+    ahead._thread.join()
+    replacement = tmp_path / "new.bin"
+    replacement.write_bytes(data)
+    os.replace(replacement, path)
+    assert ahead.take(os.stat(path)) is NOTHING
+    assert ahead._value is NOTHING
+
+
+@pytest.mark.usefixtures("always_read_ahead")
+def test_clear_removes_hints_whose_entry_is_gone(tmp_path: Path, cache_dir: Path) -> None:
+    source = _source(tmp_path)
+
+    @cached_dataset(cache_dir=cache_dir)
+    def load(folder: Path) -> np.ndarray[Any, Any]:
+        return np.zeros(1000)
+
+    load(source)
+    (head,) = cache_dir.glob("*/*.head")
+    (meta,) = cache_dir.glob("*/*/meta.json")
+    meta.write_text("{garbage")  # damaged: removing it cannot read which hint names it
+    command = ["clear", "--all", "--yes"]
+    result = subprocess.run(
+        [sys.executable, "-m", "cachedload", "--cache-dir", str(cache_dir), *command],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+    )
+    assert result.returncode == 0, result.stderr
+    assert not head.exists()
+    assert not head.parent.exists()  # the function folder, left empty, is removed too

@@ -615,3 +615,43 @@ def test_valid_json_with_invalid_racy_records_is_a_corrupt_entry(
     assert len(calls) == 2
     np.testing.assert_array_equal(load(image_dir), np.arange(10_000))
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("when", ["fingerprinting", "body"])
+def test_symlink_retargeted_during_a_call_is_not_stored_under_the_old_target(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    # data -> v1 is switched to v2 while the call runs; v1 and v2 look the same to mtime
+    # fingerprints (same names, sizes, mtimes). The key names v1, the body may read v2: its
+    # result must not be filed under v1.
+    for name, text in (("v1", "AAAA"), ("v2", "BBBB")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.txt").write_text(text)
+        os.utime(tmp_path / name / "x.txt", (1e9, 1e9))
+    link = tmp_path / "data"
+    os.symlink(tmp_path / "v1", link)
+
+    def switch(target: str) -> None:
+        os.symlink(tmp_path / target, tmp_path / "new")
+        os.replace(tmp_path / "new", link)
+
+    pending = ["v2"]
+    real_fingerprint = cachedload.calls.fingerprint_source
+
+    def fingerprint_source(path: Any, **options: Any) -> Any:
+        if when == "fingerprinting" and pending:
+            switch(pending.pop())
+        return real_fingerprint(path, **options)
+
+    monkeypatch.setattr(cachedload.calls, "fingerprint_source", fingerprint_source)
+
+    @cached_dataset(cache_dir=cache_dir)
+    def load(folder: str) -> str:
+        if when == "body" and pending:
+            switch(pending.pop())
+        return (Path(folder) / "x.txt").read_text()
+
+    with pytest.warns(SourceChangedWarning):
+        load(str(link))
+    switch("v1")
+    assert load(str(link)) == "AAAA"
