@@ -204,7 +204,7 @@ def section_realistic(args: Any, scratch: Path, rounds: int) -> None:
     table.print()
     print(
         f"fresh-interpreter warm hit: cachedload {warm_call / memory_call:.2f}x joblib.Memory's "
-        "(the call alone; a new process reads its first hit ahead from the store's hint)\n"
+        "(the call alone; a new process's first hit is not read ahead)\n"
     )
 
     # Same process: cachedload against joblib.Memory on the same loader.

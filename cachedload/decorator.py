@@ -101,9 +101,6 @@ class _Recent(NamedTuple):
         )
 
 
-_UNKNOWN: Any = object()  # a call group not seen yet in this process
-
-
 class _Miss:
     """A lookup that found no usable entry; ``replace`` if a bad entry sits at the key."""
 
@@ -202,7 +199,7 @@ class CachedDataset(Generic[P, R]):
         )
         self._stats = _Stats()
         # A call group's token -> the entry the group used last (see _read_ahead).
-        self._recent: dict[tuple[Any, ...], _Recent | None] = {}
+        self._recent: dict[tuple[Any, ...], _Recent] = {}
         self._bound_self: Any = None
         self._is_bound = False
         self._code: str | None = None
@@ -291,44 +288,30 @@ class CachedDataset(Generic[P, R]):
         return self._mmap_mode is None and not self._compress
 
     def _read_ahead(self, group: CallGroup, started: list[tuple[str, ReadAhead]]) -> None:
-        """Start reading the entry that this call's group hit or stored last, while the
-        sources are fingerprinted (see :mod:`cachedload.reading`). The guess comes from this
-        process, or on a group's first call here from the hint the store keeps."""
+        """Start reading the entry that this call's group hit or stored last in this process,
+        while the sources are fingerprinted (see :mod:`cachedload.reading`).
+
+        Only within a process: a new process's first hit is not read ahead (measured on this
+        project's VM, a fresh process faulting its first memory from a second thread was
+        often several times slower than reading it from the calling thread).
+        """
         if not self._reads_ahead():
             return
+        guess = self._recent.get(group.token)
+        if guess is None or not guess.worth_reading_ahead():
+            return
         try:
-            guess = self._recent.get(group.token, _UNKNOWN)
-            store = None
-            if guess is _UNKNOWN:
-                store = self._store()
-                head = store.read_head(group.digest)
-                guess = None if head is None else _Recent(*head)
-                self._note_recent(group.token, guess)
-            if guess is None or not guess.worth_reading_ahead():
-                return
-            store = store or self._store()
-            started.append((guess.key, store.read_ahead(guess.key)))
+            started.append((guess.key, self._store().read_ahead(guess.key)))
         except (OSError, RuntimeError) as error:  # RuntimeError: no thread could be started
             logger.debug("no read-ahead for %s: %s", self._identity, error)
 
-    def _remember(self, store: Store, call: Call, size: int) -> None:
-        """Note the entry a call's group used, for :meth:`_read_ahead` on its next call (in
-        this process, and in the store for other processes if reading it ahead pays)."""
+    def _remember(self, call: Call, size: int) -> None:
+        """Note the entry a call's group used, for :meth:`_read_ahead` on its next call."""
         if not self._reads_ahead():
             return
-        used = _Recent(call.key, size, call.fingerprint_seconds)
-        before = self._recent.get(call.group_of.token)
-        self._note_recent(call.group_of.token, used)
-        if used.worth_reading_ahead() and (before is None or before.key != used.key):
-            try:
-                store.write_head(call.group, used.key, used.size, used.fingerprint_seconds)
-            except OSError as error:  # a read-only cache still serves hits
-                logger.debug("cannot note the entry of %s: %s", self._identity, error)
-
-    def _note_recent(self, group: tuple[Any, ...], used: _Recent | None) -> None:
         recent = self._recent
-        recent.pop(group, None)
-        recent[group] = used
+        recent.pop(call.group_of.token, None)
+        recent[call.group_of.token] = _Recent(call.key, size, call.fingerprint_seconds)
         if len(recent) > _RECENT_GROUPS:
             # The least recently used (another thread may be trimming it at the same time).
             with contextlib.suppress(KeyError, RuntimeError, StopIteration):
@@ -371,7 +354,7 @@ class CachedDataset(Generic[P, R]):
             logger.info("cannot read cache entry %s: %s", store.entry_path(call.key), error)
             return _Miss()
         store.record_hit(call.key)
-        self._remember(store, call, meta["data"]["size"])
+        self._remember(call, meta["data"]["size"])
         logger.info(
             "hit %s [%s] in %.1f ms (%s bytes%s)",
             self._identity,
@@ -431,7 +414,7 @@ class CachedDataset(Generic[P, R]):
             self._store_failed(call, store, error)
             return result
         self._stats.stores += 1
-        self._remember(store, call, size)
+        self._remember(call, size)
         logger.info(
             "stored %s [%s]: %s bytes in %.1f ms (computed in %.2f s)",
             self._identity,

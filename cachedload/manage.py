@@ -452,7 +452,7 @@ def remove_entries(
 
 
 def tidy_function_dirs(directories: Iterable[Path]) -> None:
-    """Remove dead writers' leftovers and orphan hints, then function folders left empty."""
+    """Remove dead writers' leftovers, then function folders left empty."""
     for directory in directories:
         Store(directory.parent, directory.name).remove_leftovers()
         with contextlib.suppress(OSError):

@@ -11,8 +11,6 @@
         <key>.lock                              single-flight lock (filelock)
         <key>.used                              one byte appended per hit: size = hits,
                                                 mtime = last use; the entry is never rewritten
-        <group>.head                            "<key> <size> <seconds>": the entry a group of
-                                                calls used last, a hint to read it ahead
         .tmp-<host>-<pid>-<random>/             an entry being written
 
 This module knows nothing about how keys are made.
@@ -26,7 +24,6 @@ import functools
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import time
@@ -62,8 +59,6 @@ MANIFEST_FILE = "manifest"
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
 _LEFTOVER_MAX_AGE = 3600.0
-_HEAD_SUFFIX = ".head"
-_KEY = re.compile(rb"[0-9a-f]{16,128}")  # what keys and groups look like (hex digests)
 _HOST = socket.gethostname().replace("-", "_")
 
 logger = logging.getLogger("cachedload")
@@ -98,16 +93,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """Write ``data`` to ``path`` through a temporary file and an atomic rename (``durable``:
-    with an fsync before the rename)."""
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
     tmp = path.with_name(f"{_TMP_PREFIX}{_HOST}-{os.getpid()}-{uuid.uuid4().hex}")
     try:
         with open(tmp, "wb") as handle:
             handle.write(data)
-            if durable:
-                handle.flush()
-                os.fsync(handle.fileno())
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -357,43 +350,9 @@ class Store:
         """Atomically replace an entry's metadata (used to clear verified racy-file records)."""
         atomic_write_bytes(self.entry_path(key) / META_FILE, json.dumps(meta, indent=1).encode())
 
-    def read_head(self, group: str) -> tuple[str, int, float] | None:
-        """The entry a group of calls used last, its data size and how long fingerprinting
-        the group's sources took, as noted by :meth:`write_head`; None if not noted.
-
-        Only a hint (for :meth:`read_ahead`): it may be stale or name a removed entry.
-        """
-        try:
-            with open(self.function_dir / f"{group}{_HEAD_SUFFIX}", "rb") as handle:
-                fields = handle.read(256).split()
-            key, size, seconds = fields
-            if not _KEY.fullmatch(key):
-                return None
-            return key.decode("ascii"), int(size), float(seconds)
-        except (OSError, ValueError):
-            return None
-
-    def write_head(self, group: str, key: str, size: int, seconds: float) -> None:
-        """Note the entry a group of calls used last (see :meth:`read_head`)."""
-        atomic_write_bytes(
-            self.function_dir / f"{group}{_HEAD_SUFFIX}",
-            f"{key} {size} {seconds:.6f}\n".encode(),
-            durable=False,
-        )
-
-    def _remove_orphan_head(self, group: str) -> None:
-        head = self.read_head(group)
-        if head is None or not self.entry_path(head[0]).exists():
-            with contextlib.suppress(FileNotFoundError):
-                (self.function_dir / f"{group}{_HEAD_SUFFIX}").unlink()
-
     def remove(self, key: str) -> None:
-        """Delete an entry: first move it out of sight atomically, then delete its files
-        (and the hint naming it, if any)."""
+        """Delete an entry: first move it out of sight atomically, then delete its files."""
         entry = self.entry_path(key)
-        group = None
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            group = json.loads((entry / META_FILE).read_bytes()).get("group")
         trash = entry.with_name(f"{_TRASH_PREFIX}{_HOST}-{os.getpid()}-{uuid.uuid4().hex}")
         try:
             os.rename(entry, trash)
@@ -404,24 +363,15 @@ class Store:
         for suffix in (".used",):
             with contextlib.suppress(FileNotFoundError):
                 (self.function_dir / f"{key}{suffix}").unlink()
-        if isinstance(group, str) and _KEY.fullmatch(group.encode()):
-            head = self.read_head(group)
-            if head is not None and head[0] == key:
-                with contextlib.suppress(FileNotFoundError):
-                    (self.function_dir / f"{group}{_HEAD_SUFFIX}").unlink()
 
     def remove_leftovers(self) -> None:
-        """Delete temporary files of dead writers (same host, pid gone) or older than an hour,
-        and hints (``<group>.head``) that name no entry."""
+        """Delete temporary files of dead writers (same host, pid gone) or older than an hour."""
         now = time.time()
         try:
             children = list(os.scandir(self.function_dir))
         except FileNotFoundError:
             return
         for child in children:
-            if child.name.endswith(_HEAD_SUFFIX) and not child.name.startswith("."):
-                self._remove_orphan_head(child.name.removesuffix(_HEAD_SUFFIX))
-                continue
             if not child.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
                 continue
             try:
