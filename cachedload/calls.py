@@ -210,10 +210,14 @@ class KeyRules:
                 "source", f"parameter {name!r} is not a path: {readable(value)}"
             )
         path = os.path.abspath(os.fspath(value))
-        real = os.path.realpath(path)
-        if not os.path.exists(real):
-            raise SourceNotFoundError(name, value)
-        return path, real
+        try:
+            # strict: the lstat of each component that realpath makes anyway says whether the
+            # path exists (no extra stat on the hit path).
+            return path, os.path.realpath(path, strict=True)
+        except FileNotFoundError:
+            raise SourceNotFoundError(name, value) from None
+        except OSError:  # a symlink loop, a permission: fingerprinting reports it by name
+            return path, os.path.realpath(path)
 
     def _fingerprint(self, source: _SourceArgument) -> tuple[str, Fingerprint]:
         """The real path and fingerprint of one source argument."""
@@ -358,11 +362,10 @@ class KeyRules:
         sources' fingerprints: entries sharing a group differ only in source contents, so a
         newer one supersedes the older ones.
         """
-        group = call.group
         return {
             "format": FORMAT_VERSION,
             "key": call.key,
-            "group": group,
+            "group": call.group,
             "function": self.identity,
             "code": code_version,
             "version": readable(version),

@@ -5,7 +5,7 @@ which are per-core work: :class:`SharedReader` splits each buffer into chunks th
 of threads take from one queue (``preadv`` releases the GIL). :class:`ReadAhead` starts that
 work in a background thread *before* the call's key is known, on the entry the same call hit
 last time, so that the restore overlaps with fingerprinting the sources (Python-bound, one
-core); the caller then helps with the chunks that are left. The read-ahead result is used only
+core); the caller then helps while many chunks are left. The read-ahead result is used only
 if the key turns out to be the same and the file is the very one the hit would have read.
 """
 
@@ -69,11 +69,16 @@ def read_exactly(fd: int, view: memoryview, offset: int) -> None:
         done += count
 
 
+def _alone(view: memoryview, helpers: int) -> bool:
+    """True if one thread should read ``view``: no helper, or too small to share."""
+    return helpers < 1 or view.nbytes < 2 * _PARALLEL_MIN
+
+
 def read_parallel(fd: int, view: memoryview, offset: int) -> None:
     """Fill ``view`` like :func:`read_exactly`; a large buffer in slices read by threads
     (two threads restore a large array ~1.4x faster than one, or than ``np.load``)."""
-    if _READ_THREADS < 2 or view.nbytes < 2 * _PARALLEL_MIN:
-        read_exactly(fd, view, offset)
+    if _alone(view, _READ_THREADS - 1):
+        read_exactly(fd, view, offset)  # without building a reader
     else:
         SharedReader().read(fd, view, offset)
 
@@ -111,8 +116,8 @@ class SharedReader:
             ReadCancelled: :meth:`cancel` was called.
             EOFError, OSError: a chunk could not be read.
         """
-        if not self._shared and (self._helpers < 1 or view.nbytes < 2 * _PARALLEL_MIN):
-            read_exactly(fd, view, offset)  # nobody to share the work with
+        if not self._shared and _alone(view, self._helpers):
+            read_exactly(fd, view, offset)
             return
         workers = max(0, min(self._helpers, view.nbytes // _PARALLEL_MIN - 1))
         if self._shared:
