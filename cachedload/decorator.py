@@ -14,13 +14,15 @@ import inspect
 import logging
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Literal, NamedTuple, ParamSpec, TypeVar, overload
 
-from cachedload.backends import default_local_root, is_url, open_store, validate_url
+from cachedload import config
+from cachedload.backends import default_local_root, open_store
 from cachedload.calls import (
     Call,
     CallGroup,
@@ -35,6 +37,7 @@ from cachedload.errors import (
     CacheStoreWarning,
     ConfigurationError,
     CorruptEntryWarning,
+    ImagesSkippedWarning,
     SourceChangedWarning,
     warn_at_caller,
 )
@@ -45,7 +48,13 @@ from cachedload.fingerprint import (
 from cachedload.keys import code_digest, function_identity, value_digest
 from cachedload.manage import EntryRecord, enforce_after_store, entries_in, parse_size
 from cachedload.reading import ReadAhead
-from cachedload.store import CorruptEntry, Store, default_cache_dir, iter_entries
+from cachedload.store import (
+    CorruptEntry,
+    Store,
+    UnpicklableResult,
+    default_cache_dir,
+    iter_entries,
+)
 
 __all__ = ["CacheInfo", "CachedDataset", "cached_dataset"]
 
@@ -60,6 +69,7 @@ logger = logging.getLogger("cachedload")
 _READ_AHEAD_MIN_BYTES = 8 * 1024 * 1024
 _READ_AHEAD_MIN_SECONDS = 0.5e-3
 _RECENT_GROUPS = 32
+_SKIPPED_SHOWN = 5  # skipped images named again by a hit
 
 
 class CacheInfo(NamedTuple):
@@ -126,7 +136,7 @@ class CachedDataset(Generic[P, R]):
         source: str | Sequence[str] | None = None,
         ignore: str | Sequence[str] | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
-        mmap_mode: Literal["r", "r+", "c"] | None = None,
+        mmap_mode: Literal["r", "c"] | None = None,
         compress: bool | int | str | tuple[str, int] = False,
         fingerprint: Literal["mtime", "content"] = "mtime",
         include: Sequence[str] | None = None,
@@ -155,9 +165,12 @@ class CachedDataset(Generic[P, R]):
                 raise ConfigurationError(
                     option, f"{unknown} not among {func.__qualname__}'s parameters"
                 )
-        if mmap_mode not in (None, "r", "r+", "c"):
+        if mmap_mode not in (None, "r", "c"):
+            # Not "r+": an in-place edit of a result would rewrite the stored entry.
             raise ConfigurationError(
-                "mmap_mode", f"must be None, 'r', 'r+' or 'c', not {mmap_mode!r}"
+                "mmap_mode",
+                f"must be None, 'r' (read-only maps) or 'c' (copy-on-write maps), "
+                f"not {mmap_mode!r}",
             )
         if fingerprint not in ("mtime", "content"):
             raise ConfigurationError(
@@ -170,14 +183,9 @@ class CachedDataset(Generic[P, R]):
         self._keep = keep
         self._max_size = None if max_size is None else parse_size(max_size, "max_size")
         # A URL (s3://…) is a remote cache read through a local copy; see cachedload.backends.
-        self._cache_url = cache_dir if is_url(cache_dir) else None
-        if isinstance(cache_dir, str) and cache_dir.startswith("file://"):
-            cache_dir = cache_dir.removeprefix("file://")
-        if self._cache_url is not None:
-            validate_url(self._cache_url)
-        self._cache_dir = (
-            None if cache_dir is None or self._cache_url else Path(cache_dir).expanduser()
-        )
+        checked = None if cache_dir is None else config.check_cache_dir(cache_dir, "cache_dir")
+        self._cache_url = checked if isinstance(checked, str) else None
+        self._cache_dir = checked if isinstance(checked, Path) else None
         self._storage_options = None if storage_options is None else dict(storage_options)
         self._local_cache_dir = local_cache_dir
         self._mmap_mode = mmap_mode
@@ -245,8 +253,8 @@ class CachedDataset(Generic[P, R]):
         """The remote cache's URL: ``cache_dir=`` or ``$CACHEDLOAD_DIR`` if it is one."""
         if self._cache_url is not None or self._cache_dir is not None:
             return self._cache_url
-        configured = os.environ.get("CACHEDLOAD_DIR", "").strip()
-        return configured if is_url(configured) else None
+        configured = config.cache_dir_from_env()
+        return configured if isinstance(configured, str) else None
 
     def _resolved_cache_dir(self) -> Path:
         """The local cache directory (for a remote cache: its local read-through copy)."""
@@ -355,6 +363,19 @@ class CachedDataset(Generic[P, R]):
             return _Miss()
         store.record_hit(call.key)
         self._remember(call, meta["data"]["size"])
+        skipped = meta.get("skipped")
+        if isinstance(skipped, list) and skipped:
+            shown = ", ".join(map(str, skipped[:_SKIPPED_SHOWN]))
+            more = (
+                f" and {len(skipped) - _SKIPPED_SHOWN} more"
+                if len(skipped) > _SKIPPED_SHOWN
+                else ""
+            )
+            warn_at_caller(
+                f"cachedload: the cached result of {self._identity} leaves out {len(skipped)} "
+                f"unreadable image(s), skipped when it was computed: {shown}{more}",
+                ImagesSkippedWarning,
+            )
         logger.info(
             "hit %s [%s] in %.1f ms (%s bytes%s)",
             self._identity,
@@ -379,10 +400,13 @@ class CachedDataset(Generic[P, R]):
         if "store" in call.warned:
             return
         call.warned.add("store")
-        reason = f"{type(error).__name__}: {error}"
+        if isinstance(error, UnpicklableResult):
+            where = f"{error}; only what pickle can write is cached"
+        else:
+            where = f"in {store.function_dir}: {type(error).__name__}: {error}"
         warn_at_caller(
-            f"cachedload: could not store the result of {self._identity} in "
-            f"{store.function_dir}: {reason}. The result is returned but not cached.",
+            f"cachedload: could not store the result of {self._identity} {where}. "
+            "The result is returned but not cached.",
             CacheStoreWarning,
         )
 
@@ -404,13 +428,16 @@ class CachedDataset(Generic[P, R]):
             )
             return result
         meta = entry_meta(self._call_meta(call), result, compute_seconds, racy_before, newest_racy)
+        skipped = _skipped_images(result)
+        if skipped:
+            meta["skipped"] = skipped
         manifest = {name: fp.files for name, (_, fp) in after.items()}
         started = time.perf_counter()
         try:
             size = store.save(
                 call.key, result, meta, compress=self._compress, manifest=manifest, replace=replace
             )
-        except OSError as error:
+        except (OSError, UnpicklableResult) as error:
             self._store_failed(call, store, error)
             return result
         self._stats.stores += 1
@@ -423,7 +450,24 @@ class CachedDataset(Generic[P, R]):
             (time.perf_counter() - started) * 1e3,
             compute_seconds,
         )
+        if self._mmap_mode is not None:
+            result = self._load_stored(store, call, result)
         self._enforce_limits(store, call.key, meta)
+        return result
+
+    def _load_stored(self, store: Store, call: Call, result: R) -> R:
+        """The entry just stored, memory-mapped as a hit returns it (so that a miss and a hit
+        return the same kind of arrays); ``result`` if it cannot be read back."""
+        try:
+            meta = store.read_meta(call.key)
+            if meta is not None:
+                return store.load_value(  # type: ignore[no-any-return]
+                    call.key, meta, mmap_mode=self._mmap_mode, verify=False
+                )
+            error: BaseException = FileNotFoundError(f"{store.entry_path(call.key)} vanished")
+        except (CorruptEntry, OSError) as failure:
+            error = failure
+        self._store_failed(call, store, error)
         return result
 
     def _log_miss_reason(self, call: Call) -> None:
@@ -449,8 +493,8 @@ class CachedDataset(Generic[P, R]):
     def _enforce_limits(self, store: Store, key: str, meta: dict[str, Any]) -> None:
         """Delete superseded entries and apply ``max_size`` after a store (errors only log)."""
         max_size = self._max_size
-        configured = os.environ.get("CACHEDLOAD_MAX_SIZE", "").strip()
-        if max_size is None and configured:
+        configured = config.max_size_from_env()
+        if max_size is None and configured is not None:
             try:
                 max_size = parse_size(configured, "$CACHEDLOAD_MAX_SIZE")
             except ConfigurationError as error:
@@ -660,6 +704,24 @@ class CachedDataset(Generic[P, R]):
         self._stats.hits = self._stats.misses = self._stats.stores = 0
 
 
+def _skipped_images(result: Any) -> list[str]:
+    """The images ``load_image_folder(on_error="skip")`` left out of ``result``: of an
+    ``ImageFolderData`` that is the result or one of its top-level items (tuple, list, dict)."""
+    images = sys.modules.get("cachedload.images")
+    if images is None:  # never imported: no result holds an ImageFolderData
+        return []
+    kind = images.ImageFolderData
+    if isinstance(result, kind):
+        parts: list[Any] = [result]
+    elif isinstance(result, (tuple, list)):
+        parts = list(result)
+    elif isinstance(result, dict):
+        parts = list(result.values())
+    else:
+        return []
+    return [path for part in parts if isinstance(part, kind) for path in part.skipped]
+
+
 def _restore(
     module: str, qualname: str, options: dict[str, Any], bound: tuple[Any, ...]
 ) -> CachedDataset[..., Any]:
@@ -684,7 +746,7 @@ def cached_dataset(
     source: str | Sequence[str] | None = None,
     ignore: str | Sequence[str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
-    mmap_mode: Literal["r", "r+", "c"] | None = None,
+    mmap_mode: Literal["r", "c"] | None = None,
     compress: bool | int | str | tuple[str, int] = False,
     fingerprint: Literal["mtime", "content"] = "mtime",
     include: Sequence[str] | None = None,

@@ -155,23 +155,46 @@ class NoImagesFoundError(CachedloadError, FileNotFoundError):
 
 
 class ImageShapeMismatchError(CachedloadError, ValueError):
-    """Images of different shapes were loaded without ``size=`` to bring them to one shape.
+    """Images of different shapes cannot be stacked: they differ in height/width (no ``size=``
+    to resize them) or in channel count (``color="unchanged"`` on mixed gray/RGB/RGBA files).
+
+    The message says which, and the option that fixes it.
 
     Attributes:
         first, second: two files whose shapes differ.
+        first_shape, second_shape: their decoded shapes.
+        resized: whether ``size=`` was given (then only the channel count must agree).
     """
 
     def __init__(self, first: str, first_shape: tuple[int, ...], second: str,
-                 second_shape: tuple[int, ...]) -> None:  # fmt: skip
+                 second_shape: tuple[int, ...], resized: bool = False) -> None:  # fmt: skip
         self.first, self.first_shape = first, tuple(first_shape)
         self.second, self.second_shape = second, tuple(second_shape)
+        self.resized = resized
+        problems = []
+        channels = [1 if len(s) < 3 else s[2] for s in (self.first_shape, self.second_shape)]
+        if channels[0] != channels[1]:
+            problems.append(
+                f'in channels ({channels[0]} vs {channels[1]}): pass color="rgb" or '
+                f'color="gray" to convert every image to one channel count'
+            )
+        if not resized and self.first_shape[:2] != self.second_shape[:2]:
+            problems.append(
+                f"in height/width ({self.first_shape[:2]} vs {self.second_shape[:2]}): pass "
+                "size=(height, width) to resize them to one shape"
+            )
+        if not problems:  # e.g. (H, W) against (H, W, 1)
+            problems.append("in their number of dimensions")
         super().__init__(
             f"images differ in shape: {first!r} is {self.first_shape}, {second!r} is "
-            f"{self.second_shape}; pass size=(height, width) to resize them to one shape"
+            f"{self.second_shape}; they differ " + "; and ".join(problems)
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.first, self.first_shape, self.second, self.second_shape))
+        return (
+            type(self),
+            (self.first, self.first_shape, self.second, self.second_shape, self.resized),
+        )
 
 
 class CacheWarning(UserWarning):

@@ -54,12 +54,15 @@ class ImageFolderData(NamedTuple):
         labels: ``int64`` array of ``N`` indices into ``classes``, or ``None`` for a flat folder.
         classes: the sorted class (sub-folder) names; empty for a flat folder.
         paths: each image's path relative to the root, ``/``-separated, in row order.
+        skipped: the unreadable images left out with ``on_error="skip"`` (relative paths);
+            a cached loader's hits warn about them again.
     """
 
     images: npt.NDArray[Any]
     labels: npt.NDArray[np.int64] | None
     classes: tuple[str, ...]
     paths: tuple[str, ...]
+    skipped: tuple[str, ...] = ()  # a default: results pickled before it existed still load
 
 
 def load_image_folder(
@@ -99,7 +102,7 @@ def load_image_folder(
         progress: a tqdm bar on stderr; ``None``: if stderr is a terminal and the load is slow.
 
     Returns:
-        ``ImageFolderData(images, labels, classes, paths)``.
+        ``ImageFolderData(images, labels, classes, paths, skipped)``.
 
     Raises:
         NoImagesFoundError: ``root`` is missing, not a folder, or holds no image.
@@ -121,6 +124,7 @@ def load_image_folder(
         ((1200, 64, 64, 3), ('cat', 'dog'), array([0, 0, 0]))
     """
     start = time.perf_counter()
+    left_out: tuple[str, ...] = ()
     root = os.fspath(root)
     size, out_dtype, exts, n_jobs = _check(size, color, dtype, extensions, n_jobs, on_error)
     if progress not in (None, True, False):
@@ -138,6 +142,7 @@ def load_image_folder(
         message = f"skipped {len(skipped)} unreadable image(s) in {root!r}: {listing}"
         warnings.warn(ImagesSkippedWarning(message), stacklevel=2)
         bad = {i for i, _ in skipped}
+        left_out = tuple(paths[i] for i in sorted(bad))
         paths = [p for i, p in enumerate(paths) if i not in bad]
     labels = None
     if classes:
@@ -146,7 +151,7 @@ def load_image_folder(
     elapsed = time.perf_counter() - start
     _log.debug("load_image_folder %s: %s %s in %.3f s, %s threads, %s skipped",
                root, images.shape, images.dtype, elapsed, n_jobs, len(skipped))  # fmt: skip
-    return ImageFolderData(images, labels, classes, tuple(paths))
+    return ImageFolderData(images, labels, classes, tuple(paths), left_out)
 
 
 def _check(
@@ -307,7 +312,9 @@ class _Decoder:
         first_path, first_shape = self.first
         n = 0 if self.size is None else 2  # with a size, only the channels must agree
         if img.shape[n:] != first_shape[n:]:
-            raise ImageShapeMismatchError(first_path, first_shape, path, img.shape)
+            raise ImageShapeMismatchError(
+                first_path, first_shape, path, img.shape, resized=self.size is not None
+            )
         if self.size is not None and img.shape[:2] != self.size:
             h, w = self.size
             shrink = img.shape[0] >= h and img.shape[1] >= w

@@ -27,15 +27,18 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from cachedload.errors import CachedloadError
+
 __all__ = ["UnhashableError", "code_digest", "function_identity", "value_digest"]
 
 _ARRAY_CHUNK = 64 * 1024 * 1024
 _MAX_DEPTH = 200
 
 
-class UnhashableError(TypeError):
+class UnhashableError(CachedloadError, TypeError):
     """A value has no stable digest (raised by :func:`value_digest`; the decorator names the
-    parameter in its own :class:`~cachedload.errors.UnhashableArgumentError`)."""
+    parameter in its own :class:`~cachedload.errors.UnhashableArgumentError`). A
+    :class:`~cachedload.errors.CachedloadError`, like every error cachedload raises."""
 
 
 def value_digest(value: object) -> str:

@@ -40,7 +40,7 @@ import xxhash
 
 from cachedload.reading import SharedReader, read_exactly, read_parallel
 
-__all__ = ["dump", "load"]
+__all__ = ["UnpicklableResult", "dump", "load"]
 
 _MAGIC = b"cachedload-index\0"
 _VERSION = 1
@@ -80,6 +80,26 @@ class _HashingWriter:
 
 
 # -- writing --------------------------------------------------------------------------------
+
+# What pickle raises for an object it cannot write: TypeError ("cannot pickle '_thread.lock'
+# object"), PicklingError (a class it cannot find by name), AttributeError ("Can't get local
+# object"). Anything else from dump() is a real error.
+_PICKLING_ERRORS = (TypeError, pickle.PicklingError, AttributeError)
+
+
+class UnpicklableResult(Exception):
+    """A value holds an object pickle cannot write (internal: the decorator turns it into a
+    warning).
+
+    Attributes:
+        where: the path to that object inside the value, e.g. ``result['lock']``.
+        kind: its type's qualified name.
+        reason: pickle's own message.
+    """
+
+    def __init__(self, where: str, kind: str, reason: str) -> None:
+        super().__init__(f"{where} is a {kind}, which cannot be pickled ({reason})")
+        self.where, self.kind, self.reason = where, kind, reason
 
 
 class _SkeletonPickler(pickle.Pickler):
@@ -164,18 +184,75 @@ def dump(value: Any, path: str | os.PathLike[str], *, compress: Any = False) -> 
 
     Returns:
         ``(size in bytes, hex xxh3-128 of the file)``, computed while writing (no second read).
+
+    Raises:
+        UnpicklableResult: ``value`` holds something pickle cannot write (the file is left
+            partly written: the caller removes it).
     """
     with open(path, "wb") as handle:
         writer = _HashingWriter(handle)
-        if _compressed(compress):
-            import joblib
+        try:
+            if _compressed(compress):
+                import joblib
 
-            joblib.dump(value, writer, compress=compress)
-        else:
-            _dump_indexed(value, writer, os.path.dirname(os.fspath(path)))
+                joblib.dump(value, writer, compress=compress)
+            else:
+                _dump_indexed(value, writer, os.path.dirname(os.fspath(path)))
+        except _PICKLING_ERRORS as error:
+            where, kind = _find_unpicklable(value)
+            raise UnpicklableResult(where, kind, f"{type(error).__name__}: {error}") from error
         handle.flush()
         os.fsync(handle.fileno())
     return writer.size, writer.hasher.hexdigest()
+
+
+class _Discard:
+    def write(self, data: Any) -> int:
+        return len(data)
+
+
+def _pickles(value: Any) -> bool:
+    try:
+        _SkeletonPickler(_Discard()).dump(value)  # type: ignore[arg-type]  # arrays left out
+    except (*_PICKLING_ERRORS, RecursionError):
+        return False
+    return True
+
+
+def _parts(value: Any) -> list[tuple[str, Any]]:
+    """The labelled parts of a container or an object (for :func:`_find_unpicklable`)."""
+    if isinstance(value, dict):
+        return [(f"[{key!r}]", item) for key, item in value.items()]
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return [(f".{name}", item) for name, item in zip(value._fields, value, strict=False)]
+    if isinstance(value, (list, tuple)):
+        return [(f"[{i}]", item) for i, item in enumerate(value)]
+    if isinstance(value, (set, frozenset)):
+        return [(" (an item)", item) for item in value]
+    attributes = getattr(value, "__dict__", None)
+    if isinstance(attributes, dict):
+        return [(f".{name}", item) for name, item in attributes.items()]
+    return []
+
+
+def _find_unpicklable(value: Any) -> tuple[str, str]:
+    """Where, in ``value``, is the innermost part that does not pickle, and of what type.
+
+    Run only after pickling failed: descends into the first part that fails on its own.
+    """
+    where = "result"
+    for _ in range(50):  # deep enough for any real result; a cycle ends here too
+        failing = next(((label, part) for label, part in _parts(value) if not _pickles(part)), None)
+        if failing is None:
+            break
+        where, value = where + failing[0], failing[1]
+    kind = type(value)
+    name = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+    return where, name
 
 
 def _dump_indexed(value: Any, writer: _HashingWriter, folder: str) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import json
 import logging
 import os
@@ -34,9 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cachedload import serialize
+from cachedload import config, serialize
 from cachedload.fingerprint import hash_file
 from cachedload.reading import NOTHING, ReadAhead
+from cachedload.serialize import UnpicklableResult
 
 __all__ = [
     "DATA_FILE",
@@ -45,6 +45,7 @@ __all__ = [
     "CorruptEntry",
     "EntryInfo",
     "Store",
+    "UnpicklableResult",
     "atomic_write_bytes",
     "default_cache_dir",
     "iter_entries",
@@ -304,6 +305,7 @@ class Store:
 
         Raises:
             OSError: the cache directory cannot be written (the temporary folder is removed).
+            UnpicklableResult: ``value`` cannot be pickled (the temporary folder is removed).
         """
         self.function_dir.mkdir(parents=True, exist_ok=True)
         self.remove_leftovers()
@@ -418,17 +420,11 @@ def iter_entries(function_dir: Path) -> Iterator[EntryInfo]:
 def default_cache_dir() -> Path:
     """The cache directory used when a loader names none.
 
-    ``$CACHEDLOAD_DIR`` if set, else the platform's user cache directory (via platformdirs)
-    followed by ``cachedload`` (``~/.cache/cachedload`` on Linux).
+    ``$CACHEDLOAD_DIR`` if set to a folder (``file:///x`` is ``/x``), else the platform's user
+    cache directory (via platformdirs) followed by ``cachedload`` (``~/.cache/cachedload`` on
+    Linux), which also holds remote caches' local copies when ``$CACHEDLOAD_DIR`` is a URL.
+
+    Raises:
+        ConfigurationError: ``$CACHEDLOAD_DIR`` is not a valid cache directory.
     """
-    configured = os.environ.get("CACHEDLOAD_DIR")
-    if configured:
-        return Path(configured).expanduser()
-    return _platform_cache_dir()
-
-
-@functools.lru_cache(maxsize=1)
-def _platform_cache_dir() -> Path:
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("cachedload", appauthor=False))
+    return config.local_cache_dir()

@@ -11,15 +11,12 @@ Nothing here is imported by ``import cachedload``: boto3 and fsspec load on firs
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import importlib.util
-import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any
 
-from cachedload.errors import ConfigurationError
+from cachedload import config
 
 if TYPE_CHECKING:
     from cachedload.backends.objects import ObjectStore
@@ -38,96 +35,41 @@ __all__ = [
 
 _S3_SCHEMES = ("s3", "s3a")
 
-
-def is_url(value: object) -> TypeGuard[str]:
-    """True if ``value`` is a remote cache URL (``scheme://…``; ``file://`` is a local path)."""
-    return isinstance(value, str) and "://" in value and not value.startswith("file://")
+# Settings and the checking of cache-directory values live in cachedload.config.
+is_url = config.is_url
+storage_options_from_env = config.storage_options_from_env
+lease_seconds = config.lease_seconds
 
 
 def remote_url(cache_dir: str | os.PathLike[str] | None) -> str | None:
     """The URL of the remote cache ``cache_dir`` names — or, when it is None, that
-    ``$CACHEDLOAD_DIR`` names — else None (a local cache directory)."""
+    ``$CACHEDLOAD_DIR`` names — else None (a local cache directory).
+
+    Raises:
+        ConfigurationError: ``cache_dir`` is None and ``$CACHEDLOAD_DIR`` is invalid.
+    """
     if cache_dir is None:
-        cache_dir = os.environ.get("CACHEDLOAD_DIR", "").strip()
+        configured = config.cache_dir_from_env()
+        return configured if isinstance(configured, str) else None
     return cache_dir if is_url(cache_dir) else None
 
 
-def validate_url(url: str) -> None:
-    """Check, without importing anything heavy, that a URL's scheme can be used.
+def validate_url(url: str, origin: str = "cache_dir") -> None:
+    """Check that a URL's scheme can be used (see :func:`cachedload.config.check_url`).
 
     Raises:
         ConfigurationError: unknown scheme, or its package (boto3 for ``s3://``) is missing.
     """
-    scheme = url.split("://", 1)[0].lower()
-    if scheme in _S3_SCHEMES:
-        if importlib.util.find_spec("boto3") is None:
-            raise ConfigurationError(
-                "cache_dir", f"{url!r} needs boto3: pip install 'cachedload[s3]'"
-            )
-        if not url.split("://", 1)[1].strip("/"):
-            raise ConfigurationError("cache_dir", f"{url!r} names no bucket")
-        return
-    if importlib.util.find_spec("fsspec") is None:
-        raise ConfigurationError("cache_dir", f"{url!r} needs fsspec and its {scheme} backend")
-    from fsspec.registry import known_implementations, registry
-
-    if scheme not in known_implementations and scheme not in registry:
-        raise ConfigurationError("cache_dir", f"no fsspec file system for {scheme}:// URLs")
-
-
-def storage_options_from_env() -> dict[str, Any]:
-    """``$CACHEDLOAD_STORAGE_OPTIONS`` (a JSON object), for caches named by ``$CACHEDLOAD_DIR``
-    or on the ``cachedload`` command line; ``{}`` if unset.
-
-    Raises:
-        ConfigurationError: it is not a JSON object.
-    """
-    raw = os.environ.get("CACHEDLOAD_STORAGE_OPTIONS", "").strip()
-    if not raw:
-        return {}
-    try:
-        options = json.loads(raw)
-    except ValueError as error:
-        raise ConfigurationError("$CACHEDLOAD_STORAGE_OPTIONS", f"not JSON: {error}") from None
-    if not isinstance(options, dict):
-        raise ConfigurationError("$CACHEDLOAD_STORAGE_OPTIONS", "must be a JSON object")
-    return options
-
-
-def lease_seconds() -> float:
-    """How long a crashed computation holds up others: ``$CACHEDLOAD_LEASE_SECONDS``, default 30.
-
-    The holder renews its lease every third of this; after this long without renewal, another
-    process takes over. Every process sharing a cache must use the same value.
-    """
-    raw = os.environ.get("CACHEDLOAD_LEASE_SECONDS", "").strip()
-    try:
-        value = float(raw) if raw else 30.0
-    except ValueError:
-        raise ConfigurationError("$CACHEDLOAD_LEASE_SECONDS", f"not a number: {raw!r}") from None
-    if not 0 < value < 86400:
-        raise ConfigurationError("$CACHEDLOAD_LEASE_SECONDS", f"out of range: {value}")
-    return value
+    config.check_url(url, origin)
 
 
 def default_local_root(url: str) -> Path:
     """The default read-through copy of a remote cache: ``remote/<bucket-prefix-hash>`` in the
     local cache directory (``$CACHEDLOAD_DIR`` when it is a path, else the user cache dir)."""
-    configured = os.environ.get("CACHEDLOAD_DIR", "").strip()
-    if configured and not is_url(configured):
-        base = Path(configured.removeprefix("file://")).expanduser()
-    else:
-        base = _platform_cache_dir()
+    base = config.local_cache_dir()
     readable = "".join(c if c.isalnum() or c in "._" else "-" for c in url.split("://", 1)[-1])
     digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:8]
     return base / "remote" / f"{readable.strip('-')[:80]}-{digest}"
-
-
-@functools.lru_cache(maxsize=1)
-def _platform_cache_dir() -> Path:
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("cachedload", appauthor=False))
 
 
 def object_store(url: str, storage_options: dict[str, Any] | None = None) -> ObjectStore:

@@ -19,6 +19,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cachedload import config
+
 __all__ = ["NETWORK_FILE_SYSTEMS", "entry_lock", "file_system_type", "uses_lease"]
 
 #: File system types (``/proc/self/mountinfo``) treated as shared mounts; ``fuse.*`` too.
@@ -87,8 +89,8 @@ def _is_shared(directory: str) -> bool:
 
 def uses_lease(directory: str | os.PathLike[str]) -> bool:
     """True if locks in ``directory`` are leases rather than ``flock`` (see the module doc)."""
-    forced = os.environ.get("CACHEDLOAD_LOCK", "").strip().lower()
-    if forced in ("lease", "flock"):
+    forced = config.lock_kind()
+    if forced is not None:
         return forced == "lease"
     return _is_shared(os.fspath(directory))
 

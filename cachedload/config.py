@@ -1,0 +1,201 @@
+"""Settings from outside the code: every ``CACHEDLOAD_*`` environment variable, the platform's
+cache directory, and the checking of cache-directory values wherever they come from.
+
+A cache-directory value is accepted from three places, and an error names the one it came from:
+the ``cache_dir=`` option, ``$CACHEDLOAD_DIR`` and the command line's ``--cache-dir``. It is
+either a local folder (``~`` expanded; ``file:///abs/path`` is the same as ``/abs/path``) or a
+remote cache's URL (``s3://bucket/prefix``, or any scheme fsspec knows). Anything else — blank,
+``s3:/typo``, ``file://`` with no path, ``~nosuchuser/…``, a scheme with no installed file
+system — is a :class:`~cachedload.errors.ConfigurationError` before anything is created.
+
+Imports nothing from cachedload but :mod:`cachedload.errors`, so that every module may use it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, TypeGuard
+
+from cachedload.errors import ConfigurationError
+
+__all__ = [
+    "CACHE_DIR_ENV",
+    "cache_dir_from_env",
+    "check_cache_dir",
+    "check_url",
+    "is_url",
+    "lease_seconds",
+    "local_cache_dir",
+    "lock_kind",
+    "max_size_from_env",
+    "platform_cache_dir",
+    "storage_options_from_env",
+]
+
+#: Where each kind of value comes from, as an error names it.
+CACHE_DIR_ENV = "$CACHEDLOAD_DIR"
+
+_ACCEPTED = "a folder path, file:///absolute/path, or a remote cache URL such as s3://bucket/prefix"
+_S3_SCHEMES = ("s3", "s3a")
+# "s3:/typo", "http:/host": a scheme and one slash. Two letters at least, so that a Windows
+# drive ("C:/data") stays a path.
+_HALF_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/(?!/)")
+
+
+def is_url(value: object) -> TypeGuard[str]:
+    """True if ``value`` is a remote cache URL (``scheme://…``; ``file://`` is a local path)."""
+    return isinstance(value, str) and "://" in value and not value.startswith("file://")
+
+
+def check_cache_dir(value: object, origin: str) -> str | Path:
+    """Check a cache-directory value; return the remote cache's URL, or the local folder.
+
+    Args:
+        value: what was given (a string or an ``os.PathLike``).
+        origin: where it came from, named by the error: ``"cache_dir"``,
+            ``"$CACHEDLOAD_DIR"``, ``"--cache-dir"``…
+
+    Raises:
+        ConfigurationError: the value is of the wrong type, blank, a malformed URL, a
+            ``~user`` that does not exist, or a URL whose scheme cannot be used here.
+    """
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise ConfigurationError(
+            origin, f"must be a str or os.PathLike ({_ACCEPTED}), not {type(value).__name__}"
+        )
+    if not value.strip():
+        raise ConfigurationError(origin, f"{value!r} is blank: expected {_ACCEPTED}")
+    if is_url(value):
+        check_url(value, origin)
+        return value
+    if value.startswith("file://"):
+        path = value.removeprefix("file://")
+        path = path.removeprefix("localhost") if path.startswith("localhost/") else path
+        if not path.startswith("/"):
+            raise ConfigurationError(
+                origin, f"{value!r} names no absolute path: expected file:///absolute/path"
+            )
+        value = path
+    elif _HALF_URL.match(value):
+        scheme, rest = value.split(":", 1)
+        raise ConfigurationError(
+            origin,
+            f"{value!r} looks like a URL with a slash missing (did you mean "
+            f"{scheme}://{rest.lstrip('/')}?); expected {_ACCEPTED}",
+        )
+    expanded = os.path.expanduser(value)
+    if expanded.startswith("~"):
+        user = value.split("/", 1)[0]
+        raise ConfigurationError(
+            origin, f"{value!r}: cannot expand {user} (no such user or no home directory)"
+        )
+    return Path(expanded)
+
+
+def check_url(url: str, origin: str = "cache_dir") -> None:
+    """Check that a remote cache URL's scheme can be used here (its package is installed).
+
+    Raises:
+        ConfigurationError: no bucket, an unknown scheme, or its package is missing.
+    """
+    scheme, rest = url.split("://", 1)
+    scheme = scheme.lower()
+    if scheme in _S3_SCHEMES:
+        if importlib.util.find_spec("boto3") is None:
+            raise ConfigurationError(origin, f"{url!r} needs boto3: pip install 'cachedload[s3]'")
+        if not rest.strip("/"):
+            raise ConfigurationError(origin, f"{url!r} names no bucket")
+        return
+    if importlib.util.find_spec("fsspec") is None:
+        raise ConfigurationError(origin, f"{url!r} needs fsspec and its {scheme} backend")
+    from fsspec.registry import get_filesystem_class, known_implementations, registry
+
+    if scheme not in known_implementations and scheme not in registry:
+        raise ConfigurationError(
+            origin, f"{url!r}: no fsspec file system for {scheme}:// URLs; expected {_ACCEPTED}"
+        )
+    try:
+        get_filesystem_class(scheme)  # imports its backend: http:// needs aiohttp…
+    except ImportError as error:
+        raise ConfigurationError(origin, f"{url!r} cannot be used here: {error}") from None
+
+
+def cache_dir_from_env() -> str | Path | None:
+    """``$CACHEDLOAD_DIR``, checked (a URL or a folder); None if unset or empty.
+
+    Raises:
+        ConfigurationError: it is set to something that is not a cache directory.
+    """
+    raw = os.environ.get("CACHEDLOAD_DIR", "")
+    if raw == "":  # unset, or emptied to unset it (`CACHEDLOAD_DIR= python …`)
+        return None
+    return check_cache_dir(raw.strip() or raw, CACHE_DIR_ENV)
+
+
+def local_cache_dir() -> Path:
+    """The local cache directory used when none is named: ``$CACHEDLOAD_DIR`` if it is a
+    folder, else the platform's user cache directory (also the home of remote caches' local
+    copies when ``$CACHEDLOAD_DIR`` is a URL)."""
+    configured = cache_dir_from_env()
+    return configured if isinstance(configured, Path) else platform_cache_dir()
+
+
+@functools.lru_cache(maxsize=1)
+def platform_cache_dir() -> Path:
+    """The platform's user cache directory for cachedload (``~/.cache/cachedload`` on Linux)."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("cachedload", appauthor=False))
+
+
+def max_size_from_env() -> str | None:
+    """``$CACHEDLOAD_MAX_SIZE`` as written (``"20GB"``…), None if unset or blank."""
+    return os.environ.get("CACHEDLOAD_MAX_SIZE", "").strip() or None
+
+
+def storage_options_from_env() -> dict[str, Any]:
+    """``$CACHEDLOAD_STORAGE_OPTIONS`` (a JSON object), for caches named by ``$CACHEDLOAD_DIR``
+    or on the ``cachedload`` command line; ``{}`` if unset.
+
+    Raises:
+        ConfigurationError: it is not a JSON object.
+    """
+    raw = os.environ.get("CACHEDLOAD_STORAGE_OPTIONS", "").strip()
+    if not raw:
+        return {}
+    try:
+        options = json.loads(raw)
+    except ValueError as error:
+        raise ConfigurationError("$CACHEDLOAD_STORAGE_OPTIONS", f"not JSON: {error}") from None
+    if not isinstance(options, dict):
+        raise ConfigurationError("$CACHEDLOAD_STORAGE_OPTIONS", "must be a JSON object")
+    return options
+
+
+def lease_seconds() -> float:
+    """How long a crashed computation holds up others: ``$CACHEDLOAD_LEASE_SECONDS``, default 30.
+
+    Raises:
+        ConfigurationError: it is not a number between 0 and a day.
+    """
+    raw = os.environ.get("CACHEDLOAD_LEASE_SECONDS", "").strip()
+    try:
+        value = float(raw) if raw else 30.0
+    except ValueError:
+        raise ConfigurationError("$CACHEDLOAD_LEASE_SECONDS", f"not a number: {raw!r}") from None
+    if not 0 < value < 86400:
+        raise ConfigurationError("$CACHEDLOAD_LEASE_SECONDS", f"out of range: {value}")
+    return value
+
+
+def lock_kind() -> str | None:
+    """``$CACHEDLOAD_LOCK``: ``"lease"`` or ``"flock"`` to force the lock kind, else None."""
+    forced = os.environ.get("CACHEDLOAD_LOCK", "").strip().lower()
+    return forced if forced in ("lease", "flock") else None
