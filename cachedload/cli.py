@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cachedload.backends import remote_url
+from cachedload.config import check_cache_dir
 from cachedload.errors import ConfigurationError
 from cachedload.explain import compare_entries, read_manifest
 from cachedload.manage import (
@@ -514,16 +515,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
-    args = _parser().parse_args(argv)
-    if args.cache_dir is None:
-        args.cache_dir = args.global_cache_dir
+    try:
+        args = _parser().parse_args(argv)  # the help names the default cache dir: may raise
+        if args.cache_dir is None:
+            args.cache_dir = args.global_cache_dir
+        if args.cache_dir is not None:
+            checked = check_cache_dir(args.cache_dir, "--cache-dir")
+            args.cache_dir = checked if isinstance(checked, str) else os.fspath(checked)
+    except ConfigurationError as error:
+        print(f"cachedload: error: {error}", file=sys.stderr)
+        return 2
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
-    except (_UsageError, ConfigurationError) as error:
+    except _UsageError as error:
         print(f"cachedload {args.command}: {error}", file=sys.stderr)
+        return 2
+    except ConfigurationError as error:  # e.g. $CACHEDLOAD_DIR: one line, no traceback
+        print(f"cachedload: error: {error}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `cachedload ls | head`
         devnull = os.open(os.devnull, os.O_WRONLY)

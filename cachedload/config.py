@@ -41,6 +41,7 @@ __all__ = [
 CACHE_DIR_ENV = "$CACHEDLOAD_DIR"
 
 _ACCEPTED = "a folder path, file:///absolute/path, or a remote cache URL such as s3://bucket/prefix"
+_LOCAL = "a local folder path"
 _S3_SCHEMES = ("s3", "s3a")
 # "s3:/typo", "http:/host": a scheme and one slash. Two letters at least, so that a Windows
 # drive ("C:/data") stays a path.
@@ -71,7 +72,8 @@ def check_cache_dir(value: object, origin: str) -> str | Path:
             origin, f"must be a str or os.PathLike ({_ACCEPTED}), not {type(value).__name__}"
         )
     if not value.strip():
-        raise ConfigurationError(origin, f"{value!r} is blank: expected {_ACCEPTED}")
+        blank = "blank" if value else "empty"
+        raise ConfigurationError(origin, f"{value!r} is {blank}: expected {_ACCEPTED}")
     if is_url(value):
         check_url(value, origin)
         return value
@@ -80,7 +82,7 @@ def check_cache_dir(value: object, origin: str) -> str | Path:
         path = path.removeprefix("localhost") if path.startswith("localhost/") else path
         if not path.startswith("/"):
             raise ConfigurationError(
-                origin, f"{value!r} names no absolute path: expected file:///absolute/path"
+                origin, f"{value!r} names no absolute path; expected {_ACCEPTED}"
             )
         value = path
     elif _HALF_URL.match(value):
@@ -94,7 +96,9 @@ def check_cache_dir(value: object, origin: str) -> str | Path:
     if expanded.startswith("~"):
         user = value.split("/", 1)[0]
         raise ConfigurationError(
-            origin, f"{value!r}: cannot expand {user} (no such user or no home directory)"
+            origin,
+            f"{value!r}: cannot expand {user} (no such user or no home directory); "
+            f"expected {_ACCEPTED}",
         )
     return Path(expanded)
 
@@ -109,12 +113,18 @@ def check_url(url: str, origin: str = "cache_dir") -> None:
     scheme = scheme.lower()
     if scheme in _S3_SCHEMES:
         if importlib.util.find_spec("boto3") is None:
-            raise ConfigurationError(origin, f"{url!r} needs boto3: pip install 'cachedload[s3]'")
+            raise ConfigurationError(
+                origin, f"{url!r} needs boto3: pip install 'cachedload[s3]', or use {_LOCAL}"
+            )
         if not rest.strip("/"):
-            raise ConfigurationError(origin, f"{url!r} names no bucket")
+            raise ConfigurationError(
+                origin, f"{url!r} names no bucket; expected s3://bucket or s3://bucket/prefix"
+            )
         return
     if importlib.util.find_spec("fsspec") is None:
-        raise ConfigurationError(origin, f"{url!r} needs fsspec and its {scheme} backend")
+        raise ConfigurationError(
+            origin, f"{url!r} needs fsspec and its {scheme} backend, or use {_LOCAL}"
+        )
     from fsspec.registry import get_filesystem_class, known_implementations, registry
 
     if scheme not in known_implementations and scheme not in registry:
@@ -124,7 +134,9 @@ def check_url(url: str, origin: str = "cache_dir") -> None:
     try:
         get_filesystem_class(scheme)  # imports its backend: http:// needs aiohttp…
     except ImportError as error:
-        raise ConfigurationError(origin, f"{url!r} cannot be used here: {error}") from None
+        raise ConfigurationError(
+            origin, f"{url!r} cannot be used here: {error}; install it, or use {_LOCAL}"
+        ) from None
 
 
 def cache_dir_from_env() -> str | Path | None:
@@ -136,6 +148,12 @@ def cache_dir_from_env() -> str | Path | None:
     raw = os.environ.get("CACHEDLOAD_DIR", "")
     if raw == "":  # unset, or emptied to unset it (`CACHEDLOAD_DIR= python …`)
         return None
+    return _checked_env(raw)
+
+
+@functools.lru_cache(maxsize=4)
+def _checked_env(raw: str) -> str | Path:
+    # Read on every call of a loader without cache_dir=: checked once per value.
     return check_cache_dir(raw.strip() or raw, CACHE_DIR_ENV)
 
 

@@ -16,6 +16,7 @@ import pytest
 from cachedload import (
     CachedDataset,
     CachedloadError,
+    CacheStoreWarning,
     ConfigurationError,
     SourceNotFoundError,
     UnhashableArgumentError,
@@ -590,3 +591,140 @@ def test_a_missing_source_is_reported_before_a_later_unhashable_argument(
     unpicklable = threading.Lock()
     with pytest.raises(SourceNotFoundError, match="image_dir"):
         load(str(tmp_path / "missing"), transform=unpicklable)
+
+
+def test_mmap_mode_r_returns_memory_maps_on_a_miss_too(image_dir: Path, cache_dir: Path) -> None:
+    @cached_dataset(cache_dir=cache_dir, mmap_mode="r")
+    def load(image_dir: Path) -> tuple[np.ndarray, list[str]]:
+        return np.arange(1000, dtype=np.float32), ["a", "b"]
+
+    first, names = load(image_dir)  # a miss: the entry just written, mapped
+    second, _ = load(image_dir)  # a hit
+    assert load.cache_info().misses == 1 and load.cache_info().hits == 1
+    for result in (first, second):
+        assert isinstance(result, np.memmap) and not result.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            result -= result.mean()  # fails the same way on both calls
+    assert names == ["a", "b"]
+    np.testing.assert_array_equal(first, np.arange(1000, dtype=np.float32))
+
+
+def test_mmap_mode_r_returns_the_computed_result_when_storing_fails(
+    image_dir: Path, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache directory should be")
+
+    @cached_dataset(cache_dir=blocker / "cache", mmap_mode="r")
+    def load(image_dir: Path) -> np.ndarray:
+        return np.arange(10)
+
+    with pytest.warns(CacheStoreWarning):
+        result = load(image_dir)
+    assert not isinstance(result, np.memmap) and result.flags.writeable
+
+
+def test_mmap_mode_r_plus_is_rejected_naming_the_accepted_values() -> None:
+    def body(image_dir: str) -> None:
+        return None
+
+    with pytest.raises(ConfigurationError, match=r"mmap_mode.*None, 'r'.*'c'.*not 'r\+'"):
+        cached_dataset(mmap_mode="r+")(body)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("call", ["miss", "hit"])
+def test_mmap_mode_c_edits_never_reach_the_stored_entry(
+    image_dir: Path, cache_dir: Path, call: str
+) -> None:
+    @cached_dataset(cache_dir=cache_dir, mmap_mode="c")
+    def load(image_dir: Path) -> np.ndarray:
+        return np.zeros(1000, dtype=np.float64)
+
+    first = load(image_dir)
+    edited = first if call == "miss" else load(image_dir)
+    assert isinstance(edited, np.memmap) and edited.flags.writeable
+    edited += 5.0  # copy-on-write: this process's pages only
+    assert edited[0] == 5.0
+    del first, edited
+    assert load(image_dir).sum() == 0.0
+    assert cached_dataset(cache_dir=cache_dir)(load.__wrapped__)(image_dir).sum() == 0.0
+
+
+def test_every_error_class_is_a_cachedload_error() -> None:
+    from cachedload import errors, keys
+
+    classes = [
+        obj
+        for module in (errors, keys)
+        for obj in vars(module).values()
+        if isinstance(obj, type) and issubclass(obj, Exception) and not issubclass(obj, Warning)
+    ]
+    assert keys.UnhashableError in classes
+    for cls in classes:
+        assert issubclass(cls, CachedloadError), cls
+    assert issubclass(keys.UnhashableError, TypeError)
+
+
+@pytest.mark.parametrize("value", [3, ["a"], b"/tmp/x", 1.5])
+def test_cache_dir_of_the_wrong_type_is_a_configuration_error(value: Any) -> None:
+    def body(image_dir: str) -> None:
+        return None
+
+    with pytest.raises(ConfigurationError, match=r"^cache_dir: must be a str or os.PathLike"):
+        cached_dataset(cache_dir=value)(body)
+
+
+BAD_CACHE_DIRS = {
+    "blank": ("   ", "blank"),
+    "empty": ("", "empty"),
+    "half-url": ("s3:/typo", r"did you mean s3://typo"),
+    "empty-file-url": ("file://", "no absolute path"),
+    "unknown-user": ("~nosuchuser_cachedload/c", "cannot expand ~nosuchuser_cachedload"),
+    "no-backend": ("http://127.0.0.1:1/x", "aiohttp|requests"),
+    "unknown-scheme": ("nosuch://x/y", "no fsspec file system for nosuch://"),
+}
+
+
+@pytest.mark.parametrize("value, reason", BAD_CACHE_DIRS.values(), ids=BAD_CACHE_DIRS.keys())
+def test_a_bad_cache_dir_option_is_a_configuration_error_at_decoration(
+    value: str, reason: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    def body(image_dir: str) -> None:
+        return None
+
+    with pytest.raises(ConfigurationError, match=rf"^cache_dir: .*({reason})") as raised:
+        cached_dataset(cache_dir=value)(body)
+    assert raised.value.option == "cache_dir"
+    assert "expected" in str(raised.value) or "or use a local folder" in str(raised.value)
+    assert list(tmp_path.iterdir()) == []  # no folder named after the value
+
+
+@pytest.mark.parametrize(
+    "value, reason",
+    [v for k, v in BAD_CACHE_DIRS.items() if k != "empty"],
+    ids=[k for k in BAD_CACHE_DIRS if k != "empty"],
+)
+def test_a_bad_cachedload_dir_variable_names_the_variable(
+    value: str, reason: str, image_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CACHEDLOAD_DIR", value)
+    calls: list[int] = []
+    load = counting_loader(calls)
+    with pytest.raises(ConfigurationError, match=rf"^\$CACHEDLOAD_DIR: .*({reason})"):
+        load(image_dir)
+    assert calls == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
+def test_file_urls_name_the_same_folder_everywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cachedload import default_cache_dir
+    from cachedload.backends import default_local_root
+
+    monkeypatch.setenv("CACHEDLOAD_DIR", f"file://{tmp_path}/c")
+    assert default_cache_dir() == tmp_path / "c"
+    assert default_local_root("s3://bucket/p").parent == tmp_path / "c" / "remote"

@@ -79,7 +79,8 @@ def class_folder(tmp_path: Path) -> Path:
 def test_class_layout_labels_classes_paths(class_folder: Path) -> None:
     data = load_image_folder(class_folder)
     assert isinstance(data, ImageFolderData)
-    assert data._fields == ("images", "labels", "classes", "paths")
+    assert data._fields == ("images", "labels", "classes", "paths", "skipped")
+    assert data.skipped == ()
     assert data.classes == ("cat", "dog")
     assert data.paths == (
         "cat/c0.png", "cat/c1.png", "cat/c2.png",

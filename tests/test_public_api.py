@@ -103,4 +103,4 @@ def test_readme_quick_start_runs(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["(6, 128, 128, 3) (6,) ndarray", "memmap True"]
+    assert result.stdout.splitlines() == ["(6, 128, 128, 3) (6,) memmap", "memmap True"]
