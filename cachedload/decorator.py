@@ -401,11 +401,11 @@ class CachedDataset(Generic[P, R]):
             return
         call.warned.add("store")
         if isinstance(error, UnpicklableResult):
-            where = f"{error}; only what pickle can write is cached"
+            detail = f": {error}"
         else:
-            where = f"in {store.function_dir}: {type(error).__name__}: {error}"
+            detail = f" in {store.function_dir}: {type(error).__name__}: {error}"
         warn_at_caller(
-            f"cachedload: could not store the result of {self._identity} {where}. "
+            f"cachedload: could not store the result of {self._identity}{detail}. "
             "The result is returned but not cached.",
             CacheStoreWarning,
         )
@@ -784,12 +784,16 @@ def cached_dataset(
     Args:
         source: parameter name(s) holding source paths (default: detected, see above).
         ignore: parameter name(s) left out of the key (``verbose``, ``n_jobs``…).
-        cache_dir: where entries live; default ``$CACHEDLOAD_DIR`` or the user cache dir. A URL
+        cache_dir: where entries live (a folder, ``file:///abs/path`` or a URL); default
+            ``$CACHEDLOAD_DIR`` or the user cache dir. A URL
             (``"s3://bucket/prefix"``, or any fsspec URL) names a cache shared by several
             machines: one computes an entry, the others wait, then download it once each into
             a local read-through copy (see the README, "Sharing a cache across machines").
         mmap_mode: ``"r"`` returns read-only memory maps of stored arrays (near-instant hits
-            whatever their size); passed to ``joblib.load``.
+            whatever their size), ``"c"`` copy-on-write maps (editable in memory, never
+            written back). A miss returns the maps of the entry it just stored, so every call
+            returns the same kind of arrays. ``"r+"`` is rejected: an in-place edit would
+            rewrite the stored entry.
         compress: passed to ``joblib.dump`` (off by default; compressed entries cannot be
             memory-mapped).
         fingerprint: ``"mtime"`` (one stat per file) or ``"content"`` (hash every file's bytes).

@@ -251,3 +251,51 @@ def test_top_level_help_lists_commands_and_exit_codes() -> None:
     assert result.returncode == 0
     for command in ("ls", "info", "clear", "prune", "why", "verify", "demo", "exit status"):
         assert command in result.stdout
+
+
+BAD_CACHE_DIRS = [
+    "   ",
+    "s3:/typo",
+    "file://",
+    "~nosuchuser_cachedload/c",
+    "http://x/y",
+    "nosuch://x",
+]
+
+
+@pytest.mark.parametrize("value", ["", *BAD_CACHE_DIRS])
+def test_a_bad_cache_dir_option_is_one_line_and_exit_2(value: str, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "cachedload", "ls", "--cache-dir", value],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=subprocess_env(),
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("cachedload: error: --cache-dir: ")
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", BAD_CACHE_DIRS)
+def test_a_bad_cachedload_dir_is_one_line_naming_the_variable(value: str, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "cachedload", "ls"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=subprocess_env(CACHEDLOAD_DIR=value),
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("cachedload: error: $CACHEDLOAD_DIR: ")
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_url_cache_dir_is_that_folder(cache: Path) -> None:
+    listed = cli("ls", "--cache-dir", f"file://{cache}")
+    assert listed.returncode == 0, listed.stderr
+    assert f"in {cache}" in listed.stdout and "3 entries" in listed.stdout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import pickle
 from pathlib import Path
@@ -214,6 +216,31 @@ def test_mismatched_shapes_name_both_files(tmp_path: Path) -> None:
     assert info.value.first.endswith("a.png") and info.value.second.endswith("c.png")
     assert "a.png" in str(info.value) and "c.png" in str(info.value)
     assert info.value.second_shape == (9, 12, 3)
+
+
+@pytest.mark.parametrize("size", [None, (6, 6)])
+def test_mixed_channel_counts_name_channels_and_advise_color(
+    tmp_path: Path, size: tuple[int, int] | None
+) -> None:
+    write(tmp_path / "a_gray.png", noise(0, (8, 12)))
+    write(tmp_path / "b_rgba.png", noise(1, (8, 12, 4)))
+    with pytest.raises(ImageShapeMismatchError) as info:
+        load_image_folder(tmp_path, color="unchanged", size=size, n_jobs=1)
+    message = str(info.value)
+    assert "in channels (1 vs 4)" in message and 'color="rgb"' in message
+    assert "size=" not in message  # height and width agree, or are resized anyway
+    assert load_image_folder(tmp_path, color="rgb", size=size).images.shape[-1] == 3
+    assert pickle.loads(pickle.dumps(info.value)).resized == (size is not None)
+
+
+def test_channels_and_sides_both_differing_are_both_named(tmp_path: Path) -> None:
+    write(tmp_path / "a.png", noise(0, (8, 12, 3)))
+    write(tmp_path / "b.png", noise(1, (9, 12)))
+    with pytest.raises(ImageShapeMismatchError) as info:
+        load_image_folder(tmp_path, color="unchanged", n_jobs=1)
+    message = str(info.value)
+    assert "in channels (3 vs 1)" in message and "in height/width" in message
+    assert "size=(height, width)" in message
 
 
 @pytest.mark.parametrize(
@@ -462,3 +489,58 @@ def test_invalid_options_raise_configuration_error(
         load_image_folder(class_folder, **{option: value})  # type: ignore[arg-type]
     assert info.value.option == option
     assert isinstance(info.value, ValueError)
+
+
+def test_a_cached_skip_warns_again_on_every_hit(tmp_path: Path) -> None:
+    from cachedload import cached_dataset
+
+    for i in range(8):
+        write(tmp_path / "data" / f"{i:02d}.png", noise(i))
+    for bad in ("01.png", "03.png", "04.png", "05.png", "06.png", "07.png"):
+        (tmp_path / "data" / bad).write_bytes(b"garbage")
+    calls: list[int] = []
+
+    @cached_dataset(cache_dir=tmp_path / "cache")
+    def load(root: Path) -> tuple[ImageFolderData, str]:
+        calls.append(1)
+        return load_image_folder(root, on_error="skip"), "extra"
+
+    with pytest.warns(ImagesSkippedWarning) as first:
+        data, _ = load(tmp_path / "data")
+    assert len(first) == 1 and data.skipped == tuple(f"{i:02d}.png" for i in (1, 3, 4, 5, 6, 7))
+    assert data.paths == ("00.png", "02.png")
+    for _ in range(2):
+        with pytest.warns(ImagesSkippedWarning) as hit:
+            again, _ = load(tmp_path / "data")
+        assert len(hit) == 1 and len(calls) == 1
+        message = str(hit[0].message)
+        assert "left out" in message or "leaves out" in message
+        assert "6 unreadable" in message and "01.png" in message and "and 1 more" in message
+        assert hit[0].filename == __file__
+        assert again.skipped == data.skipped
+    meta = json.loads((load.cache_path(tmp_path / "data") / "meta.json").read_text())
+    assert meta["skipped"] == list(data.skipped)
+
+
+def test_image_folder_data_pickled_before_skipped_existed_still_loads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from typing import NamedTuple
+
+    class ImageFolderData(NamedTuple):  # the four-field class of entries already stored
+        images: Any
+        labels: Any
+        classes: tuple[str, ...]
+        paths: tuple[str, ...]
+
+    ImageFolderData.__module__ = "cachedload.images"
+    ImageFolderData.__qualname__ = "ImageFolderData"
+    with monkeypatch.context() as patch:
+        patch.setattr(images_module, "ImageFolderData", ImageFolderData)
+        old = images_module.ImageFolderData(np.zeros(2), None, (), ("a.png", "b.png"))
+        stored = [pickle.dumps(old, protocol) for protocol in (2, 4, 5)]
+        buffer = io.BytesIO()
+        joblib.dump(old, buffer)  # as a cache entry holds it
+    for restored in [*map(pickle.loads, stored), joblib.load(io.BytesIO(buffer.getvalue()))]:
+        assert type(restored) is images_module.ImageFolderData
+        assert restored.paths == ("a.png", "b.png") and restored.skipped == ()

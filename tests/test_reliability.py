@@ -655,3 +655,54 @@ def test_symlink_retargeted_during_a_call_is_not_stored_under_the_old_target(
         load(str(link))
     switch("v1")
     assert load(str(link)) == "AAAA"
+
+
+def _generator() -> Any:
+    return (i for i in range(3))
+
+
+def _lock_in_a_dict() -> Any:
+    return {"images": np.zeros(4), "lock": threading.Lock()}
+
+
+def _local_class_instance() -> Any:
+    class Local:
+        def __init__(self) -> None:
+            self.value = 1
+
+    return [np.zeros(2), Local()]
+
+
+@pytest.mark.parametrize(
+    "make, where, kind",
+    [
+        (_generator, "load_unpicklable: result is a", "generator"),
+        (_lock_in_a_dict, "result['lock']", "_thread.lock"),
+        (_local_class_instance, "result[1]", "<locals>.Local"),
+    ],
+    ids=["generator", "lock-in-a-dict", "local-class"],
+)
+def test_an_unpicklable_result_is_returned_with_one_store_warning(
+    image_dir: Path, cache_dir: Path, make: Any, where: str, kind: str
+) -> None:
+    calls: list[int] = []
+
+    @cached_dataset(cache_dir=cache_dir)
+    def load_unpicklable(image_dir: Path) -> Any:
+        calls.append(1)
+        return make()
+
+    for expected_runs in (1, 2):  # nothing stored: the second call runs the body again
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = load_unpicklable(image_dir)
+        assert [w.category for w in caught] == [CacheStoreWarning]
+        message = str(caught[0].message)
+        assert "load_unpicklable" in message and where in message and kind in message
+        assert caught[0].filename == __file__  # attributed to the caller
+        assert len(calls) == expected_runs
+        assert result is not None
+    function_dirs = list(cache_dir.iterdir())
+    assert [
+        p.name for d in function_dirs for p in d.iterdir() if not p.name.endswith(".lock")
+    ] == []
