@@ -347,6 +347,8 @@ def test_hit_on_another_node_downloads_once_then_costs_no_request(
     node_b = make_loader(url, seaweed, tmp_path / "b", calls)
     expected = node_a(str(data_dir))
     assert calls == [1]
+    assert isinstance(expected, np.memmap)  # the computing node maps its local copy too
+    assert Path(expected.filename).is_relative_to(tmp_path / "a")
     stored = objects_under(seaweed, url)
     assert any(name.endswith("/meta.json") for name in stored)
     assert any(name.endswith("/result.joblib") for name in stored)
@@ -376,7 +378,8 @@ def test_hit_across_processes_with_separate_local_caches(
     first = _result(_start_child(tmp_path, url, seaweed, data_dir, counter, local=tmp_path / "a"))
     second = _result(_start_child(tmp_path, url, seaweed, data_dir, counter, local=tmp_path / "b"))
     assert runs(counter) == 1 and first["sum"] == second["sum"]
-    assert not first["memmap"] and second["memmap"]  # a hit maps the local copy
+    # A hit maps the local copy; so does the computing node, once it has stored its result.
+    assert first["memmap"] and second["memmap"]
     # With the endpoint unreachable, a process still hits on the local copy, without so much
     # as importing boto3.
     dead = f"http://127.0.0.1:{_free_ports(1)[0]}"
