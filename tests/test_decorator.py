@@ -782,3 +782,19 @@ def test_a_partial_or_a_callable_object_can_be_the_loader(image_dir: Path, cache
     assert three(image_dir) == 30
     assert two(image_dir) == 20 and two.cache_info().hits == 1
     assert two.cache_path(image_dir).parent.name.startswith(f"{__name__}.ScaledLoader-")
+
+
+def test_an_unhashable_bound_self_is_named_and_may_be_ignored(
+    image_dir: Path, cache_dir: Path
+) -> None:
+    class Client:
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+
+        def fetch(self, image_dir: Path) -> int:
+            return 1
+
+    with pytest.raises(UnhashableArgumentError) as raised:
+        cached_dataset(cache_dir=cache_dir)(Client().fetch)(image_dir)
+    assert raised.value.parameter == "self"
+    assert cached_dataset(cache_dir=cache_dir, ignore=["self"])(Client().fetch)(image_dir) == 1
