@@ -737,7 +737,10 @@ def cached_dataset(
       by their bytes), so adding, removing, renaming, touching or rewriting a file recomputes;
     * every other **parameter**, bound to the signature with defaults applied;
     * the loader's **code** (parsed source, so comments and formatting do not count), the code
-      of the functions in ``depends_on`` and the user's ``version``.
+      of the functions in ``depends_on`` and the user's ``version``;
+    * the loader's **state** at each call: the plain data (numbers, strings, arrays, containers
+      of them…) in the closure cells and module globals its code reads and does not change, the
+      object of a bound method or callable object, a partial's arguments (see the README).
 
     Args:
         source: parameter name(s) holding source paths (default: detected, see above).
