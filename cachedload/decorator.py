@@ -214,6 +214,8 @@ class CachedDataset(Generic[P, R]):
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         if instance is None:
             return self
+        if self.enabled:
+            self._code_version()  # once, here: every bound copy (one per access) inherits it
         bound = object.__new__(type(self))
         bound.__dict__.update(self.__dict__)  # shares options and statistics
         bound._bound_self = instance
