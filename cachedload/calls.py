@@ -58,8 +58,8 @@ class CallGroup:
     @functools.cached_property
     def digest(self) -> str:
         """The group as stored in metadata (computed on first use: it costs a hash)."""
-        identity, code, parameters, paths = self.token
-        return value_digest((identity, code, list(parameters), list(paths)))
+        identity, code, parameters, paths, *state = self.token
+        return value_digest((identity, code, list(parameters), list(paths), *map(list, state)))
 
 
 @dataclass
@@ -76,6 +76,8 @@ class Call:
     # name -> the absolute path as given, before symlinks were resolved into ``sources``
     given_paths: dict[str, str] = field(default_factory=dict)
     fingerprint_seconds: float = 0.0  # how long fingerprinting the sources took
+    # the loader's state (cachedload.state): label -> (digest, readable text)
+    state: dict[str, tuple[str, str]] = field(default_factory=dict)
     warned: set[str] = field(default_factory=set)
 
     @property
@@ -86,9 +88,11 @@ class Call:
 
 def readable(value: Any) -> str:
     """Short human-readable text of a parameter value, for metadata and explanations."""
+    if isinstance(value, type):  # a class's "shape" would be a descriptor (np.float32)
+        return f"{value.__module__}.{value.__qualname__}"
     shape = getattr(value, "shape", None)
     dtype = getattr(value, "dtype", None)
-    if shape is not None and dtype is not None:
+    if isinstance(shape, tuple) and dtype is not None:
         return f"{type(value).__name__}(shape={tuple(shape)}, dtype={dtype})"
     if callable(value) and hasattr(value, "__qualname__"):
         return f"{getattr(value, '__module__', '?')}.{value.__qualname__}"
@@ -98,7 +102,7 @@ def readable(value: Any) -> str:
 def summarize(value: Any, depth: int = 0) -> str:
     """Short description of a result: type, and shape/dtype of arrays, for metadata."""
     shape = getattr(value, "shape", None)
-    if shape is not None and getattr(value, "dtype", None) is not None:
+    if isinstance(shape, tuple) and getattr(value, "dtype", None) is not None:
         return f"{type(value).__name__}(shape={tuple(shape)}, dtype={value.dtype})"
     if depth < 2 and isinstance(value, (tuple, list)) and len(value) <= 8:
         inner = ", ".join(summarize(item, depth + 1) for item in value)
@@ -237,11 +241,15 @@ class KeyRules:
         kwargs: dict[str, Any],
         code_version: str,
         before_fingerprints: Callable[[CallGroup], None] | None = None,
+        state: dict[str, tuple[str, Any]] | None = None,
     ) -> Call:
         """Bind arguments to the loader's signature (defaults applied) and make the key.
 
         ``before_fingerprints(group)`` is called once the call's group (see :meth:`call_meta`)
         is known and before the sources are fingerprinted, the slow part of most calls.
+        ``state``: the loader's state at this call, label -> (digest, value) (see
+        :mod:`cachedload.state`); it enters the key only when there is some, so a loader
+        without state keeps the key it always had.
         """
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
@@ -260,12 +268,16 @@ class KeyRules:
                 continue
             for index, item in items:  # *args and **kwargs: each item on its own
                 self._add(name, f"{name}[{index}]", item, parameters, pending)
+        state_digests = tuple(
+            sorted((label, digest) for label, (digest, _) in (state or {}).items())
+        )
         group = CallGroup(
             (
                 self.identity,
                 code_version,
                 tuple(sorted((name, digest) for name, (digest, _) in parameters.items())),
                 tuple(sorted((label, source.paths[1]) for label, source in pending.items())),
+                *((state_digests,) if state_digests else ()),
             )
         )
         if before_fingerprints is not None:
@@ -283,6 +295,7 @@ class KeyRules:
                 (name, fp.digest if self.portable else f"{path}\0{fp.digest}")
                 for name, (path, fp) in sources.items()
             ),
+            *((list(state_digests),) if state_digests else ()),
         )
         return Call(
             arguments=dict(bound.arguments),
@@ -294,6 +307,9 @@ class KeyRules:
             sources=sources,
             given_paths=given_paths,
             fingerprint_seconds=fingerprint_seconds,
+            state={
+                label: (digest, readable(value)) for label, (digest, value) in (state or {}).items()
+            },
         )
 
     def _add(
@@ -362,7 +378,7 @@ class KeyRules:
         sources' fingerprints: entries sharing a group differ only in source contents, so a
         newer one supersedes the older ones.
         """
-        return {
+        meta: dict[str, Any] = {
             "format": FORMAT_VERSION,
             "key": call.key,
             "group": call.group,
@@ -386,6 +402,12 @@ class KeyRules:
             },
             "portable": self.portable,
         }
+        if call.state:  # only when there is some: older entries and stateless loaders have none
+            meta["state"] = {
+                label: {"digest": digest, "value": text}
+                for label, (digest, text) in call.state.items()
+            }
+        return meta
 
 
 def entry_meta(

@@ -48,6 +48,7 @@ from cachedload.fingerprint import (
 from cachedload.keys import code_digest, function_identity, value_digest
 from cachedload.manage import EntryRecord, enforce_after_store, entries_in, parse_size
 from cachedload.reading import ReadAhead
+from cachedload.state import LoaderState, bound_objects
 from cachedload.store import (
     CorruptEntry,
     Store,
@@ -159,11 +160,15 @@ class CachedDataset(Generic[P, R]):
         self._signature = inspect.signature(func)
         sources = parse_names("source", source) if source is not None else None
         ignored = frozenset(parse_names("ignore", ignore))
+        # A bound method's or callable object's "self" and a partial's arguments are part of
+        # the key like parameters, and may be ignored like them.
+        bound = {label for label, _ in bound_objects(func)}
         for option, names in (("source", sources or ()), ("ignore", ignored)):
-            unknown = [n for n in names if n not in self._signature.parameters]
+            known = self._signature.parameters.keys() | (bound if option == "ignore" else set())
+            unknown = [n for n in names if n not in known]
             if unknown:
                 raise ConfigurationError(
-                    option, f"{unknown} not among {func.__qualname__}'s parameters"
+                    option, f"{unknown} not among {function_identity(func)}'s parameters"
                 )
         if mmap_mode not in (None, "r", "c"):
             # Not "r+": an in-place edit of a result would rewrite the stored entry.
@@ -211,11 +216,14 @@ class CachedDataset(Generic[P, R]):
         self._bound_self: Any = None
         self._is_bound = False
         self._code: str | None = None
+        self._state: LoaderState | None = None
 
     # -- descriptor: decorating a method --------------------------------------------------------
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         if instance is None:
             return self
+        if self.enabled:
+            self._code_version()  # once, here: every bound copy (one per access) inherits it
         bound = object.__new__(type(self))
         bound.__dict__.update(self.__dict__)  # shares options and statistics
         bound._bound_self = instance
@@ -237,13 +245,24 @@ class CachedDataset(Generic[P, R]):
 
     # -- identity ------------------------------------------------------------------------------
     def _code_version(self) -> str:
-        """Digest of the loader's code, its helpers' code and the user's ``version=``."""
-        if self._code is None:
+        """Digest of the loader's code, its helpers' code and the user's ``version=``.
+
+        Computed again when a function's ``__code__`` was replaced (IPython's ``%autoreload``
+        does that): an identity check per function and call.
+        """
+        state = self._state
+        if state is None or self._code is None or not state.current():
+            self._state = LoaderState(self.__wrapped__, self._depends_on, self._rules.ignore)
             parts = [code_digest(self.__wrapped__)]
             parts += [f"{function_identity(f)}:{code_digest(f)}" for f in self._depends_on]
             parts.append(value_digest(self._version))
             self._code = value_digest(tuple(parts))
         return self._code
+
+    def __cachedload_key__(self) -> tuple[str, str]:
+        # A wrapper as a value (an argument, an attribute of a hashed ``self``) counts as the
+        # function it wraps: its identity and code.
+        return (self._identity, self._code_version())
 
     def _function_dir_name(self) -> str:
         safe = "".join(c if c.isalnum() or c in "._" else "_" for c in self._identity)
@@ -283,12 +302,15 @@ class CachedDataset(Generic[P, R]):
         kwargs: dict[str, Any],
         before_fingerprints: Callable[[CallGroup], None] | None = None,
     ) -> Call:
+        code_version = self._code_version()  # first: it rebuilds _state if the code changed
+        assert self._state is not None
         return self._rules.bind(
             self._signature,
             self._with_self(args),
             kwargs,
-            self._code_version(),
+            code_version,
             before_fingerprints,
+            state=self._state.values(),
         )
 
     def _reads_ahead(self) -> bool:
@@ -779,7 +801,10 @@ def cached_dataset(
       by their bytes), so adding, removing, renaming, touching or rewriting a file recomputes;
     * every other **parameter**, bound to the signature with defaults applied;
     * the loader's **code** (parsed source, so comments and formatting do not count), the code
-      of the functions in ``depends_on`` and the user's ``version``.
+      of the functions in ``depends_on`` and the user's ``version``;
+    * the loader's **state** at each call: the plain data (numbers, strings, arrays, containers
+      of them…) in the closure cells and module globals its code reads and does not change, the
+      object of a bound method or callable object, a partial's arguments (see the README).
 
     Args:
         source: parameter name(s) holding source paths (default: detected, see above).

@@ -48,9 +48,11 @@ class Difference:
     """One key component that differs.
 
     Attributes:
-        component: ``"format"``, ``"function"``, ``"code"``, ``"version"``, ``"parameter"`` or
+        component: ``"format"``, ``"function"``, ``"code"``, ``"version"``, ``"parameter"``,
+            ``"state"`` (a global or closure value the loader reads, its bound ``self``…) or
             ``"source"``.
-        name: the parameter's or source's name (None for the other components).
+        name: the parameter's, state's (``"global SCALE"``) or source's name (None for the
+            other components).
         text: a readable one-line description, e.g. ``"parameter size: (128, 128) → (64, 64)"``.
         old: the stored (older) readable value, if there is one.
         new: the current (newer) readable value, if there is one.
@@ -222,7 +224,12 @@ def _source_difference(
     )
 
 
-def _parameter_differences(old: dict[str, Any], new: dict[str, Any]) -> list[Difference]:
+def _parameter_differences(
+    old: dict[str, Any], new: dict[str, Any], component: str = "parameter"
+) -> list[Difference]:
+    """Parameters (or state: ``"global SCALE"``, ``"self"``…) added, removed or changed."""
+    prefix = "parameter " if component == "parameter" else ""
+
     def text(entry: Any) -> str:
         return str(entry.get("value", "?")) if isinstance(entry, dict) else str(entry)
 
@@ -234,18 +241,18 @@ def _parameter_differences(old: dict[str, Any], new: dict[str, Any]) -> list[Dif
         if name not in old:
             value = text(new[name])
             differences.append(
-                Difference("parameter", name, f"parameter {name} added (= {value})", None, value)
+                Difference(component, name, f"{prefix}{name} added (= {value})", None, value)
             )
         elif name not in new:
             value = text(old[name])
             differences.append(
-                Difference("parameter", name, f"parameter {name} removed (was {value})", value)
+                Difference(component, name, f"{prefix}{name} removed (was {value})", value)
             )
         elif digest(old[name]) != digest(new[name]):
             before, after = text(old[name]), text(new[name])
             change = f"{before} → {after}" if before != after else f"value changed ({after})"
             differences.append(
-                Difference("parameter", name, f"parameter {name}: {change}", before, after)
+                Difference(component, name, f"{prefix}{name}: {change}", before, after)
             )
     return differences
 
@@ -299,6 +306,9 @@ def compare(
         )
     differences += _parameter_differences(
         old_meta.get("parameters") or {}, new_meta.get("parameters") or {}
+    )
+    differences += _parameter_differences(
+        old_meta.get("state") or {}, new_meta.get("state") or {}, "state"
     )
     old_sources: dict[str, Any] = old_meta.get("sources") or {}
     new_sources: dict[str, Any] = new_meta.get("sources") or {}

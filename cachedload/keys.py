@@ -11,6 +11,8 @@ the state they would pickle (``__reduce_ex__``), encoded canonically.
 from __future__ import annotations
 
 import ast
+import copyreg
+import dis
 import enum
 import functools
 import inspect
@@ -29,7 +31,13 @@ import xxhash
 
 from cachedload.errors import CachedloadError
 
-__all__ = ["UnhashableError", "code_digest", "function_identity", "value_digest"]
+__all__ = [
+    "UnhashableError",
+    "code_digest",
+    "code_function",
+    "function_identity",
+    "value_digest",
+]
 
 _ARRAY_CHUNK = 64 * 1024 * 1024
 _MAX_DEPTH = 200
@@ -57,15 +65,41 @@ def value_digest(value: object) -> str:
 
 
 def function_identity(func: Callable[..., Any]) -> str:
-    """``module.qualname`` of a function (or of a callable object's class)."""
+    """``module.qualname`` of a function (or of a callable object's class; of a partial's
+    function)."""
+    while isinstance(func, functools.partial):
+        func = func.func
     func = inspect.unwrap(func)
     module = getattr(func, "__module__", None) or type(func).__module__
     qualname = getattr(func, "__qualname__", None) or type(func).__qualname__
     return f"{module}.{qualname}"
 
 
-@functools.lru_cache(maxsize=1024)
-def _code_digest_cached(func: Callable[..., Any]) -> str:
+def code_function(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The function whose code a callable runs: unwrapped, a partial's function, a bound
+    method's function, a callable object's ``__call__``."""
+    while True:
+        func = inspect.unwrap(func)
+        if isinstance(func, functools.partial):
+            func = func.func
+        elif isinstance(func, types.MethodType):
+            func = func.__func__
+        elif (
+            callable(func)
+            and not isinstance(func, (types.FunctionType, types.BuiltinFunctionType, type))
+            and isinstance(type(func).__call__, types.FunctionType)
+        ):
+            func = type(func).__call__
+        else:
+            return func
+
+
+# code object's id -> (the code object, kept alive so that its id stays its own; its digest)
+_CODE_DIGESTS: dict[int, tuple[types.CodeType, str]] = {}
+_CODE_DIGESTS_MAX = 4096
+
+
+def _digest_of(func: Callable[..., Any]) -> str:
     hasher = xxhash.xxh3_128()
     source = _parsed_source(func)
     if source is not None:
@@ -75,7 +109,7 @@ def _code_digest_cached(func: Callable[..., Any]) -> str:
         # The running bytecode too, not only the source on disk: a module edited but not
         # reloaded must not file the old code's results under the new code's key (and two
         # lambdas on one line differ here). Comments and formatting leave bytecode unchanged.
-        _update_code(hasher, code, docstring=getattr(func, "__doc__", None))
+        _update_code(hasher, code)
     elif source is None:
         raise UnhashableError(f"{func!r} has neither source nor bytecode")
     return hasher.hexdigest()
@@ -85,17 +119,25 @@ def code_digest(func: Callable[..., Any]) -> str:
     """Return the hex xxh3-128 of a function's code.
 
     Hashes the parsed source (``ast.dump``, without docstrings, comments, formatting or
-    decorators) where the source is available, and the running bytecode and constants (so the
-    digest describes the code that actually runs, even when its file was edited since it was
-    imported). Digests are memoised per function object.
+    decorators) where the source is available, and the running bytecode with its constants
+    resolved (so the digest describes the code that actually runs, even when its file was
+    edited since it was imported, and a docstring does not count). Digests are memoised per
+    code object, never per function: ``f.__code__ = g.__code__`` (IPython's ``%autoreload``)
+    gives ``f`` the new code's digest. A partial, bound method or callable object is hashed by
+    the code it runs (see :func:`code_function`).
     """
-    func = inspect.unwrap(func)
-    try:
-        return _code_digest_cached(func)
-    except TypeError as error:  # an unhashable callable object cannot be memoised
-        if isinstance(error, UnhashableError):
-            raise
-        return _code_digest_cached.__wrapped__(func)
+    func = code_function(func)
+    code = getattr(func, "__code__", None)
+    if not isinstance(code, types.CodeType):
+        return _digest_of(func)
+    known = _CODE_DIGESTS.get(id(code))
+    if known is not None and known[0] is code:
+        return known[1]
+    digest = _digest_of(func)
+    if len(_CODE_DIGESTS) >= _CODE_DIGESTS_MAX:
+        _CODE_DIGESTS.clear()
+    _CODE_DIGESTS[id(code)] = (code, digest)
+    return digest
 
 
 def _last_line(code: Any) -> int:
@@ -174,20 +216,44 @@ def _parsed_source(func: Callable[..., Any]) -> str | None:
     return ast.dump(node, annotate_fields=False)
 
 
-def _update_code(hasher: Any, code: types.CodeType, docstring: str | None = None) -> None:
-    hasher.update(code.co_code)
-    hasher.update(repr(code.co_names).encode())
-    consts = code.co_consts
-    # A function's first constant is its docstring, or None without one: not behaviour.
-    if consts and (consts[0] is None or (docstring is not None and consts[0] == docstring)):
-        consts = consts[1:]
-    for const in consts:
-        if isinstance(const, types.CodeType):
-            _update_code(hasher, const)
-        else:
-            hasher.update(repr(const).encode())
+def _update_code(hasher: Any, code: types.CodeType) -> None:
+    """Hash a code object's instructions with their arguments resolved (constants by value,
+    names by name), recursing into nested code: constant *indices* shift when a docstring is
+    added or removed (it is the first constant, or None is), values do not. The docstring
+    itself is never loaded by an instruction, so it does not count."""
+    update = hasher.update
+    for instruction in dis.get_instructions(code):
+        if instruction.opname in ("EXTENDED_ARG", "CACHE", "NOP"):
+            continue  # an index above 255 needs a prefix: follows the index, not the code
+        update(instruction.opname.encode() + b"\0")
+        if instruction.opcode in dis.hasconst:
+            _update_const(hasher, instruction.argval)
+        elif instruction.arg is not None:
+            update(repr(instruction.argval).encode() + b"\0")
 
 
+def _update_const(hasher: Any, const: object) -> None:
+    if isinstance(const, types.CodeType):
+        hasher.update(b"code\0")
+        _update_code(hasher, const)
+    elif isinstance(const, tuple):
+        hasher.update(b"(")
+        for item in const:
+            _update_const(hasher, item)
+        hasher.update(b")")
+    elif isinstance(const, frozenset):
+        # A set literal's order follows the randomised hash of its strings: sort it.
+        hasher.update(("{" + ",".join(sorted(repr(item) for item in const)) + "}\0").encode())
+    else:
+        hasher.update(repr(const).encode() + b"\0")
+
+
+_FUNCTION_TYPES = (
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    types.MethodWrapperType,
+)
 _INT = struct.Struct("<q")
 _FLOAT = struct.Struct("<d")
 
@@ -258,9 +324,7 @@ class _Encoder:
             elif kind in (set, frozenset):
                 digests = sorted(self.sub_digest(item, depth) for item in value)  # type: ignore[attr-defined]
                 self.tag(b"S", b"".join(digests))
-            elif callable(value) and isinstance(
-                value, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)
-            ):
+            elif isinstance(value, _FUNCTION_TYPES):
                 self.encode_function(value, depth)
             elif isinstance(value, functools.partial):
                 self.tag(b"P")
@@ -325,7 +389,15 @@ class _Encoder:
             self.encode(func.__func__, depth + 1)
             return
         self.tag(b"F", function_identity(func).encode())
-        if isinstance(func, types.FunctionType):
+        if not isinstance(func, types.FunctionType):
+            # A built-in's object is part of what it does: re.compile("a").match is not
+            # re.compile("b").match, nor one dict's get another's. A module by its name.
+            owner = getattr(func, "__self__", None)
+            if isinstance(owner, types.ModuleType):
+                self.tag(b"m", owner.__name__.encode())
+            elif owner is not None:
+                self.encode(owner, depth + 1)
+        else:
             self.hasher.update(code_digest(func).encode())
             # Values captured by a closure or bound as defaults change what the function does.
             self.encode(func.__defaults__, depth + 1)
@@ -344,7 +416,9 @@ class _Encoder:
             self.encode(value.__cachedload_key__(), depth + 1)  # type: ignore[attr-defined]
             return
         try:
-            reduced = value.__reduce_ex__(4)
+            # As pickle does: a reducer registered with copyreg first (re.Pattern has one).
+            reducer = copyreg.dispatch_table.get(type(value))
+            reduced = reducer(value) if reducer is not None else value.__reduce_ex__(4)
         except Exception as error:
             raise UnhashableError(
                 f"{type(value).__qualname__} object cannot be pickled ({error})"

@@ -728,3 +728,211 @@ def test_file_urls_name_the_same_folder_everywhere(
     monkeypatch.setenv("CACHEDLOAD_DIR", f"file://{tmp_path}/c")
     assert default_cache_dir() == tmp_path / "c"
     assert default_local_root("s3://bucket/p").parent == tmp_path / "c" / "remote"
+
+
+# --- what the loader reads besides its arguments (its state) ---------------------------------
+
+
+def test_dtype_and_class_arguments_are_parameters(image_dir: Path, cache_dir: Path) -> None:
+    calls: list[int] = []
+
+    @cached_dataset(cache_dir=cache_dir)
+    def load(image_dir: Path, count: int, dtype: Any = np.float64) -> np.ndarray:
+        calls.append(1)
+        return np.zeros(count, dtype=dtype)
+
+    for dtype in (np.float32, np.dtype("f4"), float, np.float32):
+        load(image_dir, 3, dtype=dtype)
+    assert len(calls) == 3
+    assert load(image_dir, 3, dtype=np.float32).dtype == np.float32
+    assert len(calls) == 3
+
+
+def test_closure_values_are_part_of_the_key(image_dir: Path, cache_dir: Path) -> None:
+    calls: list[int] = []
+
+    def make_loader(size: tuple[int, int]) -> CachedDataset[..., Any]:
+        @cached_dataset(cache_dir=cache_dir)
+        def load(image_dir: Path) -> tuple[int, int]:
+            calls.append(1)
+            return size
+
+        return load
+
+    assert make_loader((16, 16))(image_dir) == (16, 16)
+    assert make_loader((64, 64))(image_dir) == (64, 64)
+    assert make_loader((16, 16))(image_dir) == (16, 16)
+    assert len(calls) == 2
+
+
+GLOBALS_MODULE = """
+from cachedload import cached_dataset
+calls = []
+memo = {}
+count = 0
+SCALE = 2
+OFFSET = 0.5
+
+def helper(x):
+    return x + OFFSET
+
+@cached_dataset(cache_dir=CACHE, depends_on=[helper])
+def load(image_dir):
+    global count
+    count += 1
+    calls.append(1)
+    memo[image_dir] = True
+    return helper(10 * SCALE)
+"""
+
+
+def test_a_changed_module_global_misses_in_the_same_process(
+    image_dir: Path, cache_dir: Path
+) -> None:
+    namespace: dict[str, Any] = {"CACHE": str(cache_dir)}
+    exec(GLOBALS_MODULE, namespace)  # a module (a notebook's globals) changed as it runs
+    load = namespace["load"]
+    assert load(image_dir) == 20.5
+    namespace["SCALE"] = 3
+    assert load(image_dir) == 30.5
+    namespace["OFFSET"] = 0.25  # read by a depends_on helper
+    assert load(image_dir) == 30.25
+    namespace["SCALE"] = 2
+    namespace["OFFSET"] = 0.5
+    assert load(image_dir) == 20.5
+    assert namespace["count"] == 3  # the last call hit the first entry
+
+
+def test_names_the_loader_changes_are_not_in_the_key(image_dir: Path, cache_dir: Path) -> None:
+    namespace: dict[str, Any] = {"CACHE": str(cache_dir)}
+    exec(GLOBALS_MODULE, namespace)  # counts with calls.append, memo[k] = v, global count
+    namespace["load"](image_dir)
+    namespace["load"](image_dir)
+    assert namespace["count"] == 1 and len(namespace["calls"]) == 1
+
+    runs = 0
+
+    @cached_dataset(cache_dir=cache_dir)
+    def load(image_dir: Path) -> int:
+        nonlocal runs
+        runs += 1
+        return 1
+
+    load(image_dir)
+    load(image_dir)
+    assert runs == 1
+
+
+def test_values_left_out_of_the_key_are_logged_once(
+    image_dir: Path, cache_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    namespace: dict[str, Any] = {"CACHE": str(cache_dir), "LOCK": threading.Lock()}
+    exec(
+        "from cachedload import cached_dataset\n"
+        "@cached_dataset(cache_dir=CACHE)\n"
+        "def guarded_load(image_dir):\n"
+        "    with LOCK:\n"
+        "        return 1\n",
+        namespace,
+    )
+    with caplog.at_level(logging.INFO, logger="cachedload"):
+        namespace["guarded_load"](image_dir)
+        namespace["guarded_load"](image_dir)
+    notes = [r.getMessage() for r in caplog.records if "not in the cache key" in r.getMessage()]
+    assert len(notes) == 1
+    assert "global LOCK" in notes[0] and "depends_on=" in notes[0] and "version=" in notes[0]
+
+
+def test_explain_names_a_changed_global(image_dir: Path, cache_dir: Path) -> None:
+    namespace: dict[str, Any] = {"CACHE": str(cache_dir)}
+    exec(GLOBALS_MODULE, namespace)
+    namespace["load"](image_dir)
+    namespace["SCALE"] = 3
+    assert "global SCALE: 2 → 3" in str(namespace["load"].cache_explain(image_dir))
+
+
+def test_a_wrapped_bound_method_keys_its_instance(image_dir: Path, cache_dir: Path) -> None:
+    calls: list[int] = []
+
+    class Dataset:
+        def __init__(self, size: int) -> None:
+            self.size = size
+            self.load = cached_dataset(cache_dir=cache_dir)(self.load)
+
+        def load(self, image_dir: Path) -> int:
+            calls.append(1)
+            return self.size
+
+    assert Dataset(2).load(image_dir) == 2
+    assert Dataset(3).load(image_dir) == 3
+    assert Dataset(2).load(image_dir) == 2
+    assert len(calls) == 2
+
+
+def test_replacing_the_loaders_code_in_place_misses(image_dir: Path, cache_dir: Path) -> None:
+    def body(image_dir: Path) -> str:
+        return "old"
+
+    def new_body(image_dir: Path) -> str:
+        return "new"
+
+    def helper() -> str:
+        return "a"
+
+    def new_helper() -> str:
+        return "b"
+
+    load = cached_dataset(cache_dir=cache_dir)(body)
+    assert load(image_dir) == "old"
+    body.__code__ = new_body.__code__  # what IPython's %autoreload does
+    assert load(image_dir) == "new"
+
+    with_helper = cached_dataset(cache_dir=cache_dir, depends_on=[helper])(new_body)
+    before = with_helper.cache_path(image_dir)
+    helper.__code__ = new_helper.__code__
+    assert with_helper.cache_path(image_dir) != before
+
+
+def base_loader(image_dir: Path, size: tuple[int, int] = (4, 4)) -> tuple[int, int]:
+    return size
+
+
+class ScaledLoader:
+    def __init__(self, scale: int) -> None:
+        self.scale = scale
+
+    def __call__(self, image_dir: Path) -> int:
+        return 10 * self.scale
+
+
+def test_a_partial_or_a_callable_object_can_be_the_loader(image_dir: Path, cache_dir: Path) -> None:
+    small = cached_dataset(cache_dir=cache_dir)(functools.partial(base_loader, size=(8, 8)))
+    large = cached_dataset(cache_dir=cache_dir)(functools.partial(base_loader, size=(9, 9)))
+    assert small(image_dir) == (8, 8)
+    assert large(image_dir) == (9, 9)
+    assert small(image_dir) == (8, 8)
+    assert small.cache_path(image_dir).parent.name.startswith(f"{__name__}.base_loader-")
+    assert small.cache_info().hits == 1
+
+    two = cached_dataset(cache_dir=cache_dir)(ScaledLoader(2))
+    three = cached_dataset(cache_dir=cache_dir)(ScaledLoader(3))
+    assert two(image_dir) == 20
+    assert three(image_dir) == 30
+    assert two(image_dir) == 20 and two.cache_info().hits == 1
+    assert two.cache_path(image_dir).parent.name.startswith(f"{__name__}.ScaledLoader-")
+
+
+def test_an_unhashable_bound_self_is_named_and_may_be_ignored(
+    image_dir: Path, cache_dir: Path
+) -> None:
+    class Client:
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+
+        def fetch(self, image_dir: Path) -> int:
+            return 1
+
+    with pytest.raises(UnhashableArgumentError) as raised:
+        cached_dataset(cache_dir=cache_dir)(Client().fetch)(image_dir)
+    assert raised.value.parameter == "self"
+    assert cached_dataset(cache_dir=cache_dir, ignore=["self"])(Client().fetch)(image_dir) == 1

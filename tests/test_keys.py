@@ -204,3 +204,91 @@ def test_array_subclasses_hash_with_their_type_and_state() -> None:
     assert value_digest(masked) == value_digest(np.ma.MaskedArray([1, 2], mask=[0, 1]))
     assert value_digest(masked) != value_digest(np.ma.MaskedArray([1, 2], mask=[1, 0]))
     assert value_digest(masked) != value_digest(np.array([1, 2]))
+
+
+def test_bound_builtin_methods_hash_with_their_object() -> None:
+    import collections
+    import gc
+    import re
+
+    assert value_digest(re.compile("train_").match) != value_digest(re.compile("test_").match)
+    assert value_digest(re.compile("train_").match) == value_digest(re.compile("train_").match)
+    assert value_digest(collections.deque([1]).extend) != value_digest(
+        collections.deque([2]).extend
+    )
+    assert value_digest({"a": 1}.get) != value_digest({"a": 2}.get)
+    assert value_digest(gc.collect) == value_digest(gc.collect)  # a module by its name
+    assert value_digest(gc.collect) != value_digest(gc.enable)
+
+
+def test_dtypes_and_classes_hash_as_values() -> None:
+    digests = {value_digest(v) for v in (np.dtype("f4"), np.float32, np.float64, float)}
+    assert len(digests) == 4
+    assert value_digest(np.dtype("f4")) == value_digest(np.dtype(np.float32))
+
+
+def _module_function(tmp_path: Path, name: str, source: str) -> object:
+    import importlib.util
+
+    path = tmp_path / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.f  # type: ignore[attr-defined]
+
+
+BODY_USING_NONE = "    if img is None:\n        return 0\n    return img\n"
+
+
+def test_a_docstring_does_not_change_the_digest_when_the_body_uses_none(tmp_path: Path) -> None:
+    without = "def f(img):\n" + BODY_USING_NONE
+    with_doc = 'def f(img):\n    """Load it."""\n' + BODY_USING_NONE
+    changed = "def f(img):\n    if img is None:\n        return 1\n    return img\n"
+    from_files = [_module_function(tmp_path, f"m{i}", s) for i, s in enumerate((without, with_doc))]
+    assert code_digest(from_files[0]) == code_digest(from_files[1])  # type: ignore[arg-type]
+    changed_file = _module_function(tmp_path, "m_changed", changed)
+    assert code_digest(from_files[0]) != code_digest(changed_file)  # type: ignore[arg-type]
+    # Without a source file (exec, a REPL) only the bytecode is hashed: the same holds.
+    compiled = []
+    for source in (without, with_doc, changed):
+        namespace: dict[str, object] = {}
+        exec(source, namespace)
+        compiled.append(code_digest(namespace["f"]))  # type: ignore[arg-type]
+    assert compiled[0] == compiled[1] != compiled[2]
+
+
+def test_replacing_a_functions_code_changes_its_digest() -> None:
+    def g(x: int) -> int:
+        return x + 1
+
+    def h(x: int) -> int:
+        return x * 7
+
+    before = code_digest(g)
+    g.__code__ = h.__code__  # what IPython's %autoreload does
+    assert code_digest(g) != before
+    assert code_digest(g) == code_digest(h)
+
+
+def test_set_literals_in_code_hash_the_same_under_any_hash_seed() -> None:
+    code = """
+        from cachedload.keys import code_digest
+        namespace = {}
+        exec("def f(x):\\n    return x in {'alpha', 'beta', 'gamma', 'delta'}\\n", namespace)
+        print(code_digest(namespace["f"]))
+    """
+    outputs = {run_python(code, PYTHONHASHSEED=seed).stdout.strip() for seed in ("1", "2", "3")}
+    assert len(outputs) == 1
+
+
+def test_partials_and_callable_objects_are_named_and_hashed_by_their_code() -> None:
+    class Loader:
+        def __call__(self, x: float) -> float:
+            return scale(x)
+
+    assert function_identity(functools.partial(scale, 2)) == f"{__name__}.scale"
+    assert code_digest(functools.partial(scale, 2)) == code_digest(scale)
+    assert function_identity(Loader()).endswith("Loader")
+    assert code_digest(Loader()) == code_digest(Loader.__call__)
