@@ -711,8 +711,12 @@ def cached_dataset(
     The first call runs the loader and stores its result with joblib; every later call with the
     same inputs — in this process or any later one — restores it instead. The key covers:
 
-    * each **source**: the parameters named by ``source=``, or by default every argument that
-      is an ``os.PathLike`` or a string naming an existing path. A directory is fingerprinted
+    * each **source**: the parameters named by ``source=``, or by default every
+      ``os.PathLike`` argument and every string in a parameter whose name (``image_dir``,
+      ``csv_path``…) or annotation (``Path``, ``str | Path``…) says path; other strings are
+      parameters, whatever they name on disk. A missing source raises ``SourceNotFoundError``
+      before the body runs; ``/`` and the home directory are walked only when ``source=``
+      names them (``ConfigurationError`` otherwise). A directory is fingerprinted
       by the relative path, size and mtime of every file below it (``fingerprint="content"``:
       by their bytes), so adding, removing, renaming, touching or rewriting a file recomputes;
     * every other **parameter**, bound to the signature with defaults applied;

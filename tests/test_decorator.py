@@ -262,15 +262,133 @@ def test_missing_source_raises_before_the_body_runs(tmp_path: Path, cache_dir: P
     assert calls == []
 
 
-def test_missing_path_into_an_existing_folder_raises(tmp_path: Path, cache_dir: Path) -> None:
+def test_a_string_in_a_parameter_not_named_as_a_path_is_a_parameter_whatever_it_names(
+    tmp_path: Path, image_dir: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+
     @cached_dataset(cache_dir=cache_dir)
-    def load(data: str, label: str = "a/b") -> int:
+    def load(image_dir: Path, split: str = "train", sep: str = ",") -> int:
+        calls.append(1)
         return 1
 
+    with_train = tmp_path / "with_train"
+    (with_train / "train").mkdir(parents=True)
+    monkeypatch.chdir(with_train)
+    load(image_dir, split="train", sep="/")  # neither "train/" nor the whole file system
+    load(image_dir, split="train", sep=".")
+    entries = load.entries()
+    assert [sorted(entry.sources) for entry in entries] == [["image_dir"], ["image_dir"]]
+    assert all(entry.parameters["split"] == "'train'" for entry in entries)
+    monkeypatch.chdir(tmp_path)  # no train/ here: the same calls, the same keys
+    load(image_dir, split="train", sep="/")
+    load(image_dir, split="train", sep=".")
+    assert len(calls) == 2
+    # and a string naming nothing in such a parameter reaches the body
+    assert load(image_dir, split=str(tmp_path / "not_there" / "x")) == 1
+
+
+@pytest.mark.parametrize(
+    "annotation",
+    [
+        Path,
+        os.PathLike,
+        os.PathLike[str],
+        str | Path,
+        "str | Path",
+        "Optional[pathlib.Path]",
+        "Union[str, os.PathLike[str]]",
+        "list[Path]",
+    ],
+    ids=repr,
+)
+def test_a_string_in_a_parameter_annotated_as_a_path_is_a_source(
+    annotation: Any, tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+
+    def body(data: Any) -> int:  # "data": the name alone does not say path
+        calls.append(1)
+        return 1
+
+    body.__annotations__ = {"data": annotation, "return": int}
+    load = cached_dataset(cache_dir=cache_dir)(body)
+    monkeypatch.chdir(tmp_path)
+    Path("present.txt").write_text("one")
+    age(tmp_path)
+    present, missing = "present.txt", "missing.txt"
+    value: Any = [present] if "list" in str(annotation) else present
+    load(value)
+    assert [sorted(entry.sources) for entry in load.entries()] in (
+        [["data"]],
+        [["data[0]"]],
+    )
     with pytest.raises(SourceNotFoundError, match="'data'"):
-        load(str(tmp_path / "not_there"))
-    (tmp_path / "data").mkdir()
-    assert load(str(tmp_path / "data"), label="x/y") == 1  # "x/y": no such folder, a parameter
+        load([missing] if isinstance(value, list) else missing)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("annotation", [str, "str", int, "Literal['a/b']", Any], ids=repr)
+def test_a_parameter_annotated_otherwise_takes_strings_as_parameters(
+    annotation: Any, tmp_path: Path, cache_dir: Path
+) -> None:
+    def body(data: Any) -> int:
+        return 1
+
+    body.__annotations__ = {"data": annotation}
+    load = cached_dataset(cache_dir=cache_dir)(body)
+    assert load(str(tmp_path / "missing")) == 1
+    assert load(str(tmp_path)) == 1  # an existing folder too
+    assert all(entry.sources == {} for entry in load.entries())
+
+
+def test_a_missing_relative_path_in_a_path_parameter_raises_before_the_body(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    load = counting_loader(calls, cache_dir=cache_dir)
+    monkeypatch.chdir(tmp_path)
+    for name in ("nosuchfolder", "no/such/folder"):
+        with pytest.raises(SourceNotFoundError) as raised:
+            load(name)
+        assert (raised.value.parameter, raised.value.path) == ("image_dir", name)
+    assert calls == []
+
+
+def test_a_keyword_of_var_keyword_arguments_says_path_like_a_parameter_name(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    @cached_dataset(cache_dir=cache_dir)
+    def load(**options: Any) -> int:
+        return 1
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train").mkdir()
+    assert load(split="train", image_dir="train") == 1
+    assert list(load.entries()[0].sources) == ["options[image_dir]"]
+    with pytest.raises(SourceNotFoundError, match="'options'"):
+        load(image_dir="nosuchfolder")
+
+
+@pytest.mark.parametrize("where", ["root", "home", "link to root"])
+def test_the_root_or_home_directory_is_walked_only_when_source_names_it(
+    where: str, tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "home"
+    (home / "notes").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    (tmp_path / "to_root").symlink_to("/")
+    value = {"root": "/", "home": str(home), "link to root": str(tmp_path / "to_root")}[where]
+    calls: list[int] = []
+    load = counting_loader(calls, cache_dir=cache_dir)
+    for given in (value, Path(value)):
+        with pytest.raises(ConfigurationError, match=r"'image_dir'.*source=\['image_dir'\]"):
+            load(given)
+    assert calls == []
+    if where == "home":  # named by source=, it is a source like any other
+        explicit = counting_loader(calls, cache_dir=cache_dir, source="image_dir")
+        assert explicit(str(home))[1] == []
+        assert explicit.entries()[0].sources["image_dir"]["path"] == str(home)
 
 
 def test_missing_explicit_source_raises(tmp_path: Path, cache_dir: Path) -> None:
