@@ -677,6 +677,98 @@ def test_wrappers_pickle_for_worker_processes(image_dir: Path) -> None:
     assert not ModuleLevelLoaders(8).load.is_cached(image_dir)
 
 
+def test_a_loader_the_import_path_does_not_lead_to_pickles_by_value(
+    image_dir: Path, cache_dir: Path
+) -> None:
+    import pickle
+
+    calls: list[int] = []
+    nested = counting_loader(calls, cache_dir=cache_dir)  # "counting_loader.<locals>.load"
+    nested(image_dir)
+    clone = pickle.loads(pickle.dumps(nested))
+    assert clone.cache_path(image_dir) == nested.cache_path(image_dir)
+    assert clone.is_cached(image_dir)
+    assert b"_restore_by_value" not in pickle.dumps(module_level_loader)  # by path: cheap
+
+
+# A notebook, as a worker sees it: the loader is defined in __main__ by code the workers cannot
+# import, either in a cell (run by exec, its source only in linecache, as IPython does) or in a
+# script run as the main program (loky workers do not import __main__).
+NOTEBOOK_SCRIPT = '''
+import linecache
+import multiprocessing
+import os
+import sys
+
+import joblib
+
+CELL = """
+import os
+from cachedload import cached_dataset
+
+
+@cached_dataset(cache_dir=os.environ["CACHE"])
+def load(image_dir, size=2):
+    'The loader of a cell.'
+    with open(os.environ["COUNTER"], "a") as counter:
+        counter.write("run\\\\n")
+    return sorted(os.listdir(image_dir)) * size
+"""
+
+
+def run_cell(source, filename):
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace = {"__name__": "__main__"}
+    exec(compile(source, filename, "exec"), namespace)
+    return namespace
+
+
+if sys.argv[1] == "script":
+    exec(CELL)  # as if written at the top level of this script: __main__.load
+
+
+def main(how, image_dir):
+    if how == "cell":
+        load = run_cell(CELL, os.path.join(os.environ["CACHE"], "ipykernel", "cell-1.py"))["load"]
+    else:
+        load = globals()["load"]
+    first = load(image_dir)
+    with joblib.Parallel(n_jobs=2, backend="loky") as parallel:
+        from_loky = parallel(joblib.delayed(load)(image_dir) for _ in range(4))
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        from_spawn = pool.map(load, [image_dir] * 4)
+    assert from_loky == from_spawn == [first] * 4, (from_loky, from_spawn, first)
+    print(len(load.entries()))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
+'''
+
+
+@pytest.mark.parametrize("how", ["cell", "script"])
+def test_a_notebook_loader_runs_in_joblib_and_spawned_workers_from_its_cache(
+    how: str, image_dir: Path, cache_dir: Path, counter_file: Path, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import subprocess_env
+
+    script = tmp_path / "notebook.py"
+    script.write_text(NOTEBOOK_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(script), how, str(image_dir)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(CACHE=str(cache_dir), COUNTER=str(counter_file)),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "1\n"  # one entry
+    assert runs(counter_file) == 1  # computed once, in the notebook; every worker hit
+
+
 def test_paths_in_args_and_lists_are_sources(tmp_path: Path, cache_dir: Path) -> None:
     first, second = tmp_path / "one.txt", tmp_path / "two.txt"
     for path in (first, second):
