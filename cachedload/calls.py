@@ -12,6 +12,7 @@ import functools
 import inspect
 import os
 import platform
+import re
 import reprlib
 import time
 from collections.abc import Callable, Iterable
@@ -32,10 +33,15 @@ __all__ = [
     "racy_files_unchanged",
     "racy_records_expired",
     "readable",
+    "says_path",
     "summarize",
 ]
 
 _PATHISH_NAMES = ("dir", "path", "file", "folder", "root", "src", "source", "csv")
+# An annotation says path when it names a class ending in "Path" (Path, PurePath, StrPath…) or
+# PathLike, however it is written: a class, ``str | Path``, ``Optional[Path]``, ``list[Path]``,
+# or the same as text (``from __future__ import annotations``), which is matched, never evaluated.
+_PATHISH_ANNOTATION = re.compile(r"(?<![\w])\w*Path(?:Like)?(?![\w])")
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 120
 
@@ -160,6 +166,64 @@ def racy_records_expired(meta: dict[str, Any]) -> bool:
     return time.time_ns() - RACY_WINDOW_NS > int(meta.get("racy_newest_mtime_ns", 0))
 
 
+def says_path(parameter: inspect.Parameter) -> bool:
+    """Does a parameter's name or annotation say that a string passed to it is a path?
+
+    Its name contains ``dir``, ``path``, ``file``, ``folder``, ``root``, ``src``, ``source`` or
+    ``csv`` (any case: ``image_dir``, ``csvPath``, ``train_root``), or its annotation names
+    ``Path``, ``os.PathLike`` or another class ending in ``Path`` (``str | Path``,
+    ``Optional[Path]``, ``list[Path]``, also as text under ``from __future__ import annotations``).
+    """
+    return _name_says_path(parameter.name) or _annotation_says_path(parameter.annotation)
+
+
+def _name_says_path(name: str) -> bool:
+    lowered = name.lower()
+    return any(part in lowered for part in _PATHISH_NAMES)
+
+
+def _annotation_says_path(annotation: Any) -> bool:
+    if annotation is inspect.Parameter.empty:
+        return False
+    try:
+        return _annotation_text_says_path(annotation)
+    except TypeError:  # an unhashable annotation object: not memoised
+        return _annotation_text_says_path.__wrapped__(annotation)
+
+
+@functools.lru_cache(maxsize=256)
+def _annotation_text_says_path(annotation: Any) -> bool:
+    if isinstance(annotation, str):
+        text = annotation
+    elif isinstance(annotation, type):
+        text = annotation.__qualname__
+    else:  # str | pathlib.Path, typing.Optional[pathlib.Path], os.PathLike[str], list[Path]…
+        text = repr(annotation)
+    return _PATHISH_ANNOTATION.search(text) is not None
+
+
+def _is_path(value: Any, says_path: bool) -> bool:
+    if isinstance(value, os.PathLike):
+        return True
+    return says_path and isinstance(value, str) and bool(value)
+
+
+def _is_broad(path: str, real: str) -> str | None:
+    """``"the root of the file system"`` or ``"the home directory"`` if a source path is one
+    of them (never walked unless ``source=`` names it), else None."""
+    if os.path.dirname(real) == real or os.path.dirname(path) == path:
+        return "the root of the file system"
+    home = os.path.expanduser("~")
+    if home != "~" and real in (os.path.abspath(home), _real_home(home)):
+        return "the home directory"
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _real_home(home: str) -> str:
+    return os.path.realpath(home)
+
+
 @dataclass(frozen=True)
 class KeyRules:
     """What a loader's cache key covers: the decorator options that shape it."""
@@ -172,34 +236,21 @@ class KeyRules:
     exclude: tuple[str, ...]
     portable: bool
 
-    def is_source(self, name: str, value: Any) -> bool:
+    def is_source(self, name: str, value: Any, named_path: bool | None = None) -> bool:
         """Is this argument a source path (named by ``source=``, or detected)?
 
-        Detected: an ``os.PathLike``, a string naming an existing path, or a non-empty list or
-        tuple of those (each item is then a source).
+        Detected: an ``os.PathLike``; a non-empty string in a parameter whose name or
+        annotation says path (``named_path``, default: from the name alone, see
+        :func:`says_path`); or a non-empty list or tuple of those (each item is then a
+        source). A string in any other parameter is a parameter, whatever it names on disk.
         """
         if self.source is not None:
             return name in self.source and value is not None
+        if named_path is None:
+            named_path = _name_says_path(name)
         if isinstance(value, (list, tuple)):
-            return bool(value) and all(self._is_path(name, item) for item in value)
-        return self._is_path(name, value)
-
-    @staticmethod
-    def _is_path(name: str, value: Any) -> bool:
-        if isinstance(value, os.PathLike):
-            return True
-        if isinstance(value, str) and value:
-            if os.path.exists(value):
-                return True
-            # A missing path is an error where the parameter's name says it is a path, or where
-            # the string is a path into an existing folder ("/data/train" with /data there).
-            lowered = name.lower()
-            if any(part in lowered for part in _PATHISH_NAMES) and (
-                os.sep in value or "." in value
-            ):
-                return True
-            return os.sep in value and os.path.isdir(os.path.dirname(os.path.abspath(value)))
-        return False
+            return bool(value) and all(_is_path(item, named_path) for item in value)
+        return _is_path(value, named_path)
 
     @staticmethod
     def _paths(name: str, value: Any) -> tuple[str, str]:
@@ -222,6 +273,19 @@ class KeyRules:
             raise SourceNotFoundError(name, value) from None
         except OSError:  # a symlink loop, a permission: fingerprinting reports it by name
             return path, os.path.realpath(path)
+
+    def _source(self, name: str, value: Any) -> _SourceArgument:
+        """A source argument with its paths, refusing ``/`` and the home directory unless
+        ``source=`` names the parameter."""
+        paths = self._paths(name, value)
+        broad = None if self.source is not None else _is_broad(*paths)
+        if broad is not None:
+            raise ConfigurationError(
+                "source",
+                f"parameter {name!r} is {broad} ({os.fspath(value)!r}); cachedload does not "
+                f"fingerprint it unless asked: pass source={[name]!r} if you really mean it",
+            )
+        return _SourceArgument(name, value, paths)
 
     def _fingerprint(self, source: _SourceArgument) -> tuple[str, Fingerprint]:
         """The real path and fingerprint of one source argument."""
@@ -258,16 +322,18 @@ class KeyRules:
         for name, value in bound.arguments.items():
             if name in self.ignore:
                 continue
-            kind = signature.parameters[name].kind
+            parameter = signature.parameters[name]
+            path = self.source is None and says_path(parameter)
+            kind = parameter.kind
             if self.source is None and kind is inspect.Parameter.VAR_POSITIONAL:
-                items: Iterable[tuple[Any, Any]] = enumerate(value)
+                for index, item in enumerate(value):  # each item on its own
+                    self._add(name, f"{name}[{index}]", item, path, parameters, pending)
             elif self.source is None and kind is inspect.Parameter.VAR_KEYWORD:
-                items = sorted(value.items())
+                for key, item in sorted(value.items()):  # each named by its keyword too
+                    item_path = path or _name_says_path(key)
+                    self._add(name, f"{name}[{key}]", item, item_path, parameters, pending)
             else:
-                self._add(name, name, value, parameters, pending)
-                continue
-            for index, item in items:  # *args and **kwargs: each item on its own
-                self._add(name, f"{name}[{index}]", item, parameters, pending)
+                self._add(name, name, value, path, parameters, pending)
         state_digests = tuple(
             sorted((label, digest) for label, (digest, _) in (state or {}).items())
         )
@@ -317,18 +383,18 @@ class KeyRules:
         name: str,
         label: str,
         value: Any,
+        path: bool,
         parameters: dict[str, tuple[str, str]],
         sources: dict[str, _SourceArgument],
     ) -> None:
-        """File one argument (or one item of ``*args``/``**kwargs``) as sources or a parameter."""
-        if self.is_source(name, value):
+        """File one argument (or one item of ``*args``/``**kwargs``) as sources or a parameter;
+        ``path``: the parameter's name or annotation says path."""
+        if self.is_source(name, value, path):
             if isinstance(value, (list, tuple)):
                 for index, item in enumerate(value):
-                    sources[f"{label}[{index}]"] = _SourceArgument(
-                        name, item, self._paths(name, item)
-                    )
+                    sources[f"{label}[{index}]"] = self._source(name, item)
             else:
-                sources[label] = _SourceArgument(name, value, self._paths(name, value))
+                sources[label] = self._source(name, value)
             return
         try:
             parameters[label] = (value_digest(value), readable(value))

@@ -66,12 +66,19 @@ def value_digest(value: object) -> str:
 
 def function_identity(func: Callable[..., Any]) -> str:
     """``module.qualname`` of a function (or of a callable object's class; of a partial's
-    function)."""
+    function).
+
+    A script's functions are ``__main__.*`` whether the script runs as the main program or is
+    re-imported as ``__mp_main__`` by a worker process started with ``spawn`` (multiprocessing,
+    PyTorch DataLoader workers), so that both share one identity and one cache entry.
+    """
     while isinstance(func, functools.partial):
         func = func.func
     func = inspect.unwrap(func)
     module = getattr(func, "__module__", None) or type(func).__module__
     qualname = getattr(func, "__qualname__", None) or type(func).__qualname__
+    if module == "__mp_main__":
+        module = "__main__"
     return f"{module}.{qualname}"
 
 

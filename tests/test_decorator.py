@@ -263,15 +263,133 @@ def test_missing_source_raises_before_the_body_runs(tmp_path: Path, cache_dir: P
     assert calls == []
 
 
-def test_missing_path_into_an_existing_folder_raises(tmp_path: Path, cache_dir: Path) -> None:
+def test_a_string_in_a_parameter_not_named_as_a_path_is_a_parameter_whatever_it_names(
+    tmp_path: Path, image_dir: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+
     @cached_dataset(cache_dir=cache_dir)
-    def load(data: str, label: str = "a/b") -> int:
+    def load(image_dir: Path, split: str = "train", sep: str = ",") -> int:
+        calls.append(1)
         return 1
 
+    with_train = tmp_path / "with_train"
+    (with_train / "train").mkdir(parents=True)
+    monkeypatch.chdir(with_train)
+    load(image_dir, split="train", sep="/")  # neither "train/" nor the whole file system
+    load(image_dir, split="train", sep=".")
+    entries = load.entries()
+    assert [sorted(entry.sources) for entry in entries] == [["image_dir"], ["image_dir"]]
+    assert all(entry.parameters["split"] == "'train'" for entry in entries)
+    monkeypatch.chdir(tmp_path)  # no train/ here: the same calls, the same keys
+    load(image_dir, split="train", sep="/")
+    load(image_dir, split="train", sep=".")
+    assert len(calls) == 2
+    # and a string naming nothing in such a parameter reaches the body
+    assert load(image_dir, split=str(tmp_path / "not_there" / "x")) == 1
+
+
+@pytest.mark.parametrize(
+    "annotation",
+    [
+        Path,
+        os.PathLike,
+        os.PathLike[str],
+        str | Path,
+        "str | Path",
+        "Optional[pathlib.Path]",
+        "Union[str, os.PathLike[str]]",
+        "list[Path]",
+    ],
+    ids=repr,
+)
+def test_a_string_in_a_parameter_annotated_as_a_path_is_a_source(
+    annotation: Any, tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+
+    def body(data: Any) -> int:  # "data": the name alone does not say path
+        calls.append(1)
+        return 1
+
+    body.__annotations__ = {"data": annotation, "return": int}
+    load = cached_dataset(cache_dir=cache_dir)(body)
+    monkeypatch.chdir(tmp_path)
+    Path("present.txt").write_text("one")
+    age(tmp_path)
+    present, missing = "present.txt", "missing.txt"
+    value: Any = [present] if "list" in str(annotation) else present
+    load(value)
+    assert [sorted(entry.sources) for entry in load.entries()] in (
+        [["data"]],
+        [["data[0]"]],
+    )
     with pytest.raises(SourceNotFoundError, match="'data'"):
-        load(str(tmp_path / "not_there"))
-    (tmp_path / "data").mkdir()
-    assert load(str(tmp_path / "data"), label="x/y") == 1  # "x/y": no such folder, a parameter
+        load([missing] if isinstance(value, list) else missing)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("annotation", [str, "str", int, "Literal['a/b']", Any], ids=repr)
+def test_a_parameter_annotated_otherwise_takes_strings_as_parameters(
+    annotation: Any, tmp_path: Path, cache_dir: Path
+) -> None:
+    def body(data: Any) -> int:
+        return 1
+
+    body.__annotations__ = {"data": annotation}
+    load = cached_dataset(cache_dir=cache_dir)(body)
+    assert load(str(tmp_path / "missing")) == 1
+    assert load(str(tmp_path)) == 1  # an existing folder too
+    assert all(entry.sources == {} for entry in load.entries())
+
+
+def test_a_missing_relative_path_in_a_path_parameter_raises_before_the_body(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    load = counting_loader(calls, cache_dir=cache_dir)
+    monkeypatch.chdir(tmp_path)
+    for name in ("nosuchfolder", "no/such/folder"):
+        with pytest.raises(SourceNotFoundError) as raised:
+            load(name)
+        assert (raised.value.parameter, raised.value.path) == ("image_dir", name)
+    assert calls == []
+
+
+def test_a_keyword_of_var_keyword_arguments_says_path_like_a_parameter_name(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    @cached_dataset(cache_dir=cache_dir)
+    def load(**options: Any) -> int:
+        return 1
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train").mkdir()
+    assert load(split="train", image_dir="train") == 1
+    assert list(load.entries()[0].sources) == ["options[image_dir]"]
+    with pytest.raises(SourceNotFoundError, match="'options'"):
+        load(image_dir="nosuchfolder")
+
+
+@pytest.mark.parametrize("where", ["root", "home", "link to root"])
+def test_the_root_or_home_directory_is_walked_only_when_source_names_it(
+    where: str, tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "home"
+    (home / "notes").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    (tmp_path / "to_root").symlink_to("/")
+    value = {"root": "/", "home": str(home), "link to root": str(tmp_path / "to_root")}[where]
+    calls: list[int] = []
+    load = counting_loader(calls, cache_dir=cache_dir)
+    for given in (value, Path(value)):
+        with pytest.raises(ConfigurationError, match=r"'image_dir'.*source=\['image_dir'\]"):
+            load(given)
+    assert calls == []
+    if where == "home":  # named by source=, it is a source like any other
+        explicit = counting_loader(calls, cache_dir=cache_dir, source="image_dir")
+        assert explicit(str(home))[1] == []
+        assert explicit.entries()[0].sources["image_dir"]["path"] == str(home)
 
 
 def test_missing_explicit_source_raises(tmp_path: Path, cache_dir: Path) -> None:
@@ -558,6 +676,98 @@ def test_wrappers_pickle_for_worker_processes(image_dir: Path) -> None:
     assert bound(image_dir) == 7
     assert ModuleLevelLoaders(7).load.is_cached(image_dir)
     assert not ModuleLevelLoaders(8).load.is_cached(image_dir)
+
+
+def test_a_loader_the_import_path_does_not_lead_to_pickles_by_value(
+    image_dir: Path, cache_dir: Path
+) -> None:
+    import pickle
+
+    calls: list[int] = []
+    nested = counting_loader(calls, cache_dir=cache_dir)  # "counting_loader.<locals>.load"
+    nested(image_dir)
+    clone = pickle.loads(pickle.dumps(nested))
+    assert clone.cache_path(image_dir) == nested.cache_path(image_dir)
+    assert clone.is_cached(image_dir)
+    assert b"_restore_by_value" not in pickle.dumps(module_level_loader)  # by path: cheap
+
+
+# A notebook, as a worker sees it: the loader is defined in __main__ by code the workers cannot
+# import, either in a cell (run by exec, its source only in linecache, as IPython does) or in a
+# script run as the main program (loky workers do not import __main__).
+NOTEBOOK_SCRIPT = '''
+import linecache
+import multiprocessing
+import os
+import sys
+
+import joblib
+
+CELL = """
+import os
+from cachedload import cached_dataset
+
+
+@cached_dataset(cache_dir=os.environ["CACHE"])
+def load(image_dir, size=2):
+    'The loader of a cell.'
+    with open(os.environ["COUNTER"], "a") as counter:
+        counter.write("run\\\\n")
+    return sorted(os.listdir(image_dir)) * size
+"""
+
+
+def run_cell(source, filename):
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace = {"__name__": "__main__"}
+    exec(compile(source, filename, "exec"), namespace)
+    return namespace
+
+
+if sys.argv[1] == "script":
+    exec(CELL)  # as if written at the top level of this script: __main__.load
+
+
+def main(how, image_dir):
+    if how == "cell":
+        load = run_cell(CELL, os.path.join(os.environ["CACHE"], "ipykernel", "cell-1.py"))["load"]
+    else:
+        load = globals()["load"]
+    first = load(image_dir)
+    with joblib.Parallel(n_jobs=2, backend="loky") as parallel:
+        from_loky = parallel(joblib.delayed(load)(image_dir) for _ in range(4))
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        from_spawn = pool.map(load, [image_dir] * 4)
+    assert from_loky == from_spawn == [first] * 4, (from_loky, from_spawn, first)
+    print(len(load.entries()))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
+'''
+
+
+@pytest.mark.parametrize("how", ["cell", "script"])
+def test_a_notebook_loader_runs_in_joblib_and_spawned_workers_from_its_cache(
+    how: str, image_dir: Path, cache_dir: Path, counter_file: Path, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import subprocess_env
+
+    script = tmp_path / "notebook.py"
+    script.write_text(NOTEBOOK_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(script), how, str(image_dir)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(CACHE=str(cache_dir), COUNTER=str(counter_file)),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "1\n"  # one entry
+    assert runs(counter_file) == 1  # computed once, in the notebook; every worker hit
 
 
 def test_paths_in_args_and_lists_are_sources(tmp_path: Path, cache_dir: Path) -> None:

@@ -151,6 +151,16 @@ def test_function_identity() -> None:
     assert function_identity(scale) == f"{__name__}.scale"
 
 
+def test_a_script_function_has_one_identity_as_main_and_in_spawned_workers() -> None:
+    # A spawned worker re-imports the main script as __mp_main__.
+    identities = set()
+    for module in ("__main__", "__mp_main__"):
+        namespace: dict[str, object] = {"__name__": module}
+        exec("def load(root):\n    return root\n", namespace)
+        identities.add(function_identity(namespace["load"]))  # type: ignore[arg-type]
+    assert identities == {"__main__.load"}
+
+
 def test_digests_are_stable_across_processes_and_hash_seeds() -> None:
     code = """
         import numpy as np

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from cachedload import ImageFolderData, cached_dataset, load_image_folder
-from tests.conftest import age, write_images
+from cachedload import ImageFolderData, cached_dataset, list_entries, load_image_folder
+from tests.conftest import age, runs, subprocess_env, write_images
 
 torch = pytest.importorskip("torch", reason="the PyTorch workflows need the torch extra")
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
@@ -112,3 +114,83 @@ def test_per_item_lookup_by_index_and_by_path(dataset_root: Path, isolated_cache
     direct = load_image_folder(dataset_root / "dogs", size=(8, 8)).images[0]
     np.testing.assert_array_equal(item, direct)
     assert data.classes[data.labels[position[wanted]]] == "dogs"
+
+
+# README workflow 2 as a user runs it: the loader and the Dataset in the main script, whose
+# functions are ``__mp_main__.*`` in workers started with spawn (``__main__.*`` under fork).
+WORKFLOW_2_SCRIPT = """
+import multiprocessing
+import os
+import sys
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cachedload import cached_dataset, load_image_folder
+
+
+@cached_dataset(mmap_mode="r")
+def load_mapped(root, size=(8, 8)):
+    with open(os.environ["COUNTER"], "a") as counter:
+        counter.write(f"{os.getpid()}\\n")
+    return load_image_folder(root, size=size, progress=False)
+
+
+class MappedImages(Dataset):
+    def __init__(self, root):
+        self.root, self._data = root, None
+        self.length = len(self.data.paths)
+
+    @property
+    def data(self):
+        if self._data is None:
+            self._data = load_mapped(self.root)  # a memory map, opened once per process
+        return self._data
+
+    def __getstate__(self):  # what workers receive: no pixels
+        return {**self.__dict__, "_data": None}
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.array(self.data.images[i])), int(self.data.labels[i])
+
+
+def total_in_worker(root):
+    return int(np.asarray(load_mapped(root).images).sum())
+
+
+if __name__ == "__main__":
+    context, root = sys.argv[1], sys.argv[2]
+    loader = DataLoader(
+        MappedImages(root), batch_size=4, num_workers=2, multiprocessing_context=context
+    )
+    total = sum(int(images.sum()) for images, _ in loader)
+    with multiprocessing.get_context(context).Pool(2) as pool:
+        totals = pool.map(total_in_worker, [root] * 4)
+    assert totals == [total] * 4, (totals, total)
+    print(total)
+"""
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_workflow_2_from_a_script_computes_once_for_all_workers(
+    context: str, dataset_root: Path, tmp_path: Path, isolated_cache: Path, counter_file: Path
+) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(WORKFLOW_2_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(script), context, str(dataset_root)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=subprocess_env(COUNTER=str(counter_file)),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    expected = load_image_folder(dataset_root, size=(8, 8), progress=False).images
+    assert int(result.stdout) == int(expected.astype(np.int64).sum())
+    assert runs(counter_file) == 1  # the parent computed; every worker hit its entry
+    assert [entry.function for entry in list_entries(isolated_cache)] == ["__main__.load_mapped"]
