@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from cachedload.backends.remote import RemoteStore
 
 __all__ = [
+    "LOCAL_COPIES_DIR",
+    "URL_FILE",
     "default_local_root",
     "is_url",
     "lease_seconds",
@@ -37,6 +39,12 @@ __all__ = [
 ]
 
 _S3_SCHEMES = ("s3", "s3a")
+
+#: The folder of a local cache directory holding the read-through copies of remote caches
+#: (``<cache_dir>/remote/<bucket-prefix-hash>/<function dir>/<key>/``): not a function folder.
+LOCAL_COPIES_DIR = "remote"
+#: In a local copy's root: the URL of the remote cache it copies (for ``cachedload ls``).
+URL_FILE = ".url"
 
 
 def is_url(value: object) -> TypeGuard[str]:
@@ -120,7 +128,7 @@ def default_local_root(url: str) -> Path:
         base = _platform_cache_dir()
     readable = "".join(c if c.isalnum() or c in "._" else "-" for c in url.split("://", 1)[-1])
     digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:8]
-    return base / "remote" / f"{readable.strip('-')[:80]}-{digest}"
+    return base / LOCAL_COPIES_DIR / f"{readable.strip('-')[:80]}-{digest}"
 
 
 @functools.lru_cache(maxsize=1)
