@@ -317,8 +317,18 @@ class CachedDataset(Generic[P, R]):
             with contextlib.suppress(KeyError, RuntimeError, StopIteration):
                 del recent[next(iter(recent))]
 
+    def _code_parts(self) -> dict[str, str]:
+        """The digest of each part of :meth:`_code_version` (so ``why`` can say whose code
+        changed): ``loader``, ``helper <module.qualname>`` for each ``depends_on``, ``version``."""
+        parts = {"loader": code_digest(self.__wrapped__)}
+        parts.update({f"helper {function_identity(f)}": code_digest(f) for f in self._depends_on})
+        parts["version"] = value_digest(self._version)
+        return parts
+
     def _call_meta(self, call: Call) -> dict[str, Any]:
-        return self._rules.call_meta(call, self._code_version(), self._version)
+        return self._rules.call_meta(
+            call, self._code_version(), self._version, code_parts=self._code_parts()
+        )
 
     def _lookup(self, store: Store, call: Call, ahead: ReadAhead | None = None) -> Any:
         """The stored result for ``call``, or a :class:`_Miss`. ``ahead``: the entry's data,
