@@ -322,3 +322,46 @@ def test_clear_all_counts_what_ls_shows_and_keeps_what_is_not_an_entry(
     assert ls_json(with_copies) == []
     assert all(path.exists() for path in stray)
     assert list((with_copies / "remote").glob("*/*/*/meta.json")) == []
+
+
+def test_version_matches_the_package() -> None:
+    import cachedload
+
+    result = cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"cachedload {cachedload.__version__}"
+
+
+def test_ls_of_a_function_with_no_entry_is_a_usage_error(cache: Path) -> None:
+    result = cli("ls", "--function", "nothing_like_it", cache=cache)
+    assert result.returncode == 2 and "nothing_like_it" in result.stderr
+    assert f"{__name__}._other" in result.stderr  # what is there instead
+    assert cli("ls", "--json", "--function", "nothing_like_it", cache=cache).returncode == 2
+
+
+def test_top_level_help_describes_cache_dir() -> None:
+    out = cli("--help").stdout
+    described = " ".join(out.split("--cache-dir DIR", 2)[2].split())
+    assert "as the commands'" not in described and "the cache directory" in described
+
+
+def test_ls_shows_each_entry_s_code_version(cache: Path, data: Path) -> None:
+    def _other(data_dir: str) -> list[str]:  # same name, other code
+        return sorted(os.listdir(data_dir), reverse=True)
+
+    _other.__qualname__ = "_other"
+    cached_dataset(cache_dir=cache)(_other)(str(data))
+    rows = cli("ls", "--function", "_other", cache=cache).stdout.splitlines()[1:3]
+    codes = {row.split()[2] for row in rows}
+    assert len(codes) == 2 and all(len(code) == 8 for code in codes)
+    assert codes == {r.meta["code"][:8] for r in list_entries(cache) if "_other" in r.function}
+
+
+def test_why_says_whose_code_changed(cache: Path, data: Path) -> None:
+    def _other(data_dir: str) -> list[str]:  # same name, other code
+        return sorted(os.listdir(data_dir), reverse=True)
+
+    _other.__qualname__ = "_other"
+    cached_dataset(cache_dir=cache)(_other)(str(data))
+    result = cli("why", "_other", cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert f"code changed in the loader ({__name__}._other)" in result.stdout
