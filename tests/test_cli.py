@@ -328,7 +328,8 @@ def test_version_matches_the_package() -> None:
     import cachedload
 
     result = cli("--version")
-    assert result.returncode == 0 and result.stdout.strip() == f"cachedload {cachedload.__version__}"
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"cachedload {cachedload.__version__}"
 
 
 def test_ls_of_a_function_with_no_entry_is_a_usage_error(cache: Path) -> None:

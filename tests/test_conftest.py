@@ -18,9 +18,7 @@ from tests.conftest import subprocess_env
 def test_the_platform_cache_dir_is_a_temporary_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert Path(platformdirs.user_cache_dir("cachedload", appauthor=False)).is_relative_to(
-        tmp_path
-    )
+    assert Path(platformdirs.user_cache_dir("cachedload", appauthor=False)).is_relative_to(tmp_path)
     monkeypatch.delenv("CACHEDLOAD_DIR")
     assert default_cache_dir().is_relative_to(tmp_path)
 
