@@ -236,6 +236,32 @@ def test_demo(tmp_path: Path) -> None:
     assert len(list_entries(tmp_path / "demo")) == 1
 
 
+def test_the_demo_writes_its_images_to_a_fresh_temporary_directory_it_names(
+    tmp_path: Path,
+) -> None:
+    temp = tmp_path / "temp"
+    fixed = temp / "cachedload-demo"  # where earlier versions wrote, emptying it first
+    fixed.mkdir(parents=True)
+    (fixed / "keep.txt").write_text("not the demo's")
+    folders = []
+    for _ in range(2):
+        result = subprocess.run(
+            [sys.executable, "-m", "cachedload", "demo", "--images", "4"],
+            capture_output=True,
+            text=True,
+            env=subprocess_env(TMPDIR=str(temp), CACHEDLOAD_DIR=str(tmp_path / "cache")),
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        named = result.stdout.split("new temporary directory: ", 1)[1].split()[0]
+        folders.append(Path(named))
+    assert folders[0] != folders[1]
+    assert all(
+        folder.parent.parent == temp and len(list(folder.rglob("*.jpg"))) == 4 for folder in folders
+    )
+    assert (fixed / "keep.txt").read_text() == "not the demo's"
+
+
 @pytest.mark.parametrize("command", ["ls", "info", "clear", "prune", "why", "verify", "demo"])
 def test_every_command_has_help_and_a_cache_dir_option(
     command: str, capsys: pytest.CaptureFixture[str]
