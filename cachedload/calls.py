@@ -437,12 +437,19 @@ class KeyRules:
                 newest = max(newest, fp.newest_mtime_ns)
         return racy, newest
 
-    def call_meta(self, call: Call, code_version: str, version: Any) -> dict[str, Any]:
+    def call_meta(
+        self,
+        call: Call,
+        code_version: str,
+        version: Any,
+        code_parts: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
         """The metadata that describes a call's key components (no result yet).
 
         ``group`` identifies the function, code, parameters and source *paths* without the
         sources' fingerprints: entries sharing a group differ only in source contents, so a
-        newer one supersedes the older ones.
+        newer one supersedes the older ones. ``code_parts``: the digest of each part of the
+        code version (the loader, each ``depends_on`` helper, ``version=``), for ``why``.
         """
         meta: dict[str, Any] = {
             "format": FORMAT_VERSION,
@@ -450,6 +457,7 @@ class KeyRules:
             "group": call.group,
             "function": self.identity,
             "code": code_version,
+            **({"code_parts": dict(code_parts)} if code_parts is not None else {}),
             "version": readable(version),
             "parameters": {
                 name: {"digest": digest, "value": text}

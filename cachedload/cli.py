@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from cachedload import __version__
 from cachedload.backends import remote_url
 from cachedload.config import check_cache_dir
 from cachedload.errors import ConfigurationError
@@ -28,12 +29,14 @@ from cachedload.manage import (
     function_dirs,
     is_busy,
     list_entries,
+    local_copies,
     parse_age,
     parse_size,
     prune,
     remove_damaged,
     remove_entries,
     tidy_function_dirs,
+    tidy_local_copies,
     verify,
 )
 from cachedload.store import default_cache_dir
@@ -126,34 +129,77 @@ def _match_function(records: Sequence[EntryRecord], name: str) -> str | None:
     return matches[0] if matches else None
 
 
+def _no_function(records: Sequence[EntryRecord], name: str) -> _UsageError:
+    known = "\n  ".join(sorted({r.function for r in records})) or "(none)"
+    return _UsageError(
+        f"no stored entry of a function matching {name!r}; functions in the cache:\n  {known}"
+    )
+
+
+def _entries_text(count: int) -> str:
+    return f"{count} entr{'y' if count == 1 else 'ies'}"
+
+
+def _copies_text(count: int) -> str:
+    return f"{count} local cop{'y' if count == 1 else 'ies'} of remote entries"
+
+
+def _code_text(record: EntryRecord) -> str:
+    """The entry's code version: the first digits of its code digest (as in its folder name)."""
+    code = record.meta.get("code")
+    return code[:8] if isinstance(code, str) and code else "-"
+
+
 def _print_entries(records: Sequence[EntryRecord], now: float) -> None:
     for record in records:
+        copy = f"  (local copy of {record.copy_of})" if record.copy_of else ""
         print(
             f"  - {record.id[:12]}  {record.function}  {format_size(record.size_bytes)}  "
-            f"(last used {_ago(record.last_used, now)})"
+            f"(last used {_ago(record.last_used, now)}){copy}"
         )
 
 
 # -- sub-commands ------------------------------------------------------------------------------
 def _ls(args: argparse.Namespace) -> int:
-    records = list_entries(_cache_dir(args))
+    cache_dir = _cache_dir(args)
+    records, copies = list_entries(cache_dir), local_copies(cache_dir)
     if args.function:
-        records = [r for r in records if args.function in (r.function, r.function_dir)] or [
-            r for r in records if args.function in r.function
-        ]
+        everything = records + copies
+        chosen = {r.function for r in everything if args.function in (r.function, r.function_dir)}
+        chosen = chosen or {r.function for r in everything if args.function in r.function}
+        if not chosen:
+            raise _no_function(everything, args.function)
+        records = [record for record in records if record.function in chosen]
+        copies = [record for record in copies if record.function in chosen]
     if args.json:
-        print(json.dumps([record.to_dict() for record in records], indent=2))
-        return 0
-    if not records:
-        print(f"no entries in {_cache_dir(args)}")
+        print(json.dumps([record.to_dict() for record in records + copies], indent=2))
         return 0
     now = time.time()
-    rows = [("ID", "FUNCTION", "PARAMETERS", "SOURCES", "SIZE", "AGE", "LAST USED", "HITS")]
+    if records:
+        _print_table(records, now)
+        total = sum(record.size_bytes for record in records)
+        print(f"{_entries_text(len(records))}, {format_size(total)} in {cache_dir}")
+    else:
+        print(f"no entries in {cache_dir}")
+    by_root: dict[str, list[EntryRecord]] = {}
+    for record in copies:  # local copies: the remote cache's entries downloaded to this machine
+        by_root.setdefault(str(record.path.parent.parent), []).append(record)
+    for root, members in by_root.items():
+        print(f"\nlocal copy of {members[0].copy_of} (in {root}):")
+        _print_table(members, now)
+        total = sum(record.size_bytes for record in members)
+        print(f"{_copies_text(len(members))}, {format_size(total)}")
+    return 0
+
+
+def _print_table(records: Sequence[EntryRecord], now: float) -> None:
+    rows = [("ID", "FUNCTION", "CODE", "PARAMETERS", "SOURCES", "SIZE", "AGE", "LAST USED", "HITS")]
     for r in records:
         rows.append(
             (
                 r.id[:12],
                 _clip(r.function, 40, keep_end=True),
+                _code_text(r),
                 _clip(_parameters_text(r), 40),
                 _clip(_sources_text(r), 50, keep_end=True),
                 format_size(r.size_bytes),
@@ -163,17 +209,13 @@ def _ls(args: argparse.Namespace) -> int:
             )
         )
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    right = {4, 5, 7}  # numbers line up on the right
+    right = {5, 6, 8}  # numbers line up on the right
     for row in rows:
         cells = [
             cell.rjust(width) if index in right else cell.ljust(width)
             for index, (cell, width) in enumerate(zip(row, widths, strict=True))
         ]
         print("  ".join(cells).rstrip())
-    total = sum(record.size_bytes for record in records)
-    noun = "entry" if len(records) == 1 else "entries"
-    print(f"{len(records)} {noun}, {format_size(total)} in {_cache_dir(args)}")
-    return 0
 
 
 def _find_entry(records: Sequence[EntryRecord], prefix: str) -> EntryRecord:
@@ -189,7 +231,8 @@ def _find_entry(records: Sequence[EntryRecord], prefix: str) -> EntryRecord:
 
 
 def _info(args: argparse.Namespace) -> int:
-    record = _find_entry(list_entries(_cache_dir(args)), args.id)
+    cache_dir = _cache_dir(args)
+    record = _find_entry(list_entries(cache_dir) + local_copies(cache_dir), args.id)
     manifest = read_manifest(record.path)
     if record.url is not None:  # a remote cache: the local copy's, else the bucket's
         from cachedload.backends import listing
@@ -205,6 +248,7 @@ def _info(args: argparse.Namespace) -> int:
         ("id", record.id),
         ("function", record.function),
         ("folder", record.url or str(record.path)),
+        *([("local copy of", record.copy_of)] if record.copy_of else []),
         ("created", f"{_stamp(record.created)} ({_ago(record.created, now)})"),
         (
             "computed",
@@ -218,6 +262,7 @@ def _info(args: argparse.Namespace) -> int:
         ("checksum", f"xxh3-128 {data.get('xxh3', '?')}"),
         ("result", record.result),
         ("code", f"{meta.get('code', '?')} (version={meta.get('version', 'None')})"),
+        *[(f"  {part}", str(digest)) for part, digest in (meta.get("code_parts") or {}).items()],
         ("key group", str(meta.get("group", "?"))),
         ("in use", "yes: another process holds its lock" if busy else "no"),
     ]
@@ -257,12 +302,14 @@ def _confirm(question: str) -> bool:
 
 def _report(report: PruneReport, cache_dir: Path | str) -> None:
     _print_entries(report.removed, time.time())
-    remaining = list_entries(cache_dir)
+    remaining, copies = list_entries(cache_dir), local_copies(cache_dir)
     print(report)
-    print(
-        f"cache now holds {len(remaining)} entr{'y' if len(remaining) == 1 else 'ies'}, "
-        f"{format_size(sum(r.size_bytes for r in remaining))}"
-    )
+    text = f"cache now holds {_entries_text(len(remaining))}, "
+    text += format_size(sum(r.size_bytes for r in remaining))
+    if copies:
+        text += f" (and {_copies_text(len(copies))}, "
+        text += f"{format_size(sum(r.size_bytes for r in copies))})"
+    print(text)
 
 
 def _clear(args: argparse.Namespace) -> int:
@@ -271,7 +318,9 @@ def _clear(args: argparse.Namespace) -> int:
         raise _UsageError("--all cannot be combined with --function or --older-than")
     if not (args.all or args.function or args.older_than is not None):
         raise _UsageError("say what to clear: --function NAME, --older-than AGE or --all")
-    records = list_entries(cache_dir)
+    # The local copies of remote caches kept here are listed by `ls`: cleared like entries
+    # (only this machine's copy goes; the next hit downloads it again).
+    records = list_entries(cache_dir) + local_copies(cache_dir)
     damaged = []
     if args.all:
         damaged = [result for result in verify(cache_dir, checksums=False) if not result.ok]
@@ -285,8 +334,11 @@ def _clear(args: argparse.Namespace) -> int:
         print("nothing to clear: no entry matches")
         return 0
     total = sum(record.size_bytes for record in records) + sum(d.size_bytes for d in damaged)
-    count = len(records) + len(damaged)
-    question = f"Delete {count} entr{'y' if count == 1 else 'ies'} ({format_size(total)})?"
+    copies = sum(1 for r in records if r.copy_of) + sum(1 for d in damaged if d.copy_of)
+    what = _entries_text(len(records) + len(damaged) - copies)
+    if copies:
+        what += f" and {_copies_text(copies)}"
+    question = f"Delete {what} ({format_size(total)})?"
     if args.all and not args.yes and not args.dry_run and not _confirm(question):
         print("aborted: nothing deleted", file=sys.stderr)
         return 1
@@ -295,6 +347,7 @@ def _clear(args: argparse.Namespace) -> int:
         for result in damaged:
             remove_damaged(result)
         tidy_function_dirs(function_dirs(cache_dir))
+        tidy_local_copies(cache_dir)
     if damaged:
         print(f"{'would remove' if args.dry_run else 'removed'} {len(damaged)} damaged entries")
     _report(report, cache_dir)
@@ -326,11 +379,7 @@ def _why(args: argparse.Namespace) -> int:
     records = list_entries(_cache_dir(args))
     function = _match_function(records, args.function)
     if function is None:
-        known = "\n  ".join(sorted({r.function for r in records})) or "(none)"
-        raise _UsageError(
-            f"no stored entry of a function matching {args.function!r}; "
-            f"functions in the cache:\n  {known}"
-        )
+        raise _no_function(records, args.function)
     mine = [record for record in records if record.function == function]
     if len(mine) < 2:
         print(f"{function}: only one entry is stored ({mine[0].id[:12]}), nothing to compare")
@@ -346,22 +395,26 @@ def _why(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    checked = damaged = 0
+    checked = copies = damaged = 0
     total = 0
     for result in verify(_cache_dir(args)):
         checked += 1
+        copies += result.copy_of is not None
         total += result.size_bytes
+        copy = f"  (local copy of {result.copy_of})" if result.copy_of else ""
         if result.ok:
-            print(f"OK       {result.id[:12]}  {result.function}  {format_size(result.size_bytes)}")
+            size = format_size(result.size_bytes)
+            print(f"OK       {result.id[:12]}  {result.function}  {size}{copy}")
             continue
         damaged += 1
-        line = f"CORRUPT  {result.id[:12]}  {result.function}  {result.problem}"
+        line = f"CORRUPT  {result.id[:12]}  {result.function}  {result.problem}{copy}"
         if args.fix:
             line += "  (deleted)" if remove_damaged(result) else "  (in use: not deleted)"
         print(line)
+    what = _entries_text(checked - copies) + (f" and {_copies_text(copies)}" if copies else "")
     print(
-        f"checked {checked} entr{'y' if checked == 1 else 'ies'} ({format_size(total)}): "
-        f"{damaged} damaged" + ("" if damaged == 0 or args.fix else "; run with --fix to delete")
+        f"checked {what} ({format_size(total)}): {damaged} damaged"
+        + ("" if damaged == 0 or args.fix else "; run with --fix to delete")
     )
     return 1 if damaged else 0
 
@@ -397,8 +450,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="log what is removed (INFO) to stderr"
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(  # also accepted before the command; the command's own wins
-        "--cache-dir", dest="global_cache_dir", metavar="DIR", help="as the commands' --cache-dir"
+        "--cache-dir",
+        dest="global_cache_dir",
+        metavar="DIR",
+        help="the cache directory to work on, or a remote cache's URL such as "
+        "s3://bucket/prefix, for any command (default: $CACHEDLOAD_DIR, else "
+        f"{default_cache_dir()}); a --cache-dir after the command wins",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

@@ -217,6 +217,7 @@ class CachedDataset(Generic[P, R]):
         self._bound_self: Any = None
         self._is_bound = False
         self._code: str | None = None
+        self._code_parts: dict[str, str] = {}
         self._state: LoaderState | None = None
 
     # -- descriptor: decorating a method --------------------------------------------------------
@@ -280,10 +281,18 @@ class CachedDataset(Generic[P, R]):
         state = self._state
         if state is None or self._code is None or not state.current():
             self._state = LoaderState(self.__wrapped__, self._depends_on, self._rules.ignore)
-            parts = [code_digest(self.__wrapped__)]
-            parts += [f"{function_identity(f)}:{code_digest(f)}" for f in self._depends_on]
-            parts.append(value_digest(self._version))
-            self._code = value_digest(tuple(parts))
+            loader = code_digest(self.__wrapped__)
+            helpers = [(function_identity(f), code_digest(f)) for f in self._depends_on]
+            version = value_digest(self._version)
+            self._code = value_digest(
+                (loader, *(f"{name}:{digest}" for name, digest in helpers), version)
+            )
+            # Each part on its own too, so that ``why`` can say whose code changed.
+            self._code_parts = {
+                "loader": loader,
+                **{f"helper {name}": digest for name, digest in helpers},
+                "version": version,
+            }
         return self._code
 
     def __cachedload_key__(self) -> tuple[str, str]:
@@ -375,7 +384,9 @@ class CachedDataset(Generic[P, R]):
                 del recent[next(iter(recent))]
 
     def _call_meta(self, call: Call) -> dict[str, Any]:
-        return self._rules.call_meta(call, self._code_version(), self._version)
+        return self._rules.call_meta(
+            call, self._code_version(), self._version, code_parts=self._code_parts
+        )
 
     def _lookup(self, store: Store, call: Call, ahead: ReadAhead | None = None) -> Any:
         """The stored result for ``call``, or a :class:`_Miss`. ``ahead``: the entry's data,

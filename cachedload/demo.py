@@ -1,13 +1,13 @@
 """``cachedload demo``: make a small image folder, load it twice, show the speed-up.
 
-The second load is answered from the cache (the default cache directory unless told
-otherwise). This module is the command's implementation, so it prints; the library never does.
+The images go to a fresh temporary directory (its path is printed); the second load is
+answered from the cache (the default cache directory unless told otherwise). This module is
+the command's implementation, so it prints; the library never does.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -59,6 +59,9 @@ def run_demo(
 ) -> float:
     """Run the demo and return the speed-up (cold load time / cached load time).
 
+    The images are written to a new temporary directory (``tempfile.mkdtemp``), named in the
+    output: nothing else on the machine is touched but the cache.
+
     Args:
         cache_dir: where to cache (default: the default cache directory).
         n_images: how many synthetic images to generate.
@@ -70,12 +73,10 @@ def run_demo(
     loader = load_demo_images
     if cache_dir is not None:
         loader = cached_dataset(cache_dir=cache_dir)(load_demo_images.__wrapped__)
-    # A fixed folder, written afresh each run: its new mtimes make the first load a real miss,
-    # and the entry it supersedes is pruned (keep=1) instead of piling up.
-    folder = Path(tempfile.gettempdir()) / "cachedload-demo" / "images"
-    shutil.rmtree(folder, ignore_errors=True)
+    # A fresh folder: never another run's, nor anything a user keeps in the temp dir.
+    folder = Path(tempfile.mkdtemp(prefix="cachedload-demo-")) / "images"
     make_demo_folder(folder, n_images=n_images)
-    print(f"made {n_images} JPEGs (256x256) in {folder}", file=stream)
+    print(f"made {n_images} JPEGs (256x256) in a new temporary directory: {folder}", file=stream)
     started = time.perf_counter()
     first = loader(str(folder))
     cold = time.perf_counter() - started
@@ -90,4 +91,8 @@ def run_demo(
     )
     print(f"second load (from the cache):               {warm * 1e3:9.1f} ms", file=stream)
     print(f"speed-up: {cold / warm:.0f}x   cache entry: {entry}", file=stream)
+    print(
+        f"to clean up: rm -r {folder.parent}; cachedload clear --function load_demo_images",
+        file=stream,
+    )
     return cold / warm

@@ -224,6 +224,25 @@ def _source_difference(
     )
 
 
+def _changed_code_parts(old: Any, new: Any, function: str) -> list[str]:
+    """Whose code changed, from two entries' ``code_parts`` (empty if either lacks them):
+    ``the loader (mod.load)``, ``depends_on helper mod.name`` (``… (added)``, ``… (removed)``).
+    """
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return []
+    changed = []
+    for part in sorted(old.keys() | new.keys(), key=lambda name: (name != "loader", name)):
+        if part == "version" or old.get(part) == new.get(part):
+            continue  # version= is compared by its readable value
+        label = f"the loader ({function})" if part == "loader" else f"depends_on {part}"
+        if part not in old:
+            label += " (added)"
+        elif part not in new:
+            label += " (removed)"
+        changed.append(label)
+    return changed
+
+
 def _parameter_differences(
     old: dict[str, Any], new: dict[str, Any], component: str = "parameter"
 ) -> list[Difference]:
@@ -295,11 +314,17 @@ def compare(
             Difference("version", None, f"version {before} → {after}", before, after)
         )
     elif old_meta.get("code") != new_meta.get("code"):
+        changed = _changed_code_parts(
+            old_meta.get("code_parts"), new_meta.get("code_parts"), str(new_meta.get("function"))
+        )
+        text = "code changed (the loader's or a depends_on helper's)"
+        if changed:
+            text = "code changed in " + ", ".join(changed)
         differences.append(
             Difference(
                 "code",
-                None,
-                "code changed (the loader's or a depends_on helper's)",
+                "; ".join(changed) or None,
+                text,
                 str(old_meta.get("code")),
                 str(new_meta.get("code")),
             )
@@ -378,20 +403,31 @@ def _stored(function_dirs: Iterable[Path]) -> Iterator[tuple[Path, dict[str, Any
                 yield Path(child.path), meta
 
 
+def _source_paths(meta: dict[str, Any]) -> dict[str, Any]:
+    sources = meta.get("sources") or {}
+    return {name: s.get("path") for name, s in sources.items() if isinstance(s, dict)}
+
+
 def closest_entry(
     meta: dict[str, Any], function_dirs: Iterable[Path]
 ) -> tuple[Path, dict[str, Any]] | None:
-    """The stored entry whose key differs from ``meta``'s in the fewest components (ties: the
-    newest); None if the folders hold no readable entry.
+    """The stored entry closest to ``meta``: of the entries with the same source paths if there
+    are any, the one whose key differs in the fewest components (ties: the newest); None if the
+    folders hold no readable entry.
 
     Only metadata is read (manifests refine a component's description, not the count).
     """
-    best: tuple[int, float] | None = None
+    best: tuple[bool, int, float] | None = None
     found: tuple[Path, dict[str, Any]] | None = None
+    paths = _source_paths(meta)
     for path, stored in _stored(function_dirs):
         if stored.get("function") != meta.get("function"):
             continue
-        rank = (len(compare(stored, None, meta, None).differences), -(_created(stored) or 0.0))
+        rank = (
+            _source_paths(stored) != paths,  # the same folders first, however old
+            len(compare(stored, None, meta, None).differences),
+            -(_created(stored) or 0.0),
+        )
         if best is None or rank < best:
             best, found = rank, (path, stored)
     return found

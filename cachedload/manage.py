@@ -15,6 +15,7 @@ replaced): removal takes the entry's lock without waiting, and skips the entry i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cachedload.backends import remote_url
+from cachedload.backends import LOCAL_COPIES_DIR, URL_FILE, remote_url
 from cachedload.errors import ConfigurationError
 from cachedload.fingerprint import hash_file
 from cachedload.store import (
@@ -47,12 +48,15 @@ __all__ = [
     "function_dirs",
     "is_busy",
     "list_entries",
+    "local_copies",
+    "local_copy_roots",
     "parse_age",
     "parse_size",
     "prune",
     "remove_damaged",
     "remove_entries",
     "tidy_function_dirs",
+    "tidy_local_copies",
     "verify",
 ]
 
@@ -66,6 +70,10 @@ for _power, _prefix in enumerate("kmgt", start=1):
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
 _AGE_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _AGE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]+)\s*$", re.IGNORECASE)
+# What is ours by name (the decorator's ``<module>.<qualname>-<code[:8]>`` and hex keys): nothing
+# else in a cache directory is listed, verified or deleted.
+_FUNCTION_DIR_RE = re.compile(r"^[\w.]+-[0-9a-f]{8}$")
+_KEY_RE = re.compile(r"^[0-9a-f]{16,64}$")
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,9 @@ class EntryRecord:
         meta: the entry's full metadata (``meta.json``).
         url: for a remote cache (``s3://…``), the entry in the bucket; ``path`` is then where
             this machine's local copy is or would be.
+        copy_of: for a local read-through copy of a remote entry, kept under
+            ``<cache_dir>/remote/``, the remote cache's URL (``remote/<folder>`` if the copy
+            does not record it). Deleting such a record deletes the local copy only.
     """
 
     id: str
@@ -102,6 +113,7 @@ class EntryRecord:
     path: Path
     meta: dict[str, Any] = field(repr=False, compare=False)
     url: str | None = None
+    copy_of: str | None = None
 
     @property
     def key(self) -> str:
@@ -162,6 +174,7 @@ class EntryRecord:
             "hits": self.hits,
             "path": str(self.path),
             **({"url": self.url} if self.url is not None else {}),
+            **({"copy_of": self.copy_of} if self.copy_of is not None else {}),
         }
 
 
@@ -210,6 +223,8 @@ class VerifyResult:
         size_bytes: the entry's size on disk.
         problem: what is wrong, or None if the entry is intact.
         url: for a remote cache, the entry in the bucket.
+        copy_of: for a local copy of a remote entry, the remote cache (see
+            :attr:`EntryRecord.copy_of`).
     """
 
     path: Path
@@ -217,6 +232,7 @@ class VerifyResult:
     size_bytes: int
     problem: str | None
     url: str | None = None
+    copy_of: str | None = None
 
     @property
     def id(self) -> str:
@@ -305,23 +321,76 @@ def _root(cache_dir: str | os.PathLike[str] | None) -> Path:
 
 
 def function_dirs(cache_dir: str | os.PathLike[str] | None = None) -> list[Path]:
-    """The function folders of a cache directory, sorted by name (none if it does not exist)."""
+    """The function folders of a cache directory, sorted by name (none if it does not exist).
+
+    Only folders named as the decorator names them (``<module>.<qualname>-<code digest[:8]>``):
+    not the ``remote/`` folder of local copies (:func:`local_copy_roots`), nor anything else.
+    """
     if remote_url(cache_dir) is not None:
         return []  # a bucket has no local folders: see cachedload.backends.listing
+    return _function_dirs_in(_root(cache_dir))
+
+
+def _function_dirs_in(root: Path) -> list[Path]:
     try:
-        children = list(os.scandir(_root(cache_dir)))
+        children = list(os.scandir(root))
     except (FileNotFoundError, NotADirectoryError):
         return []
     return sorted(
         Path(child.path)
         for child in children
-        if not child.name.startswith(".") and child.is_dir(follow_symlinks=False)
+        if _FUNCTION_DIR_RE.match(child.name) and child.is_dir(follow_symlinks=False)
     )
+
+
+def local_copy_roots(cache_dir: str | os.PathLike[str] | None = None) -> dict[Path, str]:
+    """The local read-through copies of remote caches kept in a cache directory.
+
+    Returns:
+        ``{root folder: the remote cache's URL}`` for each ``<cache_dir>/remote/<name>/``
+        (``remote/<name>`` stands for the URL when the copy does not record it).
+    """
+    if remote_url(cache_dir) is not None:
+        return {}
+    try:
+        children = sorted(os.scandir(_root(cache_dir) / LOCAL_COPIES_DIR), key=lambda c: c.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    roots: dict[Path, str] = {}
+    for child in children:
+        if child.name.startswith(".") or not child.is_dir(follow_symlinks=False):
+            continue
+        try:
+            url = (Path(child.path) / URL_FILE).read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            url = ""
+        roots[Path(child.path)] = url or f"{LOCAL_COPIES_DIR}/{child.name}"
+    return roots
+
+
+def local_copies(cache_dir: str | os.PathLike[str] | None = None) -> list[EntryRecord]:
+    """The entries of the local copies of remote caches in a cache directory, newest first.
+
+    Each record's ``copy_of`` names the remote cache; removing it removes the local copy only
+    (the next hit on this machine downloads it again). They are not counted by ``max_size``.
+    """
+    records = [
+        dataclasses.replace(record, copy_of=url)
+        for root, url in local_copy_roots(cache_dir).items()
+        for record in entries_in(_function_dirs_in(root))
+    ]
+    records.sort(key=lambda record: record.created, reverse=True)
+    return records
 
 
 def entries_in(directories: Iterable[Path]) -> list[EntryRecord]:
     """The readable entries of some function folders, newest first."""
-    records = [EntryRecord.from_info(info) for d in directories for info in iter_entries(d)]
+    records = [
+        EntryRecord.from_info(info)
+        for d in directories
+        for info in iter_entries(d)
+        if _KEY_RE.match(info.key)
+    ]
     records.sort(key=lambda record: record.created, reverse=True)
     return records
 
@@ -335,7 +404,8 @@ def list_entries(cache_dir: str | os.PathLike[str] | None = None) -> list[EntryR
     Returns:
         One :class:`EntryRecord` per entry: function, readable parameters, sources with file
         counts, result summary, size on disk, created, last used and hits. Damaged entries are
-        left out (``cachedload verify`` finds them).
+        left out (``cachedload verify`` finds them), and so are the local copies of remote
+        caches kept in the directory (:func:`local_copies`).
 
     Example::
 
@@ -415,6 +485,9 @@ def _remove(record: EntryRecord, reason: str) -> bool:
             logger.info("keeping %s [%s]: in use by another process", record.function, record.id)
             return False
         store.remove(record.id)
+        if record.copy_of is not None:  # the copy's record of uses reported to the bucket
+            with contextlib.suppress(OSError):
+                (directory / f"{record.id}.synced").unlink()
     log_removal(record, reason)
     return True
 
@@ -457,6 +530,20 @@ def tidy_function_dirs(directories: Iterable[Path]) -> None:
         Store(directory.parent, directory.name).remove_leftovers()
         with contextlib.suppress(OSError):
             directory.rmdir()  # only succeeds when empty
+
+
+def tidy_local_copies(cache_dir: str | os.PathLike[str] | None = None) -> None:
+    """Tidy the local copies' function folders; remove copies (and ``remote/``) left empty."""
+    roots = local_copy_roots(cache_dir)
+    for root in roots:
+        tidy_function_dirs(_function_dirs_in(root))
+        if not any(name != URL_FILE for name in os.listdir(root)):
+            with contextlib.suppress(OSError):
+                (root / URL_FILE).unlink(missing_ok=True)
+                root.rmdir()
+    if roots:
+        with contextlib.suppress(OSError):
+            (_root(cache_dir) / LOCAL_COPIES_DIR).rmdir()
 
 
 def _superseded(records: Iterable[EntryRecord], keep: int) -> list[EntryRecord]:
@@ -598,7 +685,8 @@ def verify(
     Reads each entry's metadata, checks its data file's size and, with ``checksums``, recomputes
     the data file's checksum (reads every byte). Entries whose metadata is unreadable, or from
     another format version, count as damaged. Entries still being written are not visible here
-    (they live in temporary folders).
+    (they live in temporary folders). The local copies of remote caches kept in the directory
+    are checked too (their results' ``copy_of`` says so).
     """
     url = remote_url(cache_dir)
     if url is not None:
@@ -606,14 +694,22 @@ def verify(
 
         yield from listing.verify(url, checksums=checksums)
         return
-    for directory in function_dirs(cache_dir):
+    yield from _verify_dirs(function_dirs(cache_dir), checksums, None)
+    for root, copy_of in local_copy_roots(cache_dir).items():
+        yield from _verify_dirs(_function_dirs_in(root), checksums, copy_of)
+
+
+def _verify_dirs(
+    directories: Iterable[Path], checksums: bool, copy_of: str | None
+) -> Iterator[VerifyResult]:
+    for directory in directories:
         store = Store(directory.parent, directory.name)
         try:
             children = sorted(os.scandir(directory), key=lambda child: child.name)
         except OSError:
             continue
         for child in children:
-            if child.name.startswith(".") or not child.is_dir(follow_symlinks=False):
+            if not _KEY_RE.match(child.name) or not child.is_dir(follow_symlinks=False):
                 continue
             path = Path(child.path)
             function, problem = directory.name, None
@@ -634,7 +730,7 @@ def verify(
                 problem = "data file is missing"
             except OSError as error:
                 problem = f"cannot read the entry ({error})"
-            yield VerifyResult(path, function, _entry_size(path), problem)
+            yield VerifyResult(path, function, _entry_size(path), problem, copy_of=copy_of)
 
 
 def remove_damaged(result: VerifyResult) -> bool:

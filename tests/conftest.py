@@ -18,12 +18,94 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Point the default cache directory at a temporary folder for every test."""
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Point the default cache directory at a temporary folder for every test.
+
+    ``$CACHEDLOAD_DIR`` is not enough: a test may set it to a URL, and a remote cache's local
+    copy then goes to the platform's user cache dir. So that dir moves too: platformdirs reads
+    ``$XDG_CACHE_HOME`` (Linux; macOS too since platformdirs 4.4) and else ``~`` (``$HOME``,
+    set on macOS for older platformdirs). The memoised platform dirs are forgotten before and
+    after, so no test sees another's.
+    """
     cache = tmp_path / "default-cache"
     monkeypatch.setenv("CACHEDLOAD_DIR", str(cache))
     monkeypatch.delenv("CACHEDLOAD_MAX_SIZE", raising=False)
-    return cache
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    if sys.platform == "darwin":
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    clear_platform_dir_caches()
+    yield cache
+    clear_platform_dir_caches()
+
+
+def clear_platform_dir_caches() -> None:
+    """Forget every memoised cache directory in cachedload's modules (``_platform_cache_dir``
+    and the like: any ``functools.lru_cache`` whose name says ``cache_dir``)."""
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "cachedload" or name.startswith("cachedload.")):
+            continue
+        for attribute, value in list(vars(module).items()):
+            if "cache_dir" in attribute and callable(getattr(value, "cache_clear", None)):
+                value.cache_clear()
+
+
+def _real_user_caches() -> list[Path]:
+    """The cache directories a user of this machine has: the platform's, and
+    ``$CACHEDLOAD_DIR`` if it names a local folder (read before any test changes them)."""
+    import platformdirs
+
+    found = [Path(platformdirs.user_cache_dir("cachedload", appauthor=False))]
+    configured = os.environ.get("CACHEDLOAD_DIR", "").strip()
+    if configured and "://" not in configured:
+        found.append(Path(configured).expanduser())
+    return found
+
+
+def _snapshot(root: Path) -> dict[str, tuple[bool, int, int]]:
+    """Every path under ``root``: (is a folder, size, mtime_ns); empty if it does not exist."""
+    listing: dict[str, tuple[bool, int, int]] = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder, name)
+            try:
+                info = path.lstat()
+            except OSError:
+                continue
+            is_dir = path.is_dir() and not path.is_symlink()
+            listing[str(path.relative_to(root))] = (is_dir, info.st_size, info.st_mtime_ns)
+    return listing
+
+
+_REAL_CACHES = _real_user_caches()
+_BEFORE: dict[Path, dict[str, tuple[bool, int, int]]] = {}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Record the user's real cache directories before the first test."""
+    for root in _REAL_CACHES:
+        _BEFORE[root] = _snapshot(root)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run loudly if a test wrote into (or deleted from) the user's real cache."""
+    problems = []
+    for root, before in _BEFORE.items():
+        after = _snapshot(root)
+        changed = sorted(
+            name for name in before.keys() | after.keys() if before.get(name) != after.get(name)
+        )
+        if changed:
+            shown = "\n    ".join(changed[:10]) + ("\n    …" if len(changed) > 10 else "")
+            problems.append(f"{root} changed during the test run:\n    {shown}")
+    if not problems:
+        return
+    message = "TESTS ARE NOT ISOLATED: " + "\n".join(problems)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(message, red=True, bold=True)
+    else:
+        sys.stderr.write(message + "\n")
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture

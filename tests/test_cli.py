@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +96,7 @@ def test_ls_table_has_totals(cache: Path) -> None:
     result = cli("ls", cache=cache)
     assert result.returncode == 0, result.stderr
     header, *rows, totals = result.stdout.splitlines()
-    assert header.split()[:4] == ["ID", "FUNCTION", "PARAMETERS", "SOURCES"]
+    assert header.split()[:5] == ["ID", "FUNCTION", "CODE", "PARAMETERS", "SOURCES"]
     assert len(rows) == 3 and "size=2000" in rows[0] and "(2 files)" in rows[0]
     total = sum(r.size_bytes for r in list_entries(cache))
     assert totals.startswith("3 entries, ") and f"{total / 1000:.1f} KB" in totals
@@ -235,6 +236,32 @@ def test_demo(tmp_path: Path) -> None:
     assert len(list_entries(tmp_path / "demo")) == 1
 
 
+def test_the_demo_writes_its_images_to_a_fresh_temporary_directory_it_names(
+    tmp_path: Path,
+) -> None:
+    temp = tmp_path / "temp"
+    fixed = temp / "cachedload-demo"  # where earlier versions wrote, emptying it first
+    fixed.mkdir(parents=True)
+    (fixed / "keep.txt").write_text("not the demo's")
+    folders = []
+    for _ in range(2):
+        result = subprocess.run(
+            [sys.executable, "-m", "cachedload", "demo", "--images", "4"],
+            capture_output=True,
+            text=True,
+            env=subprocess_env(TMPDIR=str(temp), CACHEDLOAD_DIR=str(tmp_path / "cache")),
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        named = result.stdout.split("new temporary directory: ", 1)[1].split()[0]
+        folders.append(Path(named))
+    assert folders[0] != folders[1]
+    assert all(
+        folder.parent.parent == temp and len(list(folder.rglob("*.jpg"))) == 4 for folder in folders
+    )
+    assert (fixed / "keep.txt").read_text() == "not the demo's"
+
+
 @pytest.mark.parametrize("command", ["ls", "info", "clear", "prune", "why", "verify", "demo"])
 def test_every_command_has_help_and_a_cache_dir_option(
     command: str, capsys: pytest.CaptureFixture[str]
@@ -299,3 +326,117 @@ def test_a_file_url_cache_dir_is_that_folder(cache: Path) -> None:
     listed = cli("ls", "--cache-dir", f"file://{cache}")
     assert listed.returncode == 0, listed.stderr
     assert f"in {cache}" in listed.stdout and "3 entries" in listed.stdout
+
+
+@pytest.fixture
+def with_copies(cache: Path, data: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``cache`` also holding a remote cache's local copy (2 entries), made by a real remote
+    cache (fsspec's memory file system) whose default local copy is ``cache/remote/<name>``."""
+    pytest.importorskip("fsspec")
+    monkeypatch.setenv("CACHEDLOAD_DIR", str(cache))
+    url = f"memory://cachedload-{uuid.uuid4().hex[:8]}/shared"
+    remote = cached_dataset(cache_dir=url)(_body)
+    remote(str(data), size=10)
+    remote(str(data), size=20)
+    assert len(list((cache / "remote").glob("*/*/*/meta.json"))) == 2
+    return cache
+
+
+def test_local_copies_of_a_remote_cache_are_shown_as_such_never_as_damaged(
+    with_copies: Path,
+) -> None:
+    listed = cli("ls", cache=with_copies)
+    assert listed.returncode == 0, listed.stderr
+    assert "3 entries, " in listed.stdout
+    assert "local copy of memory://cachedload-" in listed.stdout
+    assert "2 local copies of remote entries" in listed.stdout
+    as_json = ls_json(with_copies)
+    assert len(as_json) == 5
+    assert sum(1 for e in as_json if e.get("copy_of", "").startswith("memory://")) == 2
+
+    checked = cli("verify", cache=with_copies)
+    assert checked.returncode == 0, checked.stdout
+    assert "CORRUPT" not in checked.stdout and checked.stdout.count("OK ") == 5
+    assert "checked 3 entries and 2 local copies of remote entries" in checked.stdout
+    fixed = cli("verify", "--fix", cache=with_copies)
+    assert fixed.returncode == 0 and len(ls_json(with_copies)) == 5
+
+
+def test_a_damaged_local_copy_is_reported_and_fixed_as_a_local_copy(with_copies: Path) -> None:
+    copy = next((with_copies / "remote").glob("*/*/*/result.joblib"))
+    copy.write_bytes(b"garbage")
+    result = cli("verify", "--fix", cache=with_copies)
+    assert result.returncode == 1
+    line = next(line for line in result.stdout.splitlines() if line.startswith("CORRUPT"))
+    assert "local copy of memory://" in line and "(deleted)" in line
+    assert not copy.parent.exists() and len(ls_json(with_copies)) == 4
+
+
+def test_clear_all_counts_what_ls_shows_and_keeps_what_is_not_an_entry(
+    with_copies: Path,
+) -> None:
+    stray = [
+        with_copies / "notes",  # not a function folder by name
+        with_copies / "remote" / "notes.txt",
+        next(with_copies.glob("*_body-*")) / "not-a-key",  # not an entry by name
+    ]
+    stray[0].mkdir()
+    (stray[0] / "keep.txt").write_text("mine")
+    stray[1].write_text("mine")
+    stray[2].mkdir()
+    assert cli("verify", cache=with_copies).returncode == 0
+
+    refused = cli("clear", "--all", cache=with_copies)
+    assert "Delete 3 entries and 2 local copies of remote entries (" in refused.stderr + (
+        refused.stdout
+    )
+    result = cli("clear", "--all", "--yes", cache=with_copies)
+    assert result.returncode == 0, result.stderr
+    assert "removed 5 entries" in result.stdout and "damaged" not in result.stdout
+    assert ls_json(with_copies) == []
+    assert all(path.exists() for path in stray)
+    assert list((with_copies / "remote").glob("*/*/*/meta.json")) == []
+
+
+def test_version_matches_the_package() -> None:
+    import cachedload
+
+    result = cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"cachedload {cachedload.__version__}"
+
+
+def test_ls_of_a_function_with_no_entry_is_a_usage_error(cache: Path) -> None:
+    result = cli("ls", "--function", "nothing_like_it", cache=cache)
+    assert result.returncode == 2 and "nothing_like_it" in result.stderr
+    assert f"{__name__}._other" in result.stderr  # what is there instead
+    assert cli("ls", "--json", "--function", "nothing_like_it", cache=cache).returncode == 2
+
+
+def test_top_level_help_describes_cache_dir() -> None:
+    out = cli("--help").stdout
+    described = " ".join(out.split("--cache-dir DIR", 2)[2].split())
+    assert "as the commands'" not in described and "the cache directory" in described
+
+
+def test_ls_shows_each_entry_s_code_version(cache: Path, data: Path) -> None:
+    def _other(data_dir: str) -> list[str]:  # same name, other code
+        return sorted(os.listdir(data_dir), reverse=True)
+
+    _other.__qualname__ = "_other"
+    cached_dataset(cache_dir=cache)(_other)(str(data))
+    rows = cli("ls", "--function", "_other", cache=cache).stdout.splitlines()[1:3]
+    codes = {row.split()[2] for row in rows}
+    assert len(codes) == 2 and all(len(code) == 8 for code in codes)
+    assert codes == {r.meta["code"][:8] for r in list_entries(cache) if "_other" in r.function}
+
+
+def test_why_says_whose_code_changed(cache: Path, data: Path) -> None:
+    def _other(data_dir: str) -> list[str]:  # same name, other code
+        return sorted(os.listdir(data_dir), reverse=True)
+
+    _other.__qualname__ = "_other"
+    cached_dataset(cache_dir=cache)(_other)(str(data))
+    result = cli("why", "_other", cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert f"code changed in the loader ({__name__}._other)" in result.stdout

@@ -99,14 +99,50 @@ def test_code_and_version_changes(tmp_path: Path, data: Path) -> None:
     loader(cache, depends_on=[helper_one])(str(data))
     changed = loader(cache, depends_on=[helper_two])
     (code,) = changed.cache_explain(str(data)).differences
-    assert (code.component, code.text) == (
-        "code",
-        "code changed (the loader's or a depends_on helper's)",
+    assert code.component == "code"
+    assert code.text == (
+        f"code changed in depends_on helper {__name__}.{helper_one.__qualname__} (removed), "
+        f"depends_on helper {__name__}.{helper_two.__qualname__} (added)"
     )
 
     versioned = loader(cache, depends_on=[helper_one], version=2)
     (version,) = versioned.cache_explain(str(data)).differences
     assert version.text == "version None → 2"
+
+
+def _defined(name: str, code: str) -> Any:
+    """A module-level function of this module defined from source text (same name, any code)."""
+    namespace: dict[str, Any] = {"__name__": __name__, "np": np}
+    exec(code, namespace)
+    return namespace[name]
+
+
+def test_why_names_whose_code_changed(tmp_path: Path, data: Path) -> None:
+    def versions(loader_code: str, helper_code: str) -> CachedDataset[..., Any]:
+        helper = _defined("helper", f"def helper():\n    return {helper_code}\n")
+        body = _defined("load", f"def load(data_dir):\n    return {loader_code}\n")
+        return CachedDataset(body, cache_dir=tmp_path / "cache", depends_on=[helper])
+
+    versions("1", "10")(str(data))
+    (helper,) = versions("1", "20").cache_explain(str(data)).differences
+    assert helper.text == f"code changed in depends_on helper {__name__}.helper"
+    (loader_code,) = versions("2", "10").cache_explain(str(data)).differences
+    assert loader_code.text == f"code changed in the loader ({__name__}.load)"
+    (both,) = versions("2", "20").cache_explain(str(data)).differences
+    assert both.text == (
+        f"code changed in the loader ({__name__}.load), depends_on helper {__name__}.helper"
+    )
+
+
+def test_the_entry_with_the_same_sources_is_compared_first(tmp_path: Path, data: Path) -> None:
+    other = tmp_path / "other"
+    write(other / "x.txt", "x")
+    load = loader(tmp_path / "cache")
+    load(str(data))
+    load(str(other))  # newer, and as many components away, but another folder
+    write(data / "a.txt", "changed", OLD - 60)
+    (difference,) = load.cache_explain(str(data)).differences
+    assert difference.text == f"source data_dir ({data.resolve()}): 1 file modified (a.txt)"
 
 
 def test_the_closest_entry_has_the_fewest_differences(tmp_path: Path, data: Path) -> None:

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from cachedload.backends.remote import RemoteStore
 
 __all__ = [
+    "LOCAL_COPIES_DIR",
+    "URL_FILE",
     "default_local_root",
     "is_url",
     "lease_seconds",
@@ -34,6 +36,13 @@ __all__ = [
 ]
 
 _S3_SCHEMES = ("s3", "s3a")
+
+#: The folder of a local cache directory holding the read-through copies of remote caches
+#: (``<cache_dir>/remote/<bucket-prefix-hash>/<function dir>/<key>/``): not a function folder.
+LOCAL_COPIES_DIR = "remote"
+#: In a local copy's root: the URL of the remote cache it copies (for ``cachedload ls``).
+URL_FILE = ".url"
+
 
 # Settings and the checking of cache-directory values live in cachedload.config.
 is_url = config.is_url
@@ -69,7 +78,7 @@ def default_local_root(url: str) -> Path:
     base = config.local_cache_dir()
     readable = "".join(c if c.isalnum() or c in "._" else "-" for c in url.split("://", 1)[-1])
     digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:8]
-    return base / "remote" / f"{readable.strip('-')[:80]}-{digest}"
+    return base / LOCAL_COPIES_DIR / f"{readable.strip('-')[:80]}-{digest}"
 
 
 def object_store(url: str, storage_options: dict[str, Any] | None = None) -> ObjectStore:

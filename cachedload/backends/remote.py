@@ -40,6 +40,7 @@ from typing import Any, NoReturn
 
 import xxhash
 
+from cachedload.backends import URL_FILE
 from cachedload.backends.lease import ObjectLease
 from cachedload.backends.objects import (
     Capabilities,
@@ -58,6 +59,7 @@ from cachedload.store import (
     CorruptEntry,
     EntryInfo,
     Store,
+    atomic_write_bytes,
 )
 
 __all__ = ["EntryReplaced", "RemoteStore", "capabilities", "parse_meta"]
@@ -260,11 +262,19 @@ class RemoteStore(Store):
             size = -1 if found is None else found.size
         return bool(size == meta["data"]["size"])
 
+    def _mark_local_root(self) -> None:
+        """Name the remote cache in the local copy's root, once (``cachedload ls`` shows it)."""
+        marker = self.cache_dir / URL_FILE
+        if not marker.exists():
+            with contextlib.suppress(OSError):
+                atomic_write_bytes(marker, self.objects.url.encode())
+
     def _fetch(self, key: str, meta: dict[str, Any]) -> dict[str, Any]:
         """Download an entry into the local copy (once per node); return the local metadata."""
         from filelock import FileLock, Timeout
 
         self.function_dir.mkdir(parents=True, exist_ok=True)
+        self._mark_local_root()
         fetching = FileLock(str(self.function_dir / f"{key}.fetch"))
         try:
             fetching.acquire()
@@ -400,6 +410,7 @@ class RemoteStore(Store):
             OSError: the local copy or the bucket cannot be written.
         """
         size = super().save(key, value, meta, compress=compress, manifest=manifest, replace=replace)
+        self._mark_local_root()
         entry = self.entry_path(key)
         local = json.loads((entry / META_FILE).read_bytes())
         try:
