@@ -37,7 +37,16 @@ __all__ = [
     "summarize",
 ]
 
-_PATHISH_NAMES = ("dir", "path", "file", "folder", "root", "src", "source", "csv")
+# A parameter's name says path when one of its words (split at "_", digits and camelCase) is
+# one of these, or ends with one of the suffixes (``imagedir``, ``datapath``, ``trainroot``).
+# Words, not substrings: ``direction``, ``profile`` and ``resource`` are not paths.
+_PATH_WORDS = frozenset(
+    "dir dirs directory directories path paths file files folder folders root roots src source "
+    "sources csv fname fnames dirname pathname filename filenames filepath filepaths".split()
+)
+_PATH_SUFFIXES = ("dir", "dirs", "path", "paths", "folder", "folders", "root", "file", "files")
+_NOT_PATH_WORDS = frozenset({"profile", "profiles", "nadir"})
+_WORDS = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])")
 # An annotation says path when it names a class ending in "Path" (Path, PurePath, StrPath…) or
 # PathLike, however it is written: a class, ``str | Path``, ``Optional[Path]``, ``list[Path]``,
 # or the same as text (``from __future__ import annotations``), which is matched, never evaluated.
@@ -169,17 +178,23 @@ def racy_records_expired(meta: dict[str, Any]) -> bool:
 def says_path(parameter: inspect.Parameter) -> bool:
     """Does a parameter's name or annotation say that a string passed to it is a path?
 
-    Its name contains ``dir``, ``path``, ``file``, ``folder``, ``root``, ``src``, ``source`` or
-    ``csv`` (any case: ``image_dir``, ``csvPath``, ``train_root``), or its annotation names
+    A word of its name is ``dir``, ``path``, ``file``, ``folder``, ``root``, ``src``, ``source``,
+    ``csv`` (or a plural, ``directory``, ``filename``…), or ends with ``dir``, ``path``,
+    ``folder``, ``root`` or ``file`` (``image_dir``, ``csvPath``, ``train_root``, ``imagedir``;
+    not ``direction``, ``profile`` or ``resource``), or its annotation names
     ``Path``, ``os.PathLike`` or another class ending in ``Path`` (``str | Path``,
     ``Optional[Path]``, ``list[Path]``, also as text under ``from __future__ import annotations``).
     """
     return _name_says_path(parameter.name) or _annotation_says_path(parameter.annotation)
 
 
+@functools.lru_cache(maxsize=1024)
 def _name_says_path(name: str) -> bool:
-    lowered = name.lower()
-    return any(part in lowered for part in _PATHISH_NAMES)
+    for word in _WORDS.findall(name):
+        word = word.lower()
+        if word in _PATH_WORDS or (word.endswith(_PATH_SUFFIXES) and word not in _NOT_PATH_WORDS):
+            return True
+    return False
 
 
 def _annotation_says_path(annotation: Any) -> bool:

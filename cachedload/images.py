@@ -46,8 +46,17 @@ _REDUCED_BITS = {2: 16, 4: 32, 8: 64}  # OR-ed into a colour flag: IMREAD_REDUCE
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
-class ImageFolderData(NamedTuple):
+class _ImageFolderFields(NamedTuple):
+    images: npt.NDArray[Any]
+    labels: npt.NDArray[np.int64] | None
+    classes: tuple[str, ...]
+    paths: tuple[str, ...]
+
+
+class ImageFolderData(_ImageFolderFields):
     """What :func:`load_image_folder` returns (plain arrays and tuples: it pickles compactly).
+
+    A named tuple of four fields, so ``images, labels, classes, paths = data`` works.
 
     Attributes:
         images: ``(N, H, W, C)`` array, or ``(N, H, W)`` for single-channel images.
@@ -55,14 +64,24 @@ class ImageFolderData(NamedTuple):
         classes: the sorted class (sub-folder) names; empty for a flat folder.
         paths: each image's path relative to the root, ``/``-separated, in row order.
         skipped: the unreadable images left out with ``on_error="skip"`` (relative paths);
-            a cached loader's hits warn about them again.
+            a cached loader's hits warn about them again. Not a tuple field (unpacking stays
+            four values); results pickled before it existed load with ``()``.
     """
 
-    images: npt.NDArray[Any]
-    labels: npt.NDArray[np.int64] | None
-    classes: tuple[str, ...]
-    paths: tuple[str, ...]
-    skipped: tuple[str, ...] = ()  # a default: results pickled before it existed still load
+    skipped: tuple[str, ...] = ()
+
+    def __new__(
+        cls,
+        images: npt.NDArray[Any],
+        labels: npt.NDArray[np.int64] | None,
+        classes: tuple[str, ...],
+        paths: tuple[str, ...],
+        skipped: tuple[str, ...] = (),
+    ) -> ImageFolderData:
+        data = super().__new__(cls, images, labels, classes, paths)
+        if skipped:
+            data.skipped = tuple(skipped)  # pickled as the instance's state
+        return data
 
 
 def load_image_folder(
@@ -102,7 +121,7 @@ def load_image_folder(
         progress: a tqdm bar on stderr; ``None``: if stderr is a terminal and the load is slow.
 
     Returns:
-        ``ImageFolderData(images, labels, classes, paths, skipped)``.
+        ``ImageFolderData(images, labels, classes, paths)`` (and ``.skipped``).
 
     Raises:
         NoImagesFoundError: ``root`` is missing, not a folder, or holds no image.

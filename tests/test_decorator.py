@@ -290,6 +290,33 @@ def test_a_string_in_a_parameter_not_named_as_a_path_is_a_parameter_whatever_it_
 
 
 @pytest.mark.parametrize(
+    ("name", "is_source"),
+    [
+        ("image_dir", True),
+        ("csvPath", True),
+        ("imagedir", True),
+        ("train_root", True),
+        ("filename", True),
+        ("direction", False),
+        ("profile", False),
+        ("resource", False),
+        ("split", False),
+    ],
+)
+def test_a_parameter_name_says_path_by_its_words_not_by_substrings(
+    name: str, is_source: bool, tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "left").mkdir()  # exists: a source where the name says path
+    namespace: dict[str, Any] = {}
+    exec(f"def load({name}):\n    return {name}", namespace)
+    load = cached_dataset(cache_dir=cache_dir)(namespace["load"])
+    assert load("left") == "left"
+    sources = load.entries()[0].sources
+    assert (name in sources) is is_source
+
+
+@pytest.mark.parametrize(
     "annotation",
     [
         Path,

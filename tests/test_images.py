@@ -81,7 +81,8 @@ def class_folder(tmp_path: Path) -> Path:
 def test_class_layout_labels_classes_paths(class_folder: Path) -> None:
     data = load_image_folder(class_folder)
     assert isinstance(data, ImageFolderData)
-    assert data._fields == ("images", "labels", "classes", "paths", "skipped")
+    assert data._fields == ("images", "labels", "classes", "paths")
+    images, labels, classes, paths = data  # four values, as before .skipped existed
     assert data.skipped == ()
     assert data.classes == ("cat", "dog")
     assert data.paths == (
