@@ -41,8 +41,12 @@ __all__ = [
 # one of these, or ends with one of the suffixes (``imagedir``, ``datapath``, ``trainroot``).
 # Words, not substrings: ``direction``, ``profile`` and ``resource`` are not paths.
 _PATH_WORDS = frozenset(
-    "dir dirs directory directories path paths file files folder folders root roots src source "
-    "sources csv fname fnames dirname pathname filename filenames filepath filepaths".split()
+    {
+        *("dir", "dirs", "directory", "directories", "dirname"),
+        *("path", "paths", "pathname", "filepath", "filepaths"),
+        *("file", "files", "filename", "filenames", "fname", "fnames"),
+        *("folder", "folders", "root", "roots", "src", "source", "sources", "csv"),
+    }
 )
 _PATH_SUFFIXES = ("dir", "dirs", "path", "paths", "folder", "folders", "root", "file", "files")
 _NOT_PATH_WORDS = frozenset({"profile", "profiles", "nadir"})

@@ -83,6 +83,8 @@ def test_class_layout_labels_classes_paths(class_folder: Path) -> None:
     assert isinstance(data, ImageFolderData)
     assert data._fields == ("images", "labels", "classes", "paths")
     images, labels, classes, paths = data  # four values, as before .skipped existed
+    assert images is data.images and labels is data.labels
+    assert classes == data.classes and paths == data.paths
     assert data.skipped == ()
     assert data.classes == ("cat", "dog")
     assert data.paths == (
