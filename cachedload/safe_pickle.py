@@ -1,0 +1,279 @@
+"""Unpickling an entry someone else wrote, without running code of their choosing.
+
+A pickle is a small program: ``GLOBAL module name`` imports anything, ``REDUCE`` calls it. A
+shared cache's writer therefore chooses what a reader's ``pickle.load`` runs. The
+:class:`RestrictedUnpickler` here is the C unpickler with ``find_class`` overridden (the recipe
+of the ``pickle`` docs, and of ``torch.load(weights_only=True)``): every global a pickle names
+is looked up in an allow list of *objects*, never imported by the name the pickle gives, and
+anything else raises :class:`~cachedload.errors.UnsafePickleError` before it can run.
+
+Allowed (what results made of arrays, numbers, strings and containers need; measured by
+pickling each with protocols 2 to 5 and listing the globals with ``pickletools``):
+
+- data constructors of ``builtins`` (``set``, ``frozenset``, ``complex``, ``slice``,
+  ``bytearray``, ``range``, ``bytes``, ``str``, ``int``, ``float``, ``bool``, ``list``,
+  ``tuple``, ``dict``, ``object``) and the constants ``Ellipsis``/``NotImplemented``; never
+  ``eval``, ``exec``, ``getattr``, ``__import__``, ``open``, ``type``…;
+- ``collections`` ``OrderedDict``, ``deque``, ``Counter``, ``defaultdict``; ``datetime``'s
+  ``date``/``time``/``datetime``/``timedelta``/``timezone``; ``decimal.Decimal``,
+  ``fractions.Fraction``; ``pathlib``'s pure and POSIX paths (building one touches no file);
+- numpy: ``ndarray``, ``dtype``, every scalar type (``float64``, ``datetime64``, ``void``…),
+  ``_reconstruct`` and ``scalar`` (what ``ndarray``/scalar pickles call), ``_frombuffer``
+  (protocol 5), under both ``numpy._core`` (numpy 2) and ``numpy.core`` (numpy 1) names;
+  record arrays (``numpy.rec.recarray``, ``numpy.record``) and masked arrays
+  (``numpy.ma.core.MaskedArray``, ``MaskedConstant``, ``_mareconstruct``: numpy's own
+  data-only reconstruction code), imported on first sight. Nothing else of numpy: not
+  ``numpy.load`` (it unpickles), ``numpy.testing``, ``numpy.ctypeslib``, ``numpy.frombuffer``
+  (no pickle of data needs it) or any ``ufunc``;
+- cachedload's own result types (``cachedload.images.ImageFolderData``, and what a module
+  adds with :func:`register_safe_type`), plus the classes a user passes as ``safe_types``,
+  each allowed under exactly its own ``__module__`` and ``__qualname__``;
+- ``copyreg.__newobj__``, ``__newobj_ex__`` and ``_reconstructor`` (protocol 0/1 pickles of
+  plain objects), replaced by checking versions that refuse a class that is not itself allowed.
+  Protocol 2+ pickles create objects with the ``NEWOBJ`` opcode, whose class comes off the
+  stack; every class on the stack came through ``find_class``, so it is allowed.
+- ``_codecs.encode`` (protocol 2 writes ``bytes`` that way) only with the ``latin1`` codec.
+
+What remains trusted: numpy's C reconstruction code (``ndarray.__setstate__``,
+``dtype.__setstate__``) for memory safety, as with ``torch.load(weights_only=True)``; the
+``__init__``/``__new__``/``__setstate__`` of the classes a user lists in ``safe_types`` (list
+plain dataclasses and named tuples, not classes whose construction acts on the world). A
+crafted pickle can still ``BUILD`` attributes onto an allowed Python class, but only with values
+the allow list can make, so no code of the writer's choosing runs.
+"""
+
+from __future__ import annotations
+
+import builtins
+import collections
+import copyreg
+import datetime
+import decimal
+import fractions
+import functools
+import io
+import pathlib
+import pickle
+import threading
+from collections.abc import Iterable, Sequence
+from typing import IO, Any
+
+import numpy as np
+
+from cachedload.errors import ConfigurationError, UnsafePickleError
+
+__all__ = ["RestrictedUnpickler", "register_safe_type", "restricted_loads"]
+
+_Name = tuple[str, str]
+
+_BUILTINS = (
+    "bool", "bytearray", "bytes", "complex", "dict", "float", "frozenset", "int", "list",
+    "object", "range", "set", "slice", "str", "tuple", "Ellipsis", "NotImplemented",
+)  # fmt: skip
+
+
+def _own_name(obj: Any) -> _Name:
+    return (obj.__module__, obj.__qualname__)
+
+
+def _base_table() -> dict[_Name, Any]:
+    table: dict[_Name, Any] = {}
+    for name in _BUILTINS:
+        table["builtins", name] = table["__builtin__", name] = getattr(builtins, name)
+    # Protocol 2 writes the Python 2 names of these.
+    table["__builtin__", "xrange"], table["__builtin__", "long"] = range, int
+    table["__builtin__", "unicode"] = str
+    for obj in (
+        collections.OrderedDict,
+        collections.deque,
+        collections.Counter,
+        collections.defaultdict,
+        datetime.date,
+        datetime.time,
+        datetime.datetime,
+        datetime.timedelta,
+        datetime.timezone,
+        decimal.Decimal,
+        fractions.Fraction,
+        pathlib.PurePath,
+        pathlib.PurePosixPath,
+        pathlib.PureWindowsPath,
+        pathlib.PosixPath,
+    ):
+        table[_own_name(obj)] = obj
+    table["numpy", "ndarray"] = np.ndarray
+    table["numpy", "dtype"] = np.dtype
+    for scalar_type in set(np.sctypeDict.values()):
+        table[_own_name(scalar_type)] = scalar_type
+    # The functions numpy's own pickles call, found the way pickle finds them (their modules
+    # moved from numpy.core to numpy._core in numpy 2; both names are allowed).
+    reconstruct = np.zeros(1, dtype=object).__reduce__()[0]
+    scalar = np.float64(0).__reduce__()[0]
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]
+    for core in ("numpy._core", "numpy.core"):
+        table[f"{core}.multiarray", "_reconstruct"] = reconstruct
+        table[f"{core}.multiarray", "scalar"] = scalar
+        table[f"{core}.numeric", "_frombuffer"] = frombuffer
+    return table
+
+
+_TABLE = _base_table()
+
+#: Names resolved by importing them on first sight: modules of numpy and cachedload that most
+#: processes never import (``cachedload.images`` imports OpenCV). Only these fixed names are
+#: ever imported, never one a pickle chose.
+_ON_FIRST_SIGHT: frozenset[_Name] = frozenset(
+    {
+        ("numpy.rec", "recarray"),
+        ("numpy", "record"),
+        ("numpy.ma.core", "MaskedArray"),
+        ("numpy.ma", "MaskedArray"),
+        ("numpy.ma.core", "MaskedConstant"),
+        ("numpy.ma.core", "_mareconstruct"),
+        ("cachedload.images", "ImageFolderData"),
+    }
+)
+
+_REGISTERED: dict[_Name, type] = {}
+_LOCK = threading.Lock()
+
+
+def register_safe_type(cls: type) -> type:
+    """Allow ``cls`` in every restricted load (for cachedload's own result types).
+
+    Usable as a class decorator; returns ``cls``. Its instances are rebuilt by calling
+    ``cls``/``cls.__new__`` and ``__setstate__`` on data the writer chose: register only plain
+    data classes.
+    """
+    _check_class(cls, "register_safe_type")
+    with _LOCK:
+        _REGISTERED[_own_name(cls)] = cls
+        _user_table.cache_clear()
+    return cls
+
+
+def _check_class(cls: Any, option: str) -> None:
+    if not isinstance(cls, type):
+        raise ConfigurationError(option, f"expected classes, got {cls!r}")
+    if "<locals>" in cls.__qualname__:
+        raise ConfigurationError(option, f"{cls.__qualname__} is local to a function: unpicklable")
+
+
+@functools.lru_cache(maxsize=64)
+def _user_table(safe_types: tuple[type, ...]) -> dict[_Name, Any]:
+    table = dict(_REGISTERED)
+    for cls in safe_types:
+        _check_class(cls, "safe_types")
+        table[_own_name(cls)] = cls
+    return table
+
+
+def _table_for(safe_types: Iterable[type]) -> dict[_Name, Any]:
+    key = safe_types if isinstance(safe_types, tuple) else tuple(safe_types)
+    try:
+        return _user_table(key)
+    except TypeError:  # an unhashable item: not a class
+        for cls in key:
+            _check_class(cls, "safe_types")
+        raise
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """The C unpickler, allowed only the globals listed in this module's docstring.
+
+    Args:
+        file: the pickle.
+        safe_types: more classes to allow (each under its own module and qualified name).
+        arrays: what persistent id ``i`` stands for (``arrays[i]``); without it, a pickle with
+            persistent ids is refused.
+
+    Raises (from :meth:`load`):
+        UnsafePickleError: the pickle names anything not allowed; nothing it names has run.
+    """
+
+    def __init__(
+        self,
+        file: IO[bytes],
+        *,
+        safe_types: Iterable[type] = (),
+        arrays: Sequence[Any] | None = None,
+    ) -> None:
+        super().__init__(file)
+        self._user = _table_for(safe_types)
+        self._arrays = arrays
+
+    def _lookup(self, module: str, name: str) -> Any:
+        key = (module, name)
+        found = _TABLE.get(key, _TABLE)
+        if found is not _TABLE:
+            return found
+        found = self._user.get(key, _TABLE)
+        if found is not _TABLE:
+            return found
+        if key in _ON_FIRST_SIGHT:
+            return super().find_class(module, name)
+        return _TABLE
+
+    def find_class(self, module: str, name: str) -> Any:
+        """Return an allowed global, or raise :class:`UnsafePickleError` naming it."""
+        found = self._lookup(module, name)
+        if found is not _TABLE:
+            return found
+        if module in ("copyreg", "copy_reg"):
+            checked = {
+                "__newobj__": self._newobj,
+                "__newobj_ex__": self._newobj_ex,
+                "_reconstructor": self._reconstructor,
+            }.get(name)
+            if checked is not None:
+                return checked
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
+        raise UnsafePickleError(f"{module}.{name}", "not an allowed global")
+
+    def persistent_load(self, pid: Any) -> Any:
+        """``arrays[pid]`` for an integer ``pid`` in range; anything else is refused."""
+        if self._arrays is None or type(pid) is not int or not 0 <= pid < len(self._arrays):
+            raise UnsafePickleError(f"persistent id {pid!r}", "not an array of this file")
+        return self._arrays[pid]
+
+    def _allowed_class(self, cls: Any) -> type:
+        module = getattr(cls, "__module__", None)
+        qualname = getattr(cls, "__qualname__", None)
+        if (
+            isinstance(cls, type)
+            and isinstance(module, str)
+            and isinstance(qualname, str)
+            and self._lookup(module, qualname) is cls
+        ):
+            return cls
+        raise UnsafePickleError(repr(cls), "not an allowed class to reconstruct")
+
+    def _newobj(self, cls: Any, *args: Any) -> Any:
+        return self._allowed_class(cls).__new__(cls, *args)
+
+    def _newobj_ex(self, cls: Any, args: Any, kwargs: Any) -> Any:
+        return self._allowed_class(cls).__new__(cls, *args, **kwargs)
+
+    def _reconstructor(self, cls: Any, base: Any, state: Any) -> Any:
+        # copyreg._reconstructor with its base limited to object and builtin data types.
+        self._allowed_class(cls)
+        if self._lookup("builtins", getattr(base, "__name__", "")) is not base or not (
+            isinstance(base, type) and issubclass(cls, base)
+        ):
+            raise UnsafePickleError(repr(base), "not an allowed base to reconstruct from")
+        return copyreg._reconstructor(cls, base, state)  # type: ignore[attr-defined]
+
+
+def _latin1_encode(text: Any, encoding: Any = "utf-8") -> bytes:
+    # How protocol 2 pickles bytes: _codecs.encode(str, "latin1"). Other codecs are refused.
+    if type(text) is not str or encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError("_codecs.encode", f"only latin1 text, got {encoding!r}")
+    return text.encode("latin1")
+
+
+def restricted_loads(
+    data: bytes, *, safe_types: Iterable[type] = (), arrays: Sequence[Any] | None = None
+) -> Any:
+    """``pickle.loads`` with the :class:`RestrictedUnpickler`."""
+    return RestrictedUnpickler(io.BytesIO(data), safe_types=safe_types, arrays=arrays).load()
