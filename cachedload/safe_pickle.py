@@ -54,7 +54,6 @@ import functools
 import io
 import pathlib
 import pickle
-import threading
 from collections.abc import Iterable, Sequence
 from typing import IO, Any
 
@@ -135,7 +134,7 @@ _ON_FIRST_SIGHT: frozenset[_Name] = frozenset(
 )
 
 _REGISTERED: dict[_Name, type] = {}
-_LOCK = threading.Lock()
+_NO_TYPES: dict[_Name, type] = {}
 
 
 def register_safe_type(cls: type) -> type:
@@ -146,9 +145,7 @@ def register_safe_type(cls: type) -> type:
     data classes.
     """
     _check_class(cls, "register_safe_type")
-    with _LOCK:
-        _REGISTERED[_own_name(cls)] = cls
-        _user_table.cache_clear()
+    _REGISTERED[_own_name(cls)] = cls
     return cls
 
 
@@ -161,7 +158,7 @@ def _check_class(cls: Any, option: str) -> None:
 
 @functools.lru_cache(maxsize=64)
 def _user_table(safe_types: tuple[type, ...]) -> dict[_Name, Any]:
-    table = dict(_REGISTERED)
+    table = {}
     for cls in safe_types:
         _check_class(cls, "safe_types")
         table[_own_name(cls)] = cls
@@ -199,7 +196,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         arrays: Sequence[Any] | None = None,
     ) -> None:
         super().__init__(file)
-        self._user = _table_for(safe_types)
+        # Built once per set of safe_types (cached): a hit pays a dictionary lookup.
+        self._user = _table_for(safe_types) if safe_types else _NO_TYPES
         self._arrays = arrays
 
     def _lookup(self, module: str, name: str) -> Any:
@@ -208,6 +206,9 @@ class RestrictedUnpickler(pickle.Unpickler):
         if found is not _TABLE:
             return found
         found = self._user.get(key, _TABLE)
+        if found is not _TABLE:
+            return found
+        found = _REGISTERED.get(key, _TABLE)
         if found is not _TABLE:
             return found
         if key in _ON_FIRST_SIGHT:

@@ -168,9 +168,7 @@ def test_a_result_made_of_user_classes_needs_them_in_safe_types(tmp_path: Path) 
     assert equal(serialize.load(path, mmap_mode=None, safe_types=[Split, Sample]), value)
 
 
-def test_a_registered_type_is_allowed_everywhere(
-    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
-) -> None:
+def test_a_registered_type_is_allowed_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
     @dataclasses.dataclass
     class Registered:
         x: int
@@ -178,7 +176,6 @@ def test_a_registered_type_is_allowed_everywhere(
     Registered.__qualname__ = "Registered"  # as if defined at module level
     monkeypatch.setitem(globals(), "Registered", Registered)
     monkeypatch.setattr(safe_pickle, "_REGISTERED", {})
-    request.addfinalizer(safe_pickle._user_table.cache_clear)
     data = pickle.dumps(Registered(1), 5)
     with pytest.raises(UnsafePickleError):
         restricted_loads(data)
