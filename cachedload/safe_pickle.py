@@ -48,8 +48,6 @@ import builtins
 import collections
 import copyreg
 import datetime
-import decimal
-import fractions
 import functools
 import io
 import pathlib
@@ -92,8 +90,6 @@ def _base_table() -> dict[_Name, Any]:
         datetime.datetime,
         datetime.timedelta,
         datetime.timezone,
-        decimal.Decimal,
-        fractions.Fraction,
         pathlib.PurePath,
         pathlib.PurePosixPath,
         pathlib.PureWindowsPath,
@@ -118,9 +114,9 @@ def _base_table() -> dict[_Name, Any]:
 
 _TABLE = _base_table()
 
-#: Names resolved by importing them on first sight: modules of numpy and cachedload that most
-#: processes never import (``cachedload.images`` imports OpenCV). Only these fixed names are
-#: ever imported, never one a pickle chose.
+#: Names resolved by importing them on first sight, from modules most processes never import
+#: (``cachedload.images`` imports OpenCV). Only these fixed names are ever imported, never one
+#: a pickle chose.
 _ON_FIRST_SIGHT: frozenset[_Name] = frozenset(
     {
         ("numpy.rec", "recarray"),
@@ -130,6 +126,8 @@ _ON_FIRST_SIGHT: frozenset[_Name] = frozenset(
         ("numpy.ma.core", "MaskedConstant"),
         ("numpy.ma.core", "_mareconstruct"),
         ("cachedload.images", "ImageFolderData"),
+        ("decimal", "Decimal"),
+        ("fractions", "Fraction"),
     }
 )
 
