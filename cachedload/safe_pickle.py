@@ -37,9 +37,12 @@ pickling each with protocols 2 to 5 and listing the globals with ``pickletools``
 What remains trusted: numpy's C reconstruction code (``ndarray.__setstate__``,
 ``dtype.__setstate__``) for memory safety, as with ``torch.load(weights_only=True)``; the
 ``__init__``/``__new__``/``__setstate__`` of the classes a user lists in ``safe_types`` (list
-plain dataclasses and named tuples, not classes whose construction acts on the world). A
-crafted pickle can still ``BUILD`` attributes onto an allowed Python class, but only with values
-the allow list can make, so no code of the writer's choosing runs.
+plain dataclasses and named tuples, not classes whose construction acts on the world).
+
+One more hole is closed after the fact: the ``BUILD`` opcode applied to an allowed Python class
+or function (not an instance) would set attributes on it, patching it for the whole process.
+Each one handed out is snapshotted, compared after the load, restored if changed, and the load
+refused.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ import functools
 import io
 import pathlib
 import pickle
+import types
 from collections.abc import Iterable, Sequence
 from typing import IO, Any
 
@@ -197,27 +201,59 @@ class RestrictedUnpickler(pickle.Unpickler):
         # Built once per set of safe_types (cached): a hit pays a dictionary lookup.
         self._user = _table_for(safe_types) if safe_types else _NO_TYPES
         self._arrays = arrays
+        self._handed_out: dict[int, tuple[Any, dict[str, Any], tuple[Any, ...]]] = {}
+
+    def load(self) -> Any:
+        """Unpickle; raise :class:`UnsafePickleError` if anything not allowed was met."""
+        try:
+            return super().load()
+        finally:
+            if self._handed_out:
+                self._check_untouched()
+
+    def _check_untouched(self) -> None:
+        tampered = []
+        for obj, attributes, fixed in self._handed_out.values():
+            if (
+                _fixed(obj) != fixed
+                or vars(obj).keys() != attributes.keys()
+                or any(value is not attributes[name] for name, value in vars(obj).items())
+            ):
+                tampered.append(obj)
+                _restore_fixed(obj, fixed)
+                for name in set(vars(obj)) - set(attributes):
+                    delattr(obj, name)
+                for name, value in attributes.items():
+                    if vars(obj).get(name, _TABLE) is not value:
+                        setattr(obj, name, value)
+        if tampered:
+            raise UnsafePickleError(repr(tampered[0]), "the pickle set attributes on it")
+
+    def _hand_out(self, obj: Any) -> Any:
+        # Python classes and functions can be patched by BUILD: watch them (see the docstring).
+        patchable = isinstance(obj, types.FunctionType) or (
+            isinstance(obj, type) and obj.__flags__ & _HEAPTYPE
+        )
+        if patchable and id(obj) not in self._handed_out:
+            self._handed_out[id(obj)] = (obj, dict(vars(obj)), _fixed(obj))
+        return obj
 
     def _lookup(self, module: str, name: str) -> Any:
         key = (module, name)
         found = _TABLE.get(key, _TABLE)
-        if found is not _TABLE:
-            return found
-        found = self._user.get(key, _TABLE)
-        if found is not _TABLE:
-            return found
-        found = _REGISTERED.get(key, _TABLE)
-        if found is not _TABLE:
-            return found
-        if key in _ON_FIRST_SIGHT:
-            return super().find_class(module, name)
-        return _TABLE
+        if found is _TABLE:
+            found = self._user.get(key, _TABLE)
+        if found is _TABLE:
+            found = _REGISTERED.get(key, _TABLE)
+        if found is _TABLE and key in _ON_FIRST_SIGHT:
+            found = super().find_class(module, name)
+        return found
 
     def find_class(self, module: str, name: str) -> Any:
         """Return an allowed global, or raise :class:`UnsafePickleError` naming it."""
         found = self._lookup(module, name)
         if found is not _TABLE:
-            return found
+            return self._hand_out(found)
         if module in ("copyreg", "copy_reg"):
             checked = {
                 "__newobj__": self._newobj,
@@ -227,7 +263,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             if checked is not None:
                 return checked
         if (module, name) == ("_codecs", "encode"):
-            return _latin1_encode
+            return self._hand_out(_latin1_encode)
         raise UnsafePickleError(f"{module}.{name}", "not an allowed global")
 
     def persistent_load(self, pid: Any) -> Any:
@@ -262,6 +298,29 @@ class RestrictedUnpickler(pickle.Unpickler):
         ):
             raise UnsafePickleError(repr(base), "not an allowed base to reconstruct from")
         return copyreg._reconstructor(cls, base, state)  # type: ignore[attr-defined]
+
+
+_HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class whose attributes can be set
+
+
+def _fixed(obj: Any) -> tuple[Any, ...]:
+    """What BUILD can change on a class or function outside its ``__dict__``."""
+    if isinstance(obj, type):
+        return (obj.__name__, obj.__qualname__, obj.__bases__, type(obj))
+    return (obj.__code__, obj.__defaults__, obj.__kwdefaults__, obj.__name__, obj.__qualname__)
+
+
+def _restore_fixed(obj: Any, fixed: tuple[Any, ...]) -> None:
+    if _fixed(obj) == fixed:
+        return
+    names: tuple[str, ...]
+    if isinstance(obj, type):
+        names = ("__name__", "__qualname__", "__bases__", "__class__")
+    else:
+        names = ("__code__", "__defaults__", "__kwdefaults__", "__name__", "__qualname__")
+    for name, value in zip(names, fixed, strict=True):
+        if getattr(obj, name) is not value:
+            setattr(obj, name, value)
 
 
 def _latin1_encode(text: Any, encoding: Any = "utf-8") -> bytes:

@@ -385,3 +385,36 @@ def test_copyreg_globals_are_wrapped_not_the_real_ones() -> None:
     # The real copyreg functions would reconstruct any class the pickle hands them.
     data = b"ccopyreg\n_reconstructor\n."
     assert restricted_loads(data) is not copyreg._reconstructor  # type: ignore[attr-defined]
+
+
+def _build_on(module: str, name: str, attribute: str) -> bytes:
+    """A protocol 4 pickle that BUILDs ``attribute = numpy.dtype`` onto ``module.name`` itself."""
+
+    def unicode(text: str) -> bytes:
+        return b"\x8c" + bytes([len(text)]) + text.encode()
+
+    value = unicode("numpy") + unicode("dtype") + b"\x93"
+    return (
+        b"\x80\x04" + unicode(module) + unicode(name) + b"\x93N}" + unicode(attribute) + value
+    ) + b"s\x86b."
+
+
+@pytest.mark.parametrize(
+    ("module", "name", "attribute"),
+    [
+        ("cachedload.images", "ImageFolderData", "__len__"),
+        ("cachedload.images", "ImageFolderData", "_fields"),
+        ("pathlib", "PurePath", "__fspath__"),
+        ("numpy.ma.core", "MaskedArray", "__array_finalize__"),
+        ("numpy.ma.core", "_mareconstruct", "extra"),
+    ],
+)
+def test_a_pickle_cannot_patch_an_allowed_class_or_function(
+    module: str, name: str, attribute: str
+) -> None:
+    target = safe_pickle.RestrictedUnpickler(io.BytesIO(b"")).find_class(module, name)
+    before = dict(vars(target)), getattr(target, "__defaults__", None)
+    with pytest.raises(UnsafePickleError, match="set attributes"):
+        restricted_loads(_build_on(module, name, attribute))
+    assert dict(vars(target)) == before[0]
+    assert getattr(target, "__defaults__", None) == before[1]
