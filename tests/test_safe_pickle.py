@@ -405,7 +405,7 @@ def _build_on(module: str, name: str, attribute: str) -> bytes:
         ("cachedload.images", "ImageFolderData", "__len__"),
         ("cachedload.images", "ImageFolderData", "_fields"),
         ("pathlib", "PurePath", "__fspath__"),
-        ("numpy.ma.core", "MaskedArray", "__array_finalize__"),
+        ("collections", "Counter", "most_common"),
         ("numpy.ma.core", "_mareconstruct", "extra"),
     ],
 )
