@@ -29,6 +29,7 @@ import xxhash
 from cachedload import cached_dataset, serialize
 from cachedload import fingerprint as fingerprint_module
 from cachedload.fingerprint import fingerprint_source
+from cachedload.images import ImageFolderData
 from cachedload.keys import value_digest
 
 SUMMARY = C.Table(
@@ -277,6 +278,89 @@ def section_restore(args: Any, scratch: Path, rounds: int) -> None:
         C.verdict(ours / base, 3),
     )
     in_memory.cache_clear()
+
+
+def section_restricted_load(args: Any, scratch: Path, rounds: int) -> None:
+    """serialize.load with the restricted unpickler (shared caches) against the unrestricted one."""
+    count = 1000 if args.quick else 8000  # 8000 images of 64x64x3: 94 MiB, like a real folder
+    images = np.random.default_rng(2).integers(0, 255, (count, 64, 64, 3), dtype=np.uint8)
+    paths = tuple(f"class_{i % 10}/img_{i:05d}.png" for i in range(count))
+    classes = tuple(f"class_{i}" for i in range(10))
+    folder = ImageFolderData(images, np.arange(count, dtype=np.int64) % 10, classes, paths)
+    big = f"ImageFolderData {C.fmt_bytes(images.nbytes)}"
+    values = {"tiny {'answer': 42}": {"answer": 42}, big: folder}
+
+    def repeat(fn: Any, calls: int) -> C.Case:
+        def loop() -> None:
+            for _ in range(calls):
+                fn()
+
+        return C.Case(loop)
+
+    cases: dict[str, C.Case] = {}
+    calls: dict[str, int] = {}
+    for label, value in values.items():
+        path = scratch / f"restricted-{len(cases)}.joblib"
+        serialize.dump(value, path)
+        for mode in (None, "r"):
+            for safe in (None, ()):
+                name = f"{label}, mmap_mode={mode!r}, safe_types={safe!r}"
+                calls[name] = 5 if label == big and mode is None else 200
+                cases[name] = repeat(
+                    lambda p=path, m=mode, s=safe: serialize.load(p, mmap_mode=m, safe_types=s),
+                    calls[name],
+                )
+        name = f"{label}: check_safe (at store time)"
+        calls[name] = 20
+        cases[name] = repeat(lambda v=value: serialize.check_safe(v), calls[name])
+    # The reference for a tiny result: what a whole warm hit costs (the load is part of it).
+    source = str(C.make_tree(scratch / "src-restricted", 10, per_folder=10))
+    hit = cached_dataset(cache_dir=scratch / "cache-restricted")(_tiny)
+    hit(source)
+    calls["whole warm hit, tiny result (reference)"] = 200
+    cases["whole warm hit, tiny result (reference)"] = repeat(lambda: hit(source), 200)
+    measured = C.measure(cases, rounds * 3)
+    table = C.Table(
+        "serialize.load, restricted (safe_types=()) vs unrestricted, page cache warm",
+        ["load", "median per call", "restricted - unrestricted", "ratio"],
+    )
+    ratios: dict[str, float] = {}
+    for name, case in measured.items():
+        per_call = case.median / calls[name]
+        if not name.endswith("safe_types=()"):
+            table.add(name, C.fmt_time(per_call), "", "")
+            continue
+        other = name.replace("safe_types=()", "safe_types=None")
+        base = measured[other].median / calls[other]
+        ratios[name] = per_call / base
+        table.add(
+            name, C.fmt_time(per_call), C.fmt_time(per_call - base), f"{per_call / base:.2f}x"
+        )
+    table.print()
+    whole = measured["whole warm hit, tiny result (reference)"].median / 200
+    added = max(
+        measured[name].median / calls[name]
+        - measured[name.replace("()", "None")].median / calls[name.replace("()", "None")]
+        for name in ratios
+        if name.startswith("tiny")
+    )
+    SUMMARY.add(
+        "restricted unpickler, tiny result: time added",
+        C.fmt_time(added),
+        f"whole warm hit {C.fmt_time(whole)}",
+        f"{added / whole:.1%} of a hit",
+        "nothing measurable (< 2%)",
+        C.verdict(added / whole, 0.02),
+    )
+    worst = max(ratio for name, ratio in ratios.items() if name.startswith(big))
+    SUMMARY.add(
+        f"restricted unpickler, {big} (worst mmap_mode)",
+        f"{worst:.2f}x",
+        "unrestricted load",
+        f"{worst:.2f}x",
+        "nothing measurable (<= 1.05x)",
+        C.verdict(worst, 1.05),
+    )
 
 
 def _tiny(source: str) -> dict[str, int]:
@@ -632,6 +716,7 @@ def main() -> None:
         section_content_mode(args, scratch, rounds)
         section_hash_argument(args, rounds)
         section_restore(args, scratch, rounds)
+        section_restricted_load(args, scratch, rounds)
         section_tiny_hit(args, scratch, rounds)
         section_import(args, rounds)
         section_cold_call(args, scratch, rounds)

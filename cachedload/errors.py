@@ -9,6 +9,7 @@ Recoverable problems are warnings derived from :class:`CacheWarning`.
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 import warnings
 from typing import Any
@@ -223,3 +224,27 @@ class SourceChangedWarning(CacheWarning):
 
 class ImagesSkippedWarning(CacheWarning):
     """``load_image_folder(on_error="skip")`` skipped unreadable images (all named)."""
+
+
+class UnsafePickleError(CachedloadError, pickle.UnpicklingError):
+    """A restricted load met something it does not allow; nothing it names has run.
+
+    Raised while loading an entry of a shared cache (or with ``safe_types=``): the data names
+    a global outside the allow list (``os.system``, a class not in ``safe_types``…), or is in
+    a format that cannot be loaded safely. ``except pickle.UnpicklingError`` catches it.
+
+    Attributes:
+        name: what was refused, e.g. ``"os.system"``.
+        reason: why.
+    """
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+        super().__init__(
+            f"refused to load {name}: {reason} (list trusted classes in safe_types=, or sign "
+            f"the cache's entries with a key)"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.name, self.reason))

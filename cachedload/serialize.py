@@ -22,6 +22,12 @@ unpickles the skeleton with the C unpickler. Writing streams each array's buffer
 as it is (no copy per chunk) and hashes it on the way.
 
 Compressed entries (``compress=...``) are plain ``joblib.dump`` output, read by ``joblib.load``.
+
+``load(..., safe_types=...)`` (for entries someone else wrote) unpickles the index and the
+skeleton with :class:`~cachedload.safe_pickle.RestrictedUnpickler`, and refuses any other file:
+joblib's pure-Python unpickler runs joblib's own reconstruction of the arrays on fields the
+pickle sets (and, before joblib 1.5, unpickled object arrays with no restriction at all), so a
+compressed or joblib-written file cannot be loaded without trusting its writer.
 """
 
 from __future__ import annotations
@@ -32,15 +38,17 @@ import pickle
 import struct
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import xxhash
 
+from cachedload.errors import UnsafePickleError
 from cachedload.reading import SharedReader, read_exactly, read_parallel
+from cachedload.safe_pickle import RestrictedUnpickler, restricted_loads
 
-__all__ = ["UnpicklableResult", "dump", "load"]
+__all__ = ["UnpicklableResult", "check_safe", "dump", "load"]
 
 _MAGIC = b"cachedload-index\0"
 _VERSION = 1
@@ -342,13 +350,18 @@ def load(
     mmap_mode: str | None,
     reader: SharedReader | None = None,
     on_open: Callable[[int], None] | None = None,
+    safe_types: Iterable[type] | None = None,
 ) -> Any:
     """Read a value written by :func:`dump` (``mmap_mode="r"`` memory-maps its arrays).
 
     Arrays are read through ``reader`` (default: a :class:`~cachedload.reading.SharedReader`
     that splits large ones between threads); ``on_open(fd)`` is called with the file opened.
+    ``safe_types`` (a file someone else wrote): unpickle with the restricted unpickler,
+    allowing these classes besides data (``()``: data only); ``None``: unrestricted.
 
     Raises:
+        UnsafePickleError: with ``safe_types``, the file names something not allowed, or is
+            compressed / written by joblib (not loadable without trusting its writer).
         ValueError, EOFError, pickle.UnpicklingError (and whatever joblib raises): the file is
         damaged.
     """
@@ -360,6 +373,8 @@ def load(
         head = os.pread(fd, _PROBE, 0)
         start = len(_HEAD) + _U64.size
         if head[: len(_HEAD)] != _HEAD or head[start : start + len(_MAGIC)] != _MAGIC:
+            if safe_types is not None:
+                raise UnsafePickleError(os.fspath(path), "only uncompressed entries load safely")
             if reader is not None:
                 reader.before_unpickling(size)
             return _load_with_joblib(path, mmap_mode)  # compressed, or written by joblib
@@ -371,7 +386,13 @@ def load(
         index = head[start : start + index_len]
         if len(index) < index_len:
             index = _pread(fd, index_len, start)
-        version, skeleton_len, table, packed = pickle.loads(index[len(_MAGIC) :])
+        if safe_types is None:
+            version, skeleton_len, table, packed = pickle.loads(index[len(_MAGIC) :])
+        else:
+            version, skeleton_len, table, packed = restricted_loads(index[len(_MAGIC) :])
+            for dtype, _shape, _order in table:  # raw bytes become these arrays: no pointers
+                if not isinstance(dtype, np.dtype) or dtype.hasobject:
+                    raise UnsafePickleError(repr(dtype), "not a plain array dtype")
         if version != _VERSION:
             raise ValueError(f"unknown cachedload file version {version!r}")
         offsets = struct.unpack(f"<{len(table) + 1}Q", packed)
@@ -408,6 +429,9 @@ def load(
         os.close(fd)
     if reader is not None:
         reader.before_unpickling(0)  # a cancelled read-ahead stops here, before unpickling
+    if safe_types is not None:
+        restricted = RestrictedUnpickler(io.BytesIO(skeleton), safe_types=safe_types, arrays=arrays)
+        return restricted.load()
     return _SkeletonUnpickler(io.BytesIO(skeleton), arrays).load()
 
 
@@ -415,3 +439,17 @@ def _load_with_joblib(path: str | os.PathLike[str], mmap_mode: str | None) -> An
     import joblib
 
     return joblib.load(path, mmap_mode=mmap_mode)
+
+
+def check_safe(value: Any, *, safe_types: Iterable[type] = ()) -> None:
+    """Raise :class:`UnsafePickleError` if ``load(..., safe_types=safe_types)`` would refuse
+    ``value`` once stored (for a warning at store time).
+
+    Pickles ``value`` as :func:`dump` does, with its plain arrays left out (so the cost does not
+    grow with their size), then loads that skeleton with the restricted unpickler.
+    """
+    buffer = io.BytesIO()
+    pickler = _SkeletonPickler(buffer)
+    pickler.dump(value)
+    buffer.seek(0)
+    RestrictedUnpickler(buffer, safe_types=safe_types, arrays=pickler.arrays).load()
