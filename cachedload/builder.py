@@ -405,7 +405,7 @@ def _build_stacked(
     first: np.ndarray[Any, Any] | None = None
     if plan.copies:
         assert extent is not None and previous is not None
-        shape, dtype = extent.shape[1:], extent.dtype
+        shape, dtype = extent.shape[1:], _canonical(extent.dtype)
         reference = items[plan.copies[0][0]].relpath  # a row of that shape, for the error
     elif compute:
         # The first row fixes the shape and dtype (and so the batch size and the layout).
@@ -467,6 +467,12 @@ def _build_stacked(
     return size, checksum, shape, dtype
 
 
+def _canonical(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """numpy's own instance of a plain dtype: an unpickled one is an equal copy, which
+    pickles differently where it repeats (the memo), and a rebuild must be bit-identical."""
+    return dtype if dtype.fields or dtype.subdtype else np.dtype(dtype.str)
+
+
 def _previous_list(previous: PreviousBuild | None) -> tuple[Any, str]:
     """A ragged previous build's rows (memory maps), or ``None`` and why it cannot be used."""
     if previous is None:
@@ -491,7 +497,8 @@ def _build_ragged(
     rows: list[Any] = [None] * len(items)
     for here, there, count in plan.copies:
         for k in range(count):
-            rows[here + k] = np.array(old_rows[there + k])
+            old = old_rows[there + k]
+            rows[here + k] = np.array(old, dtype=_canonical(old.dtype))
     batches = runner.batches(plan.compute, 1)
     results = runner.run([[items[r].path for r in b] for b in batches], None, None)
     for batch, result in zip(batches, results, strict=True):
