@@ -201,19 +201,22 @@ def section_memory(args: Any, scratch: Path) -> None:
 
     env = {**os.environ, "PYTHONPATH": str(C.ROOT)}
     done = subprocess.run(
-        [sys.executable, "-c", code, str(scratch / "rows"), str(scratch / "rows.joblib"), str(rows)],
-        capture_output=True, text=True, env=env, check=True,
-    )  # fmt: skip
+        [sys.executable, "-c", code, str(scratch / "rows"), str(scratch / "rows.out"), str(rows)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     size, peak, baseline, seconds = done.stdout.split()
     size_i, peak_i = int(size), int(peak)
-    table = C.Table("Builder memory (a child process; RssAnon sampled every 2 ms)",
-                    ["result", "build time", "peak RssAnon", "of which before", "peak / result"])  # fmt: skip
+    columns = ["result", "build time", "peak RssAnon", "of which before", "peak / result"]
+    table = C.Table("Builder memory (a child process; RssAnon sampled every 2 ms)", columns)
     table.add(C.fmt_bytes(size_i), C.fmt_time(float(seconds)), C.fmt_bytes(peak_i),
               C.fmt_bytes(int(baseline)), f"{peak_i / size_i:.3f}x")  # fmt: skip
     table.print()
     print(f"builder peak anonymous memory vs result size: {peak_i / size_i:.3f}x "
           f"(target <= 0.25x: {C.verdict(peak_i / size_i, 0.25)})\n")  # fmt: skip
-    (scratch / "rows.joblib").unlink()
+    (scratch / "rows.out").unlink()
     shutil.rmtree(scratch / "rows")
 
 
@@ -277,8 +280,12 @@ def section_peers(args: Any, folder: Folder, scratch: Path) -> None:
 
         def hf_build() -> float:
             started = time.perf_counter()
-            dataset = datasets.load_dataset("imagefolder", data_dir=str(folder.root),
-                                            split="train", cache_dir=str(scratch / "hf"))  # fmt: skip
+            dataset = datasets.load_dataset(
+                "imagefolder",
+                data_dir=str(folder.root),
+                split="train",
+                cache_dir=str(scratch / "hf"),
+            )
 
             def resize(example: dict[str, Any]) -> dict[str, Any]:
                 image = np.asarray(example["image"].convert("RGB"))
