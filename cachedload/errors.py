@@ -24,6 +24,7 @@ __all__ = [
     "ImageReadError",
     "ImageShapeMismatchError",
     "ImagesSkippedWarning",
+    "ItemShapeMismatchError",
     "NoImagesFoundError",
     "SourceChangedWarning",
     "SourceNotFoundError",
@@ -196,6 +197,33 @@ class ImageShapeMismatchError(CachedloadError, ValueError):
             type(self),
             (self.first, self.first_shape, self.second, self.second_shape, self.resized),
         )
+
+
+class ItemShapeMismatchError(CachedloadError, ValueError):
+    """A per-item loader returned rows of different shapes or dtypes, which cannot be stacked.
+
+    Pass ``ragged=True`` for a list of rows instead of one array.
+
+    Attributes:
+        first, second: two files whose rows differ.
+        first_shape, second_shape: their rows' shapes.
+        first_dtype, second_dtype: their rows' dtypes (as strings).
+    """
+
+    def __init__(self, first: str, first_shape: tuple[int, ...], first_dtype: str, second: str,
+                 second_shape: tuple[int, ...], second_dtype: str) -> None:  # fmt: skip
+        self.first, self.first_shape, self.first_dtype = first, tuple(first_shape), first_dtype
+        self.second, self.second_shape = second, tuple(second_shape)
+        self.second_dtype = second_dtype
+        super().__init__(
+            f"items differ: {first!r} gave a row of shape {self.first_shape} {first_dtype}, "
+            f"{second!r} one of shape {self.second_shape} {second_dtype}; rows must share one "
+            f"shape and dtype to be stacked (or pass ragged=True for a list)"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        args = (self.first, self.first_shape, self.first_dtype)
+        return (type(self), (*args, self.second, self.second_shape, self.second_dtype))
 
 
 class CacheWarning(UserWarning):

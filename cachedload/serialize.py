@@ -32,14 +32,17 @@ compressed or joblib-written file cannot be loaded without trusting its writer.
 
 from __future__ import annotations
 
+import bisect
+import errno
 import io
 import os
 import pickle
 import struct
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, NamedTuple
 
 import numpy as np
 import xxhash
@@ -48,7 +51,17 @@ from cachedload.errors import UnsafePickleError
 from cachedload.reading import SharedReader, read_exactly, read_parallel
 from cachedload.safe_pickle import RestrictedUnpickler, restricted_loads
 
-__all__ = ["UnpicklableResult", "check_safe", "dump", "load"]
+__all__ = [
+    "ArrayExtent",
+    "ArraySlot",
+    "SlottedFile",
+    "UnpicklableResult",
+    "array_extents",
+    "check_safe",
+    "dump",
+    "dump_slotted",
+    "load",
+]
 
 _MAGIC = b"cachedload-index\0"
 _VERSION = 1
@@ -453,3 +466,363 @@ def check_safe(value: Any, *, safe_types: Iterable[type] = ()) -> None:
     pickler.dump(value)
     buffer.seek(0)
     RestrictedUnpickler(buffer, safe_types=safe_types, arrays=pickler.arrays).load()
+
+
+# -- out-of-core files: arrays filled in place after the layout is written --------------------
+
+
+class ArraySlot:
+    """A placeholder for an array that is not in memory: :func:`dump_slotted` reserves its bytes.
+
+    Put it in a value where the array will be (``ItemArray(array=ArraySlot(...), ...)``); the
+    file's layout, every offset included, is computed from its shape and dtype alone, and the
+    array's bytes are written later through the :class:`SlottedFile` (C order, native bytes).
+    """
+
+    __slots__ = ("dtype", "shape")
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any) -> None:
+        self.shape = tuple(int(n) for n in shape)
+        self.dtype = np.dtype(dtype)
+        if self.dtype.hasobject:
+            raise ValueError(f"an ArraySlot cannot hold Python objects (dtype {self.dtype})")
+
+    @property
+    def nbytes(self) -> int:
+        count: int = self.dtype.itemsize
+        for dim in self.shape:
+            count *= dim
+        return count
+
+    def __repr__(self) -> str:
+        return f"ArraySlot({self.shape!r}, {self.dtype.str!r})"
+
+
+class _SlotPickler(_SkeletonPickler):
+    """The skeleton pickler, leaving :class:`ArraySlot` placeholders out by number as well."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        super().__init__(file)
+        self.items: list[np.ndarray[Any, Any] | ArraySlot] = []
+
+    def persistent_id(self, obj: Any) -> int | None:
+        if type(obj) is ArraySlot:
+            number = self.numbers.get(id(obj))
+            if number is None:
+                number = self.numbers[id(obj)] = len(self.items)
+                self.items.append(obj)
+                self.arrays.append(obj)  # type: ignore[arg-type]  # keeps it alive, like arrays
+            return number
+        number = super().persistent_id(obj)
+        if number is not None and number == len(self.items):
+            self.items.append(obj)
+        return number
+
+
+class ArrayExtent(NamedTuple):
+    """Where one array's raw bytes sit in a data file."""
+
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    order: str
+
+    @property
+    def nbytes(self) -> int:
+        count = self.dtype.itemsize
+        for dim in self.shape:
+            count *= dim
+        return count
+
+
+def array_extents(path: str | os.PathLike[str]) -> list[ArrayExtent]:
+    """Every array of an indexed data file (as :func:`dump` writes it), in pickling order.
+
+    Raises:
+        ValueError: the file is not an indexed cachedload file (compressed, joblib's own, damaged).
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, _PROBE, 0)
+        start = len(_HEAD) + _U64.size
+        if head[: len(_HEAD)] != _HEAD or head[start : start + len(_MAGIC)] != _MAGIC:
+            raise ValueError(f"{os.fspath(path)!r} is not an indexed cachedload data file")
+        index_len = _U64.unpack_from(head, len(_HEAD))[0]
+        if start + index_len > size:
+            raise ValueError("index runs past the end of the file")
+        index = head[start : start + index_len]
+        if len(index) < index_len:
+            index = _pread(fd, index_len, start)
+    finally:
+        os.close(fd)
+    version, _skeleton_len, table, packed = pickle.loads(index[len(_MAGIC) :])
+    if version != _VERSION:
+        raise ValueError(f"unknown cachedload file version {version!r}")
+    offsets = struct.unpack(f"<{len(table) + 1}Q", packed)
+    return [
+        ArrayExtent(offset, tuple(shape), dtype, order)
+        for (dtype, shape, order), offset in zip(table, offsets[1:], strict=True)
+    ]
+
+
+_COPY_FALLBACK_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in ("EXDEV", "ENOSYS", "EOPNOTSUPP", "EINVAL", "ENOTSUP", "EBADF")
+    if hasattr(errno, name)
+)
+
+
+def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, count: int) -> None:
+    """Copy ``count`` bytes between two files by offset, in the kernel where it can.
+
+    ``os.copy_file_range`` (a reflink on XFS/btrfs, an in-kernel copy elsewhere); where it is
+    missing or refused (another file system: ``EXDEV``, old kernels, some FUSE mounts),
+    ``pread``/``pwrite`` in 8 MiB chunks.
+    """
+    copier = getattr(os, "copy_file_range", None)
+    while count > 0 and copier is not None:
+        try:
+            done = copier(src_fd, dst_fd, count, src_offset, dst_offset)
+        except OSError as exc:
+            if exc.errno not in _COPY_FALLBACK_ERRNOS:
+                raise
+            break
+        if done <= 0:
+            break  # the source ended early, or nothing moved: let the plain loop decide
+        count -= done
+        src_offset += done
+        dst_offset += done
+    buffer = bytearray(min(count, _WRITE_CHUNK))
+    view = memoryview(buffer)
+    while count > 0:
+        part = view[: min(count, len(buffer))]
+        read_exactly(src_fd, part, src_offset)
+        _pwrite_all(dst_fd, part, dst_offset)
+        count -= len(part)
+        src_offset += len(part)
+        dst_offset += len(part)
+
+
+def _pwrite_all(fd: int, data: Any, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        done = os.pwrite(fd, view, offset)
+        view = view[done:]
+        offset += done
+
+
+class SlottedFile:
+    """A data file being built: every byte but its slots' is written; fill them, then finish.
+
+    Made by :func:`dump_slotted`. Writes are positioned (``pwrite``), in any order and from
+    any thread (distinct ranges). The file's checksum is computed on the way when bytes arrive
+    in file order (the usual case: rows written front to back), and by reading back only the
+    ranges that were not (rows written out of order, copied with :func:`copy_range`, or
+    written through :meth:`memmap`).
+
+    Attributes:
+        path: the file.
+        slots: each slot's :class:`ArrayExtent`, in the order the slots were met while pickling.
+        size: the file's final size.
+    """
+
+    def __init__(self, path: str, fd: int, slots: list[ArrayExtent], size: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.slots = slots
+        self.size = size
+        self._hasher = xxhash.xxh3_128()
+        self._hashed = 0  # every byte before this one is in the hasher
+        self._pending: list[tuple[int, int, bytes | None]] = []  # (start, end, data or unknown)
+        self._lock = threading.Lock()
+        self._mapped = False
+
+    def __enter__(self) -> SlottedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def write(self, slot: int, byte_offset: int, data: Any) -> None:
+        """Write ``data`` (a buffer) at ``byte_offset`` bytes into slot number ``slot``."""
+        view = memoryview(data).cast("B")
+        start = self._place(slot, byte_offset, view.nbytes)
+        _pwrite_all(self.fd, view, start)
+        self._written(start, start + view.nbytes, view)
+
+    def write_rows(self, slot: int, first_row: int, rows: np.ndarray[Any, Any]) -> None:
+        """Write ``rows`` (converted to the slot's dtype, C order) from row ``first_row`` on."""
+        extent = self.slots[slot]
+        rows = np.ascontiguousarray(rows, dtype=extent.dtype)
+        if rows.shape[1:] != extent.shape[1:]:
+            raise ValueError(f"rows of shape {rows.shape[1:]} for a slot of {extent.shape[1:]}")
+        row_bytes = extent.nbytes // extent.shape[0] if extent.shape[0] else 0
+        self.write(slot, first_row * row_bytes, rows.reshape(-1).view(np.uint8))
+
+    def copy_from(
+        self, src_fd: int, src_offset: int, slot: int, byte_offset: int, count: int
+    ) -> None:
+        """Copy ``count`` bytes of another file into slot ``slot`` (see :func:`copy_range`)."""
+        start = self._place(slot, byte_offset, count)
+        copy_range(src_fd, src_offset, self.fd, start, count)
+        self._written(start, start + count, None)
+
+    def memmap(self, slot: int) -> np.memmap[Any, Any]:
+        """A writable memory map of slot ``slot`` (its bytes are hashed by :meth:`finish`)."""
+        extent = self.slots[slot]
+        self._mapped = True
+        mode: Any = "r+"
+        return np.memmap(self.path, extent.dtype, mode, extent.offset, extent.shape, order="C")
+
+    def finish(self) -> tuple[int, str]:
+        """Hash what is left, fsync and close; return ``(size, hex xxh3-128 of the file)``."""
+        if self._mapped:
+            self._pending = []  # a map may have changed any byte after the hashed ones
+        self._catch_up(self.size)
+        os.fsync(self.fd)
+        self.close()
+        return self.size, self._hasher.hexdigest()
+
+    def close(self) -> None:
+        """Close the file (without finishing it: for a build given up)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _place(self, slot: int, byte_offset: int, count: int) -> int:
+        extent = self.slots[slot]
+        if byte_offset < 0 or byte_offset + count > extent.nbytes:
+            raise ValueError(f"bytes {byte_offset}..{byte_offset + count} outside slot {slot}")
+        return extent.offset + byte_offset
+
+    def _written(self, start: int, end: int, data: memoryview | None) -> None:
+        if start == end:
+            return
+        with self._lock:
+            if self._mapped:
+                return  # finish() reads back everything after the hashed bytes
+            if start == self._hashed:
+                if data is None:
+                    self._hash_from_disk(start, end)  # copied bytes: in the page cache now
+                else:
+                    self._hasher.update(data)
+                self._hashed = end
+                self._drain()
+            else:
+                # Small pieces are kept to hash later; large ones are read back then.
+                keep = bytes(data) if data is not None and len(data) <= 65536 else None
+                bisect.insort(self._pending, (start, end, keep))
+                if len(self._pending) > 4096:  # far out of order: finish() reads it all back
+                    self._mapped = True
+
+    def _drain(self) -> None:
+        while self._pending and self._pending[0][0] == self._hashed:
+            start, end, data = self._pending.pop(0)
+            if data is None:
+                self._hash_from_disk(start, end)
+            else:
+                self._hasher.update(data)
+            self._hashed = end
+
+    def _catch_up(self, end: int) -> None:
+        """Hash every byte up to ``end`` (reading from the file what is not pending in memory)."""
+        while self._hashed < end:
+            if self._pending and self._pending[0][0] == self._hashed:
+                self._drain()
+                continue
+            stop = end if not self._pending else min(end, self._pending[0][0])
+            self._hash_from_disk(self._hashed, stop)
+            self._hashed = stop
+
+    def _hash_from_disk(self, start: int, end: int) -> None:
+        buffer = bytearray(min(end - start, _WRITE_CHUNK))
+        view = memoryview(buffer)
+        while start < end:
+            part = view[: min(end - start, len(buffer))]
+            read_exactly(self.fd, part, start)
+            self._hasher.update(part)
+            start += len(part)
+
+
+def dump_slotted(value: Any, path: str | os.PathLike[str]) -> SlottedFile:
+    """Write ``value``, whose :class:`ArraySlot` placeholders are filled later, to ``path``.
+
+    Everything but the slots' bytes is written now (the file is sized to its final length;
+    the slots are holes until filled). Fill each slot through the returned
+    :class:`SlottedFile`, then call its :meth:`~SlottedFile.finish`. The finished file is read
+    by ``joblib.load`` and :func:`load` (``mmap_mode="r"`` maps each slot) like :func:`dump`'s,
+    with each slot restored as a numpy array.
+
+    Example:
+        >>> value = {"x": ArraySlot((1000, 3), "float32"), "name": "demo"}  # doctest: +SKIP
+        >>> with dump_slotted(value, "result.joblib") as out:  # doctest: +SKIP
+        ...     out.write_rows(0, 0, rows)
+        ...     size, checksum = out.finish()
+    """
+    path = os.fspath(path)
+    buffer = io.BytesIO()
+    pickler = _SlotPickler(buffer)
+    pickler.dump(value)
+    skeleton = buffer.getbuffer()
+    items = pickler.items
+    table = [
+        (item.dtype, item.shape, "C" if isinstance(item, ArraySlot) else _order(item))
+        for item in items
+    ]
+    wrappers = [
+        _wrapper_pickle(item, order)  # type: ignore[arg-type]  # reads only .shape and .dtype
+        for item, (_dtype, _shape, order) in zip(items, table, strict=True)
+    ]
+
+    def index_of(offsets: list[int]) -> bytes:
+        packed = struct.pack(f"<{len(offsets)}Q", *offsets)
+        return _MAGIC + pickle.dumps((_VERSION, len(skeleton), table, packed), protocol=5)
+
+    # The same layout as _write_indexed: every offset follows from the lengths.
+    offsets = [0] * (len(items) + 1)
+    index_len = len(index_of(offsets))
+    position = len(_HEAD) + _U64.size + index_len + 1 + len(_RESTORE)
+    offsets[0] = position + 1 + _U64.size
+    position = offsets[0] + len(skeleton)
+    pieces: list[tuple[int, bytes]] = []  # (offset, bytes) of everything but the slots
+    for number, (item, wrapper) in enumerate(zip(items, wrappers, strict=True)):
+        padding = _ALIGN - (position + len(wrapper) + 1) % _ALIGN
+        pieces.append((position, wrapper + bytes([padding]) + b"\xff" * padding))
+        position += len(wrapper) + 1 + padding
+        offsets[number + 1] = position
+        position += item.nbytes
+    tail_offset = position
+    index = index_of(offsets)
+    assert len(index) == index_len
+    head = _HEAD + _U64.pack(len(index)) + index + b"0" + _RESTORE
+    head += _BINBYTES8 + _U64.pack(len(skeleton)) + bytes(skeleton)
+    assert len(head) == offsets[0] + len(skeleton)
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+    slots: list[ArrayExtent] = []
+    out = SlottedFile(path, fd, slots, tail_offset + len(_TAIL))
+    try:
+        os.ftruncate(fd, out.size)
+        _pwrite_all(fd, head, 0)
+        out._written(0, len(head), memoryview(head))
+        for (start, piece), item, (dtype, shape, order), offset in zip(
+            pieces, items, table, offsets[1:], strict=True
+        ):
+            _pwrite_all(fd, piece, start)
+            out._written(start, start + len(piece), memoryview(piece))
+            if isinstance(item, ArraySlot):
+                slots.append(ArrayExtent(offset, shape, dtype, order))
+            else:
+                for chunk in _array_chunks(item, order):
+                    _pwrite_all(fd, chunk, offset)
+                    out._written(offset, offset + chunk.nbytes, chunk)
+                    offset += chunk.nbytes
+        _pwrite_all(fd, _TAIL, tail_offset)
+        out._written(tail_offset, out.size, memoryview(_TAIL))
+    except BaseException:
+        out.close()
+        raise
+    return out

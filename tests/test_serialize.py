@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +107,69 @@ def test_a_truncated_file_raises(cut: int, tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:cut])
     with pytest.raises(Exception):  # noqa: B017 - any: the store turns it into CorruptEntry
         serialize.load(path, mmap_mode=None)
+
+
+# -- out-of-core files (ArraySlot) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", ["forward", "backward", "memmap"])
+def test_slots_filled_later_read_back_like_dumped_arrays(tmp_path: Path, order: str) -> None:
+    from cachedload.fingerprint import hash_file
+
+    rows = np.random.default_rng(1).random((7, 3, 5)).astype(">f4").astype("float32")
+    odd = np.arange(13, dtype=np.complex64) * (1 - 2j)
+    small = np.arange(6, dtype=">i2").reshape(2, 3)
+    value = {
+        "rows": serialize.ArraySlot(rows.shape, rows.dtype),
+        "small": small,
+        "empty": serialize.ArraySlot((0, 4), np.uint16),
+        "odd": serialize.ArraySlot(odd.shape, odd.dtype),
+        "text": "x" * 1000,
+    }
+    path = tmp_path / "slotted.joblib"
+    with serialize.dump_slotted(value, path) as out:
+        assert [s.shape for s in out.slots] == [(7, 3, 5), (0, 4), (13,)]
+        if order == "memmap":
+            out.memmap(0)[:] = rows
+            out.memmap(2)[:] = odd
+        else:
+            steps = [(0, 3), (3, 7)] if order == "forward" else [(5, 7), (0, 5)]
+            for first, last in steps:
+                out.write_rows(0, first, rows[first:last])
+            out.write_rows(2, 0, odd)
+        size, checksum = out.finish()
+    assert size == path.stat().st_size and checksum == hash_file(path)
+    for loaded in (
+        joblib.load(path),
+        joblib.load(path, mmap_mode="r"),
+        serialize.load(path, mmap_mode=None),
+        serialize.load(path, mmap_mode="r"),
+    ):
+        np.testing.assert_array_equal(loaded["rows"], rows)
+        np.testing.assert_array_equal(loaded["small"], small)
+        np.testing.assert_array_equal(loaded["odd"], odd)
+        assert loaded["empty"].shape == (0, 4) and loaded["text"] == "x" * 1000
+    assert isinstance(serialize.load(path, mmap_mode="r")["rows"], np.memmap)
+    extents = serialize.array_extents(path)
+    assert [e.shape for e in extents] == [(7, 3, 5), (2, 3), (0, 4), (13,)]
+
+
+def test_a_slotted_file_with_copied_ranges_hashes_like_the_file(tmp_path: Path) -> None:
+    from cachedload.fingerprint import hash_file
+
+    source = tmp_path / "source.bin"
+    source.write_bytes(bytes(range(256)) * 64)
+    path = tmp_path / "slotted.joblib"
+    with serialize.dump_slotted([serialize.ArraySlot((64, 256), np.uint8)], path) as out:
+        fd = os.open(source, os.O_RDONLY)
+        try:
+            out.copy_from(fd, 0, 0, 0, 256 * 20)
+            out.write(0, 256 * 20, np.zeros(256 * 4, np.uint8))
+            out.copy_from(fd, 0, 0, 256 * 24, 256 * 40)
+        finally:
+            os.close(fd)
+        _size, checksum = out.finish()
+    assert checksum == hash_file(path)
+    rows = joblib.load(path)[0]
+    assert (rows[:20] == np.arange(256)).all() and (rows[20:24] == 0).all()
+    assert (rows[24:] == np.arange(256)).all()
