@@ -170,7 +170,7 @@ def test_per_item_lookup_by_path(dataset_root: Path) -> None:
     direct = load_image_folder(dataset_root / "dogs", size=(8, 8)).images[0]
     np.testing.assert_array_equal(image.numpy(), direct.transpose(2, 0, 1))
     assert dataset.classes[label] == "dogs"
-    with pytest.raises(KeyError, match="nope.png"):
+    with pytest.raises(KeyError, match=r"nope\.png"):
         dataset.index_of("dogs/nope.png")
 
 
