@@ -27,14 +27,20 @@ class ResultParts(NamedTuple):
         labels: ``N`` labels, or ``None`` (a flat folder, or a result without labels).
         classes: the class names (empty when the result has none).
         paths: each row's path, or ``None`` when the result has none.
-        mapped: whether ``images`` is backed by a memory map of the cache entry.
+        mapped_file: the file ``images`` is memory-mapped from (the cache entry's data file),
+            or ``None`` when the images are in memory.
     """
 
     images: npt.NDArray[Any]
     labels: npt.NDArray[Any] | None
     classes: tuple[str, ...]
     paths: tuple[str, ...] | None
-    mapped: bool
+    mapped_file: str | None
+
+    @property
+    def mapped(self) -> bool:
+        """Whether ``images`` is a memory map."""
+        return self.mapped_file is not None
 
 
 def split_result(value: Any) -> ResultParts:
@@ -68,13 +74,13 @@ def split_result(value: Any) -> ResultParts:
             raise ConfigurationError(
                 "loader", f"returned {len(images)} images but {len(labels)} labels"
             )
-    mapped = isinstance(images, np.memmap)
+    mapped_file = images.filename if isinstance(images, np.memmap) else None
     return ResultParts(
         images=np.asarray(images),
         labels=labels,
         classes=classes,
         paths=None if paths is None else tuple(paths),
-        mapped=mapped,
+        mapped_file=None if mapped_file is None else os.path.abspath(mapped_file),
     )
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -98,10 +99,11 @@ class MappedImages(Dataset[Any]):
         self._data: ResultParts | None = None
         self._index: dict[str, int] | None = None
         self._pid = os.getpid()
-        # The entry this dataset serves (what workers open), found before the call so that it
-        # names the entry the call returned even if it was just computed.
-        self._entry = self._current_entry()
         self._data = self._load()
+        # The entry this dataset serves (what workers open): the mapped file's folder, else
+        # found by the loader (the same fingerprint walk as a call).
+        mapped_file = self._data.mapped_file
+        self._entry = os.path.dirname(mapped_file) if mapped_file else self._current_entry()
         self._length = len(self._data.images)
         self._np_dtype = None if dtype is None else torch.empty(0, dtype=dtype).numpy().dtype
 
@@ -121,7 +123,7 @@ class MappedImages(Dataset[Any]):
         if not isinstance(self.loader, CachedDataset):
             return None
         try:
-            return str(self.loader.cache_path(*self.args, **self.kwargs))
+            return os.path.abspath(self.loader.cache_path(*self.args, **self.kwargs))
         except (CachedloadError, OSError):  # e.g. the source folder was removed
             return "?"
 
@@ -144,14 +146,26 @@ class MappedImages(Dataset[Any]):
             if self._data is None:
                 self._data = self._load()
             return self._data
-        current = self._current_entry()
-        if current == self._entry:
-            if self._data is None:
-                self._data = self._load()  # a cache hit
+        info = get_worker_info()
+        if self._data is not None:
+            # A forked worker: it serves the map it inherited. Checking the sources costs a
+            # walk over them, so one worker does it, off the path of its first items.
+            if info is None or info.id == 0:
+                threading.Thread(target=self._report_if_changed, daemon=True).start()
             return self._data
+        if self._report_if_changed():
+            self._data = self._load_opened_entry()
+        else:
+            self._data = self._load()  # a cache hit: the entry this dataset opened
+        return self._data
+
+    def _report_if_changed(self) -> bool:
+        """True if a call would now use another entry; logged once per process (worker 0)."""
+        if self._current_entry() == self._entry:
+            return False
         info = get_worker_info()
         if self._entry not in _reported_stale and (info is None or info.id == 0):
-            _reported_stale.add(self._entry)
+            _reported_stale.add(self._entry or "")
             logger.warning(
                 "the sources of %r changed since this MappedImages opened entry %s: it keeps "
                 "serving that entry (a consistent epoch); make a new MappedImages to use the "
@@ -159,9 +173,7 @@ class MappedImages(Dataset[Any]):
                 self.loader,
                 self._entry,
             )
-        if self._data is None:
-            self._data = self._load_opened_entry()
-        return self._data
+        return True
 
     def _load_opened_entry(self) -> ResultParts:
         try:
