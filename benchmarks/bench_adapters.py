@@ -39,6 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+import torch  # noqa: E402
 from _common import (  # noqa: E402
     Case,
     Table,
@@ -50,8 +51,6 @@ from _common import (  # noqa: E402
     verdict,
     write_images,
 )
-
-import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
@@ -187,11 +186,11 @@ def main() -> None:
             f"shuffle, {rounds} rounds (medians)\n"
         )
         makers: dict[str, Callable[[], Any]] = {
-            "MappedImages (cachedload.torch)": lambda: torch_loader(MappedImages(load_mapped, root)),
-            "hand-written workflow-2 Dataset": lambda: torch_loader(HandWritten(root)),
-            "Pillow decoding per item (as ImageFolder)": lambda: torch_loader(
-                PillowDecoding(root)
+            "MappedImages (cachedload.torch)": lambda: torch_loader(
+                MappedImages(load_mapped, root)
             ),
+            "hand-written workflow-2 Dataset": lambda: torch_loader(HandWritten(root)),
+            "Pillow decoding per item (as ImageFolder)": lambda: torch_loader(PillowDecoding(root)),
         }
         with warnings.catch_warnings():
             # litdata's own deprecation/user warnings are its business, not this measurement's.

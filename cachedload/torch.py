@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
@@ -38,6 +39,10 @@ from cachedload.store import DATA_FILE
 __all__ = ["MappedImages"]
 
 logger = logging.getLogger("cachedload")
+
+_CV2_DEPTHS = frozenset(
+    np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16, np.int32, np.float32, np.float64)
+)
 
 # Entries this process has already said it keeps serving although the sources changed.
 _reported_stale: set[str] = set()
@@ -209,27 +214,39 @@ class MappedImages(Dataset[Any]):
         data = self._data
         if data is None or self._pid != os.getpid():
             data = self._open()
-        pixels = data.images[index]
-        if self._np_dtype is None:
-            array = pixels.copy()  # the one copy: out of the read-only map, writable
-        elif self._np_dtype.kind == "f" and pixels.dtype.kind in "ui":
-            array = np.divide(pixels, np.iinfo(pixels.dtype).max, dtype=self._np_dtype)
-        else:
-            array = pixels.astype(self._np_dtype)
-        if self.transform_input == "numpy":
-            image = array if self.transform is None else self.transform(array)
-            if isinstance(image, np.ndarray):
-                image = _chw(torch.from_numpy(np.ascontiguousarray(image)))
-        else:
-            image = _chw(torch.from_numpy(array))
-            if self.transform is not None:
-                image = self.transform(image)
+        image = self._image(data.images[index])
         if data.labels is None:
             return image
         label: Any = data.labels[index].item()
         if self.target_transform is not None:
             label = self.target_transform(label)
         return image, label
+
+    def _image(self, pixels: np.ndarray[Any, Any]) -> Any:
+        """The item's image, transformed: one private copy of its pixels (then the transform's)."""
+        if self.transform_input == "numpy":
+            array = self._converted(pixels)
+            if self.transform is not None:
+                array = self.transform(array)
+            if not isinstance(array, np.ndarray):
+                return array
+            return _chw(torch.from_numpy(np.ascontiguousarray(array)))
+        if self._np_dtype is None:
+            image = torch.from_numpy(_chw_copy(pixels))
+        else:
+            image = _chw(torch.from_numpy(self._converted(pixels)))
+        return image if self.transform is None else self.transform(image)
+
+    def _converted(self, pixels: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        """A writable copy of ``pixels`` in the requested dtype (out of the read-only map)."""
+        converted: np.ndarray[Any, Any]
+        if self._np_dtype is None:
+            converted = pixels.copy()
+        elif self._np_dtype.kind == "f" and pixels.dtype.kind in "ui":
+            converted = np.divide(pixels, np.iinfo(pixels.dtype).max, dtype=self._np_dtype)
+        else:
+            converted = pixels.astype(self._np_dtype)
+        return converted
 
     # -- per-item lookup -----------------------------------------------------------------------
     @property
@@ -254,6 +271,26 @@ class MappedImages(Dataset[Any]):
             return self._index[normalize_path(path)]
         except KeyError:
             raise KeyError(f"no item with path {os.fspath(path)!r}") from None
+
+
+def _chw_copy(pixels: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """A contiguous ``(C, H, W)`` copy of an ``(H, W, C)`` or ``(H, W)`` item.
+
+    Contiguous, so that the DataLoader's collation is a plain copy: stacking permuted views
+    transposes byte by byte, which measured 1.5x slower per epoch than the whole Dataset
+    returning ``(H, W, C)``. OpenCV's channel extraction (SIMD) transposes ~1.5x faster than
+    ``np.ascontiguousarray(pixels.transpose(2, 0, 1))``.
+    """
+    if pixels.ndim == 2:
+        return np.array(pixels[None])
+    channels = pixels.shape[2]
+    out = np.empty((channels, *pixels.shape[:2]), pixels.dtype)
+    if pixels.dtype in _CV2_DEPTHS and pixels.flags.c_contiguous and channels <= 512:
+        for channel in range(channels):
+            cv2.extractChannel(pixels, channel, out[channel])
+    else:
+        out[:] = pixels.transpose(2, 0, 1)
+    return out
 
 
 def _chw(image: torch.Tensor) -> torch.Tensor:
