@@ -21,7 +21,8 @@ RATIO = re.compile(r"\d+\.\d+x\b")
 
 def test_the_benchmarks_are_there() -> None:
     names = {p.name for p in SCRIPTS}
-    assert {"bench_hit_path.py", "bench_scaling.py", "bench_peers.py", "bench_builds.py"} <= names
+    expected = {"bench_hit_path.py", "bench_scaling.py", "bench_peers.py", "bench_builds.py"}
+    assert expected | {"bench_adapters.py"} <= names
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=[p.stem for p in SCRIPTS])
