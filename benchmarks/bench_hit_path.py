@@ -29,8 +29,8 @@ import xxhash
 from cachedload import cached_dataset, serialize
 from cachedload import fingerprint as fingerprint_module
 from cachedload.fingerprint import fingerprint_source
+from cachedload.hashing import value_digest
 from cachedload.images import ImageFolderData
-from cachedload.keys import value_digest
 
 SUMMARY = C.Table(
     "summary against the targets (ratio = ours / baseline unless said otherwise)",
@@ -168,13 +168,13 @@ def section_hash_argument(args: Any, rounds: int) -> None:
     cases = C.measure(
         {
             "joblib.hash": C.Case(lambda: joblib.hash(array)),
-            "value_digest (cachedload.keys)": C.Case(lambda: value_digest(array)),
+            "value_digest (cachedload.hashing)": C.Case(lambda: value_digest(array)),
             "xxh3_128 of the buffer alone": C.Case(lambda: xxhash.xxh3_128(array.data).hexdigest()),
         },
         max(3, rounds // 2),
     )
     base = cases["joblib.hash"].median
-    ours = cases["value_digest (cachedload.keys)"].median
+    ours = cases["value_digest (cachedload.hashing)"].median
     table = C.Table(
         f"hash a {C.fmt_bytes(size)} float64 array argument",
         ["method", "median", "GB/s", "speed-up vs joblib.hash"],

@@ -24,16 +24,6 @@ from typing import Any, Generic, Literal, NamedTuple, ParamSpec, TypeVar, overlo
 
 from cachedload import config
 from cachedload.backends import default_local_root, open_store
-from cachedload.calls import (
-    Call,
-    CallGroup,
-    KeyRules,
-    call_manifest,
-    entry_meta,
-    parse_names,
-    racy_files_unchanged,
-    racy_records_expired,
-)
 from cachedload.errors import (
     CacheStoreWarning,
     ConfigurationError,
@@ -46,7 +36,17 @@ from cachedload.explain import Explanation, explain_against_closest
 from cachedload.fingerprint import (
     DEFAULT_EXCLUDE,
 )
-from cachedload.keys import code_digest, function_identity, value_digest
+from cachedload.hashing import code_digest, function_identity, value_digest
+from cachedload.keys import (
+    Call,
+    CallGroup,
+    KeyRules,
+    call_manifest,
+    entry_meta,
+    parse_names,
+    racy_files_unchanged,
+    racy_records_expired,
+)
 from cachedload.manage import EntryRecord, enforce_after_store, entries_in, parse_size
 from cachedload.reading import ReadAhead
 from cachedload.state import LoaderState, bound_objects

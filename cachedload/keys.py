@@ -1,455 +1,534 @@
-"""Stable, fast hashing of Python values and of a function's code, for cache keys.
+"""One call of a cached loader: its arguments split into sources and parameters, and its key.
 
-Every digest here is the same in every process and every run: nothing depends on Python's
-randomised ``hash()``, on ``id()`` or on the iteration order of sets and dicts. Numpy arrays are
-hashed from their buffer with xxh3 (with dtype and shape), never pickled. Functions are hashed by
-their module, qualified name and the *parsed* code of their source (so comments and formatting do
-not count), falling back to bytecode when no source is available. Other objects are hashed from
-the state they would pickle (``__reduce_ex__``), encoded canonically.
+:class:`KeyRules` holds the decorator options that decide what a key covers; ``bind`` turns a
+call's arguments into a :class:`Call` (fingerprinted sources, hashed parameters, the key). The
+checks around the loader body (racy source files, sources changing while it runs) and the
+metadata describing a call live here too, so that the decorator only orchestrates.
 """
 
 from __future__ import annotations
 
-import ast
-import copyreg
-import dis
-import enum
 import functools
 import inspect
-import linecache
-import math
 import os
-import pathlib
-import struct
-import textwrap
-import types
+import platform
+import re
+import reprlib
+import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
-import numpy as np
-import xxhash
-
-from cachedload.errors import CachedloadError
+from cachedload.errors import ConfigurationError, SourceNotFoundError, UnhashableArgumentError
+from cachedload.fingerprint import RACY_WINDOW_NS, Fingerprint, fingerprint_source, hash_file
+from cachedload.hashing import UnhashableError, value_digest
+from cachedload.store import FORMAT_VERSION
 
 __all__ = [
-    "UnhashableError",
-    "code_digest",
-    "code_function",
-    "function_identity",
-    "value_digest",
+    "Call",
+    "KeyRules",
+    "call_manifest",
+    "entry_meta",
+    "parse_names",
+    "racy_files_unchanged",
+    "racy_records_expired",
+    "readable",
+    "says_path",
+    "summarize",
 ]
 
-_ARRAY_CHUNK = 64 * 1024 * 1024
-_MAX_DEPTH = 200
-
-
-class UnhashableError(CachedloadError, TypeError):
-    """A value has no stable digest (raised by :func:`value_digest`; the decorator names the
-    parameter in its own :class:`~cachedload.errors.UnhashableArgumentError`). A
-    :class:`~cachedload.errors.CachedloadError`, like every error cachedload raises."""
-
-
-def value_digest(value: object) -> str:
-    """Return the hex xxh3-128 digest of ``value``, stable across processes and runs.
-
-    Supported: ``None``, bools, ints, floats, complex, str, bytes, paths, tuples, lists, dicts,
-    sets, enums, numpy arrays and scalars, functions and other callables (by code), and any
-    object that can be pickled (by its pickled state, encoded canonically).
-
-    Raises:
-        UnhashableError: the value (or something inside it) cannot be hashed stably.
-    """
-    hasher = xxhash.xxh3_128()
-    _Encoder(hasher).encode(value)
-    return hasher.hexdigest()
-
-
-def function_identity(func: Callable[..., Any]) -> str:
-    """``module.qualname`` of a function (or of a callable object's class; of a partial's
-    function).
-
-    A script's functions are ``__main__.*`` whether the script runs as the main program or is
-    re-imported as ``__mp_main__`` by a worker process started with ``spawn`` (multiprocessing,
-    PyTorch DataLoader workers), so that both share one identity and one cache entry.
-    """
-    while isinstance(func, functools.partial):
-        func = func.func
-    func = inspect.unwrap(func)
-    module = getattr(func, "__module__", None) or type(func).__module__
-    qualname = getattr(func, "__qualname__", None) or type(func).__qualname__
-    if module == "__mp_main__":
-        module = "__main__"
-    return f"{module}.{qualname}"
-
-
-def code_function(func: Callable[..., Any]) -> Callable[..., Any]:
-    """The function whose code a callable runs: unwrapped, a partial's function, a bound
-    method's function, a callable object's ``__call__``."""
-    while True:
-        func = inspect.unwrap(func)
-        if isinstance(func, functools.partial):
-            func = func.func
-        elif isinstance(func, types.MethodType):
-            func = func.__func__
-        elif (
-            callable(func)
-            and not isinstance(func, (types.FunctionType, types.BuiltinFunctionType, type))
-            and isinstance(type(func).__call__, types.FunctionType)
-        ):
-            func = type(func).__call__
-        else:
-            return func
-
-
-# code object's id -> (the code object, kept alive so that its id stays its own; its digest)
-_CODE_DIGESTS: dict[int, tuple[types.CodeType, str]] = {}
-_CODE_DIGESTS_MAX = 4096
-
-
-def _digest_of(func: Callable[..., Any]) -> str:
-    hasher = xxhash.xxh3_128()
-    source = _parsed_source(func)
-    if source is not None:
-        hasher.update(b"ast\0" + source.encode())
-    code = getattr(func, "__code__", None)
-    if code is not None:
-        # The running bytecode too, not only the source on disk: a module edited but not
-        # reloaded must not file the old code's results under the new code's key (and two
-        # lambdas on one line differ here). Comments and formatting leave bytecode unchanged.
-        _update_code(hasher, code)
-    elif source is None:
-        raise UnhashableError(f"{func!r} has neither source nor bytecode")
-    return hasher.hexdigest()
-
-
-def code_digest(func: Callable[..., Any]) -> str:
-    """Return the hex xxh3-128 of a function's code.
-
-    Hashes the parsed source (``ast.dump``, without docstrings, comments, formatting or
-    decorators) where the source is available, and the running bytecode with its constants
-    resolved (so the digest describes the code that actually runs, even when its file was
-    edited since it was imported, and a docstring does not count). Digests are memoised per
-    code object, never per function: ``f.__code__ = g.__code__`` (IPython's ``%autoreload``)
-    gives ``f`` the new code's digest. A partial, bound method or callable object is hashed by
-    the code it runs (see :func:`code_function`).
-    """
-    func = code_function(func)
-    code = getattr(func, "__code__", None)
-    if not isinstance(code, types.CodeType):
-        return _digest_of(func)
-    known = _CODE_DIGESTS.get(id(code))
-    if known is not None and known[0] is code:
-        return known[1]
-    digest = _digest_of(func)
-    if len(_CODE_DIGESTS) >= _CODE_DIGESTS_MAX:
-        _CODE_DIGESTS.clear()
-    _CODE_DIGESTS[id(code)] = (code, digest)
-    return digest
-
-
-def _last_line(code: Any) -> int:
-    """The last source line of a code object and the code nested in it (Python 3.11+)."""
-    last: int = code.co_firstlineno
-    for _start, end, _col, _end_col in code.co_positions():
-        if end is not None and end > last:
-            last = end
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            last = max(last, _last_line(const))
-    return last
-
-
-def _quick_source(func: Callable[..., Any]) -> ast.Module | None:
-    """A function's definition parsed from the lines its code object spans, or None.
-
-    ``inspect.getsource`` finds the end of a definition by tokenizing it, and compiling
-    tokenize's patterns costs a fresh interpreter ~4 ms on its first call, which is a cache hit's
-    first call. Python 3.11's code positions give the last line directly.
-    """
-    code = getattr(func, "__code__", None)
-    if (
-        not isinstance(func, types.FunctionType)
-        or code is None
-        or func.__name__ == "<lambda>"
-        or not hasattr(code, "co_positions")
-    ):
-        return None
-    lines = linecache.getlines(code.co_filename, func.__globals__)
-    first, last = code.co_firstlineno, _last_line(code)
-    if (
-        not lines
-        or last > len(lines)
-        or not lines[first - 1].lstrip().startswith(("@", "def", "async"))
-    ):
-        return None
-    try:
-        tree = ast.parse(textwrap.dedent("".join(lines[first - 1 : last])))
-    except (SyntaxError, ValueError):
-        return None  # e.g. a definition that ends in a statement without bytecode
-    node = tree.body[0] if len(tree.body) == 1 else None
-    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name != func.__name__:
-        return None
-    return tree
-
-
-def _parsed_source(func: Callable[..., Any]) -> str | None:
-    """``ast.dump`` of a function's definition, or None where the source is unavailable."""
-    tree = _quick_source(func)
-    if tree is None:
-        try:
-            source = textwrap.dedent(inspect.getsource(func))
-            tree = ast.parse(source)
-        except (OSError, TypeError, SyntaxError, IndentationError):
-            return None
-    if not tree.body:
-        return None
-    node = tree.body[0]
-    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-        node.decorator_list = []  # decorator options do not change what the body computes
-    if getattr(func, "__name__", "") == "<lambda>":
-        # getsource returns the whole line holding a lambda: keep the lambda nodes only.
-        lambdas = [n for n in ast.walk(tree) if isinstance(n, ast.Lambda)]
-        return "|".join(ast.dump(n, annotate_fields=False) for n in lambdas) or None
-    for sub in ast.walk(node):
-        body = getattr(sub, "body", None)
-        if (
-            isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-            and body
-            and isinstance(body[0], ast.Expr)
-            and isinstance(body[0].value, ast.Constant)
-            and isinstance(body[0].value.value, str)
-        ):
-            sub.body = body[1:] or [ast.Pass()]
-    return ast.dump(node, annotate_fields=False)
-
-
-def _update_code(hasher: Any, code: types.CodeType) -> None:
-    """Hash a code object's instructions with their arguments resolved (constants by value,
-    names by name), recursing into nested code: constant *indices* shift when a docstring is
-    added or removed (it is the first constant, or None is), values do not. The docstring
-    itself is never loaded by an instruction, so it does not count."""
-    update = hasher.update
-    for instruction in dis.get_instructions(code):
-        if instruction.opname in ("EXTENDED_ARG", "CACHE", "NOP"):
-            continue  # an index above 255 needs a prefix: follows the index, not the code
-        update(instruction.opname.encode() + b"\0")
-        if instruction.opcode in dis.hasconst:
-            _update_const(hasher, instruction.argval)
-        elif instruction.arg is not None:
-            update(repr(instruction.argval).encode() + b"\0")
-
-
-def _update_const(hasher: Any, const: object) -> None:
-    if isinstance(const, types.CodeType):
-        hasher.update(b"code\0")
-        _update_code(hasher, const)
-    elif isinstance(const, tuple):
-        hasher.update(b"(")
-        for item in const:
-            _update_const(hasher, item)
-        hasher.update(b")")
-    elif isinstance(const, frozenset):
-        # A set literal's order follows the randomised hash of its strings: sort it.
-        hasher.update(("{" + ",".join(sorted(repr(item) for item in const)) + "}\0").encode())
-    else:
-        hasher.update(repr(const).encode() + b"\0")
-
-
-_FUNCTION_TYPES = (
-    types.FunctionType,
-    types.BuiltinFunctionType,
-    types.MethodType,
-    types.MethodWrapperType,
+# A parameter's name says path when one of its words (split at "_", digits and camelCase) is
+# one of these, or ends with one of the suffixes (``imagedir``, ``datapath``, ``trainroot``).
+# Words, not substrings: ``direction``, ``profile`` and ``resource`` are not paths.
+_PATH_WORDS = frozenset(
+    {
+        *("dir", "dirs", "directory", "directories", "dirname"),
+        *("path", "paths", "pathname", "filepath", "filepaths"),
+        *("file", "files", "filename", "filenames", "fname", "fnames"),
+        *("folder", "folders", "root", "roots", "src", "source", "sources", "csv"),
+    }
 )
-_INT = struct.Struct("<q")
-_FLOAT = struct.Struct("<d")
+_PATH_SUFFIXES = ("dir", "dirs", "path", "paths", "folder", "folders", "root", "file", "files")
+_NOT_PATH_WORDS = frozenset({"profile", "profiles", "nadir"})
+_WORDS = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])")
+# An annotation says path when it names a class ending in "Path" (Path, PurePath, StrPath…) or
+# PathLike, however it is written: a class, ``str | Path``, ``Optional[Path]``, ``list[Path]``,
+# or the same as text (``from __future__ import annotations``), which is matched, never evaluated.
+_PATHISH_ANNOTATION = re.compile(r"(?<![\w])\w*Path(?:Like)?(?![\w])")
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 120
 
 
-class _Encoder:
-    """Feeds a canonical, type-tagged encoding of a value into an xxh3 hasher."""
+class _SourceArgument(NamedTuple):
+    """A source argument, bound but not yet fingerprinted."""
 
-    def __init__(self, hasher: Any) -> None:
-        self.hasher = hasher
-        self.active: dict[int, int] = {}  # id -> position, to encode reference cycles
+    name: str  # the loader's parameter
+    value: Any  # the path as passed
+    paths: tuple[str, str]  # absolute path, real path
 
-    def tag(self, tag: bytes, payload: bytes = b"") -> None:
-        self.hasher.update(tag + _INT.pack(len(payload)) + payload)
 
-    def encode(self, value: object, depth: int = 0) -> None:
-        if depth > _MAX_DEPTH:
-            raise UnhashableError("nested too deeply")
-        # The exact types a call's key is made of first, without the isinstance chain below.
-        kind = type(value)
-        if kind is str:
-            self.tag(b"s", value.encode("utf-8", "surrogatepass"))  # type: ignore[attr-defined]
-        elif kind is int:
-            self.tag(b"i", str(value).encode())
-        elif kind is tuple or kind is list:
-            self.encode_container(value, depth)
-        elif value is None or value is Ellipsis or isinstance(value, bool):
-            self.tag(b"c", repr(value).encode())
-        elif isinstance(value, int) and type(value) is int:
-            self.tag(b"i", str(value).encode())
-        elif isinstance(value, float) and type(value) is float:
-            self.tag(b"f", b"nan" if math.isnan(value) else _FLOAT.pack(value))
-        elif type(value) is complex:
-            self.tag(b"j", _FLOAT.pack(value.real) + _FLOAT.pack(value.imag))
-        elif type(value) is str:
-            self.tag(b"s", value.encode("utf-8", "surrogatepass"))
-        elif isinstance(value, (bytes, bytearray, memoryview)) and not isinstance(
-            value, np.ndarray
-        ):
-            self.tag(b"b", bytes(value))
-        elif isinstance(value, pathlib.PurePath):
-            self.tag(b"p", os.fspath(value).encode("utf-8", "surrogateescape"))
-        elif type(value) is np.ndarray or type(value) is np.memmap:
-            self.encode_array(value)
-        elif isinstance(value, np.ndarray):
-            self.encode_array_subclass(value, depth)
-        elif isinstance(value, np.generic):
-            self.encode_array(np.asarray(value))
-        elif isinstance(value, enum.Enum):
-            self.tag(b"e", f"{type(value).__module__}.{type(value).__qualname__}".encode())
-            self.encode(value.value, depth + 1)
-        else:
-            self.encode_container(value, depth)
+@dataclass(frozen=True)
+class CallGroup:
+    """What a group of calls shares: function, code, parameters and source *paths*, but not
+    the sources' fingerprints. Entries of one group differ only in source contents."""
 
-    def encode_container(self, value: object, depth: int) -> None:
-        ident = id(value)
-        if ident in self.active:
-            self.tag(b"r", str(self.active[ident]).encode())  # back-reference in a cycle
-            return
-        self.active[ident] = len(self.active)
+    token: tuple[Any, ...]  # hashable, cheap: for in-memory lookups
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """The group as stored in metadata (computed on first use: it costs a hash)."""
+        identity, code, parameters, paths, *state = self.token
+        return value_digest((identity, code, list(parameters), list(paths), *map(list, state)))
+
+
+@dataclass
+class Call:
+    """Everything known about one call before the body runs."""
+
+    arguments: dict[str, Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    key: str
+    group_of: CallGroup
+    parameters: dict[str, tuple[str, str]]  # name -> (digest, readable text)
+    sources: dict[str, tuple[str, Fingerprint]]  # name -> (absolute path, fingerprint)
+    # name -> the absolute path as given, before symlinks were resolved into ``sources``
+    given_paths: dict[str, str] = field(default_factory=dict)
+    fingerprint_seconds: float = 0.0  # how long fingerprinting the sources took
+    # the loader's state (cachedload.state): label -> (digest, readable text)
+    state: dict[str, tuple[str, str]] = field(default_factory=dict)
+    warned: set[str] = field(default_factory=set)
+
+    @property
+    def group(self) -> str:
+        """The digest of the call's :class:`CallGroup`."""
+        return self.group_of.digest
+
+
+def readable(value: Any) -> str:
+    """Short human-readable text of a parameter value, for metadata and explanations."""
+    if isinstance(value, type):  # a class's "shape" would be a descriptor (np.float32)
+        return f"{value.__module__}.{value.__qualname__}"
+    shape = getattr(value, "shape", None)
+    dtype = getattr(value, "dtype", None)
+    if isinstance(shape, tuple) and dtype is not None:
+        return f"{type(value).__name__}(shape={tuple(shape)}, dtype={dtype})"
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '?')}.{value.__qualname__}"
+    return _REPR.repr(value)
+
+
+def summarize(value: Any, depth: int = 0) -> str:
+    """Short description of a result: type, and shape/dtype of arrays, for metadata."""
+    shape = getattr(value, "shape", None)
+    if isinstance(shape, tuple) and getattr(value, "dtype", None) is not None:
+        return f"{type(value).__name__}(shape={tuple(shape)}, dtype={value.dtype})"
+    if depth < 2 and isinstance(value, (tuple, list)) and len(value) <= 8:
+        inner = ", ".join(summarize(item, depth + 1) for item in value)
+        return f"{type(value).__name__}({inner})"
+    if depth < 2 and isinstance(value, dict) and len(value) <= 8:
+        inner = ", ".join(f"{k!r}: {summarize(v, depth + 1)}" for k, v in value.items())
+        return f"dict({inner})"
+    if isinstance(value, (list, tuple, dict)):
+        return f"{type(value).__name__}(len={len(value)})"
+    return type(value).__name__
+
+
+def parse_names(option: str, value: str | Iterable[str] | None) -> tuple[str, ...]:
+    """A parameter name or a list of them, as a tuple (``ConfigurationError`` otherwise)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    items = tuple(value)
+    if not all(isinstance(item, str) for item in items):
+        raise ConfigurationError(option, f"expected a name or a list of names, got {value!r}")
+    return items
+
+
+def call_manifest(call: Call) -> dict[str, Any]:
+    """The files of a call's sources, shaped like an entry's manifest (for explanations)."""
+    return {name: fp.files for name, (_, fp) in call.sources.items()}
+
+
+def _source_file(root: str, relpath: str) -> str:
+    return os.path.join(root, relpath) if os.path.isdir(root) else root
+
+
+def racy_files_unchanged(call: Call, meta: dict[str, Any]) -> bool:
+    """True unless a source file recorded as racy in an entry has different content now."""
+    racy: dict[str, dict[str, str]] = meta.get("racy") or {}
+    for name, files in racy.items():
+        if name not in call.sources:
+            return False
+        root = call.sources[name][0]
+        for relpath, digest in files.items():
+            try:
+                if hash_file(_source_file(root, relpath)) != digest:
+                    return False
+            except OSError:
+                return False
+    return True
+
+
+def racy_records_expired(meta: dict[str, Any]) -> bool:
+    """True once every racy file's mtime tick is long past (then any rewrite changes its
+    mtime, and the content records have done their job for good)."""
+    if not meta.get("racy"):
+        return False
+    return time.time_ns() - RACY_WINDOW_NS > int(meta.get("racy_newest_mtime_ns", 0))
+
+
+def says_path(parameter: inspect.Parameter) -> bool:
+    """Does a parameter's name or annotation say that a string passed to it is a path?
+
+    A word of its name is ``dir``, ``path``, ``file``, ``folder``, ``root``, ``src``, ``source``,
+    ``csv`` (or a plural, ``directory``, ``filename``…), or ends with ``dir``, ``path``,
+    ``folder``, ``root`` or ``file`` (``image_dir``, ``csvPath``, ``train_root``, ``imagedir``;
+    not ``direction``, ``profile`` or ``resource``), or its annotation names
+    ``Path``, ``os.PathLike`` or another class ending in ``Path`` (``str | Path``,
+    ``Optional[Path]``, ``list[Path]``, also as text under ``from __future__ import annotations``).
+    """
+    return _name_says_path(parameter.name) or _annotation_says_path(parameter.annotation)
+
+
+@functools.lru_cache(maxsize=1024)
+def _name_says_path(name: str) -> bool:
+    for word in _WORDS.findall(name):
+        word = word.lower()
+        if word in _PATH_WORDS or (word.endswith(_PATH_SUFFIXES) and word not in _NOT_PATH_WORDS):
+            return True
+    return False
+
+
+def _annotation_says_path(annotation: Any) -> bool:
+    if annotation is inspect.Parameter.empty:
+        return False
+    try:
+        return _annotation_text_says_path(annotation)
+    except TypeError:  # an unhashable annotation object: not memoised
+        return _annotation_text_says_path.__wrapped__(annotation)
+
+
+@functools.lru_cache(maxsize=256)
+def _annotation_text_says_path(annotation: Any) -> bool:
+    if isinstance(annotation, str):
+        text = annotation
+    elif isinstance(annotation, type):
+        text = annotation.__qualname__
+    else:  # str | pathlib.Path, typing.Optional[pathlib.Path], os.PathLike[str], list[Path]…
+        text = repr(annotation)
+    return _PATHISH_ANNOTATION.search(text) is not None
+
+
+def _is_path(value: Any, says_path: bool) -> bool:
+    if isinstance(value, os.PathLike):
+        return True
+    return says_path and isinstance(value, str) and bool(value)
+
+
+def _is_broad(path: str, real: str) -> str | None:
+    """``"the root of the file system"`` or ``"the home directory"`` if a source path is one
+    of them (never walked unless ``source=`` names it), else None."""
+    if os.path.dirname(real) == real or os.path.dirname(path) == path:
+        return "the root of the file system"
+    home = os.path.expanduser("~")
+    if home != "~" and real in (os.path.abspath(home), _real_home(home)):
+        return "the home directory"
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _real_home(home: str) -> str:
+    return os.path.realpath(home)
+
+
+@dataclass(frozen=True)
+class KeyRules:
+    """What a loader's cache key covers: the decorator options that shape it."""
+
+    identity: str
+    source: tuple[str, ...] | None
+    ignore: frozenset[str]
+    mode: str
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    portable: bool
+
+    def is_source(self, name: str, value: Any, named_path: bool | None = None) -> bool:
+        """Is this argument a source path (named by ``source=``, or detected)?
+
+        Detected: an ``os.PathLike``; a non-empty string in a parameter whose name or
+        annotation says path (``named_path``, default: from the name alone, see
+        :func:`says_path`); or a non-empty list or tuple of those (each item is then a
+        source). A string in any other parameter is a parameter, whatever it names on disk.
+        """
+        if self.source is not None:
+            return name in self.source and value is not None
+        if named_path is None:
+            named_path = _name_says_path(name)
+        if isinstance(value, (list, tuple)):
+            return bool(value) and all(_is_path(item, named_path) for item in value)
+        return _is_path(value, named_path)
+
+    @staticmethod
+    def _paths(name: str, value: Any) -> tuple[str, str]:
+        """A source argument's absolute path and its real path (symlinks resolved).
+
+        Raises:
+            SourceNotFoundError: nothing is there (checked here, in argument order, before
+                any later parameter is hashed).
+        """
+        if not isinstance(value, (str, os.PathLike)):
+            raise ConfigurationError(
+                "source", f"parameter {name!r} is not a path: {readable(value)}"
+            )
+        path = os.path.abspath(os.fspath(value))
         try:
-            kind = type(value)
-            if kind in (tuple, list):
-                self.tag(b"t" if kind is tuple else b"l", str(len(value)).encode())  # type: ignore[arg-type]
-                for item in value:  # type: ignore[attr-defined]
-                    self.encode(item, depth + 1)
-            elif kind is dict:
-                self.encode_mapping(value.items(), depth)  # type: ignore[attr-defined]
-            elif kind in (set, frozenset):
-                digests = sorted(self.sub_digest(item, depth) for item in value)  # type: ignore[attr-defined]
-                self.tag(b"S", b"".join(digests))
-            elif isinstance(value, _FUNCTION_TYPES):
-                self.encode_function(value, depth)
-            elif isinstance(value, functools.partial):
-                self.tag(b"P")
-                self.encode(value.func, depth + 1)
-                self.encode(value.args, depth + 1)
-                self.encode(value.keywords, depth + 1)
-            elif isinstance(value, type):
-                self.tag(b"T", f"{value.__module__}.{value.__qualname__}".encode())
+            # strict: the lstat of each component that realpath makes anyway says whether the
+            # path exists (no extra stat on the hit path).
+            return path, os.path.realpath(path, strict=True)
+        except FileNotFoundError:
+            raise SourceNotFoundError(name, value) from None
+        except OSError:  # a symlink loop, a permission: fingerprinting reports it by name
+            return path, os.path.realpath(path)
+
+    def _source(self, name: str, value: Any) -> _SourceArgument:
+        """A source argument with its paths, refusing ``/`` and the home directory unless
+        ``source=`` names the parameter."""
+        paths = self._paths(name, value)
+        broad = None if self.source is not None else _is_broad(*paths)
+        if broad is not None:
+            raise ConfigurationError(
+                "source",
+                f"parameter {name!r} is {broad} ({os.fspath(value)!r}); cachedload does not "
+                f"fingerprint it unless asked: pass source={[name]!r} if you really mean it",
+            )
+        return _SourceArgument(name, value, paths)
+
+    def _fingerprint(self, source: _SourceArgument) -> tuple[str, Fingerprint]:
+        """The real path and fingerprint of one source argument."""
+        path, real = source.paths
+        try:
+            found = fingerprint_source(
+                path, mode=self.mode, include=self.include, exclude=self.exclude
+            )
+        except FileNotFoundError:
+            raise SourceNotFoundError(source.name, source.value) from None
+        return real, found
+
+    def bind(
+        self,
+        signature: inspect.Signature,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        code_version: str,
+        before_fingerprints: Callable[[CallGroup], None] | None = None,
+        state: dict[str, tuple[str, Any]] | None = None,
+    ) -> Call:
+        """Bind arguments to the loader's signature (defaults applied) and make the key.
+
+        ``before_fingerprints(group)`` is called once the call's group (see :meth:`call_meta`)
+        is known and before the sources are fingerprinted, the slow part of most calls.
+        ``state``: the loader's state at this call, label -> (digest, value) (see
+        :mod:`cachedload.state`); it enters the key only when there is some, so a loader
+        without state keeps the key it always had.
+        """
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        parameters: dict[str, tuple[str, str]] = {}
+        pending: dict[str, _SourceArgument] = {}
+        for name, value in bound.arguments.items():
+            if name in self.ignore:
+                continue
+            parameter = signature.parameters[name]
+            path = self.source is None and says_path(parameter)
+            kind = parameter.kind
+            if self.source is None and kind is inspect.Parameter.VAR_POSITIONAL:
+                for index, item in enumerate(value):  # each item on its own
+                    self._add(name, f"{name}[{index}]", item, path, parameters, pending)
+            elif self.source is None and kind is inspect.Parameter.VAR_KEYWORD:
+                for key, item in sorted(value.items()):  # each named by its keyword too
+                    item_path = path or _name_says_path(key)
+                    self._add(name, f"{name}[{key}]", item, item_path, parameters, pending)
             else:
-                self.encode_object(value, depth)
-        finally:
-            del self.active[ident]
-
-    def sub_digest(self, value: object, depth: int) -> bytes:
-        sub = _Encoder(xxhash.xxh3_128())
-        sub.active = self.active
-        sub.encode(value, depth + 1)
-        return bytes(sub.hasher.digest())
-
-    def encode_mapping(self, items: Iterable[tuple[object, object]], depth: int) -> None:
-        pairs = sorted(
-            (self.sub_digest(key, depth), self.sub_digest(item, depth)) for key, item in items
+                self._add(name, name, value, path, parameters, pending)
+        state_digests = tuple(
+            sorted((label, digest) for label, (digest, _) in (state or {}).items())
         )
-        self.tag(b"d", b"".join(key + item for key, item in pairs))
+        group = CallGroup(
+            (
+                self.identity,
+                code_version,
+                tuple(sorted((name, digest) for name, (digest, _) in parameters.items())),
+                tuple(sorted((label, source.paths[1]) for label, source in pending.items())),
+                *((state_digests,) if state_digests else ()),
+            )
+        )
+        if before_fingerprints is not None:
+            before_fingerprints(group)
+        started = time.perf_counter()
+        sources = {label: self._fingerprint(source) for label, source in pending.items()}
+        fingerprint_seconds = time.perf_counter() - started
+        given_paths = {label: source.paths[0] for label, source in pending.items()}
+        key_parts = (
+            FORMAT_VERSION,
+            self.identity,
+            code_version,
+            sorted((name, digest) for name, (digest, _) in parameters.items()),
+            sorted(
+                (name, fp.digest if self.portable else f"{path}\0{fp.digest}")
+                for name, (path, fp) in sources.items()
+            ),
+            *((list(state_digests),) if state_digests else ()),
+        )
+        return Call(
+            arguments=dict(bound.arguments),
+            args=bound.args,
+            kwargs=bound.kwargs,
+            key=value_digest(key_parts),
+            group_of=group,
+            parameters=parameters,
+            sources=sources,
+            given_paths=given_paths,
+            fingerprint_seconds=fingerprint_seconds,
+            state={
+                label: (digest, readable(value)) for label, (digest, value) in (state or {}).items()
+            },
+        )
 
-    def encode_array(self, array: np.ndarray[Any, Any]) -> None:
-        if array.dtype.hasobject:
-            self.tag(b"O", array.dtype.str.encode() + repr(array.shape).encode())
-            for item in array.ravel(order="C"):
-                self.encode(item)
-            return
-        # dtype.str includes the byte order, so "<i4" and ">i4" differ like their bytes do.
-        self.tag(b"a", array.dtype.str.encode() + repr(array.shape).encode())
-        if array.dtype.fields is not None:
-            self.hasher.update(repr(array.dtype.descr).encode())
-        if array.flags.c_contiguous:
-            self.hasher.update(array.reshape(-1).view(np.uint8).data)
-            return
-        # A non-contiguous view hashes by its logical content, copied a slab at a time.
-        flat = array.reshape(array.shape[0], -1) if array.ndim > 1 else array.reshape(-1, 1)
-        rows = max(1, _ARRAY_CHUNK // max(1, flat.shape[1] * array.itemsize))
-        for start in range(0, flat.shape[0], rows):
-            block = np.ascontiguousarray(flat[start : start + rows])
-            self.hasher.update(block.reshape(-1).view(np.uint8).data)
-
-    def encode_array_subclass(self, array: np.ndarray[Any, Any], depth: int) -> None:
-        # Its class and its extra state count (a masked array's mask, a matrix's type).
-        kind = type(array)
-        self.tag(b"A", f"{kind.__module__}.{kind.__qualname__}".encode())
-        if isinstance(array, np.ma.MaskedArray):
-            self.encode_array(np.asarray(array.data))
-            self.encode_array(np.ma.getmaskarray(array))
-            self.encode(array.fill_value, depth + 1)
-        else:
-            self.encode_array(np.asarray(array))
-            self.encode(getattr(array, "__dict__", None), depth + 1)
-
-    def encode_function(self, func: Any, depth: int) -> None:
-        if isinstance(func, types.MethodType):
-            self.tag(b"M")
-            self.encode(func.__self__, depth + 1)
-            self.encode(func.__func__, depth + 1)
-            return
-        self.tag(b"F", function_identity(func).encode())
-        if not isinstance(func, types.FunctionType):
-            # A built-in's object is part of what it does: re.compile("a").match is not
-            # re.compile("b").match, nor one dict's get another's. A module by its name.
-            owner = getattr(func, "__self__", None)
-            if isinstance(owner, types.ModuleType):
-                self.tag(b"m", owner.__name__.encode())
-            elif owner is not None:
-                self.encode(owner, depth + 1)
-        else:
-            self.hasher.update(code_digest(func).encode())
-            # Values captured by a closure or bound as defaults change what the function does.
-            self.encode(func.__defaults__, depth + 1)
-            self.encode(func.__kwdefaults__, depth + 1)
-            cells = func.__closure__ or ()
-            for cell in cells:
-                try:
-                    contents = cell.cell_contents
-                except ValueError:  # an empty cell
-                    contents = None
-                self.encode(contents, depth + 1)
-
-    def encode_object(self, value: object, depth: int) -> None:
-        if callable(getattr(value, "__cachedload_key__", None)):
-            self.tag(b"K", type(value).__qualname__.encode())
-            self.encode(value.__cachedload_key__(), depth + 1)  # type: ignore[attr-defined]
+    def _add(
+        self,
+        name: str,
+        label: str,
+        value: Any,
+        path: bool,
+        parameters: dict[str, tuple[str, str]],
+        sources: dict[str, _SourceArgument],
+    ) -> None:
+        """File one argument (or one item of ``*args``/``**kwargs``) as sources or a parameter;
+        ``path``: the parameter's name or annotation says path."""
+        if self.is_source(name, value, path):
+            if isinstance(value, (list, tuple)):
+                for index, item in enumerate(value):
+                    sources[f"{label}[{index}]"] = self._source(name, item)
+            else:
+                sources[label] = self._source(name, value)
             return
         try:
-            # As pickle does: a reducer registered with copyreg first (re.Pattern has one).
-            reducer = copyreg.dispatch_table.get(type(value))
-            reduced = reducer(value) if reducer is not None else value.__reduce_ex__(4)
-        except Exception as error:
-            raise UnhashableError(
-                f"{type(value).__qualname__} object cannot be pickled ({error})"
-            ) from error
-        if isinstance(reduced, str):  # a global singleton referenced by name
-            self.tag(b"G", f"{type(value).__module__}.{reduced}".encode())
-            return
-        self.tag(b"R", f"{type(value).__module__}.{type(value).__qualname__}".encode())
-        constructor, args, *rest = tuple(reduced) + (None,) * (6 - len(reduced))
-        self.encode(getattr(constructor, "__qualname__", repr(constructor)), depth + 1)
-        self.encode(args, depth + 1)
-        state, listitems, dictitems = rest[0], rest[1], rest[2]
-        if isinstance(state, dict):
-            self.encode_mapping(state.items(), depth)
-        elif (
-            isinstance(state, tuple)
-            and len(state) == 2
-            and all(part is None or isinstance(part, dict) for part in state)
-        ):  # (__dict__, __slots__ values)
-            for part in state:
-                self.encode_mapping((part or {}).items(), depth)
-        else:
-            self.encode(state, depth + 1)
-        if listitems is not None:
-            self.encode(list(listitems), depth + 1)
-        if dictitems is not None:
-            self.encode_mapping(list(dictitems), depth)
+            parameters[label] = (value_digest(value), readable(value))
+        except UnhashableError as error:
+            raise UnhashableArgumentError(name, str(error)) from None
+        except RecursionError:
+            raise UnhashableArgumentError(name, "nested too deeply") from None
+
+    def sources_after(self, call: Call) -> dict[str, tuple[str, Fingerprint]] | None:
+        """Fingerprints taken again after the body ran; None if any source changed, including
+        a symlink on the way to it now pointing elsewhere (the key names the real path taken
+        before fingerprinting; the body may have read through the new link)."""
+        after: dict[str, tuple[str, Fingerprint]] = {}
+        for name, (path, before) in call.sources.items():
+            given = call.given_paths.get(name)
+            if given is not None and os.path.realpath(given) != path:
+                return None
+            try:
+                now = fingerprint_source(
+                    path, mode=self.mode, include=self.include, exclude=self.exclude
+                )
+            except FileNotFoundError:
+                return None
+            if now.digest != before.digest:
+                return None
+            after[name] = (path, now)
+        return after
+
+    def racy_digests(self, call: Call) -> tuple[dict[str, dict[str, str]], int]:
+        """Content digests of the source files whose mtime is too recent to trust, and the
+        newest such mtime (content fingerprints need none)."""
+        if self.mode == "content":
+            return {}, 0
+        racy: dict[str, dict[str, str]] = {}
+        newest = 0
+        for name, (root, fp) in call.sources.items():
+            racy_paths = fp.racy_files()
+            if racy_paths:
+                racy[name] = {rel: hash_file(_source_file(root, rel)) for rel in racy_paths}
+                newest = max(newest, fp.newest_mtime_ns)
+        return racy, newest
+
+    def call_meta(
+        self,
+        call: Call,
+        code_version: str,
+        version: Any,
+        code_parts: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """The metadata that describes a call's key components (no result yet).
+
+        ``group`` identifies the function, code, parameters and source *paths* without the
+        sources' fingerprints: entries sharing a group differ only in source contents, so a
+        newer one supersedes the older ones. ``code_parts``: the digest of each part of the
+        code version (the loader, each ``depends_on`` helper, ``version=``), for ``why``.
+        """
+        meta: dict[str, Any] = {
+            "format": FORMAT_VERSION,
+            "key": call.key,
+            "group": call.group,
+            "function": self.identity,
+            "code": code_version,
+            **({"code_parts": dict(code_parts)} if code_parts is not None else {}),
+            "version": readable(version),
+            "parameters": {
+                name: {"digest": digest, "value": text}
+                for name, (digest, text) in call.parameters.items()
+            },
+            "sources": {
+                name: {
+                    "path": path,
+                    "digest": fp.digest,
+                    "mode": self.mode,
+                    "file_count": fp.file_count,
+                    "total_bytes": fp.total_bytes,
+                    "newest_mtime_ns": fp.newest_mtime_ns,
+                }
+                for name, (path, fp) in call.sources.items()
+            },
+            "portable": self.portable,
+        }
+        if call.state:  # only when there is some: older entries and stateless loaders have none
+            meta["state"] = {
+                label: {"digest": digest, "value": text}
+                for label, (digest, text) in call.state.items()
+            }
+        return meta
+
+
+def entry_meta(
+    call_meta: dict[str, Any],
+    result: Any,
+    compute_seconds: float,
+    racy: dict[str, dict[str, str]],
+    newest_racy: int,
+) -> dict[str, Any]:
+    """A call's metadata completed with its result's summary, timings and versions."""
+    import joblib
+    import numpy
+
+    from cachedload import __version__
+
+    return {
+        **call_meta,
+        "racy": racy,
+        "racy_newest_mtime_ns": newest_racy,
+        "result": summarize(result),
+        "created": time.time(),
+        "compute_seconds": round(compute_seconds, 6),
+        "host": platform.node(),
+        "pid": os.getpid(),
+        "versions": {
+            "cachedload": __version__,
+            "python": platform.python_version(),
+            "numpy": numpy.__version__,
+            "joblib": joblib.__version__,
+        },
+    }

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from cachedload.errors import UnhashableArgumentError
-from cachedload.keys import UnhashableError, code_function, function_identity, value_digest
+from cachedload.hashing import UnhashableError, code_function, function_identity, value_digest
 
 __all__ = ["LoaderState", "bound_objects"]
 

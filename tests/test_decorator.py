@@ -888,18 +888,18 @@ def test_mmap_mode_c_edits_never_reach_the_stored_entry(
 
 
 def test_every_error_class_is_a_cachedload_error() -> None:
-    from cachedload import errors, keys
+    from cachedload import errors, hashing
 
     classes = [
         obj
-        for module in (errors, keys)
+        for module in (errors, hashing)
         for obj in vars(module).values()
         if isinstance(obj, type) and issubclass(obj, Exception) and not issubclass(obj, Warning)
     ]
-    assert keys.UnhashableError in classes
+    assert hashing.UnhashableError in classes
     for cls in classes:
         assert issubclass(cls, CachedloadError), cls
-    assert issubclass(keys.UnhashableError, TypeError)
+    assert issubclass(hashing.UnhashableError, TypeError)
 
 
 @pytest.mark.parametrize("value", [3, ["a"], b"/tmp/x", 1.5])

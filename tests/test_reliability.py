@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-import cachedload.calls
+import cachedload.keys
 from cachedload import (
     CacheStoreWarning,
     CorruptEntryWarning,
@@ -539,7 +539,7 @@ def test_racy_records_are_dropped_once_the_window_has_passed(
     assert json.loads(meta_file.read_text())["racy"]
     load(folder)
     assert json.loads(meta_file.read_text())["racy"]  # still within the window
-    monkeypatch.setattr(cachedload.calls, "RACY_WINDOW_NS", -(10**12))  # "much later"
+    monkeypatch.setattr(cachedload.keys, "RACY_WINDOW_NS", -(10**12))  # "much later"
     load(folder)
     assert "racy" not in json.loads(meta_file.read_text())
     assert len(calls) == 1
@@ -636,14 +636,14 @@ def test_symlink_retargeted_during_a_call_is_not_stored_under_the_old_target(
         os.replace(tmp_path / "new", link)
 
     pending = ["v2"]
-    real_fingerprint = cachedload.calls.fingerprint_source
+    real_fingerprint = cachedload.keys.fingerprint_source
 
     def fingerprint_source(path: Any, **options: Any) -> Any:
         if when == "fingerprinting" and pending:
             switch(pending.pop())
         return real_fingerprint(path, **options)
 
-    monkeypatch.setattr(cachedload.calls, "fingerprint_source", fingerprint_source)
+    monkeypatch.setattr(cachedload.keys, "fingerprint_source", fingerprint_source)
 
     @cached_dataset(cache_dir=cache_dir)
     def load(folder: str) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cachedload.keys import UnhashableError, code_digest, function_identity, value_digest
+from cachedload.hashing import UnhashableError, code_digest, function_identity, value_digest
 from tests.conftest import run_python
 
 
@@ -164,7 +164,7 @@ def test_a_script_function_has_one_identity_as_main_and_in_spawned_workers() -> 
 def test_digests_are_stable_across_processes_and_hash_seeds() -> None:
     code = """
         import numpy as np
-        from cachedload.keys import value_digest
+        from cachedload.hashing import value_digest
         value = {"names": {"alpha", "beta", "gamma", "delta"}, "size": (128, 128),
                  "frozen": frozenset({"x", "y", "z"}), "array": np.arange(6).reshape(2, 3),
                  ("tuple", "key"): [1.5, None, b"bytes"]}
@@ -194,7 +194,7 @@ def test_code_edited_on_disk_but_not_reloaded_keeps_its_own_digest(tmp_path: Pat
     fresh_v2 = run_python(
         f"""
         import importlib.util
-        from cachedload.keys import code_digest
+        from cachedload.hashing import code_digest
         spec = importlib.util.spec_from_file_location("edited_mod", {str(path)!r})
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -284,7 +284,7 @@ def test_replacing_a_functions_code_changes_its_digest() -> None:
 
 def test_set_literals_in_code_hash_the_same_under_any_hash_seed() -> None:
     code = """
-        from cachedload.keys import code_digest
+        from cachedload.hashing import code_digest
         namespace = {}
         exec("def f(x):\\n    return x in {'alpha', 'beta', 'gamma', 'delta'}\\n", namespace)
         print(code_digest(namespace["f"]))
