@@ -34,7 +34,7 @@ from cachedload import serialize
 from cachedload.decorator import CachedDataset
 from cachedload.errors import CachedloadError, ConfigurationError
 from cachedload.results import ResultParts, normalize_path, split_result
-from cachedload.store import DATA_FILE
+from cachedload.entry import DATA_FILE
 
 __all__ = ["MappedImages"]
 
