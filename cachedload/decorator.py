@@ -2,8 +2,8 @@
 
 The wrapper binds each call's arguments to the loader's signature, splits them into sources
 (paths, fingerprinted) and parameters (hashed), asks :mod:`cachedload.keys` for the key and
-:mod:`cachedload.root` (the cache root, local or remote) for the entry, and runs the loader body only on a miss, under a
-cross-process lock so that concurrent callers compute once.
+its cache root (:mod:`cachedload.root`, local or remote) for the entry, and runs the loader
+body only on a miss, under a cross-process lock so that concurrent callers compute once.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import functools
 import inspect
 import logging
 import os
-import platform
 import sys
 import threading
 import time
@@ -24,6 +23,7 @@ from typing import Any, Generic, Literal, NamedTuple, ParamSpec, TypeVar, overlo
 
 from cachedload import config
 from cachedload.backends import open_root
+from cachedload.entry import function_dir_name, function_dir_prefix
 from cachedload.errors import (
     CacheStoreWarning,
     ConfigurationError,
@@ -47,7 +47,6 @@ from cachedload.keys import (
     racy_files_unchanged,
     racy_records_expired,
 )
-from cachedload.entry import function_dir_name, function_dir_prefix
 from cachedload.manage import EntryRecord, enforce_after_store, parse_size, records_of
 from cachedload.reading import ReadAhead
 from cachedload.root import CacheRoot, CorruptEntry, Hit, Miss
@@ -210,6 +209,7 @@ class CachedDataset(Generic[P, R]):
         self._state: LoaderState | None = None
         # The cache root and the settings it was resolved with (see _root).
         self._resolved: tuple[tuple[str | None, ...], CacheRoot] | None = None
+        self._fdir_of: tuple[str, str] | None = None  # (code version, its function folder)
 
     # -- descriptor: decorating a method --------------------------------------------------------
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
@@ -293,11 +293,16 @@ class CachedDataset(Generic[P, R]):
 
     def _fdir(self) -> str:
         """This code version's function folder."""
-        return function_dir_name(self._identity, self._code_version())
+        code = self._code_version()
+        named = self._fdir_of
+        if named is None or named[0] != code:
+            named = self._fdir_of = (code, function_dir_name(self._identity, code))
+        return named[1]
 
     def _root(self) -> CacheRoot:
         """The cache root, resolved again only when a setting it depends on changed."""
-        settings = config.root_settings()
+        # A folder named by cache_dir= depends on no setting.
+        settings = () if self._cache_dir is not None else config.root_settings()
         resolved = self._resolved
         if resolved is not None and resolved[0] == settings:
             return resolved[1]

@@ -606,7 +606,5 @@ def remove_damaged(result: VerifyResult) -> bool:
     with root.claim(fdir, result.id) as free:
         if free:
             root.remove(fdir, result.id)
-            logger.info(
-                "removed damaged entry %s: %s", result.url or result.path, result.problem
-            )
+            logger.info("removed damaged entry %s: %s", result.url or result.path, result.problem)
         return free

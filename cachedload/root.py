@@ -57,7 +57,7 @@ class Checked:
     url: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # made on every hit: not frozen, which costs a setattr per field
 class Hit:
     """A usable stored entry: its value and metadata."""
 
@@ -118,6 +118,7 @@ class CacheRoot(abc.ABC):
 
     def tidy_copies(self) -> None:
         """Tidy the copies of :meth:`local_copies`; remove those left empty."""
+        return  # none here, unless a subclass keeps copies
 
     # -- reading -------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -270,7 +271,9 @@ class CacheRoot(abc.ABC):
         try:
             lock.acquire()
         except Timeout:
-            logger.warning("gave up waiting for %s after %s s; computing it here too", name, timeout)
+            logger.warning(
+                "gave up waiting for %s after %s s; computing it here too", name, timeout
+            )
             return False
         logger.info("waited %.2f s for %s", time.perf_counter() - started, name)
         return True

@@ -30,7 +30,6 @@ from cachedload.entry import (
     MANIFEST_FILE,
     META_FILE,
     SYNCED_SUFFIX,
-    TMP_PREFIX,
     TRASH_PREFIX,
     URL_FILE,
     USED_SUFFIX,
@@ -124,6 +123,8 @@ class LocalRoot(CacheRoot):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.location = str(self.path)
+        # Function folder name -> its path: a hit then joins one name, not two.
+        self._folders: dict[str, Path] = {}
 
     def __repr__(self) -> str:
         return f"LocalRoot({self.location!r})"
@@ -136,10 +137,15 @@ class LocalRoot(CacheRoot):
 
     def folder(self, fdir: str) -> Path:
         """A function folder (whether or not it exists)."""
-        return self.path / fdir
+        found = self._folders.get(fdir)
+        if found is None:
+            if len(self._folders) > 64:
+                self._folders.clear()
+            found = self._folders[fdir] = self.path / fdir
+        return found
 
     def _beside(self, fdir: str, key: str, suffix: str) -> Path:
-        return self.path / fdir / f"{key}{suffix}"
+        return self.folder(fdir) / f"{key}{suffix}"
 
     def function_dirs(self) -> list[str]:
         """The function folders, sorted (not ``remote/``, nor anything not named as ours)."""

@@ -122,7 +122,6 @@ def _progress(description: str, total: int) -> Iterator[Progress | None]:
         yield bar.update
 
 
-
 class RemoteRoot(CacheRoot):
     """A remote cache: entries in an object store, read through a local copy.
 
@@ -646,8 +645,10 @@ class RemoteRoot(CacheRoot):
         name = self.object_key(fdir, key, meta["data"]["file"])
         if not checksums:
             info = self.objects.head(name)
-            return "data object is missing" if info is None else size_problem(
-                info.size, meta, "data object"
+            return (
+                "data object is missing"
+                if info is None
+                else size_problem(info.size, meta, "data object")
             )
         sink = HashingWriter()
         try:
