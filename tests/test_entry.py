@@ -53,7 +53,7 @@ def test_parse_meta_accepts_an_entry_written_before() -> None:
 
 
 def _without(meta: dict[str, Any], *path: str) -> dict[str, Any]:
-    copy = json.loads(json.dumps(meta))
+    copy: dict[str, Any] = json.loads(json.dumps(meta))
     target = copy
     for name in path[:-1]:
         target = target[name]
@@ -62,7 +62,7 @@ def _without(meta: dict[str, Any], *path: str) -> dict[str, Any]:
 
 
 def _with(meta: dict[str, Any], value: Any, *path: str) -> dict[str, Any]:
-    copy = json.loads(json.dumps(meta))
+    copy: dict[str, Any] = json.loads(json.dumps(meta))
     target = copy
     for name in path[:-1]:
         target = target[name]

@@ -25,24 +25,9 @@ from cachedload.entry import LOCAL_COPIES_DIR
 from cachedload.root import CacheRoot
 from cachedload.store import LocalRoot
 
-__all__ = [
-    "default_local_root",
-    "is_url",
-    "lease_seconds",
-    "object_store",
-    "open_root",
-    "remote_url",
-    "storage_options_from_env",
-    "validate_url",
-]
+__all__ = ["default_local_root", "object_store", "open_root", "remote_url"]
 
 _S3_SCHEMES = ("s3", "s3a")
-
-
-# Settings and the checking of cache-directory values live in cachedload.config.
-is_url = config.is_url
-storage_options_from_env = config.storage_options_from_env
-lease_seconds = config.lease_seconds
 
 
 def remote_url(cache_dir: str | os.PathLike[str] | None) -> str | None:
@@ -55,16 +40,7 @@ def remote_url(cache_dir: str | os.PathLike[str] | None) -> str | None:
     if cache_dir is None:
         configured = config.cache_dir_from_env()
         return configured if isinstance(configured, str) else None
-    return cache_dir if is_url(cache_dir) else None
-
-
-def validate_url(url: str, origin: str = "cache_dir") -> None:
-    """Check that a URL's scheme can be used (see :func:`cachedload.config.check_url`).
-
-    Raises:
-        ConfigurationError: unknown scheme, or its package (boto3 for ``s3://``) is missing.
-    """
-    config.check_url(url, origin)
+    return cache_dir if config.is_url(cache_dir) else None
 
 
 def default_local_root(url: str) -> Path:
@@ -81,8 +57,8 @@ def object_store(url: str, storage_options: dict[str, Any] | None = None) -> Obj
 
     ``storage_options`` default to ``$CACHEDLOAD_STORAGE_OPTIONS``.
     """
-    validate_url(url)
-    options = storage_options_from_env() if storage_options is None else storage_options
+    config.check_url(url, "cache_dir")
+    options = config.storage_options_from_env() if storage_options is None else storage_options
     if url.split("://", 1)[0].lower() in _S3_SCHEMES:
         return S3ObjectStore(url, options)
     return FsspecObjectStore(url, options)
