@@ -20,22 +20,22 @@ from cachedload import __version__
 from cachedload.backends import remote_url
 from cachedload.config import check_cache_dir
 from cachedload.errors import ConfigurationError
-from cachedload.explain import compare_entries, read_manifest
+from cachedload.explain import compare
 from cachedload.manage import (
     EntryRecord,
     PruneReport,
     format_age,
     format_size,
-    function_dirs,
     is_busy,
     list_entries,
     local_copies,
+    manifest_of,
     parse_age,
     parse_size,
     prune,
     remove_damaged,
     remove_entries,
-    tidy_function_dirs,
+    tidy,
     tidy_local_copies,
     verify,
 )
@@ -233,11 +233,7 @@ def _find_entry(records: Sequence[EntryRecord], prefix: str) -> EntryRecord:
 def _info(args: argparse.Namespace) -> int:
     cache_dir = _cache_dir(args)
     record = _find_entry(list_entries(cache_dir) + local_copies(cache_dir), args.id)
-    manifest = read_manifest(record.path)
-    if record.url is not None:  # a remote cache: the local copy's, else the bucket's
-        from cachedload.backends import listing
-
-        manifest = listing.read_manifest(record)
+    manifest = manifest_of(record)  # a remote cache: the local copy's, else the bucket's
     busy = is_busy(record)
     if args.json:
         print(json.dumps({**record.to_dict(), "in_use": busy, "meta": record.meta}, indent=2))
@@ -346,7 +342,7 @@ def _clear(args: argparse.Namespace) -> int:
     if not args.dry_run:
         for result in damaged:
             remove_damaged(result)
-        tidy_function_dirs(function_dirs(cache_dir))
+        tidy(cache_dir)
         tidy_local_copies(cache_dir)
     if damaged:
         print(f"{'would remove' if args.dry_run else 'removed'} {len(damaged)} damaged entries")
@@ -385,12 +381,7 @@ def _why(args: argparse.Namespace) -> int:
         print(f"{function}: only one entry is stored ({mine[0].id[:12]}), nothing to compare")
         return 0
     newer, older = mine[0], mine[1]
-    if newer.url is not None:  # a remote cache: no local folders to compare
-        from cachedload.backends.listing import compare_records
-
-        print(compare_records(older, newer))
-        return 0
-    print(compare_entries(older.path, newer.path))
+    print(compare(older.meta, manifest_of(older), newer.meta, manifest_of(newer)))
     return 0
 
 

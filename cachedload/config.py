@@ -34,6 +34,7 @@ __all__ = [
     "lock_kind",
     "max_size_from_env",
     "platform_cache_dir",
+    "root_settings",
     "storage_options_from_env",
 ]
 
@@ -155,6 +156,18 @@ def cache_dir_from_env() -> str | Path | None:
 def _checked_env(raw: str) -> str | Path:
     # Read on every call of a loader without cache_dir=: checked once per value.
     return check_cache_dir(raw.strip() or raw, CACHE_DIR_ENV)
+
+
+def root_settings() -> tuple[str | None, ...]:
+    """The variables a cache root is resolved from, as set: when they change, a loader
+    resolves its cache root again (``$CACHEDLOAD_DIR``, ``$CACHEDLOAD_STORAGE_OPTIONS``,
+    ``$CACHEDLOAD_LEASE_SECONDS``)."""
+    get = os.environ.get
+    return (
+        get("CACHEDLOAD_DIR"),
+        get("CACHEDLOAD_STORAGE_OPTIONS"),
+        get("CACHEDLOAD_LEASE_SECONDS"),
+    )
 
 
 def local_cache_dir() -> Path:

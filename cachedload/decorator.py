@@ -2,8 +2,8 @@
 
 The wrapper binds each call's arguments to the loader's signature, splits them into sources
 (paths, fingerprinted) and parameters (hashed), asks :mod:`cachedload.keys` for the key and
-:mod:`cachedload.store` for the entry, and runs the loader body only on a miss, under a
-cross-process lock so that concurrent callers compute once.
+its cache root (:mod:`cachedload.root`, local or remote) for the entry, and runs the loader
+body only on a miss, under a cross-process lock so that concurrent callers compute once.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import functools
 import inspect
 import logging
 import os
-import platform
 import sys
 import threading
 import time
@@ -23,7 +22,8 @@ from pathlib import Path
 from typing import Any, Generic, Literal, NamedTuple, ParamSpec, TypeVar, overload
 
 from cachedload import config
-from cachedload.backends import default_local_root, open_store
+from cachedload.backends import open_root
+from cachedload.entry import function_dir_name, function_dir_prefix
 from cachedload.errors import (
     CacheStoreWarning,
     ConfigurationError,
@@ -47,16 +47,11 @@ from cachedload.keys import (
     racy_files_unchanged,
     racy_records_expired,
 )
-from cachedload.manage import EntryRecord, enforce_after_store, entries_in, parse_size
+from cachedload.manage import EntryRecord, enforce_after_store, parse_size, records_of
 from cachedload.reading import ReadAhead
+from cachedload.root import CacheRoot, CorruptEntry, Hit, Miss
+from cachedload.serialize import UnpicklableResult
 from cachedload.state import LoaderState, bound_objects
-from cachedload.store import (
-    CorruptEntry,
-    Store,
-    UnpicklableResult,
-    default_cache_dir,
-    iter_entries,
-)
 
 __all__ = ["CacheInfo", "CachedDataset", "cached_dataset"]
 
@@ -111,13 +106,6 @@ class _Recent(NamedTuple):
             self.size >= _READ_AHEAD_MIN_BYTES
             and self.fingerprint_seconds >= _READ_AHEAD_MIN_SECONDS
         )
-
-
-class _Miss:
-    """A lookup that found no usable entry; ``replace`` if a bad entry sits at the key."""
-
-    def __init__(self, replace: bool = False) -> None:
-        self.replace = replace
 
 
 class CachedDataset(Generic[P, R]):
@@ -219,6 +207,9 @@ class CachedDataset(Generic[P, R]):
         self._code: str | None = None
         self._code_parts: dict[str, str] = {}
         self._state: LoaderState | None = None
+        # The cache root and the settings it was resolved with (see _root).
+        self._resolved: tuple[tuple[str | None, ...], CacheRoot] | None = None
+        self._fdir_of: tuple[str, str] | None = None  # (code version, its function folder)
 
     # -- descriptor: decorating a method --------------------------------------------------------
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
@@ -300,36 +291,29 @@ class CachedDataset(Generic[P, R]):
         # function it wraps: its identity and code.
         return (self._identity, self._code_version())
 
-    def _function_dir_name(self) -> str:
-        safe = "".join(c if c.isalnum() or c in "._" else "_" for c in self._identity)
-        return f"{safe[:150]}-{self._code_version()[:8]}"
+    def _fdir(self) -> str:
+        """This code version's function folder."""
+        code = self._code_version()
+        named = self._fdir_of
+        if named is None or named[0] != code:
+            named = self._fdir_of = (code, function_dir_name(self._identity, code))
+        return named[1]
 
-    def _remote_url(self) -> str | None:
-        """The remote cache's URL: ``cache_dir=`` or ``$CACHEDLOAD_DIR`` if it is one."""
-        if self._cache_url is not None or self._cache_dir is not None:
-            return self._cache_url
-        configured = config.cache_dir_from_env()
-        return configured if isinstance(configured, str) else None
-
-    def _resolved_cache_dir(self) -> Path:
-        """The local cache directory (for a remote cache: its local read-through copy)."""
-        url = self._remote_url()
-        if url is not None:
-            if self._local_cache_dir is not None:
-                return Path(self._local_cache_dir).expanduser()
-            return default_local_root(url)
-        return self._cache_dir if self._cache_dir is not None else default_cache_dir()
-
-    def _store(self) -> Store:
-        url = self._remote_url()
-        if url is not None:
-            return open_store(
-                url,
-                self._function_dir_name(),
-                storage_options=self._storage_options,
-                local_cache_dir=self._resolved_cache_dir(),
-            )
-        return Store(self._resolved_cache_dir(), self._function_dir_name())
+    def _root(self) -> CacheRoot:
+        """The cache root, resolved again only when a setting it depends on changed."""
+        # A folder named by cache_dir= depends on no setting.
+        settings = () if self._cache_dir is not None else config.root_settings()
+        resolved = self._resolved
+        if resolved is not None and resolved[0] == settings:
+            return resolved[1]
+        # A URL (s3://…) is a remote cache read through a local copy; see cachedload.backends.
+        root = open_root(
+            self._cache_url or self._cache_dir,
+            storage_options=self._storage_options,
+            local_cache_dir=self._local_cache_dir,
+        )
+        self._resolved = (settings, root)
+        return root
 
     # -- one call --------------------------------------------------------------------------------
     def _prepare(
@@ -367,7 +351,7 @@ class CachedDataset(Generic[P, R]):
         if guess is None or not guess.worth_reading_ahead():
             return
         try:
-            started.append((guess.key, self._store().read_ahead(guess.key)))
+            started.append((guess.key, self._root().read_ahead(self._fdir(), guess.key)))
         except (OSError, RuntimeError) as error:  # RuntimeError: no thread could be started
             logger.debug("no read-ahead for %s: %s", self._identity, error)
 
@@ -388,41 +372,49 @@ class CachedDataset(Generic[P, R]):
             call, self._code_version(), self._version, code_parts=self._code_parts
         )
 
-    def _lookup(self, store: Store, call: Call, ahead: ReadAhead | None = None) -> Any:
-        """The stored result for ``call``, or a :class:`_Miss`. ``ahead``: the entry's data,
-        being read ahead."""
+    def _lookup(
+        self, root: CacheRoot, fdir: str, call: Call, ahead: ReadAhead | None = None
+    ) -> Hit | Miss:
+        """The stored result for ``call``. ``ahead``: the entry's data, being read ahead."""
         started = time.perf_counter()
-        try:
-            meta = store.read_meta(call.key)
-            if meta is None:
-                return _Miss()
-            if not self._racy_files_unchanged(store, call, meta):
-                logger.info(
-                    "stale %s: a recently written source file changed without a new mtime",
-                    self._identity,
-                )
-                return _Miss(replace=True)
-            value = store.load_value(
-                call.key,
-                meta,
-                mmap_mode=self._mmap_mode,
-                verify=self._verify == "always",
-                ahead=ahead,
+        found = root.get(
+            fdir,
+            call.key,
+            fresh=lambda meta: self._racy_files_unchanged(root, fdir, call, meta),
+            mmap_mode=self._mmap_mode,
+            verify=self._verify == "always",
+            ahead=ahead,
+        )
+        if isinstance(found, Miss):
+            self._report_miss(call, found)
+            return found
+        self._remember(call, found.size)
+        self._warn_skipped(found.meta)
+        logger.info(
+            "hit %s [%s] in %.1f ms (%s bytes%s)",
+            self._identity,
+            call.key[:12],
+            (time.perf_counter() - started) * 1e3,
+            found.size,
+            ", read ahead" if ahead is not None and ahead.used else "",
+        )
+        return found
+
+    def _report_miss(self, call: Call, found: Miss) -> None:
+        if found.stale:
+            logger.info(
+                "stale %s: a recently written source file changed without a new mtime",
+                self._identity,
             )
-        except CorruptEntry as error:
-            if "corrupt" not in call.warned:
-                call.warned.add("corrupt")
-                warn_at_caller(
-                    f"cachedload: corrupt cache entry {error.path} ({error.reason}); "
-                    "recomputing it",
-                    CorruptEntryWarning,
-                )
-            return _Miss(replace=True)
-        except OSError as error:  # e.g. an unreadable cache directory
-            logger.info("cannot read cache entry %s: %s", store.entry_path(call.key), error)
-            return _Miss()
-        store.record_hit(call.key)
-        self._remember(call, meta["data"]["size"])
+        error = found.corrupt
+        if error is not None and "corrupt" not in call.warned:
+            call.warned.add("corrupt")
+            warn_at_caller(
+                f"cachedload: corrupt cache entry {error.path} ({error.reason}); recomputing it",
+                CorruptEntryWarning,
+            )
+
+    def _warn_skipped(self, meta: dict[str, Any]) -> None:
         skipped = meta.get("skipped")
         if isinstance(skipped, list) and skipped:
             shown = ", ".join(map(str, skipped[:_SKIPPED_SHOWN]))
@@ -436,41 +428,34 @@ class CachedDataset(Generic[P, R]):
                 f"unreadable image(s), skipped when it was computed: {shown}{more}",
                 ImagesSkippedWarning,
             )
-        logger.info(
-            "hit %s [%s] in %.1f ms (%s bytes%s)",
-            self._identity,
-            call.key[:12],
-            (time.perf_counter() - started) * 1e3,
-            meta["data"]["size"],
-            ", read ahead" if ahead is not None and ahead.used else "",
-        )
-        return value
 
-    def _racy_files_unchanged(self, store: Store, call: Call, meta: dict[str, Any]) -> bool:
+    def _racy_files_unchanged(
+        self, root: CacheRoot, fdir: str, call: Call, meta: dict[str, Any]
+    ) -> bool:
         if not racy_files_unchanged(call, meta):
             return False
         if racy_records_expired(meta):
             # Saves hashing those files on every hit from now on.
             cleared = {k: v for k, v in meta.items() if k not in ("racy", "racy_newest_mtime_ns")}
             with contextlib.suppress(OSError):
-                store.rewrite_meta(call.key, cleared)
+                root.rewrite_meta(fdir, call.key, cleared)
         return True
 
-    def _store_failed(self, call: Call, store: Store, error: BaseException) -> None:
+    def _store_failed(self, call: Call, where: Path, error: BaseException) -> None:
         if "store" in call.warned:
             return
         call.warned.add("store")
         if isinstance(error, UnpicklableResult):
             detail = f": {error}"
         else:
-            detail = f" in {store.function_dir}: {type(error).__name__}: {error}"
+            detail = f" in {where}: {type(error).__name__}: {error}"
         warn_at_caller(
             f"cachedload: could not store the result of {self._identity}{detail}. "
             "The result is returned but not cached.",
             CacheStoreWarning,
         )
 
-    def _compute_and_store(self, store: Store, call: Call, *, replace: bool) -> R:
+    def _compute_and_store(self, root: CacheRoot, fdir: str, call: Call, *, replace: bool) -> R:
         racy_before, newest_racy = self._rules.racy_digests(call)
         self._stats.misses += 1
         logger.info("miss %s [%s]: running the loader", self._identity, call.key[:12])
@@ -494,11 +479,17 @@ class CachedDataset(Generic[P, R]):
         manifest = {name: fp.files for name, (_, fp) in after.items()}
         started = time.perf_counter()
         try:
-            size = store.save(
-                call.key, result, meta, compress=self._compress, manifest=manifest, replace=replace
+            size = root.put(
+                fdir,
+                call.key,
+                result,
+                meta,
+                compress=self._compress,
+                manifest=manifest,
+                replace=replace,
             )
         except (OSError, UnpicklableResult) as error:
-            self._store_failed(call, store, error)
+            self._store_failed(call, root.entry_path(fdir, call.key).parent, error)
             return result
         self._stats.stores += 1
         self._remember(call, size)
@@ -511,23 +502,23 @@ class CachedDataset(Generic[P, R]):
             compute_seconds,
         )
         if self._mmap_mode is not None:
-            result = self._load_stored(store, call, result)
-        self._enforce_limits(store, call.key, meta)
+            result = self._load_stored(root, fdir, call, result)
+        self._enforce_limits(root, fdir, call.key, meta)
         return result
 
-    def _load_stored(self, store: Store, call: Call, result: R) -> R:
+    def _load_stored(self, root: CacheRoot, fdir: str, call: Call, result: R) -> R:
         """The entry just stored, memory-mapped as a hit returns it (so that a miss and a hit
         return the same kind of arrays); ``result`` if it cannot be read back."""
+        path = root.entry_path(fdir, call.key)
         try:
-            meta = store.read_meta(call.key)
+            meta = root.read_meta(fdir, call.key)
             if meta is not None:
-                return store.load_value(  # type: ignore[no-any-return]
-                    call.key, meta, mmap_mode=self._mmap_mode, verify=False
-                )
-            error: BaseException = FileNotFoundError(f"{store.entry_path(call.key)} vanished")
+                value: R = root.load(fdir, call.key, meta, mmap_mode=self._mmap_mode, verify=False)
+                return value
+            error: BaseException = FileNotFoundError(f"{path} vanished")
         except (CorruptEntry, OSError) as failure:
             error = failure
-        self._store_failed(call, store, error)
+        self._store_failed(call, path.parent, error)
         return result
 
     def _log_miss_reason(self, call: Call) -> None:
@@ -536,7 +527,7 @@ class CachedDataset(Generic[P, R]):
             return
         try:
             found = explain_against_closest(
-                self._call_meta(call), call_manifest(call), self._function_dirs()
+                self._call_meta(call), call_manifest(call), self._local_function_dirs()
             )
         except Exception as error:  # a diagnostic must never break a load
             logger.debug("cannot explain the miss of %s: %s", self._identity, error)
@@ -550,7 +541,7 @@ class CachedDataset(Generic[P, R]):
                 found.summary(),
             )
 
-    def _enforce_limits(self, store: Store, key: str, meta: dict[str, Any]) -> None:
+    def _enforce_limits(self, root: CacheRoot, fdir: str, key: str, meta: dict[str, Any]) -> None:
         """Delete superseded entries and apply ``max_size`` after a store (errors only log)."""
         max_size = self._max_size
         configured = config.max_size_from_env()
@@ -560,78 +551,42 @@ class CachedDataset(Generic[P, R]):
             except ConfigurationError as error:
                 logger.warning("ignoring %s", error)
         try:
-            enforce_after_store(store, key, meta, keep=self._keep, max_size=max_size)
+            enforce_after_store(root, fdir, key, meta, keep=self._keep, max_size=max_size)
         except OSError as error:
-            logger.warning("could not prune %s after a store: %s", store.cache_dir, error)
+            logger.warning("could not prune %s after a store: %s", root.location, error)
 
     def _run(self, call: Call, *, force: bool, ahead: ReadAhead | None = None) -> R:
         try:
-            store = self._store()
+            root, fdir = self._root(), self._fdir()
         except (OSError, RuntimeError) as error:
             logger.warning("cannot locate the cache directory: %s", error)
             return self.__wrapped__(*call.args, **call.kwargs)
+        replace = True
         if not force:
-            found = self._lookup(store, call, ahead)
+            found = self._lookup(root, fdir, call, ahead)
             if ahead is not None:
                 ahead.cancel()  # taken, or of no use now: free its buffer before computing
-            if not isinstance(found, _Miss):
+            if isinstance(found, Hit):
                 self._stats.hits += 1
-                return found  # type: ignore[no-any-return]
+                return found.value  # type: ignore[no-any-return]
             replace = found.replace
-        else:
-            replace = True
-        try:
-            lock = store.lock(call.key, self._lock_timeout)
-            locked = self._acquire(lock, store, call)
-        except OSError as error:
-            # No lock, so no store either (the directory is unwritable): compute and return.
-            self._store_failed(call, store, error)
-            self._stats.misses += 1
-            return self.__wrapped__(*call.args, **call.kwargs)
-        try:
-            if not force:
-                found = self._lookup(store, call)  # another process may have finished it
-                if not isinstance(found, _Miss):
-                    self._stats.hits += 1
-                    return found  # type: ignore[no-any-return]
-                replace = replace or found.replace
-            return self._compute_and_store(store, call, replace=replace)
-        finally:
-            if locked:
-                with contextlib.suppress(OSError):
-                    store.lock_path(call.key).with_suffix(".owner").unlink()
-                lock.release()
-
-    def _acquire(self, lock: Any, store: Store, call: Call) -> bool:
-        """Take the single-flight lock; False if ``lock_timeout`` ran out (compute anyway:
-        publishing is atomic, so the only cost of not waiting is duplicate work)."""
-        from filelock import Timeout
-
-        owner_file = store.lock_path(call.key).with_suffix(".owner")
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
+        with contextlib.ExitStack() as stack:
             try:
-                owner = owner_file.read_text()
-            except OSError:
-                owner = "another process"
-            logger.info(
-                "waiting for %s [%s], being computed by %s", self._identity, call.key[:12], owner
-            )
-            started = time.perf_counter()
-            try:
-                lock.acquire()
-            except Timeout:
-                logger.warning(
-                    "gave up waiting for %s after %s s; computing it here too",
-                    self._identity,
-                    self._lock_timeout,
+                stack.enter_context(
+                    root.single_flight(fdir, call.key, self._lock_timeout, name=self._identity)
                 )
-                return False
-            logger.info("waited %.2f s for %s", time.perf_counter() - started, self._identity)
-        with contextlib.suppress(OSError):
-            owner_file.write_text(f"pid {os.getpid()} on {platform.node()}")
-        return True
+            except OSError as error:
+                # No lock, so no store either (the directory is unwritable): compute and return.
+                self._store_failed(call, root.entry_path(fdir, call.key).parent, error)
+                self._stats.misses += 1
+                return self.__wrapped__(*call.args, **call.kwargs)
+            if not force:
+                found = self._lookup(root, fdir, call)  # another process may have finished it
+                if isinstance(found, Hit):
+                    self._stats.hits += 1
+                    return found.value  # type: ignore[no-any-return]
+                replace = replace or found.replace
+            return self._compute_and_store(root, fdir, call, replace=replace)
 
     # -- the public interface ----------------------------------------------------------------
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -665,7 +620,7 @@ class CachedDataset(Generic[P, R]):
         For a remote cache (``cache_dir="s3://…"``): the entry's local read-through copy, which
         exists once a call on this machine has computed or downloaded it.
         """
-        return self._store().entry_path(self._prepare(args, kwargs).key)
+        return self._root().entry_path(self._fdir(), self._prepare(args, kwargs).key)
 
     def is_cached(self, *args: P.args, **kwargs: P.kwargs) -> bool:
         """True if a call with these arguments would be answered from the cache now.
@@ -676,22 +631,24 @@ class CachedDataset(Generic[P, R]):
         if not self.enabled:
             return False
         call = self._prepare(args, kwargs)
-        store = self._store()
+        root, fdir = self._root(), self._fdir()
         try:
-            meta = store.read_meta(call.key)
-            if meta is None or not self._racy_files_unchanged(store, call, meta):
+            meta = root.read_meta(fdir, call.key)
+            if meta is None or not self._racy_files_unchanged(root, fdir, call, meta):
                 return False
-            return store.has_data(call.key, meta)  # a remote store also looks in the bucket
+            return root.has_data(fdir, call.key, meta)  # a remote root also looks in the bucket
         except (CorruptEntry, OSError):
             return False
 
-    def _function_dirs(self) -> list[Path]:
-        root = self._resolved_cache_dir()
-        prefix = self._function_dir_name().rsplit("-", 1)[0] + "-"
-        try:
-            return [p for p in root.iterdir() if p.name.startswith(prefix) and p.is_dir()]
-        except OSError:
-            return []
+    def _function_dirs(self, root: CacheRoot) -> list[str]:
+        """This loader's function folders in ``root`` (every code version)."""
+        prefix = function_dir_prefix(self._identity)
+        return [fdir for fdir in root.function_dirs() if fdir.startswith(prefix)]
+
+    def _local_function_dirs(self) -> list[Path]:
+        """This loader's function folders on this machine (a remote cache's: its copy's)."""
+        local = self._root().local
+        return [local.folder(fdir) for fdir in self._function_dirs(local)]
 
     def entries(self) -> list[EntryRecord]:
         """This loader's stored entries (every code version), newest first.
@@ -700,7 +657,8 @@ class CachedDataset(Generic[P, R]):
         with their file counts, the result summary, size on disk, created, last used and hits
         (see :func:`cachedload.list_entries`).
         """
-        return entries_in(self._function_dirs())
+        local = self._root().local
+        return records_of(local, self._function_dirs(local))
 
     def cache_explain(self, *args: P.args, **kwargs: P.kwargs) -> Explanation:
         """Why a call with these arguments would miss: how its key differs from the closest
@@ -716,17 +674,17 @@ class CachedDataset(Generic[P, R]):
             print(load_images.cache_explain("data/train", size=(64, 64)))
         """
         call = self._prepare(args, kwargs)
-        store = self._store()
+        root, fdir = self._root(), self._fdir()
         try:
-            stored = store.read_meta(call.key)
-            if stored is not None and self._racy_files_unchanged(store, call, stored):
+            stored = root.read_meta(fdir, call.key)
+            if stored is not None and self._racy_files_unchanged(root, fdir, call, stored):
                 note = "an entry for these arguments is stored: the call would be a hit"
                 return Explanation(self._identity, new_key=call.key, note=note)
         except CorruptEntry as error:
             note = f"the entry for these arguments is damaged ({error.reason}); will recompute"
             return Explanation(self._identity, new_key=call.key, note=note)
         found = explain_against_closest(
-            self._call_meta(call), call_manifest(call), self._function_dirs()
+            self._call_meta(call), call_manifest(call), self._local_function_dirs()
         )
         if found is None:
             note = "no entry of this loader is stored yet"
@@ -736,7 +694,8 @@ class CachedDataset(Generic[P, R]):
     def cache_info(self) -> CacheInfo:
         """Hits, misses and stores in this process; entries and bytes on disk (all code
         versions of this loader)."""
-        entries = [entry for d in self._function_dirs() for entry in iter_entries(d)]
+        local = self._root().local
+        entries = [entry for d in self._function_dirs(local) for entry in local.entries(d)]
         return CacheInfo(
             hits=self._stats.hits,
             misses=self._stats.misses,
@@ -750,17 +709,12 @@ class CachedDataset(Generic[P, R]):
 
         For a remote cache: in the bucket (for every machine) and in the local copy.
         """
-        url = self._remote_url()
-        if url is not None:
-            from cachedload.backends.listing import clear_function
-
-            prefix = self._function_dir_name().rsplit("-", 1)[0] + "-"
-            clear_function(url, prefix, self._storage_options, self._resolved_cache_dir())
-        for directory in self._function_dirs():
-            store = Store(directory.parent, directory.name)
-            for entry in list(store.entries()):
-                store.remove(entry.key)
-            store.remove_leftovers()
+        root = self._root()
+        for where in dict.fromkeys([root, root.local]):  # a local root is its own local part
+            for fdir in self._function_dirs(where):
+                for entry in list(where.entries(fdir)):
+                    where.remove(fdir, entry.key)
+                where.remove_leftovers(fdir)
         self._stats.hits = self._stats.misses = self._stats.stores = 0
 
 

@@ -14,16 +14,20 @@ Manifests are written at store time and read only here, never on the hit path.
 
 from __future__ import annotations
 
-import json
 import os
 import time
-import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cachedload.store import MANIFEST_FILE, META_FILE
+from cachedload.entry import (
+    MANIFEST_FILE,
+    CorruptEntry,
+    decode_manifest,
+    read_local_meta,
+    scan_entry_dirs,
+)
 
 __all__ = [
     "Difference",
@@ -100,12 +104,8 @@ class Explanation:
     new_created: float | None = None
     note: str | None = None
 
-    @property
-    def is_empty(self) -> bool:
-        """True if no key component differs."""
-        return not self.differences
-
     def __bool__(self) -> bool:
+        """False if no key component differs."""
         return bool(self.differences)
 
     def summary(self) -> str:
@@ -147,23 +147,20 @@ class Explanation:
 def read_meta(entry_path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """An entry's metadata as stored, whatever its format version; None if unreadable."""
     try:
-        meta = json.loads((Path(entry_path) / META_FILE).read_bytes())
-    except (OSError, ValueError):
+        return read_local_meta(Path(entry_path), any_version=True)
+    except (CorruptEntry, OSError):
         return None
-    return meta if isinstance(meta, dict) else None
 
 
 def read_manifest(entry_path: str | os.PathLike[str]) -> Manifest | None:
     """An entry's per-file manifest ``{source: [[relpath, size, mtime_ns], ...]}``; None if the
     entry has none (older entries) or it is unreadable."""
     try:
-        manifest = json.loads(zlib.decompress((Path(entry_path) / MANIFEST_FILE).read_bytes()))
-    except (OSError, ValueError, zlib.error):
+        return decode_manifest((Path(entry_path) / MANIFEST_FILE).read_bytes())
+    except OSError:
         return None
-    return manifest if isinstance(manifest, dict) else None
 
 
-# -- comparing ---------------------------------------------------------------------------------
 def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
@@ -391,16 +388,9 @@ def compare_entries(
 # -- the closest entry -------------------------------------------------------------------------
 def _stored(function_dirs: Iterable[Path]) -> Iterator[tuple[Path, dict[str, Any]]]:
     for directory in function_dirs:
-        try:
-            children = list(os.scandir(directory))
-        except OSError:
-            continue
-        for child in children:
-            if child.name.startswith(".") or not child.is_dir(follow_symlinks=False):
-                continue
-            meta = read_meta(child.path)
-            if meta is not None:
-                yield Path(child.path), meta
+        for found in scan_entry_dirs(directory, any_version=True):
+            if found.meta is not None:
+                yield found.path, found.meta
 
 
 def _source_paths(meta: dict[str, Any]) -> dict[str, Any]:

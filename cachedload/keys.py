@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from cachedload.entry import FORMAT_VERSION
 from cachedload.errors import ConfigurationError, SourceNotFoundError, UnhashableArgumentError
 from cachedload.fingerprint import RACY_WINDOW_NS, Fingerprint, fingerprint_source, hash_file
 from cachedload.hashing import UnhashableError, value_digest
-from cachedload.store import FORMAT_VERSION
 
 __all__ = [
     "Call",

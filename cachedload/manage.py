@@ -14,8 +14,6 @@ replaced): removal takes the entry's lock without waiting, and skips the entry i
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import logging
 import os
 import re
@@ -25,37 +23,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cachedload.backends import LOCAL_COPIES_DIR, URL_FILE, remote_url
+from cachedload.backends import open_root
 from cachedload.errors import ConfigurationError
-from cachedload.fingerprint import hash_file
-from cachedload.store import (
-    DATA_FILE,
-    CorruptEntry,
-    EntryInfo,
-    Store,
-    default_cache_dir,
-    iter_entries,
-)
+from cachedload.root import CacheRoot, Checked, EntryInfo
+from cachedload.store import LocalRoot
 
 __all__ = [
     "EntryRecord",
     "PruneReport",
     "VerifyResult",
     "enforce_after_store",
-    "entries_in",
     "format_age",
     "format_size",
-    "function_dirs",
     "is_busy",
     "list_entries",
     "local_copies",
-    "local_copy_roots",
+    "log_removal",
+    "manifest_of",
     "parse_age",
     "parse_size",
     "prune",
+    "records_of",
     "remove_damaged",
     "remove_entries",
-    "tidy_function_dirs",
+    "tidy",
     "tidy_local_copies",
     "verify",
 ]
@@ -70,10 +61,6 @@ for _power, _prefix in enumerate("kmgt", start=1):
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
 _AGE_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _AGE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]+)\s*$", re.IGNORECASE)
-# What is ours by name (the decorator's ``<module>.<qualname>-<code[:8]>`` and hex keys): nothing
-# else in a cache directory is listed, verified or deleted.
-_FUNCTION_DIR_RE = re.compile(r"^[\w.]+-[0-9a-f]{8}$")
-_KEY_RE = re.compile(r"^[0-9a-f]{16,64}$")
 
 
 @dataclass(frozen=True)
@@ -81,7 +68,8 @@ class EntryRecord:
     """One stored entry, described for people (``cachedload ls``) and programs.
 
     Attributes:
-        id: the entry's key (its folder name); ``cachedload info`` accepts a prefix of it.
+        id: the entry's cache key (its folder name); ``cachedload info`` accepts a prefix of
+            it. ``key`` is the same (``id`` is its name in ``cachedload ls --json``).
         function: the loader's ``module.qualname``.
         function_dir: the name of the function folder holding the entry (one per code version).
         parameters: each parameter's readable value, e.g. ``{"size": "(64, 64)"}``.
@@ -98,6 +86,7 @@ class EntryRecord:
         copy_of: for a local read-through copy of a remote entry, kept under
             ``<cache_dir>/remote/``, the remote cache's URL (``remote/<folder>`` if the copy
             does not record it). Deleting such a record deletes the local copy only.
+        root: the cache root holding the entry (where removing it deletes it).
     """
 
     id: str
@@ -114,15 +103,15 @@ class EntryRecord:
     meta: dict[str, Any] = field(repr=False, compare=False)
     url: str | None = None
     copy_of: str | None = None
+    root: CacheRoot | None = field(default=None, repr=False, compare=False)
 
-    @property
-    def key(self) -> str:
-        """The entry's cache key (the same as ``id``)."""
-        return self.id
+    key = property(lambda self: self.id, doc="The entry's cache key (the same as ``id``).")
 
     @classmethod
-    def from_info(cls, info: EntryInfo) -> EntryRecord:
-        """Build a record from :func:`cachedload.store.iter_entries`' description."""
+    def from_info(
+        cls, info: EntryInfo, root: CacheRoot | None = None, copy_of: str | None = None
+    ) -> EntryRecord:
+        """Build a record from :meth:`CacheRoot.entries`' description."""
         meta = info.meta
         parameters = {
             name: str(value.get("value", "?")) if isinstance(value, dict) else str(value)
@@ -151,6 +140,9 @@ class EntryRecord:
             hits=info.hits,
             path=info.path,
             meta=meta,
+            url=info.url,
+            copy_of=copy_of,
+            root=root,
         )
 
     @property
@@ -225,6 +217,7 @@ class VerifyResult:
         url: for a remote cache, the entry in the bucket.
         copy_of: for a local copy of a remote entry, the remote cache (see
             :attr:`EntryRecord.copy_of`).
+        root: the cache root holding the entry.
     """
 
     path: Path
@@ -233,6 +226,22 @@ class VerifyResult:
     problem: str | None
     url: str | None = None
     copy_of: str | None = None
+    root: CacheRoot | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_checked(
+        cls, checked: Checked, root: CacheRoot, copy_of: str | None = None
+    ) -> VerifyResult:
+        """Build a result from :meth:`CacheRoot.verify`'s."""
+        return cls(
+            checked.path,
+            checked.function,
+            checked.size_bytes,
+            checked.problem,
+            checked.url,
+            copy_of,
+            root,
+        )
 
     @property
     def id(self) -> str:
@@ -316,83 +325,23 @@ def _plural(count: int, one: str, many: str) -> str:
 
 
 # -- listing -----------------------------------------------------------------------------------
-def _root(cache_dir: str | os.PathLike[str] | None) -> Path:
-    return default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
+def _newest_first(records: list[EntryRecord]) -> list[EntryRecord]:
+    records.sort(key=lambda record: record.created, reverse=True)
+    return records
 
 
-def function_dirs(cache_dir: str | os.PathLike[str] | None = None) -> list[Path]:
-    """The function folders of a cache directory, sorted by name (none if it does not exist).
-
-    Only folders named as the decorator names them (``<module>.<qualname>-<code digest[:8]>``):
-    not the ``remote/`` folder of local copies (:func:`local_copy_roots`), nor anything else.
-    """
-    if remote_url(cache_dir) is not None:
-        return []  # a bucket has no local folders: see cachedload.backends.listing
-    return _function_dirs_in(_root(cache_dir))
-
-
-def _function_dirs_in(root: Path) -> list[Path]:
-    try:
-        children = list(os.scandir(root))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    return sorted(
-        Path(child.path)
-        for child in children
-        if _FUNCTION_DIR_RE.match(child.name) and child.is_dir(follow_symlinks=False)
+def records_of(
+    root: CacheRoot, fdirs: Iterable[str] | None = None, copy_of: str | None = None
+) -> list[EntryRecord]:
+    """The readable entries of a cache root (or of some of its function folders), newest
+    first."""
+    return _newest_first(
+        [
+            EntryRecord.from_info(info, root, copy_of)
+            for fdir in (root.function_dirs() if fdirs is None else fdirs)
+            for info in root.entries(fdir)
+        ]
     )
-
-
-def local_copy_roots(cache_dir: str | os.PathLike[str] | None = None) -> dict[Path, str]:
-    """The local read-through copies of remote caches kept in a cache directory.
-
-    Returns:
-        ``{root folder: the remote cache's URL}`` for each ``<cache_dir>/remote/<name>/``
-        (``remote/<name>`` stands for the URL when the copy does not record it).
-    """
-    if remote_url(cache_dir) is not None:
-        return {}
-    try:
-        children = sorted(os.scandir(_root(cache_dir) / LOCAL_COPIES_DIR), key=lambda c: c.name)
-    except (FileNotFoundError, NotADirectoryError):
-        return {}
-    roots: dict[Path, str] = {}
-    for child in children:
-        if child.name.startswith(".") or not child.is_dir(follow_symlinks=False):
-            continue
-        try:
-            url = (Path(child.path) / URL_FILE).read_text().strip()
-        except (OSError, UnicodeDecodeError):
-            url = ""
-        roots[Path(child.path)] = url or f"{LOCAL_COPIES_DIR}/{child.name}"
-    return roots
-
-
-def local_copies(cache_dir: str | os.PathLike[str] | None = None) -> list[EntryRecord]:
-    """The entries of the local copies of remote caches in a cache directory, newest first.
-
-    Each record's ``copy_of`` names the remote cache; removing it removes the local copy only
-    (the next hit on this machine downloads it again). They are not counted by ``max_size``.
-    """
-    records = [
-        dataclasses.replace(record, copy_of=url)
-        for root, url in local_copy_roots(cache_dir).items()
-        for record in entries_in(_function_dirs_in(root))
-    ]
-    records.sort(key=lambda record: record.created, reverse=True)
-    return records
-
-
-def entries_in(directories: Iterable[Path]) -> list[EntryRecord]:
-    """The readable entries of some function folders, newest first."""
-    records = [
-        EntryRecord.from_info(info)
-        for d in directories
-        for info in iter_entries(d)
-        if _KEY_RE.match(info.key)
-    ]
-    records.sort(key=lambda record: record.created, reverse=True)
-    return records
 
 
 def list_entries(cache_dir: str | os.PathLike[str] | None = None) -> list[EntryRecord]:
@@ -415,79 +364,49 @@ def list_entries(cache_dir: str | os.PathLike[str] | None = None) -> list[EntryR
     A URL (``"s3://bucket/prefix"``) lists a remote cache; ``$CACHEDLOAD_STORAGE_OPTIONS`` and
     the ``AWS_*`` variables configure access. Its records' ``url`` is the entry in the bucket.
     """
-    url = remote_url(cache_dir)
-    if url is not None:
-        from cachedload.backends import listing
+    return records_of(open_root(cache_dir))
 
-        return listing.list_entries(url)
-    return entries_in(function_dirs(cache_dir))
+
+def local_copies(cache_dir: str | os.PathLike[str] | None = None) -> list[EntryRecord]:
+    """The entries of the local copies of remote caches in a cache directory, newest first.
+
+    Each record's ``copy_of`` names the remote cache; removing it removes the local copy only
+    (the next hit on this machine downloads it again). They are not counted by ``max_size``.
+    """
+    return _newest_first(
+        [
+            record
+            for copy, url in open_root(cache_dir).local_copies()
+            for record in records_of(copy, copy_of=url)
+        ]
+    )
+
+
+def manifest_of(record: EntryRecord) -> dict[str, Any] | None:
+    """An entry's per-file manifest (for a remote cache: the local copy's, else the bucket's);
+    None if it has none."""
+    return _root_of(record.root, record.path).manifest(record.function_dir, record.id)
 
 
 # -- removing ----------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _claimed(lock_path: Path) -> Iterator[bool]:
-    """Hold an entry's lock without waiting; yield False if another process holds it.
-
-    While it is held nobody computes or replaces the entry, so it can be deleted safely; the
-    lock file goes with it (a waiter that opened it notices the unlinked file and retries).
-    """
-    from filelock import Timeout
-
-    from cachedload.backends.mount import entry_lock, uses_lease
-
-    lock = entry_lock(lock_path, 0)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        if not uses_lease(lock_path.parent):  # a lease's marker file is removed by release()
-            with contextlib.suppress(OSError):
-                lock_path.unlink()
-        lock.release()
+def _root_of(root: CacheRoot | None, path: Path) -> CacheRoot:
+    # A record made by hand (not listed) names its entry's folder only: a local one.
+    return root if root is not None else LocalRoot(path.parent.parent)
 
 
 def is_busy(record: EntryRecord) -> bool:
     """True if another process holds the entry's lock (it is being recomputed or removed)."""
-    if record.url is not None:
-        from cachedload.backends import listing
-
-        return listing.is_busy(record)
-    lock_path = record.path.parent / f"{record.id}.lock"
-    if not lock_path.exists():
-        return False
-    from filelock import Timeout
-
-    from cachedload.backends.mount import entry_lock
-
-    lock = entry_lock(lock_path, 0)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return True
-    lock.release()
-    return False
+    return _root_of(record.root, record.path).is_busy(record.function_dir, record.id)
 
 
 def _remove(record: EntryRecord, reason: str) -> bool:
     """Delete one entry unless another process holds its lock; True if it is gone."""
-    if record.url is not None:
-        from cachedload.backends import listing
-
-        return listing.remove_entry(record, reason)
-    directory = record.path.parent
-    store = Store(directory.parent, directory.name)
-    with _claimed(store.lock_path(record.id)) as free:
+    root = _root_of(record.root, record.path)
+    with root.claim(record.function_dir, record.id) as free:
         if not free:
             logger.info("keeping %s [%s]: in use by another process", record.function, record.id)
             return False
-        store.remove(record.id)
-        if record.copy_of is not None:  # the copy's record of uses reported to the bucket
-            with contextlib.suppress(OSError):
-                (directory / f"{record.id}.synced").unlink()
+        root.remove(record.function_dir, record.id)
     log_removal(record, reason)
     return True
 
@@ -524,26 +443,14 @@ def remove_entries(
     return PruneReport(tuple(removed), tuple(busy), dry_run)
 
 
-def tidy_function_dirs(directories: Iterable[Path]) -> None:
+def tidy(cache_dir: str | os.PathLike[str] | None = None) -> None:
     """Remove dead writers' leftovers, then function folders left empty."""
-    for directory in directories:
-        Store(directory.parent, directory.name).remove_leftovers()
-        with contextlib.suppress(OSError):
-            directory.rmdir()  # only succeeds when empty
+    open_root(cache_dir).tidy()
 
 
 def tidy_local_copies(cache_dir: str | os.PathLike[str] | None = None) -> None:
     """Tidy the local copies' function folders; remove copies (and ``remote/``) left empty."""
-    roots = local_copy_roots(cache_dir)
-    for root in roots:
-        tidy_function_dirs(_function_dirs_in(root))
-        if not any(name != URL_FILE for name in os.listdir(root)):
-            with contextlib.suppress(OSError):
-                (root / URL_FILE).unlink(missing_ok=True)
-                root.rmdir()
-    if roots:
-        with contextlib.suppress(OSError):
-            (_root(cache_dir) / LOCAL_COPIES_DIR).rmdir()
+    open_root(cache_dir).tidy_copies()
 
 
 def _superseded(records: Iterable[EntryRecord], keep: int) -> list[EntryRecord]:
@@ -615,7 +522,8 @@ def prune(
     _check_keep(keep)
     limit = None if max_size is None else parse_size(max_size, "max_size")
     age = None if older_than is None else parse_age(older_than, "older_than")
-    records = list_entries(cache_dir)
+    root = open_root(cache_dir)
+    records = records_of(root)
     report = PruneReport(dry_run=dry_run)
     if age is not None:
         cutoff = time.time() - age
@@ -631,52 +539,48 @@ def prune(
         remaining = [record for record in records if record.path not in gone]
         report += _evict_lru(remaining, limit, protect=None, dry_run=dry_run)
     if not dry_run:
-        tidy_function_dirs(function_dirs(cache_dir))
-        url = remote_url(cache_dir)
-        if url is not None:
-            from cachedload.backends import listing
-
-            listing.tidy(url)
+        root.tidy()
     return report
 
 
 def enforce_after_store(
-    store: Store, key: str, meta: dict[str, Any], *, keep: int | None, max_size: int | None
+    root: CacheRoot,
+    fdir: str,
+    key: str,
+    meta: dict[str, Any],
+    *,
+    keep: int | None,
+    max_size: int | None,
 ) -> PruneReport:
-    """Bound the cache right after ``key`` was published (called by the decorator).
+    """Bound the cache right after ``key`` was published in ``fdir`` (called by the decorator).
 
     Deletes the entries that ``key`` supersedes beyond ``keep`` (same ``meta["group"]``), then,
     with ``max_size``, evicts least-recently-used entries of the whole cache directory until it
     fits. Never touches ``key`` itself, entries whose lock another process holds, or entries
-    being written.
+    being written. For a remote cache, this machine's copy is bounded (``cachedload prune``
+    bounds the bucket).
 
     Raises:
         OSError: the cache directory cannot be read or written.
     """
+    local = root.local
     report = PruneReport()
     group = meta.get("group")
     if keep is not None and isinstance(group, str):
         siblings = [
             record
-            for record in entries_in([store.function_dir])
+            for record in records_of(local, [fdir])
             if record.id != key and record.group == group
         ]
         # The new entry is the newest of its group: it counts as one of the ``keep``.
         report += remove_entries(_superseded(siblings, keep - 1), reason="superseded")
     if max_size is not None:
-        records = entries_in(function_dirs(store.cache_dir))
-        report += _evict_lru(records, max_size, protect=store.entry_path(key), dry_run=False)
+        records = records_of(local)
+        report += _evict_lru(records, max_size, protect=local.entry_path(fdir, key), dry_run=False)
     return report
 
 
 # -- verifying ---------------------------------------------------------------------------------
-def _entry_size(path: Path) -> int:
-    try:
-        return sum(f.stat().st_size for f in os.scandir(path) if f.is_file(follow_symlinks=False))
-    except OSError:
-        return 0
-
-
 def verify(
     cache_dir: str | os.PathLike[str] | None = None, *, checksums: bool = True
 ) -> Iterator[VerifyResult]:
@@ -688,61 +592,19 @@ def verify(
     (they live in temporary folders). The local copies of remote caches kept in the directory
     are checked too (their results' ``copy_of`` says so).
     """
-    url = remote_url(cache_dir)
-    if url is not None:
-        from cachedload.backends import listing
-
-        yield from listing.verify(url, checksums=checksums)
-        return
-    yield from _verify_dirs(function_dirs(cache_dir), checksums, None)
-    for root, copy_of in local_copy_roots(cache_dir).items():
-        yield from _verify_dirs(_function_dirs_in(root), checksums, copy_of)
-
-
-def _verify_dirs(
-    directories: Iterable[Path], checksums: bool, copy_of: str | None
-) -> Iterator[VerifyResult]:
-    for directory in directories:
-        store = Store(directory.parent, directory.name)
-        try:
-            children = sorted(os.scandir(directory), key=lambda child: child.name)
-        except OSError:
-            continue
-        for child in children:
-            if not _KEY_RE.match(child.name) or not child.is_dir(follow_symlinks=False):
-                continue
-            path = Path(child.path)
-            function, problem = directory.name, None
-            try:
-                meta = store.read_meta(child.name)
-                if meta is None:  # removed meanwhile
-                    continue
-                function = str(meta.get("function", function))
-                data = path / DATA_FILE
-                size = os.stat(data).st_size
-                if size != meta["data"]["size"]:
-                    problem = f"data file is {size} bytes, metadata says {meta['data']['size']}"
-                elif checksums and hash_file(data) != meta["data"]["xxh3"]:
-                    problem = "data file checksum does not match"
-            except CorruptEntry as error:
-                problem = error.reason
-            except FileNotFoundError:
-                problem = "data file is missing"
-            except OSError as error:
-                problem = f"cannot read the entry ({error})"
-            yield VerifyResult(path, function, _entry_size(path), problem, copy_of=copy_of)
+    root = open_root(cache_dir)
+    for checked in root.verify(checksums=checksums):
+        yield VerifyResult.from_checked(checked, root)
+    for copy, url in root.local_copies():
+        for checked in copy.verify(checksums=checksums):
+            yield VerifyResult.from_checked(checked, copy, url)
 
 
 def remove_damaged(result: VerifyResult) -> bool:
     """Delete an entry that :func:`verify` found damaged; False if another process holds it."""
-    if result.url is not None:
-        from cachedload.backends import listing
-
-        return listing.remove_damaged(result)
-    directory = result.path.parent
-    store = Store(directory.parent, directory.name)
-    with _claimed(store.lock_path(result.id)) as free:
+    root, fdir = _root_of(result.root, result.path), result.path.parent.name
+    with root.claim(fdir, result.id) as free:
         if free:
-            store.remove(result.id)
-            logger.info("removed damaged entry %s: %s", result.path, result.problem)
+            root.remove(fdir, result.id)
+            logger.info("removed damaged entry %s: %s", result.url or result.path, result.problem)
         return free

@@ -47,6 +47,7 @@ from typing import Any, BinaryIO, Literal, NamedTuple
 import numpy as np
 import xxhash
 
+from cachedload.entry import HashingWriter
 from cachedload.errors import UnsafePickleError
 from cachedload.reading import SharedReader, read_exactly, read_parallel
 from cachedload.safe_pickle import RestrictedUnpickler, restricted_loads
@@ -76,28 +77,6 @@ _WRITE_CHUNK = 8 * 1024 * 1024  # hash then write a slice while it is in the CPU
 _NDITER_BUFFER = 16 * 1024 * 1024  # non-contiguous arrays: joblib's chunk size
 _SPOOL_MAX = 64 * 1024 * 1024  # a larger skeleton is pickled into a temporary file
 _FOREIGN = ">" if sys.byteorder == "little" else "<"
-
-
-class _HashingWriter:
-    """A binary file wrapper that hashes and counts everything written through it."""
-
-    def __init__(self, handle: BinaryIO) -> None:
-        self.handle = handle
-        self.hasher = xxhash.xxh3_128()
-        self.size = 0
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data)
-        self.hasher.update(view)
-        self.size += view.nbytes
-        self.handle.write(view)
-        return view.nbytes
-
-    def tell(self) -> int:
-        return self.size
-
-    def flush(self) -> None:
-        self.handle.flush()
 
 
 # -- writing --------------------------------------------------------------------------------
@@ -211,7 +190,7 @@ def dump(value: Any, path: str | os.PathLike[str], *, compress: Any = False) -> 
             partly written: the caller removes it).
     """
     with open(path, "wb") as handle:
-        writer = _HashingWriter(handle)
+        writer = HashingWriter(handle)
         try:
             if _compressed(compress):
                 import joblib
@@ -276,7 +255,7 @@ def _find_unpicklable(value: Any) -> tuple[str, str]:
     return where, name
 
 
-def _dump_indexed(value: Any, writer: _HashingWriter, folder: str) -> None:
+def _dump_indexed(value: Any, writer: HashingWriter, folder: str) -> None:
     # The skeleton is pickled first (that is how the arrays are found), into memory, or into a
     # temporary file once large: a result made of Python objects is not held twice in memory.
     with tempfile.SpooledTemporaryFile(_SPOOL_MAX, dir=folder or None) as spool:
@@ -288,7 +267,7 @@ def _dump_indexed(value: Any, writer: _HashingWriter, folder: str) -> None:
 
 
 def _write_indexed(
-    writer: _HashingWriter, skeleton: Any, skeleton_len: int, arrays: list[np.ndarray[Any, Any]]
+    writer: HashingWriter, skeleton: Any, skeleton_len: int, arrays: list[np.ndarray[Any, Any]]
 ) -> None:
     wrappers = [_wrapper_pickle(array, _order(array)) for array in arrays]
 

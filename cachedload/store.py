@@ -1,17 +1,9 @@
-"""The on-disk layout of a cache directory: entries, atomic publish, load, locks, listing.
+"""A local cache directory (:class:`LocalRoot`): atomic publish, load, locks, listing.
 
-::
-
-    <cache_dir>/
-      <module>.<qualname>-<code digest[:8]>/   one folder per function (and code version)
-        <key>/                                  one entry, published by one atomic rename
-          result.joblib                         joblib.dump output (uncompressed → mmap-able)
-          meta.json                             what, from which sources, sizes, checksum, …
-          manifest                              per-file list of each source (zlib'd JSON)
-        <key>.lock                              single-flight lock (filelock)
-        <key>.used                              one byte appended per hit: size = hits,
-                                                mtime = last use; the entry is never rewritten
-        .tmp-<host>-<pid>-<random>/             an entry being written
+The layout (every file that may sit in a cache directory) is drawn in :mod:`cachedload.entry`.
+An entry is written into a temporary folder beside it, fsynced, then renamed into place, so
+readers see either no entry or a complete one; it is deleted by renaming it away first. The
+single-flight lock is a kernel lock, or a lease on a shared mount (:mod:`cachedload.mount`).
 
 This module knows nothing about how keys are made.
 """
@@ -24,66 +16,42 @@ import json
 import logging
 import os
 import shutil
-import socket
 import time
-import uuid
-import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cachedload import config, serialize
+from cachedload.entry import (
+    DATA_FILE,
+    FORMAT_VERSION,
+    LOCAL_COPIES_DIR,
+    LOCK_SUFFIX,
+    MANIFEST_FILE,
+    META_FILE,
+    SYNCED_SUFFIX,
+    TRASH_PREFIX,
+    URL_FILE,
+    USED_SUFFIX,
+    CorruptEntry,
+    decode_manifest,
+    encode_manifest,
+    is_function_dir_name,
+    is_leftover_name,
+    leftover_is_dead,
+    read_local_meta,
+    scan_entry_dirs,
+    size_problem,
+    temporary_name,
+)
 from cachedload.fingerprint import hash_file
+from cachedload.mount import entry_lock, uses_lease
 from cachedload.reading import NOTHING, ReadAhead
-from cachedload.serialize import UnpicklableResult
+from cachedload.root import CacheRoot, Checked, EntryInfo
 
-__all__ = [
-    "DATA_FILE",
-    "FORMAT_VERSION",
-    "META_FILE",
-    "CorruptEntry",
-    "EntryInfo",
-    "Store",
-    "UnpicklableResult",
-    "atomic_write_bytes",
-    "default_cache_dir",
-    "iter_entries",
-]
-
-#: Bumped whenever the layout or the meaning of a key changes: old entries then never match.
-FORMAT_VERSION = 1
-
-DATA_FILE = "result.joblib"
-META_FILE = "meta.json"
-MANIFEST_FILE = "manifest"
-_TMP_PREFIX = ".tmp-"
-_TRASH_PREFIX = ".trash-"
-_LEFTOVER_MAX_AGE = 3600.0
-_HOST = socket.gethostname().replace("-", "_")
+__all__ = ["LocalRoot", "atomic_write_bytes", "default_cache_dir"]
 
 logger = logging.getLogger("cachedload")
-
-
-class CorruptEntry(Exception):
-    """A stored entry cannot be used (internal: the decorator turns it into a warning)."""
-
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class EntryInfo:
-    """One stored entry, as listed by :meth:`Store.entries`."""
-
-    key: str
-    path: Path
-    meta: dict[str, Any]
-    size_bytes: int
-    hits: int
-    last_used: float
 
 
 def _fsync_dir(path: Path) -> None:
@@ -94,14 +62,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
-    tmp = path.with_name(f"{_TMP_PREFIX}{_HOST}-{os.getpid()}-{uuid.uuid4().hex}")
+    tmp = path.with_name(temporary_name())
     try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        _write_file(tmp, data)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -109,28 +81,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _leftover_is_dead(name: str, mtime: float, now: float) -> bool:
-    """True if a temporary file/folder was left by a writer that is gone (or is stale)."""
-    if now - mtime > _LEFTOVER_MAX_AGE:
-        return True
-    parts = name.split("-")
-    if len(parts) < 4:
-        return False
-    host, pid = parts[1], parts[2]
-    return host == _HOST and pid.isdigit() and not _pid_alive(int(pid))
-
-
-def _remove(path: Path) -> None:
+def _delete(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -138,79 +89,128 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-class Store:
-    """The entries of one function (one code version) inside a cache directory."""
+def _folder_size(path: Path) -> int:
+    try:
+        return sum(f.stat().st_size for f in os.scandir(path) if f.is_file(follow_symlinks=False))
+    except OSError:
+        return 0
 
-    def __init__(self, cache_dir: Path, function_dir: str) -> None:
-        self.cache_dir = cache_dir
-        self.function_dir = cache_dir / function_dir
 
-    # -- paths -------------------------------------------------------------------------------
-    def entry_path(self, key: str) -> Path:
-        """The folder of the entry for ``key`` (whether or not it exists)."""
-        return self.function_dir / key
+def replace_folder(tmp: Path, entry: Path, *, replace: bool) -> None:
+    """Rename the finished folder ``tmp`` to ``entry``; an entry already there is kept (another
+    process published the same inputs first) unless ``replace``."""
+    if replace and entry.exists():
+        trash = entry.with_name(temporary_name(TRASH_PREFIX))
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(entry, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+    try:
+        os.rename(tmp, entry)
+    except OSError as error:
+        if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        # Another process published this key first: entries are immutable, keep theirs.
+        shutil.rmtree(tmp, ignore_errors=True)
 
-    def lock_path(self, key: str) -> Path:
-        """The single-flight lock file for ``key``."""
-        return self.function_dir / f"{key}.lock"
 
-    # -- reading -----------------------------------------------------------------------------
-    def read_meta(self, key: str) -> dict[str, Any] | None:
-        """Return the entry's metadata, None if there is no entry.
+class LocalRoot(CacheRoot):
+    """A cache directory on a POSIX file system (local disk or a shared mount).
+
+    Args:
+        path: the cache directory (need not exist yet).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.location = str(self.path)
+        # Function folder name -> its path: a hit then joins one name, not two.
+        self._folders: dict[str, Path] = {}
+
+    def __repr__(self) -> str:
+        return f"LocalRoot({self.location!r})"
+
+    # -- names ---------------------------------------------------------------------------------
+    @property
+    def local(self) -> LocalRoot:
+        """Itself: all of it is on this machine."""
+        return self
+
+    def folder(self, fdir: str) -> Path:
+        """A function folder (whether or not it exists)."""
+        found = self._folders.get(fdir)
+        if found is None:
+            if len(self._folders) > 64:
+                self._folders.clear()
+            found = self._folders[fdir] = self.path / fdir
+        return found
+
+    def _beside(self, fdir: str, key: str, suffix: str) -> Path:
+        return self.folder(fdir) / f"{key}{suffix}"
+
+    def function_dirs(self) -> list[str]:
+        """The function folders, sorted (not ``remote/``, nor anything not named as ours)."""
+        try:
+            children = list(os.scandir(self.path))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(
+            child.name
+            for child in children
+            if is_function_dir_name(child.name) and child.is_dir(follow_symlinks=False)
+        )
+
+    def local_copies(self) -> list[tuple[CacheRoot, str]]:
+        """The read-through copies of remote caches under ``remote/``, with their URLs
+        (``remote/<name>`` stands for the URL when the copy does not record it)."""
+        try:
+            children = sorted(os.scandir(self.path / LOCAL_COPIES_DIR), key=lambda c: c.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        copies: list[tuple[CacheRoot, str]] = []
+        for child in children:
+            if child.name.startswith(".") or not child.is_dir(follow_symlinks=False):
+                continue
+            try:
+                url = (Path(child.path) / URL_FILE).read_text().strip()
+            except (OSError, UnicodeDecodeError):
+                url = ""
+            copies.append((LocalRoot(child.path), url or f"{LOCAL_COPIES_DIR}/{child.name}"))
+        return copies
+
+    # -- reading -------------------------------------------------------------------------------
+    def entries(self, fdir: str) -> Iterator[EntryInfo]:
+        """Every readable entry of a function folder, by key (damaged ones are left out)."""
+        for found in scan_entry_dirs(self.path / fdir):
+            if found.meta is None:
+                continue
+            try:
+                used = os.stat(self._beside(fdir, found.key, USED_SUFFIX))
+                hits, last_used = used.st_size, used.st_mtime
+            except FileNotFoundError:
+                hits, last_used = 0, float(found.meta.get("created", 0.0))
+            size = _folder_size(found.path)
+            yield EntryInfo(found.key, found.path, found.meta, size, hits, last_used)
+
+    def read_meta(self, fdir: str, key: str) -> dict[str, Any] | None:
+        """An entry's metadata; None if there is no entry.
 
         Raises:
             CorruptEntry: the entry exists but its metadata is missing, invalid or from another
                 format version.
         """
-        entry = self.entry_path(key)
-        try:
-            raw = (entry / META_FILE).read_bytes()
-        except FileNotFoundError:
-            if entry.is_dir():
-                raise CorruptEntry(entry, "metadata file is missing") from None
-            return None
-        except NotADirectoryError:
-            if entry.exists():  # a file where the entry's folder should be
-                raise CorruptEntry(entry, "entry is not a folder") from None
-            return None  # a file further up: no entry (storing will report the path)
-        try:
-            meta = json.loads(raw)
-        except ValueError as error:
-            raise CorruptEntry(entry, f"metadata is not valid JSON ({error})") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
-            found = meta.get("format") if isinstance(meta, dict) else None
-            raise CorruptEntry(
-                entry, f"metadata format {found!r} is not this version's {FORMAT_VERSION}"
-            )
-        data = meta.get("data")
-        if (
-            not isinstance(data, dict)
-            or not isinstance(data.get("size"), int)
-            or not isinstance(data.get("xxh3"), str)
-        ):
-            raise CorruptEntry(entry, "metadata lacks the data file's size and checksum")
-        racy = meta.get("racy", {})
-        if not (
-            isinstance(racy, dict)
-            and all(
-                isinstance(files, dict) and all(isinstance(d, str) for d in files.values())
-                for files in racy.values()
-            )
-            and isinstance(meta.get("racy_newest_mtime_ns", 0), int)
-        ):
-            raise CorruptEntry(entry, "metadata's records of recently modified files are invalid")
-        return meta
+        return read_local_meta(self.entry_path(fdir, key))
 
-    def has_data(self, key: str, meta: dict[str, Any]) -> bool:
+    def has_data(self, fdir: str, key: str, meta: dict[str, Any]) -> bool:
         """True if the entry's data file is there with the size ``meta`` records."""
         try:
-            size = os.stat(self.entry_path(key) / DATA_FILE).st_size
+            size = os.stat(self.entry_path(fdir, key) / DATA_FILE).st_size
         except OSError:
             return False
-        return bool(size == meta["data"]["size"])
+        return size_problem(size, meta) is None
 
-    def load_value(
+    def load(
         self,
+        fdir: str,
         key: str,
         meta: dict[str, Any],
         *,
@@ -218,29 +218,24 @@ class Store:
         verify: bool,
         ahead: ReadAhead | None = None,
     ) -> Any:
-        """Load the stored result of an entry whose metadata was read with :meth:`read_meta`.
-
-        Checks the data file's size against the metadata (and its checksum when ``verify``).
-        ``ahead``: this entry's data, being read by :meth:`read_ahead`; used if it was read
-        from the same file.
+        """Load an entry: checks its data file's size (and checksum when ``verify``); uses
+        ``ahead`` if it read the same file.
 
         Raises:
-            CorruptEntry: the data file is missing, of the wrong size or checksum, or joblib
-                cannot load it.
+            CorruptEntry: the data file is missing, of the wrong size or checksum, or cannot be
+                loaded.
         """
-        data_path = self.entry_path(key) / DATA_FILE
+        entry = self.entry_path(fdir, key)
+        data_path = entry / DATA_FILE
         try:
             info = os.stat(data_path)
         except FileNotFoundError:
-            raise CorruptEntry(self.entry_path(key), "data file is missing") from None
-        size = info.st_size
-        if size != meta["data"]["size"]:
-            raise CorruptEntry(
-                self.entry_path(key),
-                f"data file is {size} bytes, metadata says {meta['data']['size']}",
-            )
-        if verify and hash_file(data_path) != meta["data"]["xxh3"]:
-            raise CorruptEntry(self.entry_path(key), "data file checksum does not match")
+            raise CorruptEntry(entry, "data file is missing") from None
+        problem = size_problem(info.st_size, meta)
+        if problem is None and verify and hash_file(data_path) != meta["data"]["xxh3"]:
+            problem = "data file checksum does not match"
+        if problem is not None:
+            raise CorruptEntry(entry, problem)
         if ahead is not None:
             value = ahead.take(info)
             if value is not NOTHING:
@@ -249,24 +244,24 @@ class Store:
             return serialize.load(data_path, mmap_mode=mmap_mode)
         except Exception as error:  # joblib/pickle raise many types on a garbled file
             raise CorruptEntry(
-                self.entry_path(key), f"cannot load data ({type(error).__name__}: {error})"
+                entry, f"cannot load data ({type(error).__name__}: {error})"
             ) from error
 
-    def read_ahead(self, key: str) -> ReadAhead:
+    def read_ahead(self, fdir: str, key: str) -> ReadAhead:
         """Start loading an entry's data (``mmap_mode=None``) in a background thread, before
-        it is known whether the call will ask for it; see :meth:`load_value`."""
-        data_path = self.entry_path(key) / DATA_FILE
+        it is known whether the call will ask for it; see :meth:`load`."""
+        data_path = self.entry_path(fdir, key) / DATA_FILE
         return ReadAhead(
             lambda reader, opened: serialize.load(
                 data_path, mmap_mode=None, reader=reader, on_open=opened
             )
         )
 
-    def record_hit(self, key: str) -> None:
+    def record_hit(self, fdir: str, key: str) -> None:
         """Note one use of an entry (appends one byte beside it; never rewrites the entry)."""
         try:
             fd = os.open(
-                self.function_dir / f"{key}.used", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666
+                self._beside(fdir, key, USED_SUFFIX), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666
             )
         except OSError:
             return  # a read-only cache still serves hits
@@ -277,18 +272,18 @@ class Store:
         finally:
             os.close(fd)
 
-    # -- writing -----------------------------------------------------------------------------
-    def lock(self, key: str, timeout: float | None) -> Any:
-        """A cross-process lock for computing ``key``, released if its holder dies: a kernel
-        lock (filelock), or on a shared mount (NFS, Lustre…) a lease that a holder on another
-        machine renews while it lives (see :mod:`cachedload.backends.mount`)."""
-        from cachedload.backends.mount import entry_lock
+    def manifest(self, fdir: str, key: str) -> dict[str, Any] | None:
+        """An entry's per-file manifest; None if it has none or it is unreadable."""
+        try:
+            raw = (self.entry_path(fdir, key) / MANIFEST_FILE).read_bytes()
+        except OSError:
+            return None
+        return decode_manifest(raw)
 
-        self.function_dir.mkdir(parents=True, exist_ok=True)
-        return entry_lock(self.lock_path(key), timeout)
-
-    def save(
+    # -- writing -------------------------------------------------------------------------------
+    def put(
         self,
+        fdir: str,
         key: str,
         value: Any,
         meta: dict[str, Any],
@@ -299,122 +294,163 @@ class Store:
     ) -> int:
         """Publish an entry atomically and return the data file's size in bytes.
 
-        Writes into a temporary folder beside the entry, fsyncs, then renames it into place, so
-        readers see either no entry or a complete one. If an entry for ``key`` already exists it
-        is kept (another process published the same result first) unless ``replace``.
-
         Raises:
             OSError: the cache directory cannot be written (the temporary folder is removed).
             UnpicklableResult: ``value`` cannot be pickled (the temporary folder is removed).
         """
-        self.function_dir.mkdir(parents=True, exist_ok=True)
-        self.remove_leftovers()
-        tmp = self.function_dir / f"{_TMP_PREFIX}{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        function_dir = self.path / fdir
+        function_dir.mkdir(parents=True, exist_ok=True)
+        self.remove_leftovers(fdir)
+        tmp = function_dir / temporary_name()
         tmp.mkdir()
         try:
             size, checksum = serialize.dump(value, tmp / DATA_FILE, compress=compress)
             meta = {**meta, "format": FORMAT_VERSION, "key": key}
             meta["data"] = {"file": DATA_FILE, "size": size, "xxh3": checksum}
-            self._write_file(tmp / META_FILE, json.dumps(meta, indent=1).encode())
+            _write_file(tmp / META_FILE, json.dumps(meta, indent=1).encode())
             if manifest is not None:
-                self._write_file(
-                    tmp / MANIFEST_FILE, zlib.compress(json.dumps(manifest).encode(), 3)
-                )
+                _write_file(tmp / MANIFEST_FILE, encode_manifest(manifest))
             _fsync_dir(tmp)
-            self._publish(tmp, self.entry_path(key), replace=replace)
+            replace_folder(tmp, self.entry_path(fdir, key), replace=replace)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync_dir(self.function_dir)
+        _fsync_dir(function_dir)
         return size
 
-    @staticmethod
-    def _write_file(path: Path, data: bytes) -> None:
-        with open(path, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    def _publish(self, tmp: Path, entry: Path, *, replace: bool) -> None:
-        if replace and entry.exists():
-            trash = entry.with_name(f"{_TRASH_PREFIX}{_HOST}-{os.getpid()}-{uuid.uuid4().hex}")
-            os.rename(entry, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        try:
-            os.rename(tmp, entry)
-        except OSError as error:
-            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-            # Another process published this key first: entries are immutable, keep theirs.
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    def rewrite_meta(self, key: str, meta: dict[str, Any]) -> None:
+    def rewrite_meta(self, fdir: str, key: str, meta: dict[str, Any]) -> None:
         """Atomically replace an entry's metadata (used to clear verified racy-file records)."""
-        atomic_write_bytes(self.entry_path(key) / META_FILE, json.dumps(meta, indent=1).encode())
+        atomic_write_bytes(
+            self.entry_path(fdir, key) / META_FILE, json.dumps(meta, indent=1).encode()
+        )
 
-    def remove(self, key: str) -> None:
-        """Delete an entry: first move it out of sight atomically, then delete its files."""
-        entry = self.entry_path(key)
-        trash = entry.with_name(f"{_TRASH_PREFIX}{_HOST}-{os.getpid()}-{uuid.uuid4().hex}")
+    def lock(self, fdir: str, key: str, timeout: float | None) -> Any:
+        """A cross-process lock for computing ``key``, released if its holder dies: a kernel
+        lock (filelock), or on a shared mount (NFS, Lustre…) a lease that a holder on another
+        machine renews while it lives (see :mod:`cachedload.mount`)."""
+        (self.path / fdir).mkdir(parents=True, exist_ok=True)
+        return entry_lock(self._beside(fdir, key, LOCK_SUFFIX), timeout)
+
+    # -- removing ------------------------------------------------------------------------------
+    def remove(self, fdir: str, key: str) -> None:
+        """Delete an entry: first move it out of sight atomically, then delete its files (and
+        its records of uses)."""
+        entry = self.entry_path(fdir, key)
+        trash = entry.with_name(temporary_name(TRASH_PREFIX))
         try:
             os.rename(entry, trash)
         except FileNotFoundError:
             pass
         else:
             shutil.rmtree(trash, ignore_errors=True)
-        for suffix in (".used",):
+        for suffix in (USED_SUFFIX, SYNCED_SUFFIX):
             with contextlib.suppress(FileNotFoundError):
-                (self.function_dir / f"{key}{suffix}").unlink()
+                self._beside(fdir, key, suffix).unlink()
 
-    def remove_leftovers(self) -> None:
-        """Delete temporary files of dead writers (same host, pid gone) or older than an hour."""
-        now = time.time()
+    @contextlib.contextmanager
+    def claim(self, fdir: str, key: str) -> Iterator[bool]:
+        """Hold an entry's lock without waiting; yield False if another process holds it.
+
+        While it is held nobody computes or replaces the entry, so it can be deleted safely;
+        the lock file goes with it (a waiter that opened it notices the unlinked file and
+        retries).
+        """
+        from filelock import Timeout
+
+        lock_path = self._beside(fdir, key, LOCK_SUFFIX)
+        lock = entry_lock(lock_path, 0)
         try:
-            children = list(os.scandir(self.function_dir))
-        except FileNotFoundError:
+            lock.acquire(timeout=0)
+        except Timeout:
+            yield False
             return
+        try:
+            yield True
+        finally:
+            if not uses_lease(lock_path.parent):  # a lease's marker file goes with release()
+                with contextlib.suppress(OSError):
+                    lock_path.unlink()
+            lock.release()
+
+    def is_busy(self, fdir: str, key: str) -> bool:
+        """True if another process holds the entry's lock (it is being recomputed or removed)."""
+        from filelock import Timeout
+
+        lock_path = self._beside(fdir, key, LOCK_SUFFIX)
+        if not lock_path.exists():
+            return False
+        lock = entry_lock(lock_path, 0)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return True
+        lock.release()
+        return False
+
+    def remove_leftovers(self, fdir: str) -> int:
+        """Delete temporary files of dead writers (same host, pid gone) or older than an hour;
+        return how many."""
+        now, removed = time.time(), 0
+        try:
+            children = list(os.scandir(self.path / fdir))
+        except FileNotFoundError:
+            return 0
         for child in children:
-            if not child.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
+            if not is_leftover_name(child.name):
                 continue
             try:
                 mtime = child.stat(follow_symlinks=False).st_mtime
             except FileNotFoundError:
                 continue
-            if _leftover_is_dead(child.name, mtime, now):
+            if leftover_is_dead(child.name, mtime, now):
                 logger.debug("removing leftover %s", child.path)
-                _remove(Path(child.path))
+                _delete(Path(child.path))
+                removed += 1
+        return removed
 
-    # -- listing -----------------------------------------------------------------------------
-    def entries(self) -> Iterator[EntryInfo]:
-        """Every readable entry of this function folder (corrupt ones are skipped)."""
-        yield from iter_entries(self.function_dir)
+    def tidy(self) -> None:
+        """Remove dead writers' leftovers, then function folders left empty."""
+        for fdir in self.function_dirs():
+            self.remove_leftovers(fdir)
+            with contextlib.suppress(OSError):
+                (self.path / fdir).rmdir()  # only succeeds when empty
 
+    def tidy_copies(self) -> None:
+        """Tidy the read-through copies under ``remote/``; remove those (and ``remote/``) left
+        empty."""
+        copies = self.local_copies()
+        for copy, _ in copies:
+            copy.tidy()
+            path = Path(copy.location)
+            with contextlib.suppress(OSError):
+                if not any(name != URL_FILE for name in os.listdir(path)):
+                    (path / URL_FILE).unlink(missing_ok=True)
+                    path.rmdir()
+        if copies:
+            with contextlib.suppress(OSError):
+                (self.path / LOCAL_COPIES_DIR).rmdir()
 
-def iter_entries(function_dir: Path) -> Iterator[EntryInfo]:
-    """Every readable entry in one function folder."""
-    try:
-        children = sorted(os.scandir(function_dir), key=lambda child: child.name)
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    store = Store(function_dir.parent, function_dir.name)
-    for child in children:
-        if child.name.startswith(".") or not child.is_dir(follow_symlinks=False):
-            continue
+    def verify(self, *, checksums: bool = True) -> Iterator[Checked]:
+        """Check every entry folder: metadata, data file size and (``checksums``) checksum."""
+        for fdir in self.function_dirs():
+            for found in scan_entry_dirs(self.path / fdir):
+                function, problem = fdir, found.problem
+                if found.meta is not None:
+                    function = str(found.meta.get("function", fdir))
+                    problem = self._data_problem(found.path / DATA_FILE, found.meta, checksums)
+                yield Checked(found.path, function, _folder_size(found.path), problem)
+
+    @staticmethod
+    def _data_problem(data: Path, meta: dict[str, Any], checksums: bool) -> str | None:
         try:
-            meta = store.read_meta(child.name)
-        except CorruptEntry:
-            continue
-        if meta is None:
-            continue
-        size = sum(
-            f.stat().st_size for f in os.scandir(child.path) if f.is_file(follow_symlinks=False)
-        )
-        try:
-            used = os.stat(function_dir / f"{child.name}.used")
-            hits, last_used = used.st_size, used.st_mtime
+            problem = size_problem(os.stat(data).st_size, meta)
+            if problem is None and checksums and hash_file(data) != meta["data"]["xxh3"]:
+                problem = "data file checksum does not match"
         except FileNotFoundError:
-            hits, last_used = 0, float(meta.get("created", 0.0))
-        yield EntryInfo(child.name, Path(child.path), meta, size, hits, last_used)
+            return "data file is missing"
+        except OSError as error:
+            return f"cannot read the entry ({error})"
+        return problem
 
 
 def default_cache_dir() -> Path:

@@ -32,9 +32,9 @@ from torch.utils.data import Dataset, get_worker_info
 
 from cachedload import serialize
 from cachedload.decorator import CachedDataset
+from cachedload.entry import DATA_FILE
 from cachedload.errors import CachedloadError, ConfigurationError
 from cachedload.results import ResultParts, normalize_path, split_result
-from cachedload.store import DATA_FILE
 
 __all__ = ["MappedImages"]
 

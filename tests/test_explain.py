@@ -44,7 +44,7 @@ def test_cache_explain_names_added_modified_removed_files_and_a_parameter(
 
     explanation = load.cache_explain(str(data), size=(64, 64))
 
-    assert isinstance(explanation, Explanation) and explanation and not explanation.is_empty
+    assert isinstance(explanation, Explanation) and explanation
     parameter, source = explanation.differences
     assert (parameter.component, parameter.name) == ("parameter", "size")
     assert (parameter.old, parameter.new) == ("(128, 128)", "(64, 64)")
@@ -82,7 +82,7 @@ def test_only_the_first_few_names_are_shown(tmp_path: Path, data: Path) -> None:
 def test_nothing_to_explain(tmp_path: Path, data: Path) -> None:
     load = loader(tmp_path / "cache")
     empty = load.cache_explain(str(data))
-    assert not empty and empty.is_empty and "no entry" in str(empty)
+    assert not empty and "no entry" in str(empty)
     load(str(data))
     hit = load.cache_explain(str(data))
     assert not hit and "would be a hit" in hit.summary()

@@ -17,8 +17,8 @@ import pytest
 
 import cachedload.decorator
 from cachedload import CachedDataset, ConfigurationError, EntryRecord, list_entries
+from cachedload.entry import HOST as _HOST
 from cachedload.manage import format_age, format_size, parse_age, parse_size, prune
-from cachedload.store import _HOST
 from tests.conftest import subprocess_env, write_old
 
 write = write_old

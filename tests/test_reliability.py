@@ -29,7 +29,7 @@ from cachedload import (
     SourceChangedWarning,
     cached_dataset,
 )
-from cachedload.store import _HOST
+from cachedload.entry import HOST as _HOST
 from tests.conftest import age, run_python, runs, subprocess_env, write_images
 
 # --- helpers ------------------------------------------------------------------------------------

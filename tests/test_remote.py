@@ -31,10 +31,10 @@ from cachedload import (
     CorruptEntryWarning,
     cached_dataset,
 )
-from cachedload.backends import object_store, open_store
+from cachedload.backends import object_store, open_root
 from cachedload.backends.lease import ObjectLease
 from cachedload.backends.objects import PreconditionFailed, probe
-from cachedload.backends.remote import EntryReplaced, RemoteStore
+from cachedload.backends.remote import EntryReplaced, RemoteRoot
 from tests.conftest import age, runs, subprocess_env
 
 boto3 = pytest.importorskip("boto3")
@@ -263,6 +263,19 @@ def make_loader(url: str, endpoint: str, local: Path, calls: list[int], **extra:
     return load
 
 
+def remote_root(url: str, endpoint: str, local: Path) -> RemoteRoot:
+    """The cache root a loader made by :func:`make_loader` with ``local`` uses."""
+    root = open_root(url, storage_options=options(endpoint), local_cache_dir=local)
+    assert isinstance(root, RemoteRoot)
+    return root
+
+
+def entry_of(loader: Any, data_dir: Path) -> tuple[str, str]:
+    """The function folder and key of ``loader(str(data_dir))``'s entry."""
+    path = loader.cache_path(str(data_dir))
+    return path.parent.name, path.name
+
+
 # --- the object store layer ----------------------------------------------------------------------
 @pytest.mark.parametrize("server", ["seaweed", "moto_server"])
 def test_conditional_writes_map_to_precondition_failed(
@@ -353,8 +366,7 @@ def test_hit_on_another_node_downloads_once_then_costs_no_request(
     assert any(name.endswith("/meta.json") for name in stored)
     assert any(name.endswith("/result.joblib") for name in stored)
 
-    store = node_b._store()
-    assert isinstance(store, RemoteStore)
+    store = remote_root(url, seaweed, tmp_path / "b")
     requests: list[str] = []
     store.objects.client.meta.events.register(  # type: ignore[attr-defined]
         "before-send.s3", lambda request, **_: requests.append(request.method)
@@ -408,8 +420,8 @@ hang = os.environ.get("T_HANG_AFTER")
 if hang:  # simulate a machine dying mid-publish: block at the chosen point, to be SIGKILLed
     from cachedload.backends import remote
     step = os.environ["T_HANG_STEP"]
-    original = remote.RemoteStore._upload_data
-    def hanging(self, key, name, path, data, if_none_match):
+    original = remote.RemoteRoot._upload_file
+    def hanging(self, fdir, key, name, path, data, if_none_match):
         if step == "during-data":
             objects_put = self.objects.put
             def slow_put(k, body, **kw):
@@ -428,10 +440,10 @@ if hang:  # simulate a machine dying mid-publish: block at the chosen point, to 
                         return self.inner.tell()
                 return objects_put(k, Stalling(body), **kw)
             self.objects.put = slow_put
-        original(self, key, name, path, data, if_none_match)
+        original(self, fdir, key, name, path, data, if_none_match)
         open(hang, "w").close()
         time.sleep(3600)
-    remote.RemoteStore._upload_data = hanging
+    remote.RemoteRoot._upload_file = hanging
 
 while GO and not os.path.exists(GO):
     time.sleep(0.01)
@@ -572,14 +584,9 @@ def test_a_lost_publish_race_keeps_the_other_entry(
     first = make_loader(url, seaweed, tmp_path / "a", calls)
     first(str(data_dir))
     winner = objects_under(seaweed, url)
-    store = open_store(
-        url,
-        first._function_dir_name(),
-        storage_options=options(seaweed),
-        local_cache_dir=tmp_path / "b",
-    )
-    key = first._prepare((str(data_dir),), {}).key
-    published = store.read_remote_meta(key)
+    store = remote_root(url, seaweed, tmp_path / "b")
+    fdir, key = entry_of(first, data_dir)
+    published = store.read_remote_meta(fdir, key)
     assert published is not None
     # The loser checked for the entry before the winner published it: it uploads, gets 412s.
     real_head = store.objects.head
@@ -588,9 +595,9 @@ def test_a_lost_publish_race_keeps_the_other_entry(
     )
     entry = first.cache_path(str(data_dir))
     local_meta = json.loads((entry / "meta.json").read_text())
-    store.publish(key, {**local_meta, "created": 0.0}, entry, replace=False)
+    store.publish(fdir, key, {**local_meta, "created": 0.0}, entry, replace=False)
     assert objects_under(seaweed, url) == winner
-    assert store.read_remote_meta(key) == published
+    assert store.read_remote_meta(fdir, key) == published
 
 
 def test_data_left_by_a_writer_that_died_before_its_metadata_is_published_by_the_next(
@@ -599,16 +606,15 @@ def test_data_left_by_a_writer_that_died_before_its_metadata_is_published_by_the
     calls: list[int] = []
     node_a = make_loader(url, seaweed, tmp_path / "a", calls)
     node_a(str(data_dir))
-    store = node_a._store()
-    assert isinstance(store, RemoteStore)
-    key = node_a._prepare((str(data_dir),), {}).key
-    original = store.read_remote_meta(key)
+    store = remote_root(url, seaweed, tmp_path / "a")
+    fdir, key = entry_of(node_a, data_dir)
+    original = store.read_remote_meta(fdir, key)
     assert original is not None
-    store.objects.delete(store.object_key(key, "meta.json"))  # as if A died right before it
+    store.objects.delete(store.object_key(fdir, key, "meta.json"))  # as if A died right before it
     node_b = make_loader(url, seaweed, tmp_path / "b", calls)
     result = node_b(str(data_dir))
     assert calls == [1, 1]
-    republished = store.read_remote_meta(key)
+    republished = store.read_remote_meta(fdir, key)
     assert republished is not None and republished["data"] == original["data"]
     np.testing.assert_array_equal(
         make_loader(url, seaweed, tmp_path / "c", calls)(str(data_dir)), result
@@ -677,18 +683,13 @@ def test_a_reader_racing_a_replacement_sees_a_miss_not_corruption(
 
     node_a = node(tmp_path / "a")
     node_a(str(data_dir))
-    key = node_a._prepare((str(data_dir),), {}).key
-    reader = open_store(
-        url,
-        node_a._function_dir_name(),
-        storage_options=options(seaweed),
-        local_cache_dir=tmp_path / "b",
-    )
-    stale = reader.read_meta(key)
+    fdir, key = entry_of(node_a, data_dir)
+    reader = remote_root(url, seaweed, tmp_path / "b")
+    stale = reader.read_meta(fdir, key)
     assert stale is not None
     node_a.recompute(str(data_dir))  # metadata deleted, data deleted, both published anew
     with pytest.raises(EntryReplaced):
-        reader.load_value(key, stale, mmap_mode=None, verify=False)
+        reader.load(fdir, key, stale, mmap_mode=None, verify=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert node(tmp_path / "b")(str(data_dir))[0] == 2
@@ -749,12 +750,11 @@ def test_recompute_replaces_the_entry_for_every_node(
     calls: list[int] = []
     node_a = make_loader(url, seaweed, tmp_path / "a", calls)
     node_a(str(data_dir))
-    key = node_a._prepare((str(data_dir),), {}).key
-    store = node_a._store()
-    assert isinstance(store, RemoteStore)
-    before = store.read_remote_meta(key)
+    fdir, key = entry_of(node_a, data_dir)
+    store = remote_root(url, seaweed, tmp_path / "a")
+    before = store.read_remote_meta(fdir, key)
     node_a.recompute(str(data_dir))
-    after = store.read_remote_meta(key)
+    after = store.read_remote_meta(fdir, key)
     assert calls == [1, 1] and before is not None and after is not None
     assert after["created"] > before["created"]
     make_loader(url, seaweed, tmp_path / "b", calls)(str(data_dir))
@@ -887,7 +887,7 @@ def test_cli_ls_info_verify_clear_prune_on_a_bucket(
 def test_shared_mounts_are_recognised_from_mountinfo(
     path: str, lease: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cachedload.backends import mount
+    from cachedload import mount
 
     table = (("/shared", "nfs4"), ("/lustre", "lustre"), ("/fuse", "fuse.sshfs"), ("/", "ext4"))
     monkeypatch.setattr(mount, "_mounts", lambda: table)

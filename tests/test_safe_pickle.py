@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from cachedload import load_image_folder, safe_pickle, serialize
+from cachedload.entry import HashingWriter
 from cachedload.errors import CachedloadError, ConfigurationError, UnsafePickleError
 from cachedload.safe_pickle import register_safe_type, restricted_loads
 from cachedload.signing import SIGNATURE_FIELD, sign, verify_signature
@@ -259,7 +260,7 @@ def _serialize_format(tmp_path: Path, skeleton: bytes) -> Path:
     """A data file in serialize's own format whose skeleton is ``skeleton``."""
     path = tmp_path / "result.joblib"
     with open(path, "wb") as handle:
-        writer = serialize._HashingWriter(handle)
+        writer = HashingWriter(handle)
         serialize._write_indexed(writer, io.BytesIO(skeleton), len(skeleton), [np.arange(3)])
     return path
 

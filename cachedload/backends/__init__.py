@@ -1,12 +1,13 @@
 """Where entries live when the cache is shared between machines.
 
+* a folder is a :class:`~cachedload.store.LocalRoot`; on a shared POSIX mount (NFS, Lustre, a
+  FUSE mount) only its lock changes (:mod:`cachedload.mount`);
 * an object store named by a URL — ``s3://bucket/prefix`` (boto3, the ``s3`` extra), or any other
-  fsspec URL — is a :class:`~cachedload.backends.remote.RemoteStore`: entries published in the
-  bucket with conditional writes, read through a local copy;
-* a shared POSIX mount (NFS, Lustre, a FUSE mount) is an ordinary cache directory; only its lock
-  changes (:mod:`cachedload.backends.mount`).
+  fsspec URL — is a :class:`~cachedload.backends.remote.RemoteRoot`: entries published in the
+  bucket with conditional writes, read through a local copy.
 
-Nothing here is imported by ``import cachedload``: boto3 and fsspec load on first use of a URL.
+:func:`open_root` is the one place that tells them apart. boto3 and fsspec load on first use of
+a URL.
 """
 
 from __future__ import annotations
@@ -14,40 +15,19 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cachedload import config
+from cachedload.backends.objects import FsspecObjectStore, ObjectStore
+from cachedload.backends.remote import RemoteRoot
+from cachedload.backends.s3 import S3ObjectStore
+from cachedload.entry import LOCAL_COPIES_DIR
+from cachedload.root import CacheRoot
+from cachedload.store import LocalRoot
 
-if TYPE_CHECKING:
-    from cachedload.backends.objects import ObjectStore
-    from cachedload.backends.remote import RemoteStore
-
-__all__ = [
-    "LOCAL_COPIES_DIR",
-    "URL_FILE",
-    "default_local_root",
-    "is_url",
-    "lease_seconds",
-    "object_store",
-    "open_store",
-    "remote_url",
-    "storage_options_from_env",
-    "validate_url",
-]
+__all__ = ["default_local_root", "object_store", "open_root", "remote_url"]
 
 _S3_SCHEMES = ("s3", "s3a")
-
-#: The folder of a local cache directory holding the read-through copies of remote caches
-#: (``<cache_dir>/remote/<bucket-prefix-hash>/<function dir>/<key>/``): not a function folder.
-LOCAL_COPIES_DIR = "remote"
-#: In a local copy's root: the URL of the remote cache it copies (for ``cachedload ls``).
-URL_FILE = ".url"
-
-
-# Settings and the checking of cache-directory values live in cachedload.config.
-is_url = config.is_url
-storage_options_from_env = config.storage_options_from_env
-lease_seconds = config.lease_seconds
 
 
 def remote_url(cache_dir: str | os.PathLike[str] | None) -> str | None:
@@ -60,16 +40,7 @@ def remote_url(cache_dir: str | os.PathLike[str] | None) -> str | None:
     if cache_dir is None:
         configured = config.cache_dir_from_env()
         return configured if isinstance(configured, str) else None
-    return cache_dir if is_url(cache_dir) else None
-
-
-def validate_url(url: str, origin: str = "cache_dir") -> None:
-    """Check that a URL's scheme can be used (see :func:`cachedload.config.check_url`).
-
-    Raises:
-        ConfigurationError: unknown scheme, or its package (boto3 for ``s3://``) is missing.
-    """
-    config.check_url(url, origin)
+    return cache_dir if config.is_url(cache_dir) else None
 
 
 def default_local_root(url: str) -> Path:
@@ -86,37 +57,47 @@ def object_store(url: str, storage_options: dict[str, Any] | None = None) -> Obj
 
     ``storage_options`` default to ``$CACHEDLOAD_STORAGE_OPTIONS``.
     """
-    validate_url(url)
-    options = storage_options_from_env() if storage_options is None else storage_options
+    config.check_url(url, "cache_dir")
+    options = config.storage_options_from_env() if storage_options is None else storage_options
     if url.split("://", 1)[0].lower() in _S3_SCHEMES:
-        from cachedload.backends.s3 import S3ObjectStore
-
         return S3ObjectStore(url, options)
-    from cachedload.backends.objects import FsspecObjectStore
-
     return FsspecObjectStore(url, options)
 
 
-def open_store(
-    url: str,
-    function_dir: str,
+def open_root(
+    cache_dir: str | os.PathLike[str] | None = None,
     *,
     storage_options: dict[str, Any] | None = None,
     local_cache_dir: str | os.PathLike[str] | None = None,
-) -> RemoteStore:
-    """The store of one function in the remote cache at ``url``.
+) -> CacheRoot:
+    """The cache root that ``cache_dir`` names: a local folder, or a remote cache's URL.
 
     Args:
-        url: the cache URL, e.g. ``s3://team-bucket/cachedload``.
-        function_dir: the function's folder name.
-        storage_options: credentials, endpoint… (default ``$CACHEDLOAD_STORAGE_OPTIONS``).
-        local_cache_dir: the read-through copy (default :func:`default_local_root`).
-    """
-    from cachedload.backends.remote import RemoteStore
+        cache_dir: a folder or a URL (``s3://team-bucket/cachedload``); None: ``$CACHEDLOAD_DIR``
+            or the user cache dir.
+        storage_options: a remote cache's credentials, endpoint… (default
+            ``$CACHEDLOAD_STORAGE_OPTIONS``).
+        local_cache_dir: a remote cache's read-through copy (default :func:`default_local_root`).
 
-    local = (
-        default_local_root(url) if local_cache_dir is None else Path(local_cache_dir).expanduser()
+    Raises:
+        ConfigurationError: ``cache_dir`` (or ``$CACHEDLOAD_DIR``) is not a cache directory.
+    """
+    checked = (
+        config.cache_dir_from_env()
+        if cache_dir is None
+        else config.check_cache_dir(cache_dir, "cache_dir")
     )
-    return RemoteStore(
-        object_store(url, storage_options), function_dir, local, lease_seconds=lease_seconds()
+    if checked is None:
+        return LocalRoot(config.local_cache_dir())
+    if isinstance(checked, Path):
+        return LocalRoot(checked)
+    copy = (
+        default_local_root(checked)
+        if local_cache_dir is None
+        else Path(local_cache_dir).expanduser()
+    )
+    return RemoteRoot(
+        object_store(checked, storage_options),
+        LocalRoot(copy),
+        lease_seconds=config.lease_seconds(),
     )

@@ -17,8 +17,11 @@ data, then publishes anew. A reader that fetched the metadata just before checks
 data's size and checksum: a mismatch under changed metadata is a miss, under unchanged metadata
 a corrupt entry (healed by recomputing).
 
-Hits are served from a local copy of the entry (a plain :class:`~cachedload.store.Store`), so
-``mmap_mode`` works and a second hit on a node costs no network request.
+Hits are served from a local copy of the entry (a :class:`~cachedload.store.LocalRoot`), so
+``mmap_mode`` works and a second hit on a node costs no network request. Listing, verifying and
+tidying the bucket are here too: object stores have no access times, so "last used" is the
+cache's own record, the ``<key>.used`` object each node rewrites when it first reads an entry
+and then at most hourly (its ``LastModified`` is the last use, its size the number of hits).
 """
 
 from __future__ import annotations
@@ -29,49 +32,56 @@ import json
 import logging
 import os
 import shutil
-import socket
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn
 
-import xxhash
-
-from cachedload.backends import URL_FILE
 from cachedload.backends.lease import ObjectLease
 from cachedload.backends.objects import (
     Capabilities,
+    ObjectInfo,
     ObjectStore,
     PreconditionFailed,
     Progress,
     probe,
 )
-from cachedload.errors import ConditionalWritesWarning, warn_at_caller
-from cachedload.reading import ReadAhead
-from cachedload.store import (
+from cachedload.entry import (
     DATA_FILE,
-    FORMAT_VERSION,
+    FETCH_SUFFIX,
+    LEASE_SUFFIX,
+    LEFTOVER_MAX_AGE,
     MANIFEST_FILE,
     META_FILE,
+    SYNCED_SUFFIX,
+    URL_FILE,
+    USED_SUFFIX,
     CorruptEntry,
-    EntryInfo,
-    Store,
-    atomic_write_bytes,
+    HashingWriter,
+    decode_manifest,
+    parse_meta,
+    size_problem,
+    temporary_name,
 )
+from cachedload.errors import ConditionalWritesWarning, warn_at_caller
+from cachedload.reading import ReadAhead
+from cachedload.root import CacheRoot, Checked, EntryInfo
+from cachedload.store import LocalRoot, atomic_write_bytes, replace_folder
 
-__all__ = ["EntryReplaced", "RemoteStore", "capabilities", "parse_meta"]
+__all__ = ["EntryReplaced", "RemoteRoot", "capabilities"]
 
 logger = logging.getLogger("cachedload")
 
-_HOST = socket.gethostname().replace("-", "_")
 _CAPABILITIES: dict[str, Capabilities] = {}
 _CAPABILITIES_LOCK = threading.Lock()
 _PROGRESS_MIN_BYTES = 64 * 1024 * 1024
 _USED_CAP = 1_000_000
 _SIZE_TAG, _CHECKSUM_TAG = "cachedload-size", "cachedload-xxh3"
+_FETCHERS = 8  # metadata requests in flight when listing a function folder
 
 
 class EntryReplaced(FileNotFoundError):
@@ -98,32 +108,6 @@ def capabilities(objects: ObjectStore) -> Capabilities:
         return found
 
 
-def parse_meta(raw: bytes, where: Path, url: str) -> dict[str, Any]:
-    """Check and decode an entry's ``meta.json``, as :meth:`Store.read_meta` does.
-
-    Raises:
-        CorruptEntry: invalid JSON, another format version, or no data description.
-    """
-    try:
-        meta = json.loads(raw)
-    except ValueError as error:
-        raise CorruptEntry(where, f"{url}: metadata is not valid JSON ({error})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
-        found = meta.get("format") if isinstance(meta, dict) else None
-        raise CorruptEntry(where, f"{url}: metadata format {found!r} is not {FORMAT_VERSION}")
-    data = meta.get("data")
-    if (
-        not isinstance(data, dict)
-        or not isinstance(data.get("size"), int)
-        or not isinstance(data.get("xxh3"), str)
-        or not isinstance(data.get("file"), str)
-        or "/" in data["file"]
-        or data["file"].startswith(".")
-    ):
-        raise CorruptEntry(where, f"{url}: metadata lacks a valid data file description")
-    return meta
-
-
 @contextlib.contextmanager
 def _progress(description: str, total: int) -> Iterator[Progress | None]:
     """A progress bar on stderr for large transfers, when it is a terminal."""
@@ -138,31 +122,15 @@ def _progress(description: str, total: int) -> Iterator[Progress | None]:
         yield bar.update
 
 
-class _HashingSink:
-    """Writes to a file, counting and hashing what goes through."""
+class RemoteRoot(CacheRoot):
+    """A remote cache: entries in an object store, read through a local copy.
 
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
-        self.hasher = xxhash.xxh3_128()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.hasher.update(data)
-        self.size += len(data)
-        written: int = self.handle.write(data)
-        return written
-
-
-class RemoteStore(Store):
-    """The entries of one function in a remote cache, read through a local copy.
-
-    ``cache_dir``, ``function_dir``, :meth:`entry_path` and :meth:`lock_path` are those of the
-    local copy (where a hit is loaded from); :attr:`objects` holds the shared entries.
+    :meth:`entry_path` is the local copy's (where a hit is loaded from); :attr:`objects` holds
+    the shared entries, at the same ``<function dir>/<key>/`` names.
 
     Args:
         objects: the object store at the cache URL.
-        function_dir: the function's folder name (the same locally and remotely).
-        local_root: the local read-through cache directory.
+        copy: the local read-through copy.
         lease_seconds: how long a crashed computation blocks others before they take over.
         usage_interval: a node records a use of an entry in the bucket at most this often.
     """
@@ -170,59 +138,77 @@ class RemoteStore(Store):
     def __init__(
         self,
         objects: ObjectStore,
-        function_dir: str,
-        local_root: Path,
+        copy: LocalRoot,
         *,
         lease_seconds: float = 30.0,
         usage_interval: float = 3600.0,
     ) -> None:
-        super().__init__(local_root, function_dir)
         self.objects = objects
-        self.remote_dir = function_dir
+        self.copy = copy
+        self.location = objects.url
         self.lease_seconds = lease_seconds
         self.usage_interval = usage_interval
-        self._local_read: tuple[str, int] | None = None
+        # (fdir, key, id(meta)) of the metadata read_meta last took from the local copy.
+        self._local_read: tuple[str, str, int] | None = None
+
+    def __repr__(self) -> str:
+        return f"RemoteRoot({self.location!r}, copy={self.copy.location!r})"
 
     # -- names ---------------------------------------------------------------------------------
-    def object_key(self, key: str, name: str = "") -> str:
+    @property
+    def local(self) -> LocalRoot:
+        """The local read-through copy."""
+        return self.copy
+
+    @staticmethod
+    def object_key(fdir: str, key: str, name: str = "") -> str:
         """The object key of a file of an entry (or of the entry's "folder" if no name)."""
-        return f"{self.remote_dir}/{key}/{name}"
+        return f"{fdir}/{key}/{name}"
 
-    def entry_url(self, key: str) -> str:
+    def folder(self, fdir: str) -> Path:
+        """A function folder of the local copy."""
+        return self.copy.folder(fdir)
+
+    def entry_url(self, fdir: str, key: str) -> str:
         """The URL of the entry's folder in the bucket."""
-        return f"{self.objects.url}/{self.object_key(key)}"
+        return f"{self.objects.url}/{self.object_key(fdir, key)}"
 
-    def read_remote_meta(self, key: str) -> dict[str, Any] | None:
+    def function_dirs(self) -> list[str]:
+        """The function folders in the bucket."""
+        return [name for name in self.objects.list_dirs("") if not name.startswith(".")]
+
+    def read_remote_meta(self, fdir: str, key: str) -> dict[str, Any] | None:
         """The entry's metadata in the bucket (None if not published).
 
         Raises:
             CorruptEntry: it is not valid.
         """
-        raw = self.objects.get(self.object_key(key, META_FILE))
+        raw = self.objects.get(self.object_key(fdir, key, META_FILE))
         if raw is None:
             return None
-        return parse_meta(raw, self.entry_path(key), self.entry_url(key))
+        return parse_meta(raw, self.entry_path(fdir, key), source=self.entry_url(fdir, key))
 
-    def _local_meta(self, key: str) -> dict[str, Any] | None:
+    def _local_meta(self, fdir: str, key: str) -> dict[str, Any] | None:
         try:
-            return super().read_meta(key)
+            return self.copy.read_meta(fdir, key)
         except CorruptEntry as error:
             logger.info("dropping the damaged local copy %s: %s", error.path, error.reason)
-            super().remove(key)
+            self.copy.remove(fdir, key)
             return None
 
     # -- reading -------------------------------------------------------------------------------
-    def read_meta(self, key: str) -> dict[str, Any] | None:
+    def read_meta(self, fdir: str, key: str) -> dict[str, Any] | None:
         """The entry's metadata: from the local copy if there is one, else from the bucket."""
-        local = self._local_meta(key)
+        local = self._local_meta(fdir, key)
         if local is not None:
-            self._local_read = (key, id(local))  # load_value need not read it again
+            self._local_read = (fdir, key, id(local))  # load need not read it again
             return local
         self._local_read = None
-        return self.read_remote_meta(key)
+        return self.read_remote_meta(fdir, key)
 
-    def load_value(
+    def load(
         self,
+        fdir: str,
         key: str,
         meta: dict[str, Any],
         *,
@@ -237,162 +223,172 @@ class RemoteStore(Store):
             EntryReplaced: the entry changed or vanished while being read (a plain miss).
             OSError: the bucket cannot be read.
         """
-        local = meta if self._local_read == (key, id(meta)) else self._local_meta(key)
+        fresh = self._local_read == (fdir, key, id(meta))
+        local = meta if fresh else self._local_meta(fdir, key)
         if local is not None:
             try:
-                return super().load_value(
-                    key, local, mmap_mode=mmap_mode, verify=verify, ahead=ahead
+                return self.copy.load(
+                    fdir, key, local, mmap_mode=mmap_mode, verify=verify, ahead=ahead
                 )
             except CorruptEntry as error:
                 logger.info("dropping the damaged local copy %s: %s", error.path, error.reason)
-                super().remove(key)
-            found = self.read_remote_meta(key)
+                self.copy.remove(fdir, key)
+            found = self.read_remote_meta(fdir, key)
             if found is None:
-                raise EntryReplaced(errno.ENOENT, "entry vanished", self.entry_url(key))
+                raise EntryReplaced(errno.ENOENT, "entry vanished", self.entry_url(fdir, key))
             meta = found
-        local = self._fetch(key, meta)
-        return super().load_value(key, local, mmap_mode=mmap_mode, verify=False)
+        local = self._fetch(fdir, key, meta)
+        return self.copy.load(fdir, key, local, mmap_mode=mmap_mode, verify=False)
 
-    def has_data(self, key: str, meta: dict[str, Any]) -> bool:
+    def read_ahead(self, fdir: str, key: str) -> ReadAhead:
+        """Start reading the local copy's data (see :meth:`LocalRoot.read_ahead`)."""
+        return self.copy.read_ahead(fdir, key)
+
+    def has_data(self, fdir: str, key: str, meta: dict[str, Any]) -> bool:
         """True if the entry's data is here or in the bucket with the size ``meta`` says."""
         try:
-            size = os.stat(self.entry_path(key) / DATA_FILE).st_size
+            size = os.stat(self.entry_path(fdir, key) / DATA_FILE).st_size
         except FileNotFoundError:
-            found = self.objects.head(self.object_key(key, meta["data"]["file"]))
+            found = self.objects.head(self.object_key(fdir, key, meta["data"]["file"]))
             size = -1 if found is None else found.size
-        return bool(size == meta["data"]["size"])
+        return size_problem(size, meta) is None
+
+    def manifest(self, fdir: str, key: str) -> dict[str, Any] | None:
+        """An entry's per-file manifest: from the local copy, else from the bucket."""
+        found = self.copy.manifest(fdir, key)
+        if found is not None:
+            return found
+        raw = self.objects.get(self.object_key(fdir, key, MANIFEST_FILE))
+        return None if raw is None else decode_manifest(raw)
 
     def _mark_local_root(self) -> None:
         """Name the remote cache in the local copy's root, once (``cachedload ls`` shows it)."""
-        marker = self.cache_dir / URL_FILE
+        marker = self.copy.path / URL_FILE
         if not marker.exists():
             with contextlib.suppress(OSError):
                 atomic_write_bytes(marker, self.objects.url.encode())
 
-    def _fetch(self, key: str, meta: dict[str, Any]) -> dict[str, Any]:
+    def _fetch(self, fdir: str, key: str, meta: dict[str, Any]) -> dict[str, Any]:
         """Download an entry into the local copy (once per node); return the local metadata."""
         from filelock import FileLock, Timeout
 
-        self.function_dir.mkdir(parents=True, exist_ok=True)
+        (self.copy.path / fdir).mkdir(parents=True, exist_ok=True)
         self._mark_local_root()
-        fetching = FileLock(str(self.function_dir / f"{key}.fetch"))
+        fetching = FileLock(str(self.copy.path / fdir / f"{key}{FETCH_SUFFIX}"))
         try:
             fetching.acquire()
         except (OSError, Timeout) as error:  # e.g. a file system without flock
             logger.debug("fetching %s without the local lock: %s", key, error)
         try:
-            local = self._local_meta(key)
+            local = self._local_meta(fdir, key)
             if local is not None and local["data"]["xxh3"] == meta["data"]["xxh3"]:
                 return local  # another process on this node fetched it meanwhile
-            return self._download_entry(key, meta)
+            return self._download_entry(fdir, key, meta)
         finally:
             if fetching.is_locked:
                 fetching.release()
 
-    def _download_entry(self, key: str, meta: dict[str, Any]) -> dict[str, Any]:
+    def _download_entry(self, fdir: str, key: str, meta: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
-        super().remove_leftovers()  # downloads of processes that died meanwhile
-        tmp = self.function_dir / f".tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.copy.remove_leftovers(fdir)  # downloads of processes that died meanwhile
+        tmp = self.copy.path / fdir / temporary_name()
         tmp.mkdir()
         try:
-            data, expected = meta["data"], meta["data"]["size"]
-            try:
-                with (
-                    open(tmp / DATA_FILE, "wb") as handle,
-                    _progress(f"download {key[:12]}", expected) as progress,
-                ):
-                    sink = _HashingSink(handle)
-                    self.objects.download(
-                        self.object_key(key, data["file"]), sink, progress=progress
-                    )
-                    handle.flush()
-                    os.fsync(handle.fileno())
-            except FileNotFoundError:
-                self._raise_bad(key, meta, "data object is missing")
-            if sink.size != expected:
-                self._raise_bad(key, meta, f"data is {sink.size} bytes, metadata says {expected}")
-            if sink.hasher.hexdigest() != data["xxh3"]:
-                self._raise_bad(key, meta, "data checksum does not match the metadata's")
-            manifest = self.objects.get(self.object_key(key, MANIFEST_FILE))
+            self._download_data(fdir, key, meta, tmp / DATA_FILE)
+            manifest = self.objects.get(self.object_key(fdir, key, MANIFEST_FILE))
             if manifest is not None:
                 (tmp / MANIFEST_FILE).write_bytes(manifest)
-            local = {**meta, "data": {**data, "file": DATA_FILE}}
+            local = {**meta, "data": {**meta["data"], "file": DATA_FILE}}
             (tmp / META_FILE).write_bytes(json.dumps(local, indent=1).encode())
-            self._publish_local(tmp, key)
+            if self.entry_path(fdir, key).exists():
+                self.copy.remove(fdir, key)
+            replace_folder(tmp, self.entry_path(fdir, key), replace=False)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         logger.info(
             "downloaded %s [%s]: %s bytes in %.2f s",
-            self.remote_dir,
+            fdir,
             key[:12],
-            expected,
+            meta["data"]["size"],
             time.perf_counter() - started,
         )
         return local
 
-    def _raise_bad(self, key: str, meta: dict[str, Any], problem: str) -> NoReturn:
+    def _download_data(self, fdir: str, key: str, meta: dict[str, Any], path: Path) -> None:
+        data = meta["data"]
+        try:
+            with (
+                open(path, "wb") as handle,
+                _progress(f"download {key[:12]}", data["size"]) as progress,
+            ):
+                sink = HashingWriter(handle)
+                self.objects.download(
+                    self.object_key(fdir, key, data["file"]), sink, progress=progress
+                )
+                handle.flush()
+                os.fsync(handle.fileno())
+        except FileNotFoundError:
+            self._raise_bad(fdir, key, meta, "data object is missing")
+        problem = size_problem(sink.size, meta, "data")
+        if problem is not None:
+            self._raise_bad(fdir, key, meta, problem)
+        if sink.hexdigest() != data["xxh3"]:
+            self._raise_bad(fdir, key, meta, "data checksum does not match the metadata's")
+
+    def _raise_bad(self, fdir: str, key: str, meta: dict[str, Any], problem: str) -> NoReturn:
         """A download did not match ``meta``: a miss if the entry changed, else corrupt."""
-        current = self.read_remote_meta(key)
+        current = self.read_remote_meta(fdir, key)
         if current is None or current["data"] != meta["data"]:
             raise EntryReplaced(errno.ENOENT, f"entry replaced while read ({problem})", key)
-        raise CorruptEntry(self.entry_path(key), f"{self.entry_url(key)}: {problem}")
-
-    def _publish_local(self, tmp: Path, key: str) -> None:
-        entry = self.entry_path(key)
-        if entry.exists():
-            super().remove(key)
-        try:
-            os.rename(tmp, entry)
-        except OSError as error:
-            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
+        raise CorruptEntry(self.entry_path(fdir, key), f"{self.entry_url(fdir, key)}: {problem}")
 
     # -- usage records ---------------------------------------------------------------------------
-    def record_hit(self, key: str) -> None:
+    def record_hit(self, fdir: str, key: str) -> None:
         """Count a hit locally; tell the bucket at most once per ``usage_interval`` per node."""
-        super().record_hit(key)
-        synced = self.function_dir / f"{key}.synced"
+        self.copy.record_hit(fdir, key)
+        synced = self.copy.path / fdir / f"{key}{SYNCED_SUFFIX}"
         try:
-            used = os.stat(self.function_dir / f"{key}.used").st_size
+            used = os.stat(self.copy.path / fdir / f"{key}{USED_SUFFIX}").st_size
             try:
                 if time.time() - os.stat(synced).st_mtime < self.usage_interval:
                     return
                 previous = int(synced.read_text() or 0)
             except (FileNotFoundError, ValueError):
                 previous = 0
-            self.add_uses(key, max(used - previous, 1))
+            self.add_uses(fdir, key, max(used - previous, 1))
             synced.write_text(str(used))
         except OSError as error:
             logger.debug("cannot record the use of %s in %s: %s", key, self.objects.url, error)
 
-    def add_uses(self, key: str, count: int) -> None:
+    def add_uses(self, fdir: str, key: str, count: int) -> None:
         """Add ``count`` to the entry's hits in the bucket and mark it used now (best effort:
         concurrent updates may lose counts, never the last-used time)."""
-        name = f"{self.remote_dir}/{key}.used"
+        name = f"{fdir}/{key}{USED_SUFFIX}"
         info = self.objects.head(name)
         total = min((info.size if info else 0) + count, _USED_CAP)
         self.objects.put(name, b"." * total)
 
     # -- writing -------------------------------------------------------------------------------
-    def lock(self, key: str, timeout: float | None) -> Any:
+    def lock(self, fdir: str, key: str, timeout: float | None) -> Any:
         """A lease in the bucket when its server honours conditional writes; else a lock on
         this node only (processes on other machines may then compute the same entry)."""
-        self.function_dir.mkdir(parents=True, exist_ok=True)
+        (self.copy.path / fdir).mkdir(parents=True, exist_ok=True)
         found = capabilities(self.objects)
         if not (found.if_none_match and self.objects.has_server_clock):
-            return super().lock(key, timeout)
-        meta_key = self.object_key(key, META_FILE)
+            return self.copy.lock(fdir, key, timeout)
+        meta_key = self.object_key(fdir, key, META_FILE)
         return ObjectLease(
             self.objects,
-            f"{self.remote_dir}/{key}.lease",
+            f"{fdir}/{key}{LEASE_SUFFIX}",
             timeout=timeout,
             duration=self.lease_seconds,
             atomic_takeover=found.if_match,
             done=lambda: self.objects.head(meta_key) is not None,
         )
 
-    def save(
+    def put(
         self,
+        fdir: str,
         key: str,
         value: Any,
         meta: dict[str, Any],
@@ -409,49 +405,40 @@ class RemoteStore(Store):
         Raises:
             OSError: the local copy or the bucket cannot be written.
         """
-        size = super().save(key, value, meta, compress=compress, manifest=manifest, replace=replace)
+        size = self.copy.put(
+            fdir, key, value, meta, compress=compress, manifest=manifest, replace=replace
+        )
         self._mark_local_root()
-        entry = self.entry_path(key)
+        entry = self.entry_path(fdir, key)
         local = json.loads((entry / META_FILE).read_bytes())
         try:
-            self.publish(key, local, entry, replace=replace)
+            self.publish(fdir, key, local, entry, replace=replace)
         except OSError as error:
             message = f"kept on this machine, not published to {self.objects.url}: {error}"
             raise OSError(error.errno, message) from error
         return size
 
-    def publish(self, key: str, meta: dict[str, Any], entry: Path, *, replace: bool) -> None:
+    def publish(
+        self, fdir: str, key: str, meta: dict[str, Any], entry: Path, *, replace: bool
+    ) -> None:
         """Upload the local entry folder ``entry`` (data, manifest, then metadata)."""
         found = capabilities(self.objects)
-        meta_key = self.object_key(key, META_FILE)
+        meta_key = self.object_key(fdir, key, META_FILE)
         if replace:
-            self.unpublish(key)
+            self.unpublish(fdir, key)
         elif self.objects.head(meta_key) is not None:
             logger.info("%s was published by another process first: keeping it", key[:12])
             return
         started = time.perf_counter()
-        data = dict(meta["data"])
-        name = DATA_FILE if found.if_none_match else f"result-{uuid.uuid4().hex}.joblib"
-        try:
-            self._upload_data(key, name, entry / DATA_FILE, data, found.if_none_match)
-        except PreconditionFailed:
-            existing = self.objects.head(self.object_key(key, name))
-            if existing is not None and existing.metadata.get(_SIZE_TAG) == str(existing.size):
-                # Another writer uploaded its data, maybe then died before its metadata: its
-                # object is complete and describes itself, so publish it.
-                data = {"size": existing.size, "xxh3": existing.metadata.get(_CHECKSUM_TAG, "")}
-            else:
-                name = f"result-{uuid.uuid4().hex}.joblib"
-                self._upload_data(key, name, entry / DATA_FILE, data, False)
+        name, data = self._upload_data(fdir, key, entry / DATA_FILE, meta["data"], found)
         if (entry / MANIFEST_FILE).exists():
             with contextlib.suppress(PreconditionFailed):
                 self.objects.put(
-                    self.object_key(key, MANIFEST_FILE),
+                    self.object_key(fdir, key, MANIFEST_FILE),
                     (entry / MANIFEST_FILE).read_bytes(),
                     if_none_match=found.if_none_match,
                 )
-        remote = {**meta, "data": {**data, "file": name}}
-        body = json.dumps(remote, indent=1).encode()
+        body = json.dumps({**meta, "data": {**data, "file": name}}, indent=1).encode()
         try:
             if not found.if_none_match and not replace and self.objects.head(meta_key):
                 raise PreconditionFailed(meta_key)
@@ -459,23 +446,42 @@ class RemoteStore(Store):
         except PreconditionFailed:
             logger.info("%s was published by another process first: keeping it", key[:12])
             if name != DATA_FILE:
-                self.objects.delete(self.object_key(key, name))
+                self.objects.delete(self.object_key(fdir, key, name))
             return
         logger.info(
             "uploaded %s [%s]: %s bytes in %.2f s",
-            self.remote_dir,
+            fdir,
             key[:12],
             data["size"],
             time.perf_counter() - started,
         )
 
     def _upload_data(
-        self, key: str, name: str, path: Path, data: dict[str, Any], if_none_match: bool
+        self, fdir: str, key: str, path: Path, data: dict[str, Any], found: Capabilities
+    ) -> tuple[str, dict[str, Any]]:
+        """Upload the data file; return its object's name and description."""
+        name = DATA_FILE if found.if_none_match else f"result-{uuid.uuid4().hex}.joblib"
+        data = dict(data)
+        try:
+            self._upload_file(fdir, key, name, path, data, found.if_none_match)
+        except PreconditionFailed:
+            existing = self.objects.head(self.object_key(fdir, key, name))
+            if existing is not None and existing.metadata.get(_SIZE_TAG) == str(existing.size):
+                # Another writer uploaded its data, maybe then died before its metadata: its
+                # object is complete and describes itself, so publish it.
+                data = {"size": existing.size, "xxh3": existing.metadata.get(_CHECKSUM_TAG, "")}
+            else:
+                name = f"result-{uuid.uuid4().hex}.joblib"
+                self._upload_file(fdir, key, name, path, data, False)
+        return name, data
+
+    def _upload_file(
+        self, fdir: str, key: str, name: str, path: Path, data: dict[str, Any], if_none_match: bool
     ) -> None:
         tags = {_SIZE_TAG: str(data["size"]), _CHECKSUM_TAG: str(data["xxh3"])}
         with open(path, "rb") as handle, _progress(f"upload {key[:12]}", data["size"]) as bar:
             self.objects.put(
-                self.object_key(key, name),
+                self.object_key(fdir, key, name),
                 handle,
                 size=data["size"],
                 if_none_match=if_none_match,
@@ -483,41 +489,173 @@ class RemoteStore(Store):
                 progress=bar,
             )
 
-    def unpublish(self, key: str) -> None:
+    def unpublish(self, fdir: str, key: str) -> None:
         """Delete the entry from the bucket: metadata first (readers then see no entry), then
         the data and manifest."""
         names = {DATA_FILE, MANIFEST_FILE}
         try:
-            meta = self.read_remote_meta(key)
+            meta = self.read_remote_meta(fdir, key)
         except CorruptEntry:
             meta = None
         if meta is not None:
             names.add(meta["data"]["file"])
-        self.objects.delete(self.object_key(key, META_FILE))
+        self.objects.delete(self.object_key(fdir, key, META_FILE))
         for name in sorted(names):
-            self.objects.delete(self.object_key(key, name))
+            self.objects.delete(self.object_key(fdir, key, name))
 
-    def rewrite_meta(self, key: str, meta: dict[str, Any]) -> None:
+    def rewrite_meta(self, fdir: str, key: str, meta: dict[str, Any]) -> None:
         """Rewrite the local copy's metadata (the bucket's entry is immutable)."""
-        if (self.entry_path(key) / META_FILE).exists():
-            super().rewrite_meta(key, {**meta, "data": {**meta["data"], "file": DATA_FILE}})
+        if (self.entry_path(fdir, key) / META_FILE).exists():
+            local = {**meta, "data": {**meta["data"], "file": DATA_FILE}}
+            self.copy.rewrite_meta(fdir, key, local)
 
-    def remove(self, key: str) -> None:
+    # -- removing ------------------------------------------------------------------------------
+    def remove(self, fdir: str, key: str) -> None:
         """Delete the entry from the bucket and from the local copy."""
-        self.unpublish(key)
-        self.objects.delete(f"{self.remote_dir}/{key}.used")
-        super().remove(key)
-        with contextlib.suppress(FileNotFoundError):
-            (self.function_dir / f"{key}.synced").unlink()
+        self.unpublish(fdir, key)
+        self.objects.delete(f"{fdir}/{key}{USED_SUFFIX}")
+        self.copy.remove(fdir, key)
+
+    def is_busy(self, fdir: str, key: str) -> bool:
+        """True if a live lease on the entry exists (another machine computes or replaces it)."""
+        info = self.objects.head(f"{fdir}/{key}{LEASE_SUFFIX}")
+        if info is None:
+            return False
+        return info.age is None or info.age <= self.lease_seconds
+
+    @contextlib.contextmanager
+    def claim(self, fdir: str, key: str) -> Iterator[bool]:
+        """False if another machine holds the entry's lease (nothing is held: the bucket's
+        entry is deleted metadata first, so a reader sees a complete entry or none)."""
+        yield not self.is_busy(fdir, key)
+
+    def remove_leftovers(self, fdir: str, *, max_age: float = LEFTOVER_MAX_AGE) -> int:
+        """Delete objects of a function folder that belong to no entry and are older than
+        ``max_age``: data of writers that died before publishing, losers' uploads on servers
+        without conditional writes, expired leases, usage records of deleted entries. Returns
+        how many."""
+        found = list(self.objects.iter_objects(f"{fdir}/"))
+        published = self._published(fdir, found)
+        now, removed = time.time(), 0
+        for info in found:
+            rest = info.key[len(fdir) + 1 :]
+            key, slash, name = rest.partition("/")
+            if slash:
+                keep = key in published and name in published[key]
+            elif rest.endswith(LEASE_SUFFIX):
+                keep = now - info.last_modified <= max(max_age, self.lease_seconds)
+            else:
+                keep = rest.rsplit(".", 1)[0] in published
+            if keep or now - info.last_modified <= max_age:
+                continue
+            logger.debug("removing leftover %s/%s", self.objects.url, info.key)
+            self.objects.delete(info.key)
+            removed += 1
+        return removed
+
+    def _published(self, fdir: str, found: list[ObjectInfo]) -> dict[str, set[str]]:
+        """The files of each published entry among the objects ``found`` in ``fdir``."""
+        published: dict[str, set[str]] = {}
+        for info in found:
+            key, slash, name = info.key[len(fdir) + 1 :].partition("/")
+            if not (slash and name == META_FILE):
+                continue
+            try:
+                meta = self.read_remote_meta(fdir, key)
+            except CorruptEntry:
+                continue  # verify --fix deals with damaged entries
+            if meta is not None:
+                published[key] = {META_FILE, MANIFEST_FILE, meta["data"]["file"]}
+        return published
+
+    def tidy(self) -> None:
+        """Remove the leftovers of every function folder in the bucket."""
+        for fdir in self.function_dirs():
+            self.remove_leftovers(fdir)
 
     # -- listing ---------------------------------------------------------------------------------
-    def entries(self) -> Iterator[EntryInfo]:
-        """Every readable entry of this function in the bucket (``path``: the local copy's)."""
-        from cachedload.backends.listing import remote_entries
+    def _files(self, fdir: str) -> tuple[dict[str, dict[str, ObjectInfo]], dict[str, ObjectInfo]]:
+        """The objects of each entry of ``fdir`` by key, and the usage records by key."""
+        files: dict[str, dict[str, ObjectInfo]] = {}
+        used: dict[str, ObjectInfo] = {}
+        for info in self.objects.iter_objects(f"{fdir}/"):
+            rest = info.key[len(fdir) + 1 :]
+            key, slash, name = rest.partition("/")
+            if slash:
+                files.setdefault(key, {})[name] = info
+            elif rest.endswith(USED_SUFFIX):
+                used[rest.removesuffix(USED_SUFFIX)] = info
+        return files, used
 
-        yield from remote_entries(self)
+    def _meta_or_none(self, fdir: str, key: str) -> dict[str, Any] | None:
+        try:
+            return self.read_remote_meta(fdir, key)
+        except CorruptEntry:
+            return None  # verify finds it
 
-    def remove_leftovers(self) -> None:
-        """Delete dead writers' leftovers in the local copy (the bucket's: see
-        :func:`cachedload.backends.listing.remove_remote_leftovers`)."""
-        super().remove_leftovers()
+    def entries(self, fdir: str) -> Iterator[EntryInfo]:
+        """The readable entries of a function folder in the bucket (their metadata is fetched
+        a few at a time: one request each)."""
+        files, used = self._files(fdir)
+        keys = sorted(key for key, names in files.items() if META_FILE in names)
+        with ThreadPoolExecutor(max_workers=_FETCHERS) as pool:
+            metas = list(pool.map(lambda key: self._meta_or_none(fdir, key), keys))
+        for key, meta in zip(keys, metas, strict=True):
+            if meta is None:
+                continue
+            size = sum(info.size for info in files[key].values())
+            use = used.get(key)
+            last_used = use.last_modified if use else float(meta.get("created", 0.0))
+            yield EntryInfo(
+                key,
+                self.entry_path(fdir, key),
+                meta,
+                size,
+                use.size if use else 0,
+                last_used,
+                url=self.entry_url(fdir, key),
+            )
+
+    def verify(self, *, checksums: bool = True) -> Iterator[Checked]:
+        """Check every entry in the bucket: metadata, data size and (``checksums``) the xxh3
+        of the data, streamed from the bucket without keeping it."""
+        for fdir in self.function_dirs():
+            files, _ = self._files(fdir)
+            for key, objects in sorted(files.items()):
+                if META_FILE not in objects:
+                    continue  # being written, or a leftover: not an entry
+                function, problem = fdir, None
+                try:
+                    meta = self.read_remote_meta(fdir, key)
+                    if meta is None:
+                        continue
+                    function = str(meta.get("function", function))
+                    problem = self._data_problem(fdir, key, meta, checksums)
+                except CorruptEntry as error:
+                    problem = error.reason
+                except OSError as error:
+                    problem = f"cannot read the entry ({error})"
+                size = sum(info.size for info in objects.values())
+                path, url = self.entry_path(fdir, key), self.entry_url(fdir, key)
+                yield Checked(path, function, size, problem, url)
+
+    def _data_problem(
+        self, fdir: str, key: str, meta: dict[str, Any], checksums: bool
+    ) -> str | None:
+        name = self.object_key(fdir, key, meta["data"]["file"])
+        if not checksums:
+            info = self.objects.head(name)
+            return (
+                "data object is missing"
+                if info is None
+                else size_problem(info.size, meta, "data object")
+            )
+        sink = HashingWriter()
+        try:
+            self.objects.download(name, sink)
+        except FileNotFoundError:
+            return "data object is missing"
+        problem = size_problem(sink.size, meta, "data object")
+        if problem is None and sink.hexdigest() != meta["data"]["xxh3"]:
+            problem = "data object checksum does not match"
+        return problem

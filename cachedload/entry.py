@@ -1,0 +1,350 @@
+"""The entry format: every name in a cache directory, the metadata's schema, and the checks
+and scans that read them. What a cache holds, in one place.
+
+A local cache directory (``cache_dir=``, ``$CACHEDLOAD_DIR`` or the user cache dir)::
+
+    <cache_dir>/
+      CACHEDIR.TAG                              not written by cachedload; left alone if there
+      <module>.<qualname>-<code digest[:8]>/    one folder per function and code version
+        <key>/                                  one entry (32 hex digits), published by one
+                                                atomic rename of a finished temporary folder
+          result.joblib                         the data (serialize.py; uncompressed → mmap-able)
+          meta.json                             what, from which sources, sizes, checksum, …
+          manifest                              per-file list of each source (zlib'd JSON)
+        <key>.lock                              single-flight lock (filelock; on a shared mount
+                                                a lease marker, see mount.py)
+        <key>.owner                             "pid N on host": who holds the lock (for the log)
+        <key>.used                              one byte appended per hit: size = hits,
+                                                mtime = last use; the entry is never rewritten
+        .tmp-<host>-<pid>-<random>/             an entry (or a file) being written
+        .trash-<host>-<pid>-<random>/           an entry being deleted (renamed away first)
+      remote/                                   read-through copies of remote caches
+        <bucket-prefix>-<sha256(url)[:8]>/      one per remote cache URL
+          .url                                  the remote cache's URL (``cachedload ls``)
+          <function dir>/<key>/…                as above, plus beside each entry:
+          <function dir>/<key>.fetch            the node's download lock (filelock)
+          <function dir>/<key>.synced           the hit count last reported to the bucket
+
+A remote cache, under its URL (``s3://bucket/prefix``)::
+
+    <function dir>/<key>/result.joblib    the data, uploaded first (``result-<uuid>.joblib`` on
+                                          servers that ignore conditional writes)
+    <function dir>/<key>/manifest         per-file list of each source
+    <function dir>/<key>/meta.json        uploaded last: the entry exists once this exists
+    <function dir>/<key>.lease            single-flight lease (backends/lease.py)
+    <function dir>/<key>.used             size = hits, LastModified = last use (best effort)
+
+Only names of this shape are ever listed, verified or deleted: anything else in a cache
+directory is not ours. A ``meta.json`` of another :data:`FORMAT_VERSION` is a damaged entry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import uuid
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import xxhash
+
+__all__ = [
+    "DATA_FILE",
+    "FETCH_SUFFIX",
+    "FORMAT_VERSION",
+    "HOST",
+    "LEASE_SUFFIX",
+    "LEFTOVER_MAX_AGE",
+    "LOCAL_COPIES_DIR",
+    "LOCK_SUFFIX",
+    "MANIFEST_FILE",
+    "META_FILE",
+    "OWNER_SUFFIX",
+    "SYNCED_SUFFIX",
+    "TMP_PREFIX",
+    "TRASH_PREFIX",
+    "URL_FILE",
+    "USED_SUFFIX",
+    "CorruptEntry",
+    "HashingWriter",
+    "ScannedEntry",
+    "decode_manifest",
+    "encode_manifest",
+    "function_dir_name",
+    "function_dir_prefix",
+    "is_entry_name",
+    "is_function_dir_name",
+    "is_leftover_name",
+    "leftover_is_dead",
+    "parse_meta",
+    "read_local_meta",
+    "scan_entry_dirs",
+    "size_problem",
+    "temporary_name",
+]
+
+#: Bumped whenever the layout or the meaning of a key changes: old entries then never match.
+FORMAT_VERSION = 1
+
+DATA_FILE = "result.joblib"
+META_FILE = "meta.json"
+MANIFEST_FILE = "manifest"
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+LOCK_SUFFIX = ".lock"
+OWNER_SUFFIX = ".owner"
+USED_SUFFIX = ".used"
+FETCH_SUFFIX = ".fetch"
+SYNCED_SUFFIX = ".synced"
+LEASE_SUFFIX = ".lease"
+#: The folder of a local cache directory holding the read-through copies of remote caches.
+LOCAL_COPIES_DIR = "remote"
+#: In a local copy's root: the URL of the remote cache it copies.
+URL_FILE = ".url"
+#: Temporary files and folders older than this are leftovers whoever wrote them.
+LEFTOVER_MAX_AGE = 3600.0
+#: This machine in temporary names ("-" separates the fields of the name).
+HOST = socket.gethostname().replace("-", "_")
+
+# The decorator's ``<module>.<qualname>-<code[:8]>`` and hex keys.
+_FUNCTION_DIR_RE = re.compile(r"^[\w.]+-[0-9a-f]{8}$")
+_KEY_RE = re.compile(r"^[0-9a-f]{16,64}$")
+
+
+class CorruptEntry(Exception):
+    """A stored entry cannot be used (internal: the decorator turns it into a warning)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+# -- names -------------------------------------------------------------------------------------
+def function_dir_name(identity: str, code_version: str) -> str:
+    """The folder of a function's entries for one version of its code."""
+    return f"{function_dir_prefix(identity)}{code_version[:8]}"
+
+
+def function_dir_prefix(identity: str) -> str:
+    """What the folders of every code version of a function start with."""
+    safe = "".join(c if c.isalnum() or c in "._" else "_" for c in identity)
+    return f"{safe[:150]}-"
+
+
+def is_function_dir_name(name: str) -> bool:
+    """True if ``name`` is a function folder's (not ``remote/``, not a user's file)."""
+    return _FUNCTION_DIR_RE.match(name) is not None
+
+
+def is_entry_name(name: str) -> bool:
+    """True if ``name`` is an entry's (a key)."""
+    return _KEY_RE.match(name) is not None
+
+
+def temporary_name(prefix: str = TMP_PREFIX) -> str:
+    """A name for a temporary (or trash) file or folder that says who made it."""
+    return f"{prefix}{HOST}-{os.getpid()}-{uuid.uuid4().hex}"
+
+
+# -- metadata ----------------------------------------------------------------------------------
+def _racy_ok(meta: dict[str, Any]) -> bool:
+    racy = meta.get("racy", {})
+    return (
+        isinstance(racy, dict)
+        and all(
+            isinstance(files, dict) and all(isinstance(d, str) for d in files.values())
+            for files in racy.values()
+        )
+        and isinstance(meta.get("racy_newest_mtime_ns", 0), int)
+    )
+
+
+def _data_ok(data: Any) -> bool:
+    return (
+        isinstance(data, dict)
+        and isinstance(data.get("size"), int)
+        and isinstance(data.get("xxh3"), str)
+        and isinstance(data.get("file"), str)
+        and "/" not in data["file"]
+        and not data["file"].startswith(".")
+    )
+
+
+def parse_meta(
+    raw: bytes, where: Path, *, source: str | None = None, any_version: bool = False
+) -> dict[str, Any]:
+    """Decode and check an entry's ``meta.json``: the one schema check.
+
+    Args:
+        raw: the file's bytes.
+        where: the entry's folder (local, or where a remote entry's local copy is), for errors.
+        source: the remote entry's URL, named by errors.
+        any_version: only decode (for explanations of entries of any format version).
+
+    Raises:
+        CorruptEntry: invalid JSON, another format version, no valid description of the data
+            file, or invalid records of recently modified files.
+    """
+    prefix = f"{source}: " if source else ""
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError) as error:
+        raise CorruptEntry(where, f"{prefix}metadata is not valid JSON ({error})") from None
+    if not isinstance(meta, dict):
+        raise CorruptEntry(where, f"{prefix}metadata is not a JSON object")
+    if any_version:
+        return meta
+    if meta.get("format") != FORMAT_VERSION:
+        raise CorruptEntry(
+            where,
+            f"{prefix}metadata format {meta.get('format')!r} is not this version's "
+            f"{FORMAT_VERSION}",
+        )
+    if not _data_ok(meta.get("data")):
+        raise CorruptEntry(where, f"{prefix}metadata lacks the data file's size and checksum")
+    if not _racy_ok(meta):
+        raise CorruptEntry(
+            where, f"{prefix}metadata's records of recently modified files are invalid"
+        )
+    return meta
+
+
+def read_local_meta(entry: Path, *, any_version: bool = False) -> dict[str, Any] | None:
+    """The metadata of the entry folder ``entry``; None if there is no entry there.
+
+    Raises:
+        CorruptEntry: the entry exists but its metadata is missing or invalid.
+    """
+    try:
+        raw = (entry / META_FILE).read_bytes()
+    except FileNotFoundError:
+        if entry.is_dir():
+            raise CorruptEntry(entry, "metadata file is missing") from None
+        return None
+    except NotADirectoryError:
+        if entry.exists():  # a file where the entry's folder should be
+            raise CorruptEntry(entry, "entry is not a folder") from None
+        return None  # a file further up: no entry (storing will report the path)
+    return parse_meta(raw, entry, any_version=any_version)
+
+
+def size_problem(size: int, meta: dict[str, Any], what: str = "data file") -> str | None:
+    """The problem if a data file (``what``) of ``size`` bytes is not what ``meta`` records."""
+    expected = meta["data"]["size"]
+    return None if size == expected else f"{what} is {size} bytes, metadata says {expected}"
+
+
+# -- data --------------------------------------------------------------------------------------
+class HashingWriter:
+    """A binary sink that hashes (xxh3-128) and counts what is written through it, passing it
+    on to ``handle`` (or nowhere: to check a download without keeping it)."""
+
+    def __init__(self, handle: BinaryIO | None = None) -> None:
+        self.handle = handle
+        self.hasher = xxhash.xxh3_128()
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self.hasher.update(view)
+        self.size += view.nbytes
+        if self.handle is not None:
+            self.handle.write(view)
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        if self.handle is not None:
+            self.handle.flush()
+
+    def hexdigest(self) -> str:
+        """The checksum of everything written, as ``meta["data"]["xxh3"]`` records it."""
+        return self.hasher.hexdigest()
+
+
+def encode_manifest(manifest: dict[str, Any]) -> bytes:
+    """A ``manifest`` file's bytes: ``{source: [[relpath, size, mtime_ns], ...]}`` zlib'd."""
+    return zlib.compress(json.dumps(manifest).encode(), 3)
+
+
+def decode_manifest(raw: bytes) -> dict[str, Any] | None:
+    """A ``manifest`` file's contents; None if it is unreadable."""
+    try:
+        manifest = json.loads(zlib.decompress(raw))
+    except (ValueError, zlib.error, RecursionError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+# -- scanning ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ScannedEntry:
+    """An entry folder found by :func:`scan_entry_dirs`: its metadata, or what is wrong."""
+
+    key: str
+    path: Path
+    meta: dict[str, Any] | None
+    problem: str | None
+
+
+def scan_entry_dirs(function_dir: Path, *, any_version: bool = False) -> Iterator[ScannedEntry]:
+    """The entry folders of a function folder, by name, with their metadata or its problem.
+
+    Entries removed while the scan runs are left out, and so is a function folder that does
+    not exist (any more).
+    """
+    try:
+        children = sorted(os.scandir(function_dir), key=lambda child: child.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for child in children:
+        if not is_entry_name(child.name) or not child.is_dir(follow_symlinks=False):
+            continue
+        path = Path(child.path)
+        try:
+            meta = read_local_meta(path, any_version=any_version)
+        except CorruptEntry as error:
+            if path.is_dir():  # else removed meanwhile (a "missing" metadata file)
+                yield ScannedEntry(child.name, path, None, error.reason)
+            continue
+        except OSError as error:
+            yield ScannedEntry(child.name, path, None, f"cannot read the entry ({error})")
+            continue
+        if meta is not None:
+            yield ScannedEntry(child.name, path, meta, None)
+
+
+# -- leftovers ---------------------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def leftover_is_dead(name: str, mtime: float, now: float) -> bool:
+    """True if a temporary file/folder ``name`` was left by a writer that is gone: one on this
+    machine whose process ended, or anyone's after :data:`LEFTOVER_MAX_AGE`."""
+    if now - mtime > LEFTOVER_MAX_AGE:
+        return True
+    parts = name.split("-")
+    if len(parts) < 4:
+        return False
+    host, pid = parts[1], parts[2]
+    return host == HOST and pid.isdigit() and not _pid_alive(int(pid))
+
+
+def is_leftover_name(name: str) -> bool:
+    """True if ``name`` is a temporary or trash file/folder (maybe a dead writer's)."""
+    return name.startswith((TMP_PREFIX, TRASH_PREFIX))

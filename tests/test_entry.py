@@ -1,0 +1,187 @@
+"""The entry format (cachedload.entry): metadata checks, the scan of entry folders, leftovers,
+and an entry written before issue 13 that must still be a hit."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import xxhash
+
+from cachedload import entry
+from tests import fixture_loader
+
+
+def test_an_entry_written_by_the_previous_version_is_a_hit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(fixture_loader.CACHE, cache)  # a hit appends to <key>.used
+    source = tmp_path / "source"
+    shutil.copytree(fixture_loader.SOURCE, source)
+    for path in source.iterdir():
+        os.utime(path, (fixture_loader.SOURCE_MTIME, fixture_loader.SOURCE_MTIME))
+    monkeypatch.setenv("CACHEDLOAD_DIR", str(cache))
+    before = fixture_loader.CALLS[0]
+
+    value = fixture_loader.load_numbers(source)
+
+    assert fixture_loader.CALLS[0] == before, "the body ran: the old entry was not a hit"
+    assert sorted(value) == ["a", "b"]
+    np.testing.assert_array_equal(value["a"], [6, 2, 8, 2, 10])
+    np.testing.assert_array_equal(value["b"], [18, 4, 12])
+
+
+# -- parse_meta --------------------------------------------------------------------------------
+def _fixture_meta() -> bytes:
+    (meta,) = fixture_loader.CACHE.glob(f"*/*/{entry.META_FILE}")
+    return meta.read_bytes()
+
+
+def test_parse_meta_accepts_an_entry_written_before() -> None:
+    meta = entry.parse_meta(_fixture_meta(), Path("x"))
+    assert meta["format"] == entry.FORMAT_VERSION and meta["data"]["file"] == entry.DATA_FILE
+
+
+def _without(meta: dict[str, Any], *path: str) -> dict[str, Any]:
+    copy: dict[str, Any] = json.loads(json.dumps(meta))
+    target = copy
+    for name in path[:-1]:
+        target = target[name]
+    del target[path[-1]]
+    return copy
+
+
+def _with(meta: dict[str, Any], value: Any, *path: str) -> dict[str, Any]:
+    copy: dict[str, Any] = json.loads(json.dumps(meta))
+    target = copy
+    for name in path[:-1]:
+        target = target[name]
+    target[path[-1]] = value
+    return copy
+
+
+MALFORMED: list[tuple[str, Any]] = [
+    ("format 2", lambda m: _with(m, 2, "format")),
+    ("no format", lambda m: _without(m, "format")),
+    ("no data", lambda m: _without(m, "data")),
+    ("size a string", lambda m: _with(m, "731", "data", "size")),
+    ("no checksum", lambda m: _without(m, "data", "xxh3")),
+    ("checksum a number", lambda m: _with(m, 1, "data", "xxh3")),
+    ("no data file name", lambda m: _without(m, "data", "file")),
+    ("data file in a folder", lambda m: _with(m, "../result.joblib", "data", "file")),
+    ("hidden data file", lambda m: _with(m, ".result.joblib", "data", "file")),
+    ("racy a list", lambda m: _with(m, [], "racy")),
+    ("racy digest a number", lambda m: _with(m, {"src": {"a.txt": 1}}, "racy")),
+    ("racy mtime a string", lambda m: _with(m, "0", "racy_newest_mtime_ns")),
+]
+
+
+@pytest.mark.parametrize(("name", "damage"), MALFORMED, ids=[name for name, _ in MALFORMED])
+def test_parse_meta_rejects_each_malformed_field(name: str, damage: Any) -> None:
+    good = json.loads(_fixture_meta())
+    raw = json.dumps(damage(good)).encode()
+    with pytest.raises(entry.CorruptEntry) as error:
+        entry.parse_meta(raw, Path("/cache/f/k"), source="s3://b/f/k/")
+    assert error.value.path == Path("/cache/f/k") and error.value.reason.startswith("s3://b/f/k/")
+
+
+@pytest.mark.parametrize("raw", [b"{", b"[1, 2]", b"[" * 100_000, b"\xff"])
+def test_parse_meta_rejects_what_is_not_a_json_object(raw: bytes) -> None:
+    with pytest.raises(entry.CorruptEntry):
+        entry.parse_meta(raw, Path("x"))
+
+
+def test_any_version_only_decodes() -> None:
+    raw = json.dumps({"format": 99}).encode()
+    assert entry.parse_meta(raw, Path("x"), any_version=True) == {"format": 99}
+
+
+def test_size_problem_says_both_sizes() -> None:
+    meta = {"data": {"size": 10}}
+    assert entry.size_problem(10, meta) is None
+    assert entry.size_problem(7, meta) == "data file is 7 bytes, metadata says 10"
+    assert entry.size_problem(7, meta, "data object") == "data object is 7 bytes, metadata says 10"
+
+
+def test_the_hashing_writer_counts_hashes_and_passes_on() -> None:
+    sink = io.BytesIO()
+    writer = entry.HashingWriter(sink)
+    writer.write(b"abc")
+    writer.write(memoryview(b"def"))
+    assert sink.getvalue() == b"abcdef" and writer.size == writer.tell() == 6
+    assert writer.hexdigest() == xxhash.xxh3_128(b"abcdef").hexdigest()
+    assert entry.HashingWriter().write(b"xyz") == 3  # nowhere: only checked
+
+
+def test_manifests_round_trip_and_garbage_is_none() -> None:
+    manifest = {"src": [["a.txt", 3, 1_600_000_000_000_000_000]]}
+    assert entry.decode_manifest(entry.encode_manifest(manifest)) == manifest
+    assert entry.decode_manifest(b"not zlib") is None
+
+
+def test_function_folders_are_named_once() -> None:
+    name = entry.function_dir_name("pkg.mod.load<x>", "0123456789abcdef")
+    assert name == "pkg.mod.load_x_-01234567"
+    assert name.startswith(entry.function_dir_prefix("pkg.mod.load<x>"))
+    assert entry.is_function_dir_name(name) and not entry.is_function_dir_name("remote")
+
+
+# -- scanning ----------------------------------------------------------------------------------
+def _write_entry(function_dir: Path, key: str) -> Path:
+    folder = function_dir / key
+    folder.mkdir(parents=True)
+    (folder / entry.META_FILE).write_bytes(_fixture_meta())
+    return folder
+
+
+def test_the_scan_lists_entries_and_damaged_ones_and_skips_what_is_not_ours(
+    tmp_path: Path,
+) -> None:
+    _write_entry(tmp_path, "a" * 32)
+    (tmp_path / ("b" * 32)).mkdir()  # no metadata: damaged
+    (tmp_path / "notes").mkdir()
+    (tmp_path / f"{'c' * 32}.used").write_bytes(b".")
+    (tmp_path / f"{entry.TMP_PREFIX}{entry.HOST}-1-x").mkdir()
+    found = list(entry.scan_entry_dirs(tmp_path))
+    assert [(f.key, f.meta is not None, f.problem) for f in found] == [
+        ("a" * 32, True, None),
+        ("b" * 32, False, "metadata file is missing"),
+    ]
+    assert list(entry.scan_entry_dirs(tmp_path / "gone")) == []
+
+
+def test_the_scan_tolerates_an_entry_vanishing_meanwhile(tmp_path: Path) -> None:
+    first, second = _write_entry(tmp_path, "a" * 32), _write_entry(tmp_path, "b" * 32)
+    scan = entry.scan_entry_dirs(tmp_path)
+    assert next(scan).path == first
+    shutil.rmtree(second)  # removed by another process after the folder was listed
+    assert list(scan) == []
+
+
+# -- leftovers ---------------------------------------------------------------------------------
+def test_leftover_rules() -> None:
+    now = time.time()
+    mine = f"{entry.TMP_PREFIX}{entry.HOST}-{os.getpid()}-abc"
+    assert not entry.leftover_is_dead(mine, now, now)  # a live writer's
+    assert entry.leftover_is_dead(mine, now - entry.LEFTOVER_MAX_AGE - 1, now)  # too old
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    dead = f"{entry.TRASH_PREFIX}{entry.HOST}-{int(child.stdout)}-abc"
+    assert entry.leftover_is_dead(dead, now, now)  # its process ended
+    assert not entry.leftover_is_dead(f"{entry.TMP_PREFIX}elsewhere-1-abc", now, now)
+    assert not entry.leftover_is_dead(f"{entry.TMP_PREFIX}short", now, now)
+    assert entry.is_leftover_name(entry.temporary_name()) and not entry.is_leftover_name("a" * 32)
