@@ -9,6 +9,7 @@ cross-process lock so that concurrent callers compute once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import logging
@@ -33,9 +34,6 @@ from cachedload.errors import (
     warn_at_caller,
 )
 from cachedload.explain import Explanation, explain_against_closest
-from cachedload.fingerprint import (
-    DEFAULT_EXCLUDE,
-)
 from cachedload.hashing import code_digest, function_identity, value_digest
 from cachedload.keys import (
     Call,
@@ -43,20 +41,14 @@ from cachedload.keys import (
     KeyRules,
     call_manifest,
     entry_meta,
-    parse_names,
     racy_files_unchanged,
     racy_records_expired,
 )
-from cachedload.manage import EntryRecord, enforce_after_store, entries_in, parse_size
+from cachedload.manage import EntryRecord, enforce_after_store, entries_in
+from cachedload.options import Options
 from cachedload.reading import ReadAhead
 from cachedload.state import LoaderState, bound_objects
-from cachedload.store import (
-    CorruptEntry,
-    Store,
-    UnpicklableResult,
-    default_cache_dir,
-    iter_entries,
-)
+from cachedload.store import CorruptEntry, Store, UnpicklableResult, iter_entries
 
 __all__ = ["CacheInfo", "CachedDataset", "cached_dataset"]
 
@@ -132,85 +124,30 @@ class CachedDataset(Generic[P, R]):
     __wrapped__: Callable[P, R]
 
     def __init__(
-        self,
-        func: Callable[P, R],
-        *,
-        source: str | Sequence[str] | None = None,
-        ignore: str | Sequence[str] | None = None,
-        cache_dir: str | os.PathLike[str] | None = None,
-        mmap_mode: Literal["r", "c"] | None = None,
-        compress: bool | int | str | tuple[str, int] = False,
-        fingerprint: Literal["mtime", "content"] = "mtime",
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] | None = None,
-        version: Any = None,
-        depends_on: Sequence[Callable[..., Any]] = (),
-        verify: Literal["size", "always"] = "size",
-        lock_timeout: float | None = None,
-        portable: bool = False,
-        keep: int | None = 1,
-        max_size: int | str | None = None,
-        enabled: bool = True,
-        storage_options: dict[str, Any] | None = None,
-        local_cache_dir: str | os.PathLike[str] | None = None,
+        self, func: Callable[P, R], options: Options | None = None, /, **given: Any
     ) -> None:
-        # Every option, as given: enough to rebuild this wrapper in another process.
-        self._options = {k: v for k, v in locals().items() if k not in ("self", "func")}
+        """Wrap ``func`` with ``options``, or with an :class:`~cachedload.options.Options` made
+        of the keyword arguments (those of :func:`cached_dataset`; with ``options``, they
+        replace some of its fields).
+
+        Raises:
+            ConfigurationError: an option is invalid.
+        """
+        if options is None:
+            options = Options(**given)
+        elif given:
+            options = dataclasses.replace(options, **given)
         functools.update_wrapper(self, func)
         self.__wrapped__ = func
         self._signature = inspect.signature(func)
-        sources = parse_names("source", source) if source is not None else None
-        ignored = frozenset(parse_names("ignore", ignore))
+        self._identity = function_identity(func)
         # A bound method's or callable object's "self" and a partial's arguments are part of
         # the key like parameters, and may be ignored like them.
-        bound = {label for label, _ in bound_objects(func)}
-        for option, names in (("source", sources or ()), ("ignore", ignored)):
-            known = self._signature.parameters.keys() | (bound if option == "ignore" else set())
-            unknown = [n for n in names if n not in known]
-            if unknown:
-                raise ConfigurationError(
-                    option, f"{unknown} not among {function_identity(func)}'s parameters"
-                )
-        if mmap_mode not in (None, "r", "c"):
-            # Not "r+": an in-place edit of a result would rewrite the stored entry.
-            raise ConfigurationError(
-                "mmap_mode",
-                f"must be None, 'r' (read-only maps) or 'c' (copy-on-write maps), "
-                f"not {mmap_mode!r}",
-            )
-        if fingerprint not in ("mtime", "content"):
-            raise ConfigurationError(
-                "fingerprint", f"must be 'mtime' or 'content', not {fingerprint!r}"
-            )
-        if verify not in ("size", "always"):
-            raise ConfigurationError("verify", f"must be 'size' or 'always', not {verify!r}")
-        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-            raise ConfigurationError("keep", f"must be a whole number >= 1 or None, not {keep!r}")
-        self._keep = keep
-        self._max_size = None if max_size is None else parse_size(max_size, "max_size")
-        # A URL (s3://…) is a remote cache read through a local copy; see cachedload.backends.
-        checked = None if cache_dir is None else config.check_cache_dir(cache_dir, "cache_dir")
-        self._cache_url = checked if isinstance(checked, str) else None
-        self._cache_dir = checked if isinstance(checked, Path) else None
-        self._storage_options = None if storage_options is None else dict(storage_options)
-        self._local_cache_dir = local_cache_dir
-        self._mmap_mode = mmap_mode
-        self._compress = compress
-        self._version = version
-        self._depends_on = tuple(depends_on)
-        self._verify = verify
-        self._lock_timeout = lock_timeout
-        self.enabled = enabled
-        self._identity = function_identity(func)
-        self._rules = KeyRules(
-            identity=self._identity,
-            source=sources,
-            ignore=ignored,
-            mode=fingerprint,
-            include=tuple(include or ()),
-            exclude=DEFAULT_EXCLUDE if exclude is None else tuple(exclude),
-            portable=portable,
-        )
+        bound = [label for label, _ in bound_objects(func)]
+        options.check_names(self._signature.parameters, bound, self._identity)
+        self._options = options
+        self.enabled = options.enabled
+        self._rules = KeyRules.from_options(self._identity, options)
         self._stats = _Stats()
         # A call group's token -> the entry the group used last (see _read_ahead).
         self._recent: dict[tuple[Any, ...], _Recent] = {}
@@ -262,7 +199,7 @@ class CachedDataset(Generic[P, R]):
             raise
         finally:
             _DUMPING_BY_VALUE.discard(dumping)
-        files = _code_files((func, *self._options["depends_on"]))
+        files = _code_files((func, *self._options.depends_on))
         return (_restore_by_value, (payload, files))
 
     def __repr__(self) -> str:
@@ -280,10 +217,11 @@ class CachedDataset(Generic[P, R]):
         """
         state = self._state
         if state is None or self._code is None or not state.current():
-            self._state = LoaderState(self.__wrapped__, self._depends_on, self._rules.ignore)
+            depends_on = tuple(self._options.depends_on)
+            self._state = LoaderState(self.__wrapped__, depends_on, self._rules.ignore)
             loader = code_digest(self.__wrapped__)
-            helpers = [(function_identity(f), code_digest(f)) for f in self._depends_on]
-            version = value_digest(self._version)
+            helpers = [(function_identity(f), code_digest(f)) for f in depends_on]
+            version = value_digest(self._options.version)
             self._code = value_digest(
                 (loader, *(f"{name}:{digest}" for name, digest in helpers), version)
             )
@@ -306,19 +244,20 @@ class CachedDataset(Generic[P, R]):
 
     def _remote_url(self) -> str | None:
         """The remote cache's URL: ``cache_dir=`` or ``$CACHEDLOAD_DIR`` if it is one."""
-        if self._cache_url is not None or self._cache_dir is not None:
-            return self._cache_url
-        configured = config.cache_dir_from_env()
-        return configured if isinstance(configured, str) else None
+        location = self._options.cache_location
+        if location is None:
+            location = config.cache_dir_from_env()
+        return location if isinstance(location, str) else None
 
     def _resolved_cache_dir(self) -> Path:
         """The local cache directory (for a remote cache: its local read-through copy)."""
         url = self._remote_url()
         if url is not None:
-            if self._local_cache_dir is not None:
-                return Path(self._local_cache_dir).expanduser()
+            if self._options.local_cache_dir is not None:
+                return Path(self._options.local_cache_dir).expanduser()
             return default_local_root(url)
-        return self._cache_dir if self._cache_dir is not None else default_cache_dir()
+        location = self._options.cache_location
+        return location if isinstance(location, Path) else config.default_cache_dir()
 
     def _store(self) -> Store:
         url = self._remote_url()
@@ -326,7 +265,7 @@ class CachedDataset(Generic[P, R]):
             return open_store(
                 url,
                 self._function_dir_name(),
-                storage_options=self._storage_options,
+                storage_options=self._options.storage_options,
                 local_cache_dir=self._resolved_cache_dir(),
             )
         return Store(self._resolved_cache_dir(), self._function_dir_name())
@@ -351,7 +290,7 @@ class CachedDataset(Generic[P, R]):
 
     def _reads_ahead(self) -> bool:
         # Memory maps are instant; compressed entries are read by joblib.
-        return self._mmap_mode is None and not self._compress
+        return self._options.mmap_mode is None and not self._options.compress
 
     def _read_ahead(self, group: CallGroup, started: list[tuple[str, ReadAhead]]) -> None:
         """Start reading the entry that this call's group hit or stored last in this process,
@@ -376,8 +315,8 @@ class CachedDataset(Generic[P, R]):
         if not self._reads_ahead():
             return
         recent = self._recent
-        recent.pop(call.group_of.token, None)
-        recent[call.group_of.token] = _Recent(call.key, size, call.fingerprint_seconds)
+        recent.pop(call.group.token, None)
+        recent[call.group.token] = _Recent(call.key, size, call.fingerprint_seconds)
         if len(recent) > _RECENT_GROUPS:
             # The least recently used (another thread may be trimming it at the same time).
             with contextlib.suppress(KeyError, RuntimeError, StopIteration):
@@ -385,7 +324,7 @@ class CachedDataset(Generic[P, R]):
 
     def _call_meta(self, call: Call) -> dict[str, Any]:
         return self._rules.call_meta(
-            call, self._code_version(), self._version, code_parts=self._code_parts
+            call, self._code_version(), self._options.version, code_parts=self._code_parts
         )
 
     def _lookup(self, store: Store, call: Call, ahead: ReadAhead | None = None) -> Any:
@@ -405,8 +344,8 @@ class CachedDataset(Generic[P, R]):
             value = store.load_value(
                 call.key,
                 meta,
-                mmap_mode=self._mmap_mode,
-                verify=self._verify == "always",
+                mmap_mode=self._options.mmap_mode,
+                verify=self._options.verify == "always",
                 ahead=ahead,
             )
         except CorruptEntry as error:
@@ -495,7 +434,12 @@ class CachedDataset(Generic[P, R]):
         started = time.perf_counter()
         try:
             size = store.save(
-                call.key, result, meta, compress=self._compress, manifest=manifest, replace=replace
+                call.key,
+                result,
+                meta,
+                compress=self._options.compress,
+                manifest=manifest,
+                replace=replace,
             )
         except (OSError, UnpicklableResult) as error:
             self._store_failed(call, store, error)
@@ -510,7 +454,7 @@ class CachedDataset(Generic[P, R]):
             (time.perf_counter() - started) * 1e3,
             compute_seconds,
         )
-        if self._mmap_mode is not None:
+        if self._options.mmap_mode is not None:
             result = self._load_stored(store, call, result)
         self._enforce_limits(store, call.key, meta)
         return result
@@ -522,7 +466,7 @@ class CachedDataset(Generic[P, R]):
             meta = store.read_meta(call.key)
             if meta is not None:
                 return store.load_value(  # type: ignore[no-any-return]
-                    call.key, meta, mmap_mode=self._mmap_mode, verify=False
+                    call.key, meta, mmap_mode=self._options.mmap_mode, verify=False
                 )
             error: BaseException = FileNotFoundError(f"{store.entry_path(call.key)} vanished")
         except (CorruptEntry, OSError) as failure:
@@ -552,15 +496,14 @@ class CachedDataset(Generic[P, R]):
 
     def _enforce_limits(self, store: Store, key: str, meta: dict[str, Any]) -> None:
         """Delete superseded entries and apply ``max_size`` after a store (errors only log)."""
-        max_size = self._max_size
-        configured = config.max_size_from_env()
-        if max_size is None and configured is not None:
+        max_size = self._options.max_size_bytes
+        if max_size is None:
             try:
-                max_size = parse_size(configured, "$CACHEDLOAD_MAX_SIZE")
+                max_size = config.max_size_from_env()
             except ConfigurationError as error:
                 logger.warning("ignoring %s", error)
         try:
-            enforce_after_store(store, key, meta, keep=self._keep, max_size=max_size)
+            enforce_after_store(store, key, meta, keep=self._options.keep, max_size=max_size)
         except OSError as error:
             logger.warning("could not prune %s after a store: %s", store.cache_dir, error)
 
@@ -581,7 +524,7 @@ class CachedDataset(Generic[P, R]):
         else:
             replace = True
         try:
-            lock = store.lock(call.key, self._lock_timeout)
+            lock = store.lock(call.key, self._options.lock_timeout)
             locked = self._acquire(lock, store, call)
         except OSError as error:
             # No lock, so no store either (the directory is unwritable): compute and return.
@@ -625,7 +568,7 @@ class CachedDataset(Generic[P, R]):
                 logger.warning(
                     "gave up waiting for %s after %s s; computing it here too",
                     self._identity,
-                    self._lock_timeout,
+                    self._options.lock_timeout,
                 )
                 return False
             logger.info("waited %.2f s for %s", time.perf_counter() - started, self._identity)
@@ -755,7 +698,7 @@ class CachedDataset(Generic[P, R]):
             from cachedload.backends.listing import clear_function
 
             prefix = self._function_dir_name().rsplit("-", 1)[0] + "-"
-            clear_function(url, prefix, self._storage_options, self._resolved_cache_dir())
+            clear_function(url, prefix, self._options.storage_options, self._resolved_cache_dir())
         for directory in self._function_dirs():
             store = Store(directory.parent, directory.name)
             for entry in list(store.entries()):
@@ -783,7 +726,7 @@ def _skipped_images(result: Any) -> list[str]:
 
 
 def _restore(
-    module: str, qualname: str, options: dict[str, Any], bound: tuple[Any, ...]
+    module: str, qualname: str, options: Options, bound: tuple[Any, ...]
 ) -> CachedDataset[..., Any]:
     """Rebuild a pickled :class:`CachedDataset` from its loader's import path and options."""
     import importlib
@@ -792,7 +735,7 @@ def _restore(
     for part in qualname.split("."):
         target = getattr(target, part)
     func = target.__wrapped__ if isinstance(target, CachedDataset) else target
-    wrapper: CachedDataset[..., Any] = CachedDataset(func, **options)
+    wrapper: CachedDataset[..., Any] = CachedDataset(func, options)
     return wrapper.__get__(bound[0]) if bound else wrapper
 
 
@@ -865,7 +808,7 @@ def _restore_by_value(
     import pickle
 
     func, options, bound = pickle.loads(payload)
-    for function, file in zip((func, *options.get("depends_on", ())), files, strict=True):
+    for function, file in zip((func, *options.depends_on), files, strict=True):
         code = getattr(function, "__code__", None)
         if file is None or code is None:
             continue
@@ -874,7 +817,7 @@ def _restore_by_value(
             function.__code__ = _with_filename(code, filename)
         if lines is not None:  # no mtime: linecache.checkcache keeps it
             linecache.cache.setdefault(filename, (len("".join(lines)), None, lines, filename))
-    wrapper: CachedDataset[..., Any] = CachedDataset(func, **options)
+    wrapper: CachedDataset[..., Any] = CachedDataset(func, options)
     return wrapper.__get__(bound[0]) if bound else wrapper
 
 
@@ -987,8 +930,9 @@ def cached_dataset(
 
         X, y = load_images("data/train")   # slow the first time, milliseconds afterwards
     """
+    checked = Options(**options)  # once, however many loaders it decorates
     if func is None:
-        return lambda f: CachedDataset(f, **options)
+        return lambda f: CachedDataset(f, checked)
     if not callable(func):
         raise ConfigurationError("func", f"cached_dataset decorates a function, not {func!r}")
-    return CachedDataset(func, **options)
+    return CachedDataset(func, checked)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cachedload import config, serialize
+from cachedload import serialize
 from cachedload.fingerprint import hash_file
 from cachedload.reading import NOTHING, ReadAhead
 from cachedload.serialize import UnpicklableResult
@@ -47,7 +47,6 @@ __all__ = [
     "Store",
     "UnpicklableResult",
     "atomic_write_bytes",
-    "default_cache_dir",
     "iter_entries",
 ]
 
@@ -415,16 +414,3 @@ def iter_entries(function_dir: Path) -> Iterator[EntryInfo]:
         except FileNotFoundError:
             hits, last_used = 0, float(meta.get("created", 0.0))
         yield EntryInfo(child.name, Path(child.path), meta, size, hits, last_used)
-
-
-def default_cache_dir() -> Path:
-    """The cache directory used when a loader names none.
-
-    ``$CACHEDLOAD_DIR`` if set to a folder (``file:///x`` is ``/x``), else the platform's user
-    cache directory (via platformdirs) followed by ``cachedload`` (``~/.cache/cachedload`` on
-    Linux), which also holds remote caches' local copies when ``$CACHEDLOAD_DIR`` is a URL.
-
-    Raises:
-        ConfigurationError: ``$CACHEDLOAD_DIR`` is not a valid cache directory.
-    """
-    return config.local_cache_dir()

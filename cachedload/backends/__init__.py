@@ -75,7 +75,7 @@ def validate_url(url: str, origin: str = "cache_dir") -> None:
 def default_local_root(url: str) -> Path:
     """The default read-through copy of a remote cache: ``remote/<bucket-prefix-hash>`` in the
     local cache directory (``$CACHEDLOAD_DIR`` when it is a path, else the user cache dir)."""
-    base = config.local_cache_dir()
+    base = config.default_cache_dir()
     readable = "".join(c if c.isalnum() or c in "._" else "-" for c in url.split("://", 1)[-1])
     digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:8]
     return base / LOCAL_COPIES_DIR / f"{readable.strip('-')[:80]}-{digest}"
