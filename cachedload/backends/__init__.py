@@ -26,13 +26,9 @@ __all__ = [
     "LOCAL_COPIES_DIR",
     "URL_FILE",
     "default_local_root",
-    "is_url",
-    "lease_seconds",
     "object_store",
     "open_store",
     "remote_url",
-    "storage_options_from_env",
-    "validate_url",
 ]
 
 _S3_SCHEMES = ("s3", "s3a")
@@ -42,12 +38,6 @@ _S3_SCHEMES = ("s3", "s3a")
 LOCAL_COPIES_DIR = "remote"
 #: In a local copy's root: the URL of the remote cache it copies (for ``cachedload ls``).
 URL_FILE = ".url"
-
-
-# Settings and the checking of cache-directory values live in cachedload.config.
-is_url = config.is_url
-storage_options_from_env = config.storage_options_from_env
-lease_seconds = config.lease_seconds
 
 
 def remote_url(cache_dir: str | os.PathLike[str] | None) -> str | None:
@@ -60,16 +50,7 @@ def remote_url(cache_dir: str | os.PathLike[str] | None) -> str | None:
     if cache_dir is None:
         configured = config.cache_dir_from_env()
         return configured if isinstance(configured, str) else None
-    return cache_dir if is_url(cache_dir) else None
-
-
-def validate_url(url: str, origin: str = "cache_dir") -> None:
-    """Check that a URL's scheme can be used (see :func:`cachedload.config.check_url`).
-
-    Raises:
-        ConfigurationError: unknown scheme, or its package (boto3 for ``s3://``) is missing.
-    """
-    config.check_url(url, origin)
+    return cache_dir if config.is_url(cache_dir) else None
 
 
 def default_local_root(url: str) -> Path:
@@ -86,8 +67,8 @@ def object_store(url: str, storage_options: dict[str, Any] | None = None) -> Obj
 
     ``storage_options`` default to ``$CACHEDLOAD_STORAGE_OPTIONS``.
     """
-    validate_url(url)
-    options = storage_options_from_env() if storage_options is None else storage_options
+    config.check_url(url)
+    options = config.storage_options_from_env() if storage_options is None else storage_options
     if url.split("://", 1)[0].lower() in _S3_SCHEMES:
         from cachedload.backends.s3 import S3ObjectStore
 
@@ -118,5 +99,8 @@ def open_store(
         default_local_root(url) if local_cache_dir is None else Path(local_cache_dir).expanduser()
     )
     return RemoteStore(
-        object_store(url, storage_options), function_dir, local, lease_seconds=lease_seconds()
+        object_store(url, storage_options),
+        function_dir,
+        local,
+        lease_seconds=config.lease_seconds(),
     )

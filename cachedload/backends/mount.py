@@ -102,9 +102,7 @@ def entry_lock(lock_path: Path, timeout: float | None) -> Any:
     if uses_lease(lock_path.parent):
         from filelock import SoftFileLease
 
-        from cachedload.backends import lease_seconds
-
-        return SoftFileLease(str(lock_path), timeout=timeout, lease_duration=lease_seconds())
+        return SoftFileLease(str(lock_path), timeout=timeout, lease_duration=config.lease_seconds())
     from filelock import FileLock
 
     return FileLock(str(lock_path), timeout=timeout)
