@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+from cachedload.config import default_cache_dir
 from cachedload.decorator import CachedDataset, CacheInfo, cached_dataset
 from cachedload.errors import (
     CachedloadError,
@@ -35,7 +36,6 @@ from cachedload.errors import (
 from cachedload.explain import Explanation
 from cachedload.fingerprint import Fingerprint, fingerprint_source
 from cachedload.manage import EntryRecord, list_entries
-from cachedload.store import default_cache_dir
 
 if TYPE_CHECKING:
     from cachedload.images import ImageFolderData, load_image_folder

@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from cachedload import __version__
+from cachedload import __version__, config
 from cachedload.backends import remote_url
-from cachedload.config import check_cache_dir
+from cachedload.config import check_cache_dir, default_cache_dir, parse_size
 from cachedload.errors import ConfigurationError
 from cachedload.explain import compare
 from cachedload.manage import (
@@ -31,7 +31,6 @@ from cachedload.manage import (
     local_copies,
     manifest_of,
     parse_age,
-    parse_size,
     prune,
     remove_damaged,
     remove_entries,
@@ -39,7 +38,6 @@ from cachedload.manage import (
     tidy_local_copies,
     verify,
 )
-from cachedload.store import default_cache_dir
 
 __all__ = ["main"]
 
@@ -351,10 +349,7 @@ def _clear(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    max_size = args.max_size
-    configured = os.environ.get("CACHEDLOAD_MAX_SIZE", "").strip()
-    if max_size is None and configured:
-        max_size = parse_size(configured, "$CACHEDLOAD_MAX_SIZE")
+    max_size = args.max_size if args.max_size is not None else config.max_size_from_env()
     if max_size is None and args.keep is None and args.older_than is None:
         raise _UsageError(
             "nothing to apply: give --max-size, --keep or --older-than "

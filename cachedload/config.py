@@ -1,5 +1,20 @@
 """Settings from outside the code: every ``CACHEDLOAD_*`` environment variable, the platform's
-cache directory, and the checking of cache-directory values wherever they come from.
+cache directory, and the checking of cache-directory values and sizes wherever they come from.
+
+This is the only module that reads the environment for cachedload (a test keeps it so); every
+other module receives values from the functions here:
+
+===============================  ===========================  ==================================
+variable                         read by                      value
+===============================  ===========================  ==================================
+``CACHEDLOAD_DIR``               :func:`cache_dir_from_env`   a folder, ``file://`` or a URL
+``CACHEDLOAD_MAX_SIZE``          :func:`max_size_from_env`    a size (:func:`parse_size`)
+``CACHEDLOAD_STORAGE_OPTIONS``   :func:`storage_options_...`  a JSON object
+``CACHEDLOAD_LEASE_SECONDS``     :func:`lease_seconds`        seconds, default 30
+``CACHEDLOAD_LOCK``              :func:`lock_kind`            ``lease`` or ``flock``
+===============================  ===========================  ==================================
+
+(``CACHEDLOAD_SIGNING_KEY`` will be read here too, with the others, at the end of this module.)
 
 A cache-directory value is accepted from three places, and an error names the one it came from:
 the ``cache_dir=`` option, ``$CACHEDLOAD_DIR`` and the command line's ``--cache-dir``. It is
@@ -28,11 +43,12 @@ __all__ = [
     "cache_dir_from_env",
     "check_cache_dir",
     "check_url",
+    "default_cache_dir",
     "is_url",
     "lease_seconds",
-    "local_cache_dir",
     "lock_kind",
     "max_size_from_env",
+    "parse_size",
     "platform_cache_dir",
     "root_settings",
     "storage_options_from_env",
@@ -47,6 +63,13 @@ _S3_SCHEMES = ("s3", "s3a")
 # "s3:/typo", "http:/host": a scheme and one slash. Two letters at least, so that a Windows
 # drive ("C:/data") stays a path.
 _HALF_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/(?!/)")
+
+# Decimal units (k, kb, m, mb, …) are powers of 1000, binary ones (kib, mib, …) of 1024.
+_SIZE_UNITS = {"": 1, "b": 1}
+for _power, _prefix in enumerate("kmgt", start=1):
+    _SIZE_UNITS.update({_prefix: 1000**_power, _prefix + "b": 1000**_power})
+    _SIZE_UNITS[_prefix + "ib"] = 1024**_power
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
 def is_url(value: object) -> TypeGuard[str]:
@@ -170,10 +193,16 @@ def root_settings() -> tuple[str | None, ...]:
     )
 
 
-def local_cache_dir() -> Path:
-    """The local cache directory used when none is named: ``$CACHEDLOAD_DIR`` if it is a
-    folder, else the platform's user cache directory (also the home of remote caches' local
-    copies when ``$CACHEDLOAD_DIR`` is a URL)."""
+def default_cache_dir() -> Path:
+    """The cache directory used when a loader names none.
+
+    ``$CACHEDLOAD_DIR`` if set to a folder (``file:///x`` is ``/x``), else the platform's user
+    cache directory (via platformdirs) followed by ``cachedload`` (``~/.cache/cachedload`` on
+    Linux), which also holds remote caches' local copies when ``$CACHEDLOAD_DIR`` is a URL.
+
+    Raises:
+        ConfigurationError: ``$CACHEDLOAD_DIR`` is not a valid cache directory.
+    """
     configured = cache_dir_from_env()
     return configured if isinstance(configured, Path) else platform_cache_dir()
 
@@ -186,9 +215,36 @@ def platform_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("cachedload", appauthor=False))
 
 
-def max_size_from_env() -> str | None:
-    """``$CACHEDLOAD_MAX_SIZE`` as written (``"20GB"``…), None if unset or blank."""
-    return os.environ.get("CACHEDLOAD_MAX_SIZE", "").strip() or None
+def parse_size(value: int | str, option: str = "max_size") -> int:
+    """Parse a size in bytes: an int, or a string such as ``"20GB"``, ``"512 MB"``, ``"1.5GiB"``.
+
+    Decimal units (``KB``, ``MB``, ``GB``, ``TB``) are powers of 1000, binary units (``KiB``,
+    ``MiB``, ``GiB``, ``TiB``) powers of 1024; a bare number is bytes. Case does not matter.
+
+    Raises:
+        ConfigurationError: the value is not a size (the error names ``option``).
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ConfigurationError(option, f"a size cannot be negative, got {value}")
+        return value
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if match and match.group(2).lower() in _SIZE_UNITS:
+            return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    raise ConfigurationError(
+        option, f"expected a size such as 20GB, 512MB or 1.5GiB (or bytes), got {value!r}"
+    )
+
+
+def max_size_from_env() -> int | None:
+    """``$CACHEDLOAD_MAX_SIZE`` in bytes (written ``"20GB"``…), None if unset or blank.
+
+    Raises:
+        ConfigurationError: it is not a size (the error names the variable).
+    """
+    raw = os.environ.get("CACHEDLOAD_MAX_SIZE", "").strip()
+    return parse_size(raw, "$CACHEDLOAD_MAX_SIZE") if raw else None
 
 
 def storage_options_from_env() -> dict[str, Any]:
@@ -230,3 +286,6 @@ def lock_kind() -> str | None:
     """``$CACHEDLOAD_LOCK``: ``"lease"`` or ``"flock"`` to force the lock kind, else None."""
     forced = os.environ.get("CACHEDLOAD_LOCK", "").strip().lower()
     return forced if forced in ("lease", "flock") else None
+
+
+# $CACHEDLOAD_SIGNING_KEY (issue 16, HMAC signing of entries) is to be read here, like the others.

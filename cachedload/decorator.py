@@ -9,6 +9,7 @@ body only on a miss, under a cross-process lock so that concurrent callers compu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import logging
@@ -33,9 +34,6 @@ from cachedload.errors import (
     warn_at_caller,
 )
 from cachedload.explain import Explanation, explain_against_closest
-from cachedload.fingerprint import (
-    DEFAULT_EXCLUDE,
-)
 from cachedload.hashing import code_digest, function_identity, value_digest
 from cachedload.keys import (
     Call,
@@ -43,11 +41,11 @@ from cachedload.keys import (
     KeyRules,
     call_manifest,
     entry_meta,
-    parse_names,
     racy_files_unchanged,
     racy_records_expired,
 )
-from cachedload.manage import EntryRecord, enforce_after_store, parse_size, records_of
+from cachedload.manage import EntryRecord, enforce_after_store, records_of
+from cachedload.options import Options
 from cachedload.reading import ReadAhead
 from cachedload.root import CacheRoot, CorruptEntry, Hit, Miss
 from cachedload.serialize import UnpicklableResult
@@ -120,85 +118,30 @@ class CachedDataset(Generic[P, R]):
     __wrapped__: Callable[P, R]
 
     def __init__(
-        self,
-        func: Callable[P, R],
-        *,
-        source: str | Sequence[str] | None = None,
-        ignore: str | Sequence[str] | None = None,
-        cache_dir: str | os.PathLike[str] | None = None,
-        mmap_mode: Literal["r", "c"] | None = None,
-        compress: bool | int | str | tuple[str, int] = False,
-        fingerprint: Literal["mtime", "content"] = "mtime",
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] | None = None,
-        version: Any = None,
-        depends_on: Sequence[Callable[..., Any]] = (),
-        verify: Literal["size", "always"] = "size",
-        lock_timeout: float | None = None,
-        portable: bool = False,
-        keep: int | None = 1,
-        max_size: int | str | None = None,
-        enabled: bool = True,
-        storage_options: dict[str, Any] | None = None,
-        local_cache_dir: str | os.PathLike[str] | None = None,
+        self, func: Callable[P, R], options: Options | None = None, /, **given: Any
     ) -> None:
-        # Every option, as given: enough to rebuild this wrapper in another process.
-        self._options = {k: v for k, v in locals().items() if k not in ("self", "func")}
+        """Wrap ``func`` with ``options``, or with an :class:`~cachedload.options.Options` made
+        of the keyword arguments (those of :func:`cached_dataset`; with ``options``, they
+        replace some of its fields).
+
+        Raises:
+            ConfigurationError: an option is invalid.
+        """
+        if options is None:
+            options = Options(**given)
+        elif given:
+            options = dataclasses.replace(options, **given)
         functools.update_wrapper(self, func)
         self.__wrapped__ = func
         self._signature = inspect.signature(func)
-        sources = parse_names("source", source) if source is not None else None
-        ignored = frozenset(parse_names("ignore", ignore))
+        self._identity = function_identity(func)
         # A bound method's or callable object's "self" and a partial's arguments are part of
         # the key like parameters, and may be ignored like them.
-        bound = {label for label, _ in bound_objects(func)}
-        for option, names in (("source", sources or ()), ("ignore", ignored)):
-            known = self._signature.parameters.keys() | (bound if option == "ignore" else set())
-            unknown = [n for n in names if n not in known]
-            if unknown:
-                raise ConfigurationError(
-                    option, f"{unknown} not among {function_identity(func)}'s parameters"
-                )
-        if mmap_mode not in (None, "r", "c"):
-            # Not "r+": an in-place edit of a result would rewrite the stored entry.
-            raise ConfigurationError(
-                "mmap_mode",
-                f"must be None, 'r' (read-only maps) or 'c' (copy-on-write maps), "
-                f"not {mmap_mode!r}",
-            )
-        if fingerprint not in ("mtime", "content"):
-            raise ConfigurationError(
-                "fingerprint", f"must be 'mtime' or 'content', not {fingerprint!r}"
-            )
-        if verify not in ("size", "always"):
-            raise ConfigurationError("verify", f"must be 'size' or 'always', not {verify!r}")
-        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-            raise ConfigurationError("keep", f"must be a whole number >= 1 or None, not {keep!r}")
-        self._keep = keep
-        self._max_size = None if max_size is None else parse_size(max_size, "max_size")
-        # A URL (s3://…) is a remote cache read through a local copy; see cachedload.backends.
-        checked = None if cache_dir is None else config.check_cache_dir(cache_dir, "cache_dir")
-        self._cache_url = checked if isinstance(checked, str) else None
-        self._cache_dir = checked if isinstance(checked, Path) else None
-        self._storage_options = None if storage_options is None else dict(storage_options)
-        self._local_cache_dir = local_cache_dir
-        self._mmap_mode = mmap_mode
-        self._compress = compress
-        self._version = version
-        self._depends_on = tuple(depends_on)
-        self._verify = verify
-        self._lock_timeout = lock_timeout
-        self.enabled = enabled
-        self._identity = function_identity(func)
-        self._rules = KeyRules(
-            identity=self._identity,
-            source=sources,
-            ignore=ignored,
-            mode=fingerprint,
-            include=tuple(include or ()),
-            exclude=DEFAULT_EXCLUDE if exclude is None else tuple(exclude),
-            portable=portable,
-        )
+        bound = [label for label, _ in bound_objects(func)]
+        options.check_names(self._signature.parameters, bound, self._identity)
+        self._options = options
+        self.enabled = options.enabled
+        self._rules = KeyRules.from_options(self._identity, options)
         self._stats = _Stats()
         # A call group's token -> the entry the group used last (see _read_ahead).
         self._recent: dict[tuple[Any, ...], _Recent] = {}
@@ -253,7 +196,7 @@ class CachedDataset(Generic[P, R]):
             raise
         finally:
             _DUMPING_BY_VALUE.discard(dumping)
-        files = _code_files((func, *self._options["depends_on"]))
+        files = _code_files((func, *self._options.depends_on))
         return (_restore_by_value, (payload, files))
 
     def __repr__(self) -> str:
@@ -271,10 +214,11 @@ class CachedDataset(Generic[P, R]):
         """
         state = self._state
         if state is None or self._code is None or not state.current():
-            self._state = LoaderState(self.__wrapped__, self._depends_on, self._rules.ignore)
+            depends_on = tuple(self._options.depends_on)
+            self._state = LoaderState(self.__wrapped__, depends_on, self._rules.ignore)
             loader = code_digest(self.__wrapped__)
-            helpers = [(function_identity(f), code_digest(f)) for f in self._depends_on]
-            version = value_digest(self._version)
+            helpers = [(function_identity(f), code_digest(f)) for f in depends_on]
+            version = value_digest(self._options.version)
             self._code = value_digest(
                 (loader, *(f"{name}:{digest}" for name, digest in helpers), version)
             )
@@ -302,15 +246,16 @@ class CachedDataset(Generic[P, R]):
     def _root(self) -> CacheRoot:
         """The cache root, resolved again only when a setting it depends on changed."""
         # A folder named by cache_dir= depends on no setting.
-        settings = () if self._cache_dir is not None else config.root_settings()
+        location = self._options.cache_location
+        settings = () if isinstance(location, Path) else config.root_settings()
         resolved = self._resolved
         if resolved is not None and resolved[0] == settings:
             return resolved[1]
         # A URL (s3://…) is a remote cache read through a local copy; see cachedload.backends.
         root = open_root(
-            self._cache_url or self._cache_dir,
-            storage_options=self._storage_options,
-            local_cache_dir=self._local_cache_dir,
+            location,
+            storage_options=self._options.storage_options,
+            local_cache_dir=self._options.local_cache_dir,
         )
         self._resolved = (settings, root)
         return root
@@ -335,7 +280,7 @@ class CachedDataset(Generic[P, R]):
 
     def _reads_ahead(self) -> bool:
         # Memory maps are instant; compressed entries are read by joblib.
-        return self._mmap_mode is None and not self._compress
+        return self._options.mmap_mode is None and not self._options.compress
 
     def _read_ahead(self, group: CallGroup, started: list[tuple[str, ReadAhead]]) -> None:
         """Start reading the entry that this call's group hit or stored last in this process,
@@ -360,8 +305,8 @@ class CachedDataset(Generic[P, R]):
         if not self._reads_ahead():
             return
         recent = self._recent
-        recent.pop(call.group_of.token, None)
-        recent[call.group_of.token] = _Recent(call.key, size, call.fingerprint_seconds)
+        recent.pop(call.group.token, None)
+        recent[call.group.token] = _Recent(call.key, size, call.fingerprint_seconds)
         if len(recent) > _RECENT_GROUPS:
             # The least recently used (another thread may be trimming it at the same time).
             with contextlib.suppress(KeyError, RuntimeError, StopIteration):
@@ -369,7 +314,7 @@ class CachedDataset(Generic[P, R]):
 
     def _call_meta(self, call: Call) -> dict[str, Any]:
         return self._rules.call_meta(
-            call, self._code_version(), self._version, code_parts=self._code_parts
+            call, self._code_version(), self._options.version, code_parts=self._code_parts
         )
 
     def _lookup(
@@ -381,8 +326,8 @@ class CachedDataset(Generic[P, R]):
             fdir,
             call.key,
             fresh=lambda meta: self._racy_files_unchanged(root, fdir, call, meta),
-            mmap_mode=self._mmap_mode,
-            verify=self._verify == "always",
+            mmap_mode=self._options.mmap_mode,
+            verify=self._options.verify == "always",
             ahead=ahead,
         )
         if isinstance(found, Miss):
@@ -484,7 +429,7 @@ class CachedDataset(Generic[P, R]):
                 call.key,
                 result,
                 meta,
-                compress=self._compress,
+                compress=self._options.compress,
                 manifest=manifest,
                 replace=replace,
             )
@@ -501,7 +446,7 @@ class CachedDataset(Generic[P, R]):
             (time.perf_counter() - started) * 1e3,
             compute_seconds,
         )
-        if self._mmap_mode is not None:
+        if self._options.mmap_mode is not None:
             result = self._load_stored(root, fdir, call, result)
         self._enforce_limits(root, fdir, call.key, meta)
         return result
@@ -513,7 +458,9 @@ class CachedDataset(Generic[P, R]):
         try:
             meta = root.read_meta(fdir, call.key)
             if meta is not None:
-                value: R = root.load(fdir, call.key, meta, mmap_mode=self._mmap_mode, verify=False)
+                value: R = root.load(
+                    fdir, call.key, meta, mmap_mode=self._options.mmap_mode, verify=False
+                )
                 return value
             error: BaseException = FileNotFoundError(f"{path} vanished")
         except (CorruptEntry, OSError) as failure:
@@ -543,15 +490,14 @@ class CachedDataset(Generic[P, R]):
 
     def _enforce_limits(self, root: CacheRoot, fdir: str, key: str, meta: dict[str, Any]) -> None:
         """Delete superseded entries and apply ``max_size`` after a store (errors only log)."""
-        max_size = self._max_size
-        configured = config.max_size_from_env()
-        if max_size is None and configured is not None:
+        max_size = self._options.max_size_bytes
+        if max_size is None:
             try:
-                max_size = parse_size(configured, "$CACHEDLOAD_MAX_SIZE")
+                max_size = config.max_size_from_env()
             except ConfigurationError as error:
                 logger.warning("ignoring %s", error)
         try:
-            enforce_after_store(root, fdir, key, meta, keep=self._keep, max_size=max_size)
+            enforce_after_store(root, fdir, key, meta, keep=self._options.keep, max_size=max_size)
         except OSError as error:
             logger.warning("could not prune %s after a store: %s", root.location, error)
 
@@ -573,7 +519,9 @@ class CachedDataset(Generic[P, R]):
         with contextlib.ExitStack() as stack:
             try:
                 stack.enter_context(
-                    root.single_flight(fdir, call.key, self._lock_timeout, name=self._identity)
+                    root.single_flight(
+                        fdir, call.key, self._options.lock_timeout, name=self._identity
+                    )
                 )
             except OSError as error:
                 # No lock, so no store either (the directory is unwritable): compute and return.
@@ -737,7 +685,7 @@ def _skipped_images(result: Any) -> list[str]:
 
 
 def _restore(
-    module: str, qualname: str, options: dict[str, Any], bound: tuple[Any, ...]
+    module: str, qualname: str, options: Options, bound: tuple[Any, ...]
 ) -> CachedDataset[..., Any]:
     """Rebuild a pickled :class:`CachedDataset` from its loader's import path and options."""
     import importlib
@@ -746,7 +694,7 @@ def _restore(
     for part in qualname.split("."):
         target = getattr(target, part)
     func = target.__wrapped__ if isinstance(target, CachedDataset) else target
-    wrapper: CachedDataset[..., Any] = CachedDataset(func, **options)
+    wrapper: CachedDataset[..., Any] = CachedDataset(func, options)
     return wrapper.__get__(bound[0]) if bound else wrapper
 
 
@@ -819,7 +767,7 @@ def _restore_by_value(
     import pickle
 
     func, options, bound = pickle.loads(payload)
-    for function, file in zip((func, *options.get("depends_on", ())), files, strict=True):
+    for function, file in zip((func, *options.depends_on), files, strict=True):
         code = getattr(function, "__code__", None)
         if file is None or code is None:
             continue
@@ -828,7 +776,7 @@ def _restore_by_value(
             function.__code__ = _with_filename(code, filename)
         if lines is not None:  # no mtime: linecache.checkcache keeps it
             linecache.cache.setdefault(filename, (len("".join(lines)), None, lines, filename))
-    wrapper: CachedDataset[..., Any] = CachedDataset(func, **options)
+    wrapper: CachedDataset[..., Any] = CachedDataset(func, options)
     return wrapper.__get__(bound[0]) if bound else wrapper
 
 
@@ -941,8 +889,9 @@ def cached_dataset(
 
         X, y = load_images("data/train")   # slow the first time, milliseconds afterwards
     """
+    checked = Options(**options)  # once, however many loaders it decorates
     if func is None:
-        return lambda f: CachedDataset(f, **options)
+        return lambda f: CachedDataset(f, checked)
     if not callable(func):
         raise ConfigurationError("func", f"cached_dataset decorates a function, not {func!r}")
-    return CachedDataset(func, **options)
+    return CachedDataset(func, checked)

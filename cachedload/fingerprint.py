@@ -31,14 +31,21 @@ from typing import NamedTuple
 
 import xxhash
 
+from cachedload.errors import ConfigurationError
+
 __all__ = [
     "DEFAULT_EXCLUDE",
+    "MODES",
     "RACY_WINDOW_NS",
     "FileRecord",
     "Fingerprint",
+    "check_mode",
     "fingerprint_source",
     "hash_file",
 ]
+
+#: The fingerprint modes: ``fingerprint_source(mode=…)``, ``cached_dataset(fingerprint=…)``.
+MODES = ("mtime", "content")
 
 #: Names of well-known junk files and folders that never count as part of a source.
 DEFAULT_EXCLUDE: tuple[str, ...] = (
@@ -344,6 +351,16 @@ def _pack(values: Sequence[int]) -> array[int]:
     return packed
 
 
+def check_mode(mode: object, option: str = "mode") -> None:
+    """Check a fingerprint mode (the one check, for this module and the decorator's option).
+
+    Raises:
+        ConfigurationError: it is not ``"mtime"`` or ``"content"`` (the error names ``option``).
+    """
+    if mode not in MODES:
+        raise ConfigurationError(option, f"must be 'mtime' or 'content', not {mode!r}")
+
+
 def fingerprint_source(
     path: str | os.PathLike[str],
     *,
@@ -367,10 +384,9 @@ def fingerprint_source(
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: ``mode`` is not ``"mtime"`` or ``"content"``.
+        ConfigurationError: ``mode`` is not ``"mtime"`` or ``"content"`` (a ``ValueError``).
     """
-    if mode not in ("mtime", "content"):
-        raise ValueError(f"fingerprint mode must be 'mtime' or 'content', not {mode!r}")
+    check_mode(mode)
     taken_ns = time.time_ns()
     root = os.fspath(path)
     info = os.stat(root)

@@ -15,21 +15,27 @@ import platform
 import re
 import reprlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from cachedload.entry import FORMAT_VERSION
 from cachedload.errors import ConfigurationError, SourceNotFoundError, UnhashableArgumentError
-from cachedload.fingerprint import RACY_WINDOW_NS, Fingerprint, fingerprint_source, hash_file
+from cachedload.fingerprint import (
+    DEFAULT_EXCLUDE,
+    RACY_WINDOW_NS,
+    Fingerprint,
+    fingerprint_source,
+    hash_file,
+)
 from cachedload.hashing import UnhashableError, value_digest
+from cachedload.options import Options
 
 __all__ = [
     "Call",
     "KeyRules",
     "call_manifest",
     "entry_meta",
-    "parse_names",
     "racy_files_unchanged",
     "racy_records_expired",
     "readable",
@@ -85,11 +91,10 @@ class CallGroup:
 class Call:
     """Everything known about one call before the body runs."""
 
-    arguments: dict[str, Any]
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     key: str
-    group_of: CallGroup
+    group: CallGroup  # what the call shares with others differing only in source contents
     parameters: dict[str, tuple[str, str]]  # name -> (digest, readable text)
     sources: dict[str, tuple[str, Fingerprint]]  # name -> (absolute path, fingerprint)
     # name -> the absolute path as given, before symlinks were resolved into ``sources``
@@ -98,11 +103,6 @@ class Call:
     # the loader's state (cachedload.state): label -> (digest, readable text)
     state: dict[str, tuple[str, str]] = field(default_factory=dict)
     warned: set[str] = field(default_factory=set)
-
-    @property
-    def group(self) -> str:
-        """The digest of the call's :class:`CallGroup`."""
-        return self.group_of.digest
 
 
 def readable(value: Any) -> str:
@@ -132,18 +132,6 @@ def summarize(value: Any, depth: int = 0) -> str:
     if isinstance(value, (list, tuple, dict)):
         return f"{type(value).__name__}(len={len(value)})"
     return type(value).__name__
-
-
-def parse_names(option: str, value: str | Iterable[str] | None) -> tuple[str, ...]:
-    """A parameter name or a list of them, as a tuple (``ConfigurationError`` otherwise)."""
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    items = tuple(value)
-    if not all(isinstance(item, str) for item in items):
-        raise ConfigurationError(option, f"expected a name or a list of names, got {value!r}")
-    return items
 
 
 def call_manifest(call: Call) -> dict[str, Any]:
@@ -254,6 +242,19 @@ class KeyRules:
     include: tuple[str, ...]
     exclude: tuple[str, ...]
     portable: bool
+
+    @classmethod
+    def from_options(cls, identity: str, options: Options) -> KeyRules:
+        """The rules of the loader ``identity`` decorated with ``options``."""
+        return cls(
+            identity=identity,
+            source=options.source_names,
+            ignore=options.ignore_names,
+            mode=options.fingerprint,
+            include=tuple(options.include or ()),
+            exclude=DEFAULT_EXCLUDE if options.exclude is None else tuple(options.exclude),
+            portable=options.portable,
+        )
 
     def is_source(self, name: str, value: Any, named_path: bool | None = None) -> bool:
         """Is this argument a source path (named by ``source=``, or detected)?
@@ -383,11 +384,10 @@ class KeyRules:
             *((list(state_digests),) if state_digests else ()),
         )
         return Call(
-            arguments=dict(bound.arguments),
             args=bound.args,
             kwargs=bound.kwargs,
             key=value_digest(key_parts),
-            group_of=group,
+            group=group,
             parameters=parameters,
             sources=sources,
             given_paths=given_paths,
@@ -473,7 +473,7 @@ class KeyRules:
         meta: dict[str, Any] = {
             "format": FORMAT_VERSION,
             "key": call.key,
-            "group": call.group,
+            "group": call.group.digest,
             "function": self.identity,
             "code": code_version,
             **({"code_parts": dict(code_parts)} if code_parts is not None else {}),

@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from cachedload.backends import open_root
+from cachedload.config import parse_size
 from cachedload.errors import ConfigurationError
+from cachedload.options import check_keep
 from cachedload.root import CacheRoot, Checked, EntryInfo
 from cachedload.store import LocalRoot
 
@@ -41,7 +43,6 @@ __all__ = [
     "log_removal",
     "manifest_of",
     "parse_age",
-    "parse_size",
     "prune",
     "records_of",
     "remove_damaged",
@@ -53,12 +54,6 @@ __all__ = [
 
 logger = logging.getLogger("cachedload")
 
-# Decimal units (k, kb, m, mb, …) are powers of 1000, binary ones (kib, mib, …) of 1024.
-_SIZE_UNITS = {"": 1, "b": 1}
-for _power, _prefix in enumerate("kmgt", start=1):
-    _SIZE_UNITS.update({_prefix: 1000**_power, _prefix + "b": 1000**_power})
-    _SIZE_UNITS[_prefix + "ib"] = 1024**_power
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
 _AGE_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _AGE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]+)\s*$", re.IGNORECASE)
 
@@ -255,28 +250,6 @@ class VerifyResult:
 
 
 # -- sizes and ages ----------------------------------------------------------------------------
-def parse_size(value: int | str, option: str = "max_size") -> int:
-    """Parse a size in bytes: an int, or a string such as ``"20GB"``, ``"512 MB"``, ``"1.5GiB"``.
-
-    Decimal units (``KB``, ``MB``, ``GB``, ``TB``) are powers of 1000, binary units (``KiB``,
-    ``MiB``, ``GiB``, ``TiB``) powers of 1024; a bare number is bytes. Case does not matter.
-
-    Raises:
-        ConfigurationError: the value is not a size (the error names ``option``).
-    """
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise ConfigurationError(option, f"a size cannot be negative, got {value}")
-        return value
-    if isinstance(value, str):
-        match = _SIZE_RE.match(value)
-        if match and match.group(2).lower() in _SIZE_UNITS:
-            return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
-    raise ConfigurationError(
-        option, f"expected a size such as 20GB, 512MB or 1.5GiB (or bytes), got {value!r}"
-    )
-
-
 def parse_age(value: float | str, option: str = "older_than") -> float:
     """Parse a duration in seconds: a number, or a string such as ``"30d"``, ``"12h"``, ``"15m"``,
     ``"45s"`` or ``"2w"``.
@@ -489,11 +462,6 @@ def _evict_lru(
     return report
 
 
-def _check_keep(keep: int | None) -> None:
-    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-        raise ConfigurationError("keep", f"must be a whole number >= 1 (or None), not {keep!r}")
-
-
 def prune(
     cache_dir: str | os.PathLike[str] | None = None,
     *,
@@ -519,7 +487,7 @@ def prune(
     Raises:
         ConfigurationError: a limit is invalid.
     """
-    _check_keep(keep)
+    check_keep(keep)
     limit = None if max_size is None else parse_size(max_size, "max_size")
     age = None if older_than is None else parse_age(older_than, "older_than")
     root = open_root(cache_dir)

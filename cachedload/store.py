@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cachedload import config, serialize
+from cachedload import serialize
 from cachedload.entry import (
     DATA_FILE,
     FORMAT_VERSION,
@@ -49,7 +49,7 @@ from cachedload.mount import entry_lock, uses_lease
 from cachedload.reading import NOTHING, ReadAhead
 from cachedload.root import CacheRoot, Checked, EntryInfo
 
-__all__ = ["LocalRoot", "atomic_write_bytes", "default_cache_dir"]
+__all__ = ["LocalRoot", "atomic_write_bytes"]
 
 logger = logging.getLogger("cachedload")
 
@@ -451,16 +451,3 @@ class LocalRoot(CacheRoot):
         except OSError as error:
             return f"cannot read the entry ({error})"
         return problem
-
-
-def default_cache_dir() -> Path:
-    """The cache directory used when a loader names none.
-
-    ``$CACHEDLOAD_DIR`` if set to a folder (``file:///x`` is ``/x``), else the platform's user
-    cache directory (via platformdirs) followed by ``cachedload`` (``~/.cache/cachedload`` on
-    Linux), which also holds remote caches' local copies when ``$CACHEDLOAD_DIR`` is a URL.
-
-    Raises:
-        ConfigurationError: ``$CACHEDLOAD_DIR`` is not a valid cache directory.
-    """
-    return config.local_cache_dir()

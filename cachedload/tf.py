@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from cachedload.config import parse_size
 from cachedload.errors import ConfigurationError
-from cachedload.manage import parse_size
 from cachedload.results import ResultParts, split_result
 
 __all__ = ["dataset"]

@@ -11,7 +11,7 @@ import platformdirs
 import pytest
 
 from cachedload.backends import default_local_root
-from cachedload.store import default_cache_dir
+from cachedload.config import default_cache_dir
 from tests.conftest import subprocess_env
 
 

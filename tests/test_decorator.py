@@ -23,6 +23,7 @@ from cachedload import (
     cached_dataset,
 )
 from tests.conftest import age, run_python, runs
+from tests.test_config import BAD_CACHE_DIRS
 
 
 def counting_loader(counter: list[int], **options: Any) -> CachedDataset[..., Any]:
@@ -911,17 +912,6 @@ def test_cache_dir_of_the_wrong_type_is_a_configuration_error(value: Any) -> Non
         cached_dataset(cache_dir=value)(body)
 
 
-BAD_CACHE_DIRS = {
-    "blank": ("   ", "blank"),
-    "empty": ("", "empty"),
-    "half-url": ("s3:/typo", r"did you mean s3://typo"),
-    "empty-file-url": ("file://", "no absolute path"),
-    "unknown-user": ("~nosuchuser_cachedload/c", "cannot expand ~nosuchuser_cachedload"),
-    "no-backend": ("http://127.0.0.1:1/x", "aiohttp|requests"),
-    "unknown-scheme": ("nosuch://x/y", "no fsspec file system for nosuch://"),
-}
-
-
 @pytest.mark.parametrize("value, reason", BAD_CACHE_DIRS.values(), ids=BAD_CACHE_DIRS.keys())
 def test_a_bad_cache_dir_option_is_a_configuration_error_at_decoration(
     value: str, reason: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -954,17 +944,6 @@ def test_a_bad_cachedload_dir_variable_names_the_variable(
         load(image_dir)
     assert calls == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
-
-
-def test_file_urls_name_the_same_folder_everywhere(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from cachedload import default_cache_dir
-    from cachedload.backends import default_local_root
-
-    monkeypatch.setenv("CACHEDLOAD_DIR", f"file://{tmp_path}/c")
-    assert default_cache_dir() == tmp_path / "c"
-    assert default_local_root("s3://bucket/p").parent == tmp_path / "c" / "remote"
 
 
 # --- what the loader reads besides its arguments (its state) ---------------------------------

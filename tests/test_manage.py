@@ -18,7 +18,7 @@ import pytest
 import cachedload.decorator
 from cachedload import CachedDataset, ConfigurationError, EntryRecord, list_entries
 from cachedload.entry import HOST as _HOST
-from cachedload.manage import format_age, format_size, parse_age, parse_size, prune
+from cachedload.manage import format_age, format_size, parse_age, prune
 from tests.conftest import subprocess_env, write_old
 
 write = write_old
@@ -50,29 +50,6 @@ def set_last_used(record: EntryRecord, when: float) -> None:
 
 
 # -- sizes and ages ----------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("20GB", 20 * 1000**3),
-        ("512 MB", 512 * 1000**2),
-        ("1.5 GiB", int(1.5 * 1024**3)),
-        ("10kib", 10 * 1024),
-        ("2tb", 2 * 1000**4),
-        ("123", 123),
-        (4096, 4096),
-    ],
-)
-def test_parse_size(text: str | int, expected: int) -> None:
-    assert parse_size(text) == expected
-
-
-@pytest.mark.parametrize("bad", ["lots", "-1GB", "20 XB", "", -5, True, 1.5])
-def test_parse_size_rejects_garbage_naming_the_option(bad: Any) -> None:
-    with pytest.raises(ConfigurationError) as caught:
-        parse_size(bad, "max_size")
-    assert caught.value.option == "max_size"
-
-
 @pytest.mark.parametrize(
     ("text", "expected"), [("30d", 30 * 86400), ("12h", 43200), ("15m", 900), ("45s", 45), (7, 7)]
 )

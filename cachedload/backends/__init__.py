@@ -46,7 +46,7 @@ def remote_url(cache_dir: str | os.PathLike[str] | None) -> str | None:
 def default_local_root(url: str) -> Path:
     """The default read-through copy of a remote cache: ``remote/<bucket-prefix-hash>`` in the
     local cache directory (``$CACHEDLOAD_DIR`` when it is a path, else the user cache dir)."""
-    base = config.local_cache_dir()
+    base = config.default_cache_dir()
     readable = "".join(c if c.isalnum() or c in "._" else "-" for c in url.split("://", 1)[-1])
     digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:8]
     return base / LOCAL_COPIES_DIR / f"{readable.strip('-')[:80]}-{digest}"
@@ -88,7 +88,7 @@ def open_root(
         else config.check_cache_dir(cache_dir, "cache_dir")
     )
     if checked is None:
-        return LocalRoot(config.local_cache_dir())
+        return LocalRoot(config.default_cache_dir())
     if isinstance(checked, Path):
         return LocalRoot(checked)
     copy = (
