@@ -27,7 +27,14 @@ from cachedload.errors import (
     NoImagesFoundError,
 )
 
-__all__ = ["ImageFolderData", "load_image_folder"]
+__all__ = [
+    "ImageFolderData",
+    "ImageReadError",
+    "ImageShapeMismatchError",
+    "ImagesSkippedWarning",
+    "NoImagesFoundError",
+    "load_image_folder",
+]
 
 _log = logging.getLogger("cachedload")
 
