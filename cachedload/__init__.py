@@ -8,14 +8,21 @@
 The first call runs the loader and stores its result; later calls — in this process or any
 later one — restore it in milliseconds, and recompute whenever a source file, a parameter or the
 loader's code changes.
+
+What is exported (``__all__``): the decorator and its wrapper; the cache-management functions
+:func:`list_entries`, :func:`prune` and :func:`verify` with the records they return (the
+functions behind ``cachedload ls / prune / verify``; ``verify`` here is that function, not the
+decorator's ``verify=`` option); :func:`fingerprint_source`; the image loader; and the errors and
+warnings any cached call can raise. The image loader's own errors (``ImageReadError``,
+``ImageShapeMismatchError``, ``NoImagesFoundError``, ``ImagesSkippedWarning``) belong to
+:mod:`cachedload.images`; they stay importable from here, outside ``__all__``.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
+from cachedload._version import __version__
 from cachedload.config import default_cache_dir
 from cachedload.decorator import CachedDataset, CacheInfo, cached_dataset
 from cachedload.errors import (
@@ -25,19 +32,19 @@ from cachedload.errors import (
     ConditionalWritesWarning,
     ConfigurationError,
     CorruptEntryWarning,
-    ImageReadError,
-    ImageShapeMismatchError,
-    ImagesSkippedWarning,
-    NoImagesFoundError,
     SourceChangedWarning,
     SourceNotFoundError,
     UnhashableArgumentError,
 )
 from cachedload.explain import Explanation
 from cachedload.fingerprint import Fingerprint, fingerprint_source
-from cachedload.manage import EntryRecord, list_entries
+from cachedload.manage import EntryRecord, PruneReport, VerifyResult, list_entries, prune, verify
 
 if TYPE_CHECKING:
+    from cachedload.errors import ImageReadError as ImageReadError
+    from cachedload.errors import ImageShapeMismatchError as ImageShapeMismatchError
+    from cachedload.errors import ImagesSkippedWarning as ImagesSkippedWarning
+    from cachedload.errors import NoImagesFoundError as NoImagesFoundError
     from cachedload.images import ImageFolderData, load_image_folder
 
 __all__ = [
@@ -53,22 +60,30 @@ __all__ = [
     "Explanation",
     "Fingerprint",
     "ImageFolderData",
-    "ImageReadError",
-    "ImageShapeMismatchError",
-    "ImagesSkippedWarning",
-    "NoImagesFoundError",
+    "PruneReport",
     "SourceChangedWarning",
     "SourceNotFoundError",
     "UnhashableArgumentError",
+    "VerifyResult",
     "__version__",
     "cached_dataset",
     "default_cache_dir",
     "fingerprint_source",
     "list_entries",
     "load_image_folder",
+    "prune",
+    "verify",
 ]
 
-_LAZY = {"load_image_folder": "cachedload.images", "ImageFolderData": "cachedload.images"}
+_LAZY = {
+    "load_image_folder": "cachedload.images",
+    "ImageFolderData": "cachedload.images",
+    # The image loader's errors, outside __all__: errors.py is loaded already, OpenCV is not.
+    "ImageReadError": "cachedload.errors",
+    "ImageShapeMismatchError": "cachedload.errors",
+    "ImagesSkippedWarning": "cachedload.errors",
+    "NoImagesFoundError": "cachedload.errors",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -402,20 +402,7 @@ def _build_stacked(
     path: str | os.PathLike[str],
 ) -> tuple[int, str, tuple[int, ...] | None, np.dtype[Any] | None]:
     compute = list(plan.compute)
-    first: np.ndarray[Any, Any] | None = None
-    if plan.copies:
-        assert extent is not None and previous is not None
-        shape, dtype = extent.shape[1:], _canonical(extent.dtype)
-        reference = items[plan.copies[0][0]].relpath  # a row of that shape, for the error
-    elif compute:
-        # The first row fixes the shape and dtype (and so the batch size and the layout).
-        first = np.asarray(_load(runner.fn, items[compute[0]].path, runner.params))
-        shape, dtype = first.shape, first.dtype
-        reference = items[compute[0]].relpath
-    else:  # no items at all
-        shape, dtype, reference = (), np.dtype(np.float64), ""
-    if dtype.hasobject:
-        raise TypeError(f"{reference!r} gave a row of Python objects; pass ragged=True")
+    shape, dtype, reference, first = _row_layout(runner, items, plan, extent)
     row_bytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
     value = ItemArray(serialize.ArraySlot((len(items), *shape), dtype), paths)
     out = serialize.dump_slotted(value, path)
@@ -465,6 +452,31 @@ def _build_stacked(
         if source_fd >= 0:
             os.close(source_fd)
     return size, checksum, shape, dtype
+
+
+def _row_layout(
+    runner: _Runner,
+    items: list[Item],
+    plan: _Plan,
+    extent: serialize.ArrayExtent | None,
+) -> tuple[tuple[int, ...], np.dtype[Any], str, np.ndarray[Any, Any] | None]:
+    """The rows' shape and dtype, the relative path of a row that has them (for errors), and
+    the first computed row if it had to be computed to find them (else ``None``)."""
+    first: np.ndarray[Any, Any] | None = None
+    if plan.copies:
+        assert extent is not None
+        shape, dtype = extent.shape[1:], _canonical(extent.dtype)
+        reference = items[plan.copies[0][0]].relpath  # a row of that shape, for the error
+    elif plan.compute:
+        # The first row fixes the shape and dtype (and so the batch size and the layout).
+        first = np.asarray(_load(runner.fn, items[plan.compute[0]].path, runner.params))
+        shape, dtype = first.shape, first.dtype
+        reference = items[plan.compute[0]].relpath
+    else:  # no items at all
+        shape, dtype, reference = (), np.dtype(np.float64), ""
+    if dtype.hasobject:
+        raise TypeError(f"{reference!r} gave a row of Python objects; pass ragged=True")
+    return shape, dtype, reference, first
 
 
 def _canonical(dtype: np.dtype[Any]) -> np.dtype[Any]:

@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from cachedload import __version__, config
+from cachedload import config
+from cachedload._version import __version__
 from cachedload.backends import remote_url
 from cachedload.config import check_cache_dir, default_cache_dir, parse_size
 from cachedload.errors import ConfigurationError

@@ -164,6 +164,22 @@ class _Folder(NamedTuple):
     newest_mtime_ns: int
 
 
+def _open_folder(directory: str) -> tuple[os._ScandirIterator[str], int] | None:
+    """``os.scandir`` of a folder and the descriptor to close after it (-1: none); ``None`` if
+    the folder is gone."""
+    fd = -1
+    try:
+        if _SCANDIR_FD:
+            # Entries of a scandir(fd) stat with fstatat(fd, name): no path resolution.
+            fd = os.open(directory, _DIR_FLAGS)
+            return os.scandir(fd), fd
+        return os.scandir(directory), fd  # pragma: no cover - Windows
+    except (FileNotFoundError, NotADirectoryError):
+        if fd >= 0:
+            os.close(fd)
+        return None
+
+
 class _Walker:
     """Walks one source tree; collects a :class:`_Folder` per folder holding counted files."""
 
@@ -184,63 +200,72 @@ class _Walker:
         """
         files: list[FileRecord] = []
         subdirs: list[_Subdir] = []
-        exclude_names, exclude_name, exclude_path = (
-            self.exclude.names,
-            self.exclude.name_re,
-            self.exclude.path_re,
-        )
-        include = self.include
-        fd = -1
-        try:
-            if _SCANDIR_FD:
-                # Entries of a scandir(fd) stat with fstatat(fd, name): no path resolution.
-                fd = os.open(directory, _DIR_FLAGS)
-                iterator = os.scandir(fd)
-            else:  # pragma: no cover - Windows
-                iterator = os.scandir(directory)
-        except (FileNotFoundError, NotADirectoryError):
-            if fd >= 0:
-                os.close(fd)
+        opened = _open_folder(directory)
+        if opened is None:
             return subdirs  # vanished while walking: it simply holds no files now
+        iterator, fd = opened
         try:
             with iterator:
-                for entry in iterator:
-                    name = entry.name
-                    if name in exclude_names or (exclude_name and exclude_name(name)):
-                        continue
-                    relpath = prefix + name
-                    if exclude_path and exclude_path(relpath):
-                        continue
-                    try:
-                        # d_type answers for plain files and folders: one stat per file only.
-                        if entry.is_file(follow_symlinks=False):
-                            if include is not None and not include(relpath, name):
-                                continue
-                            info = entry.stat(follow_symlinks=False)
-                            files.append((relpath, info.st_size, info.st_mtime_ns))
-                        elif entry.is_dir(follow_symlinks=False):
-                            ident = None
-                            if track:
-                                info = entry.stat(follow_symlinks=False)
-                                ident = (info.st_dev, info.st_ino)
-                            subdirs.append((directory + os.sep + name, relpath, ident))
-                        elif entry.is_symlink():
-                            path = directory + os.sep + name
-                            info = os.stat(path)
-                            if stat.S_ISDIR(info.st_mode):
-                                self.links.append((relpath, path, (info.st_dev, info.st_ino)))
-                            elif stat.S_ISREG(info.st_mode):
-                                if include is not None and not include(relpath, name):
-                                    continue
-                                files.append((relpath, info.st_size, info.st_mtime_ns))
-                    except FileNotFoundError:
-                        continue  # a dangling symlink or a file deleted mid-walk
+                self.read_entries(iterator, directory, prefix, track, files, subdirs)
         finally:
             if fd >= 0:
                 os.close(fd)
         if files:
             self.folders.append(self.folder(prefix, files))
         return subdirs
+
+    def read_entries(
+        self,
+        entries: Iterable[os.DirEntry[str]],
+        directory: str,
+        prefix: str,
+        track: bool,
+        files: list[FileRecord],
+        subdirs: list[_Subdir],
+    ) -> None:
+        """Append one folder's counted files to ``files`` and its sub-folders to ``subdirs``.
+
+        The loop runs once per file of the tree: everything it needs is in locals, and only
+        symlinks (rare) cost a call.
+        """
+        exclude_names, exclude_name, exclude_path = (
+            self.exclude.names,
+            self.exclude.name_re,
+            self.exclude.path_re,
+        )
+        include = self.include
+        for entry in entries:
+            name = entry.name
+            if name in exclude_names or (exclude_name and exclude_name(name)):
+                continue
+            relpath = prefix + name
+            if exclude_path and exclude_path(relpath):
+                continue
+            try:
+                # d_type answers for plain files and folders: one stat per file only.
+                if entry.is_file(follow_symlinks=False):
+                    if include is not None and not include(relpath, name):
+                        continue
+                    info = entry.stat(follow_symlinks=False)
+                    files.append((relpath, info.st_size, info.st_mtime_ns))
+                elif entry.is_dir(follow_symlinks=False):
+                    ident = None
+                    if track:
+                        info = entry.stat(follow_symlinks=False)
+                        ident = (info.st_dev, info.st_ino)
+                    subdirs.append((directory + os.sep + name, relpath, ident))
+                elif entry.is_symlink():
+                    self.follow_link(directory + os.sep + name, relpath, name, files)
+            except FileNotFoundError:
+                continue  # a dangling symlink or a file deleted mid-walk
+
+    def follow_link(self, path: str, relpath: str, name: str, files: list[FileRecord]) -> None:
+        """A symlink counts as what it points to: a file now, a folder after the real tree."""
+        info = os.stat(path)
+        if stat.S_ISDIR(info.st_mode):
+            self.links.append((relpath, path, (info.st_dev, info.st_ino)))
+        elif stat.S_ISREG(info.st_mode) and (self.include is None or self.include(relpath, name)):
+            files.append((relpath, info.st_size, info.st_mtime_ns))
 
     def folder(self, prefix: str, files: list[FileRecord]) -> _Folder:
         """Sort and hash one folder's records, while they are hot in the CPU cache.

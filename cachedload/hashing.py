@@ -288,17 +288,16 @@ class _Encoder:
             self.encode_container(value, depth)
         elif value is None or value is Ellipsis or isinstance(value, bool):
             self.tag(b"c", repr(value).encode())
-        elif isinstance(value, int) and type(value) is int:
-            self.tag(b"i", str(value).encode())
-        elif isinstance(value, float) and type(value) is float:
+        elif type(value) is float:
             self.tag(b"f", b"nan" if math.isnan(value) else _FLOAT.pack(value))
         elif type(value) is complex:
             self.tag(b"j", _FLOAT.pack(value.real) + _FLOAT.pack(value.imag))
-        elif type(value) is str:
-            self.tag(b"s", value.encode("utf-8", "surrogatepass"))
-        elif isinstance(value, (bytes, bytearray, memoryview)) and not isinstance(
-            value, np.ndarray
-        ):
+        else:
+            self.encode_other(value, depth)
+
+    def encode_other(self, value: object, depth: int) -> None:
+        """Everything but the exact built-in scalars and sequences: checked by ``isinstance``."""
+        if isinstance(value, (bytes, bytearray, memoryview)) and not isinstance(value, np.ndarray):
             self.tag(b"b", bytes(value))
         elif isinstance(value, pathlib.PurePath):
             self.tag(b"p", os.fspath(value).encode("utf-8", "surrogateescape"))

@@ -27,7 +27,14 @@ from cachedload.errors import (
     NoImagesFoundError,
 )
 
-__all__ = ["ImageFolderData", "load_image_folder"]
+__all__ = [
+    "ImageFolderData",
+    "ImageReadError",
+    "ImageShapeMismatchError",
+    "ImagesSkippedWarning",
+    "NoImagesFoundError",
+    "load_image_folder",
+]
 
 _log = logging.getLogger("cachedload")
 
@@ -176,19 +183,37 @@ def load_image_folder(
 def _check(
     size: Any, color: Any, dtype: Any, extensions: Any, n_jobs: Any, on_error: Any
 ) -> tuple[tuple[int, int] | None, np.dtype[Any] | None, frozenset[str], int]:
-    """Validate the options; return them normalised."""
-
-    def is_int(x: Any) -> bool:
-        return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-    if size is not None:
-        if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(map(is_int, size))):
-            raise ConfigurationError("size", f"must be None or (height, width), not {size!r}")
-        if min(size) < 1:
-            raise ConfigurationError("size", f"height and width must be >= 1, not {size!r}")
-        size = (int(size[0]), int(size[1]))
+    """Validate the options (in this order: the first bad one is reported); return them
+    normalised."""
+    out_size = _check_size(size)
     if color not in tuple(_FLAGS):
         raise ConfigurationError("color", f"must be one of {tuple(_FLAGS)}, not {color!r}")
+    out_dtype = _check_dtype(dtype)
+    exts = _check_extensions(extensions)
+    if n_jobs is None:
+        n_jobs = getattr(os, "process_cpu_count", os.cpu_count)() or 1
+    elif not _is_int(n_jobs) or n_jobs < 1:
+        raise ConfigurationError("n_jobs", f"must be None or an int >= 1, not {n_jobs!r}")
+    if on_error not in ("raise", "skip"):
+        raise ConfigurationError("on_error", f"must be 'raise' or 'skip', not {on_error!r}")
+    return out_size, out_dtype, exts, int(n_jobs)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _check_size(size: Any) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(map(_is_int, size))):
+        raise ConfigurationError("size", f"must be None or (height, width), not {size!r}")
+    if min(size) < 1:
+        raise ConfigurationError("size", f"height and width must be >= 1, not {size!r}")
+    return (int(size[0]), int(size[1]))
+
+
+def _check_dtype(dtype: Any) -> np.dtype[Any] | None:
     try:
         out_dtype = None if dtype is None else np.dtype(dtype)
     except (TypeError, ValueError):
@@ -196,6 +221,10 @@ def _check(
     if out_dtype is not None and out_dtype not in _DTYPES:
         allowed = ", ".join(d.name for d in _DTYPES)
         raise ConfigurationError("dtype", f"must be None or one of {allowed}, not {dtype!r}")
+    return out_dtype
+
+
+def _check_extensions(extensions: Any) -> frozenset[str]:
     if extensions is None:
         extensions = _DEFAULT_EXTENSIONS
     elif isinstance(extensions, str):
@@ -203,13 +232,7 @@ def _check(
     exts = list(extensions) if isinstance(extensions, Iterable) else []
     if not exts or not all(isinstance(e, str) and e.strip(".") for e in exts):
         raise ConfigurationError("extensions", f"must be non-empty strings, not {extensions!r}")
-    if n_jobs is None:
-        n_jobs = getattr(os, "process_cpu_count", os.cpu_count)() or 1
-    elif not is_int(n_jobs) or n_jobs < 1:
-        raise ConfigurationError("n_jobs", f"must be None or an int >= 1, not {n_jobs!r}")
-    if on_error not in ("raise", "skip"):
-        raise ConfigurationError("on_error", f"must be 'raise' or 'skip', not {on_error!r}")
-    return size, out_dtype, frozenset(e.lower().lstrip(".") for e in exts), int(n_jobs)
+    return frozenset(e.lower().lstrip(".") for e in exts)
 
 
 def _scan(root: str, exts: frozenset[str]) -> tuple[list[str], tuple[str, ...]]:

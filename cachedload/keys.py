@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from cachedload._version import __version__
 from cachedload.entry import FORMAT_VERSION
 from cachedload.errors import ConfigurationError, SourceNotFoundError, UnhashableArgumentError
 from cachedload.fingerprint import (
@@ -513,8 +514,6 @@ def entry_meta(
     """A call's metadata completed with its result's summary, timings and versions."""
     import joblib
     import numpy
-
-    from cachedload import __version__
 
     return {
         **call_meta,

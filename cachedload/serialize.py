@@ -370,53 +370,8 @@ def load(
             if reader is not None:
                 reader.before_unpickling(size)
             return _load_with_joblib(path, mmap_mode)  # compressed, or written by joblib
-        index_len = _U64.unpack_from(head, len(_HEAD))[0]
-        if start + index_len > size:
-            raise ValueError("index runs past the end of the file")
-        if reader is not None:
-            reader.before_unpickling(index_len)
-        index = head[start : start + index_len]
-        if len(index) < index_len:
-            index = _pread(fd, index_len, start)
-        if safe_types is None:
-            version, skeleton_len, table, packed = pickle.loads(index[len(_MAGIC) :])
-        else:
-            version, skeleton_len, table, packed = restricted_loads(index[len(_MAGIC) :])
-            for dtype, _shape, _order in table:  # raw bytes become these arrays: no pointers
-                if not isinstance(dtype, np.dtype) or dtype.hasobject:
-                    raise UnsafePickleError(repr(dtype), "not a plain array dtype")
-        if version != _VERSION:
-            raise ValueError(f"unknown cachedload file version {version!r}")
-        offsets = struct.unpack(f"<{len(table) + 1}Q", packed)
-        if offsets[0] + skeleton_len > size:
-            raise ValueError("skeleton runs past the end of the file")
-        if reader is not None:
-            reader.before_unpickling(skeleton_len)
-        if offsets[0] + skeleton_len <= len(head):  # usually: one read for the head and all
-            skeleton = head[offsets[0] : offsets[0] + skeleton_len]
-        else:
-            skeleton = _pread(fd, skeleton_len, offsets[0])
-        arrays: list[np.ndarray[Any, Any]] = []
-        for (dtype, shape, order), offset in zip(table, offsets[1:], strict=True):
-            count = 1
-            for dim in shape:
-                count *= dim
-            if offset + count * dtype.itemsize > size:
-                raise ValueError("an array runs past the end of the file")
-            if mmap_mode is not None:
-                mode: Any = mmap_mode
-                mapped = np.memmap(
-                    path, dtype=dtype, mode=mode, offset=offset, shape=shape, order=order
-                )
-                arrays.append(mapped)
-                continue
-            array = np.empty(shape, dtype, order=order)
-            view = array.ravel(order=order).view(np.uint8).data
-            if reader is None:
-                read_parallel(fd, view, offset)
-            else:
-                reader.read(fd, view, offset)
-            arrays.append(array if mmap_mode is not None else _native(array))
+        skeleton, table, offsets = _read_layout(fd, head, size, reader, safe_types)
+        arrays = _read_arrays(fd, path, size, table, offsets, mmap_mode, reader)
     finally:
         os.close(fd)
     if reader is not None:
@@ -425,6 +380,82 @@ def load(
         restricted = RestrictedUnpickler(io.BytesIO(skeleton), safe_types=safe_types, arrays=arrays)
         return restricted.load()
     return _SkeletonUnpickler(io.BytesIO(skeleton), arrays).load()
+
+
+_Table = list[tuple[np.dtype[Any], tuple[int, ...], _Order]]  # each array's dtype, shape, order
+
+
+def _read_layout(
+    fd: int,
+    head: bytes,
+    size: int,
+    reader: SharedReader | None,
+    safe_types: Iterable[type] | None,
+) -> tuple[bytes, _Table, tuple[int, ...]]:
+    """Read a file's index and skeleton: ``(skeleton, table, offsets)``, where ``offsets``
+    holds the skeleton's offset and then each array's. ``head`` is the file's first bytes."""
+    start = len(_HEAD) + _U64.size
+    index_len = _U64.unpack_from(head, len(_HEAD))[0]
+    if start + index_len > size:
+        raise ValueError("index runs past the end of the file")
+    if reader is not None:
+        reader.before_unpickling(index_len)
+    index = head[start : start + index_len]
+    if len(index) < index_len:
+        index = _pread(fd, index_len, start)
+    if safe_types is None:
+        version, skeleton_len, table, packed = pickle.loads(index[len(_MAGIC) :])
+    else:
+        version, skeleton_len, table, packed = restricted_loads(index[len(_MAGIC) :])
+        for dtype, _shape, _order in table:  # raw bytes become these arrays: no pointers
+            if not isinstance(dtype, np.dtype) or dtype.hasobject:
+                raise UnsafePickleError(repr(dtype), "not a plain array dtype")
+    if version != _VERSION:
+        raise ValueError(f"unknown cachedload file version {version!r}")
+    offsets = struct.unpack(f"<{len(table) + 1}Q", packed)
+    if offsets[0] + skeleton_len > size:
+        raise ValueError("skeleton runs past the end of the file")
+    if reader is not None:
+        reader.before_unpickling(skeleton_len)
+    if offsets[0] + skeleton_len <= len(head):  # usually: one read for the head and all
+        skeleton = head[offsets[0] : offsets[0] + skeleton_len]
+    else:
+        skeleton = _pread(fd, skeleton_len, offsets[0])
+    return skeleton, table, offsets
+
+
+def _read_arrays(
+    fd: int,
+    path: str | os.PathLike[str],
+    size: int,
+    table: _Table,
+    offsets: tuple[int, ...],
+    mmap_mode: str | None,
+    reader: SharedReader | None,
+) -> list[np.ndarray[Any, Any]]:
+    """The arrays a file's table lists, memory-mapped (``mmap_mode``) or read."""
+    arrays: list[np.ndarray[Any, Any]] = []
+    for (dtype, shape, order), offset in zip(table, offsets[1:], strict=True):
+        count = 1
+        for dim in shape:
+            count *= dim
+        if offset + count * dtype.itemsize > size:
+            raise ValueError("an array runs past the end of the file")
+        if mmap_mode is not None:
+            mode: Any = mmap_mode
+            mapped = np.memmap(
+                path, dtype=dtype, mode=mode, offset=offset, shape=shape, order=order
+            )
+            arrays.append(mapped)
+            continue
+        array = np.empty(shape, dtype, order=order)
+        view = array.ravel(order=order).view(np.uint8).data
+        if reader is None:
+            read_parallel(fd, view, offset)
+        else:
+            reader.read(fd, view, offset)
+        arrays.append(_native(array))
+    return arrays
 
 
 def _load_with_joblib(path: str | os.PathLike[str], mmap_mode: str | None) -> Any:

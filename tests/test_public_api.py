@@ -27,19 +27,19 @@ PUBLIC_API = [
     "Explanation",
     "Fingerprint",
     "ImageFolderData",
-    "ImageReadError",
-    "ImageShapeMismatchError",
-    "ImagesSkippedWarning",
-    "NoImagesFoundError",
+    "PruneReport",
     "SourceChangedWarning",
     "SourceNotFoundError",
     "UnhashableArgumentError",
+    "VerifyResult",
     "__version__",
     "cached_dataset",
     "default_cache_dir",
     "fingerprint_source",
     "list_entries",
     "load_image_folder",
+    "prune",
+    "verify",
 ]
 
 
@@ -48,6 +48,24 @@ def test_all_is_pinned_and_sorted() -> None:
     assert cachedload.__all__ == sorted(cachedload.__all__)
     for name in cachedload.__all__:
         assert getattr(cachedload, name) is not None, name
+
+
+IMAGE_ERRORS = [
+    "ImageReadError",
+    "ImageShapeMismatchError",
+    "ImagesSkippedWarning",
+    "NoImagesFoundError",
+]
+
+
+@pytest.mark.parametrize("name", IMAGE_ERRORS)
+def test_image_errors_are_importable_from_the_package_and_from_images(name: str) -> None:
+    # Outside __all__ (they belong to the image loader), but code that imported them from
+    # cachedload keeps working.
+    assert name not in cachedload.__all__
+    assert getattr(cachedload, name) is getattr(errors, name)
+    images = pytest.importorskip("cachedload.images")
+    assert name in images.__all__ and getattr(images, name) is getattr(errors, name)
 
 
 def test_every_public_object_has_a_docstring() -> None:

@@ -45,6 +45,12 @@ def test_shared_reader_fills_the_buffer_exactly(
     assert bytes(buffer) == data[100:]
 
 
+def _read_and_finish(reader: SharedReader, fd: int, buffer: bytearray) -> None:
+    """What a loading thread does: read the whole file into ``buffer``, then finish."""
+    reader.read(fd, memoryview(buffer), 0)
+    reader.finish()
+
+
 def test_shared_reader_with_a_helping_thread(tmp_path: Path) -> None:
     # Chunks of 8 MiB taken by the reading thread and by a helper, in whatever order.
     path, data = _file(tmp_path, 40 * MIB + 3)
@@ -52,9 +58,7 @@ def test_shared_reader_with_a_helping_thread(tmp_path: Path) -> None:
     reader = SharedReader(helpers=0, shared=True)
     fd = os.open(path, os.O_RDONLY)
     try:
-        loader = threading.Thread(
-            target=lambda: (reader.read(fd, memoryview(buffer), 0), reader.finish())
-        )
+        loader = threading.Thread(target=_read_and_finish, args=(reader, fd, buffer))
         loader.start()
         reader.help()
         loader.join()
@@ -79,10 +83,7 @@ def test_helper_leaves_a_small_remainder_to_the_loading_thread(
     reader = SharedReader(helpers=0, shared=True)
     fd = os.open(path, os.O_RDONLY)
     try:
-        loader = threading.Thread(
-            target=lambda: (reader.read(fd, memoryview(buffer), 0), reader.finish()),
-            name="loader",
-        )
+        loader = threading.Thread(target=_read_and_finish, args=(reader, fd, buffer), name="loader")
         loader.start()
         reader.help(min_queued=64 * MIB)  # 40 MiB is less: nothing to help with
         loader.join()
@@ -226,7 +227,7 @@ def test_changed_source_never_gets_the_entry_read_ahead(
     def load(folder: Path) -> np.ndarray[Any, Any]:
         events.append("body")
         text = "".join(p.read_text() for p in sorted(folder.iterdir()))
-        return np.frombuffer(text.encode(), dtype=np.uint8).copy()
+        return np.array(np.frombuffer(text.encode(), dtype=np.uint8))
 
     caplog.set_level(logging.INFO, logger="cachedload")
     load(source)
@@ -331,7 +332,7 @@ def test_switching_back_to_an_older_entry_returns_its_own_data(
 
     @cached_dataset(cache_dir=cache_dir, keep=2)
     def load(folder: Path) -> np.ndarray[Any, Any]:
-        return np.frombuffer((folder / "f0.txt").read_bytes(), dtype=np.uint8).copy()
+        return np.array(np.frombuffer((folder / "f0.txt").read_bytes(), dtype=np.uint8))
 
     caplog.set_level(logging.INFO, logger="cachedload")
     old = 1_600_000_000 * 10**9

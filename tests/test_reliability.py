@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import cachedload.fingerprint
 import cachedload.keys
 from cachedload import (
     CacheStoreWarning,
@@ -156,9 +157,10 @@ def test_waiters_log_who_they_wait_for(
     holder = start_child(tmp_path, f"load({str(image_dir)!r})", STARTED_FILE=str(started), **env)
     wait_for(started)
     waiter = start_child(tmp_path, f"print(load({str(image_dir)!r}).sum())", **env)
-    assert waiter.stderr is not None
+    stderr = waiter.stderr
+    assert stderr is not None
     seen: list[str] = []
-    reader = threading.Thread(target=lambda: seen.extend(iter(waiter.stderr.readline, "")))
+    reader = threading.Thread(target=lambda: seen.extend(iter(stderr.readline, "")))
     reader.start()
     deadline = time.monotonic() + 60
     while not any("waiting for" in line for line in seen):
@@ -170,7 +172,7 @@ def test_waiters_log_who_they_wait_for(
     assert waiter.stdout is not None
     waiter.stdout.read()
     waiter.stdout.close()
-    waiter.stderr.close()
+    stderr.close()
     assert waiter.wait(timeout=60) == 0
     line = next(line for line in seen if "waiting for" in line)
     assert f"pid {holder.pid}" in line
@@ -636,7 +638,7 @@ def test_symlink_retargeted_during_a_call_is_not_stored_under_the_old_target(
         os.replace(tmp_path / "new", link)
 
     pending = ["v2"]
-    real_fingerprint = cachedload.keys.fingerprint_source
+    real_fingerprint = cachedload.fingerprint.fingerprint_source
 
     def fingerprint_source(path: Any, **options: Any) -> Any:
         if when == "fingerprinting" and pending:

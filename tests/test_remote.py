@@ -361,6 +361,7 @@ def test_hit_on_another_node_downloads_once_then_costs_no_request(
     expected = node_a(str(data_dir))
     assert calls == [1]
     assert isinstance(expected, np.memmap)  # the computing node maps its local copy too
+    assert expected.filename is not None
     assert Path(expected.filename).is_relative_to(tmp_path / "a")
     stored = objects_under(seaweed, url)
     assert any(name.endswith("/meta.json") for name in stored)

@@ -52,7 +52,8 @@ def test_the_tf_pipeline_yields_the_same_pixels_and_labels_as_the_torch_one(
 
     images, labels = collect(cachedload.tf.dataset(load_folder, dataset_root, in_memory=in_memory))
     assert images.dtype == np.uint8 and images.shape == (12, 8, 8, 3)  # TensorFlow's HWC
-    torch_items = list(MappedImages(load_folder, dataset_root))
+    torch_dataset = MappedImages(load_folder, dataset_root)
+    torch_items = [torch_dataset[index] for index in range(len(torch_dataset))]
     expected = torch.stack([image for image, _ in torch_items]).permute(0, 2, 3, 1).numpy()
     np.testing.assert_array_equal(images, expected)
     assert labels.tolist() == [label for _, label in torch_items]

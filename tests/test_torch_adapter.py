@@ -53,7 +53,7 @@ def noisy_flip(image: Any) -> tuple[Any, Any]:
 def where_served(label: int) -> tuple[int, int, bool]:
     """The label, the worker's id and whether its dataset reads a memory map."""
     info = get_worker_info()
-    assert info is not None
+    assert info is not None and isinstance(info.dataset, MappedImages)
     return label, info.id, bool(info.dataset.data.mapped)
 
 
@@ -74,6 +74,7 @@ def test_items_are_chw_tensors_and_labels_from_an_image_folder(dataset_root: Pat
     assert isinstance(image, torch.Tensor) and image.dtype == torch.uint8
     assert image.shape == (3, 8, 8)
     np.testing.assert_array_equal(image.numpy(), data.images[4].transpose(2, 0, 1))
+    assert data.labels is not None
     assert label == int(data.labels[4]) and isinstance(label, int)
 
 

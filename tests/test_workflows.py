@@ -113,6 +113,7 @@ def test_per_item_lookup_by_index_and_by_path(dataset_root: Path, isolated_cache
     item = data.images[position[wanted]]
     direct = load_image_folder(dataset_root / "dogs", size=(8, 8)).images[0]
     np.testing.assert_array_equal(item, direct)
+    assert data.labels is not None
     assert data.classes[data.labels[position[wanted]]] == "dogs"
 
 
