@@ -200,10 +200,12 @@ def test_config_reads_each_variable_in_one_function() -> None:
                 r"CACHEDLOAD_[A-Z_]+", str(node.value)
             ):
                 readers.setdefault(str(node.value), []).append(function.name)
+    # Each value is parsed and checked by one function; root_settings() only reads the raw
+    # values a cache root depends on, so a loader notices when to resolve its root again.
     assert readers == {
-        "CACHEDLOAD_DIR": ["cache_dir_from_env"],
+        "CACHEDLOAD_DIR": ["cache_dir_from_env", "root_settings"],
         "CACHEDLOAD_MAX_SIZE": ["max_size_from_env"],
-        "CACHEDLOAD_STORAGE_OPTIONS": ["storage_options_from_env"],
-        "CACHEDLOAD_LEASE_SECONDS": ["lease_seconds"],
+        "CACHEDLOAD_STORAGE_OPTIONS": ["root_settings", "storage_options_from_env"],
+        "CACHEDLOAD_LEASE_SECONDS": ["root_settings", "lease_seconds"],
         "CACHEDLOAD_LOCK": ["lock_kind"],
     }
