@@ -39,6 +39,7 @@ from cachedload.keys import (
     Call,
     CallGroup,
     KeyRules,
+    Prepared,
     call_manifest,
     entry_meta,
     racy_files_unchanged,
@@ -261,44 +262,44 @@ class CachedDataset(Generic[P, R]):
         return root
 
     # -- one call --------------------------------------------------------------------------------
-    def _prepare(
-        self,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        before_fingerprints: Callable[[CallGroup], None] | None = None,
-    ) -> Call:
+    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Prepared:
+        """Bind a call's arguments (everything but the sources' fingerprints)."""
         code_version = self._code_version()  # first: it rebuilds _state if the code changed
         assert self._state is not None
-        return self._rules.bind(
+        return self._rules.prepare(
             self._signature,
             self._with_self(args),
             kwargs,
             code_version,
-            before_fingerprints,
             state=self._state.values(),
         )
+
+    def _prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
+        return self._rules.finish(self._bind(args, kwargs))
 
     def _reads_ahead(self) -> bool:
         # Memory maps are instant; compressed entries are read by joblib.
         return self._options.mmap_mode is None and not self._options.compress
 
-    def _read_ahead(self, group: CallGroup, started: list[tuple[str, ReadAhead]]) -> None:
+    def _read_ahead(self, group: CallGroup) -> tuple[str, ReadAhead] | None:
         """Start reading the entry that this call's group hit or stored last in this process,
-        while the sources are fingerprinted (see :mod:`cachedload.reading`).
+        while the sources are fingerprinted (see :mod:`cachedload.reading`); the guessed key
+        and its reading.
 
         Only within a process: a new process's first hit is not read ahead (measured on this
         project's VM, a fresh process faulting its first memory from a second thread was
         often several times slower than reading it from the calling thread).
         """
         if not self._reads_ahead():
-            return
+            return None
         guess = self._recent.get(group.token)
         if guess is None or not guess.worth_reading_ahead():
-            return
+            return None
         try:
-            started.append((guess.key, self._root().read_ahead(self._fdir(), guess.key)))
+            return guess.key, self._root().read_ahead(self._fdir(), guess.key)
         except (OSError, RuntimeError) as error:  # RuntimeError: no thread could be started
             logger.debug("no read-ahead for %s: %s", self._identity, error)
+            return None
 
     def _remember(self, call: Call, size: int) -> None:
         """Note the entry a call's group used, for :meth:`_read_ahead` on its next call."""
@@ -542,19 +543,21 @@ class CachedDataset(Generic[P, R]):
         if not self.enabled:
             self._stats.misses += 1
             return self.__wrapped__(*self._with_self(args), **kwargs)
-        started: list[tuple[str, ReadAhead]] = []
+        prepared = self._bind(args, kwargs)
+        guess = self._read_ahead(prepared.group)  # overlaps the fingerprinting below
         try:
-            call = self._prepare(args, kwargs, lambda group: self._read_ahead(group, started))
+            call = self._rules.finish(prepared)
             ahead = None
-            for key, reading in started:
+            if guess is not None:
+                key, reading = guess
                 if key == call.key:
                     ahead = reading
                 else:
                     reading.cancel()  # a wrong guess: stop it and free its buffer now
             return self._run(call, force=False, ahead=ahead)
         finally:
-            for _, reading in started:
-                reading.cancel()  # after an error (a no-op once taken or cancelled)
+            if guess is not None:
+                guess[1].cancel()  # after an error (a no-op once taken or cancelled)
 
     def recompute(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the loader body for these arguments and overwrite the stored entry."""

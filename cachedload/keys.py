@@ -15,7 +15,6 @@ import platform
 import re
 import reprlib
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -35,6 +34,7 @@ from cachedload.options import Options
 __all__ = [
     "Call",
     "KeyRules",
+    "Prepared",
     "call_manifest",
     "entry_meta",
     "racy_files_unchanged",
@@ -104,6 +104,20 @@ class Call:
     # the loader's state (cachedload.state): label -> (digest, readable text)
     state: dict[str, tuple[str, str]] = field(default_factory=dict)
     warned: set[str] = field(default_factory=set)
+
+
+class Prepared(NamedTuple):
+    """A call bound and classified, its source paths resolved but not yet fingerprinted
+    (:meth:`KeyRules.prepare`)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    code_version: str
+    parameters: dict[str, tuple[str, str]]  # name -> (digest, readable text)
+    pending: dict[str, _SourceArgument]  # label -> source argument
+    state: dict[str, tuple[str, Any]]  # label -> (digest, value)
+    state_digests: tuple[tuple[str, str], ...]  # sorted (label, digest)
+    group: CallGroup
 
 
 def readable(value: Any) -> str:
@@ -319,19 +333,19 @@ class KeyRules:
             raise SourceNotFoundError(source.name, source.value) from None
         return real, found
 
-    def bind(
+    def prepare(
         self,
         signature: inspect.Signature,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         code_version: str,
-        before_fingerprints: Callable[[CallGroup], None] | None = None,
         state: dict[str, tuple[str, Any]] | None = None,
-    ) -> Call:
-        """Bind arguments to the loader's signature (defaults applied) and make the key.
+    ) -> Prepared:
+        """Bind arguments to the loader's signature (defaults applied), hash the parameters and
+        resolve the source paths: everything but the fingerprints (see :meth:`finish`).
 
-        ``before_fingerprints(group)`` is called once the call's group (see :meth:`call_meta`)
-        is known and before the sources are fingerprinted, the slow part of most calls.
+        The result's ``group`` is known here, before the slow part of most calls, so a caller
+        may start work that depends on it (the decorator's read-ahead) in between.
         ``state``: the loader's state at this call, label -> (digest, value) (see
         :mod:`cachedload.state`); it enters the key only when there is some, so a loader
         without state keeps the key it always had.
@@ -355,9 +369,8 @@ class KeyRules:
                     self._add(name, f"{name}[{key}]", item, item_path, parameters, pending)
             else:
                 self._add(name, name, value, path, parameters, pending)
-        state_digests = tuple(
-            sorted((label, digest) for label, (digest, _) in (state or {}).items())
-        )
+        state = state or {}
+        state_digests = tuple(sorted((label, digest) for label, (digest, _) in state.items()))
         group = CallGroup(
             (
                 self.identity,
@@ -367,17 +380,21 @@ class KeyRules:
                 *((state_digests,) if state_digests else ()),
             )
         )
-        if before_fingerprints is not None:
-            before_fingerprints(group)
+        return Prepared(
+            bound.args, bound.kwargs, code_version, parameters, pending, state, state_digests, group
+        )
+
+    def finish(self, prepared: Prepared) -> Call:
+        """Fingerprint a prepared call's sources and make its key."""
         started = time.perf_counter()
-        sources = {label: self._fingerprint(source) for label, source in pending.items()}
+        sources = {label: self._fingerprint(source) for label, source in prepared.pending.items()}
         fingerprint_seconds = time.perf_counter() - started
-        given_paths = {label: source.paths[0] for label, source in pending.items()}
+        state_digests = prepared.state_digests
         key_parts = (
             FORMAT_VERSION,
             self.identity,
-            code_version,
-            sorted((name, digest) for name, (digest, _) in parameters.items()),
+            prepared.code_version,
+            sorted((name, digest) for name, (digest, _) in prepared.parameters.items()),
             sorted(
                 (name, fp.digest if self.portable else f"{path}\0{fp.digest}")
                 for name, (path, fp) in sources.items()
@@ -385,18 +402,30 @@ class KeyRules:
             *((list(state_digests),) if state_digests else ()),
         )
         return Call(
-            args=bound.args,
-            kwargs=bound.kwargs,
+            args=prepared.args,
+            kwargs=prepared.kwargs,
             key=value_digest(key_parts),
-            group=group,
-            parameters=parameters,
+            group=prepared.group,
+            parameters=prepared.parameters,
             sources=sources,
-            given_paths=given_paths,
+            given_paths={label: source.paths[0] for label, source in prepared.pending.items()},
             fingerprint_seconds=fingerprint_seconds,
             state={
-                label: (digest, readable(value)) for label, (digest, value) in (state or {}).items()
+                label: (digest, readable(value))
+                for label, (digest, value) in prepared.state.items()
             },
         )
+
+    def bind(
+        self,
+        signature: inspect.Signature,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        code_version: str,
+        state: dict[str, tuple[str, Any]] | None = None,
+    ) -> Call:
+        """:meth:`prepare` then :meth:`finish`: a call's arguments to its key."""
+        return self.finish(self.prepare(signature, args, kwargs, code_version, state))
 
     def _add(
         self,
