@@ -15,7 +15,6 @@ import inspect
 import logging
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from cachedload.keys import (
 )
 from cachedload.manage import EntryRecord, enforce_after_store, records_of
 from cachedload.options import Options
+from cachedload.pickling import reduce_loader
 from cachedload.reading import ReadAhead
 from cachedload.root import CacheRoot, CorruptEntry, Hit, Miss
 from cachedload.serialize import UnpicklableResult
@@ -168,37 +168,10 @@ class CachedDataset(Generic[P, R]):
         return bound
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Worker processes rebuild the wrapper from the loader and the options. By the loader's
-        # import path where it leads back to this loader (its module-level name is this
-        # wrapper, so the function cannot pickle itself): cheap, and what fork and spawn
-        # workers use. Otherwise by value, with cloudpickle: a notebook cell's loader, one made
-        # by exec or nested in a function, and any loader of __main__, which loky workers
-        # (joblib.Parallel) do not import.
-        func = self.__wrapped__
+        # Worker processes rebuild the wrapper from the loader and the options: see
+        # cachedload.pickling for when that is by import path and when by value.
         bound = (self._bound_self,) if self._is_bound else ()
-        # A partial or a callable object has no import path of its own: always by value.
-        importable = _imports_back_to(func)
-        by_path = (
-            (_restore, (func.__module__, func.__qualname__, self._options, bound))
-            if importable
-            else None
-        )
-        if by_path is not None and func.__module__ not in ("__main__", "__mp_main__"):
-            return by_path
-        dumping = (threading.get_ident(), id(self))
-        if dumping in _DUMPING_BY_VALUE and by_path is not None:  # its code names its wrapper
-            return by_path
-        _DUMPING_BY_VALUE.add(dumping)
-        try:
-            payload = _cloudpickle().dumps((func, self._options, bound))
-        except Exception:  # e.g. a global it reads holds a lock: by path, if that resolves
-            if by_path is not None:
-                return by_path
-            raise
-        finally:
-            _DUMPING_BY_VALUE.discard(dumping)
-        files = _code_files((func, *self._options.depends_on))
-        return (_restore_by_value, (payload, files))
+        return reduce_loader(type(self), self.__wrapped__, self._options, bound)
 
     def __repr__(self) -> str:
         return f"<cached_dataset {self._identity}>"
@@ -685,102 +658,6 @@ def _skipped_images(result: Any) -> list[str]:
     else:
         return []
     return [path for part in parts if isinstance(part, kind) for path in part.skipped]
-
-
-def _restore(
-    module: str, qualname: str, options: Options, bound: tuple[Any, ...]
-) -> CachedDataset[..., Any]:
-    """Rebuild a pickled :class:`CachedDataset` from its loader's import path and options."""
-    import importlib
-
-    target: Any = importlib.import_module(module)
-    for part in qualname.split("."):
-        target = getattr(target, part)
-    func = target.__wrapped__ if isinstance(target, CachedDataset) else target
-    wrapper: CachedDataset[..., Any] = CachedDataset(func, options)
-    return wrapper.__get__(bound[0]) if bound else wrapper
-
-
-# (thread, wrapper) pairs being pickled by value, to notice a loader whose code names its wrapper.
-_DUMPING_BY_VALUE: set[tuple[int, int]] = set()
-
-
-def _imports_back_to(func: Callable[..., Any]) -> bool:
-    """Does importing ``func.__module__`` and following its ``__qualname__`` give ``func``
-    (or a :class:`CachedDataset` of it), as :func:`_restore` needs?"""
-    import importlib
-    import sys
-
-    try:
-        target: Any = sys.modules.get(func.__module__) or importlib.import_module(func.__module__)
-        for part in func.__qualname__.split("."):
-            target = getattr(target, part)
-    except Exception:  # no such module or name, <locals> in the name, an import failing
-        return False
-    return target is func or (isinstance(target, CachedDataset) and target.__wrapped__ is func)
-
-
-def _cloudpickle() -> Any:
-    """cloudpickle, installed with joblib (vendored as ``joblib.externals.cloudpickle`` before
-    joblib 1.5, a dependency of joblib since)."""
-    import importlib
-
-    try:
-        return importlib.import_module("cloudpickle")
-    except ImportError:
-        return importlib.import_module("joblib.externals.cloudpickle")
-
-
-def _code_files(functions: Sequence[Any]) -> list[tuple[str, list[str] | None] | None]:
-    """Where each function's code was defined, and the source lines of those that exist only
-    in this process's ``linecache`` (a notebook cell's), for :func:`_restore_by_value`."""
-    import linecache
-
-    files: list[tuple[str, list[str] | None] | None] = []
-    for function in functions:
-        filename = getattr(getattr(function, "__code__", None), "co_filename", None)
-        if not isinstance(filename, str):
-            files.append(None)
-            continue
-        cached = None if os.path.exists(filename) else linecache.cache.get(filename)
-        # A loaded entry (a lazy one is a 1-tuple): size, mtime, lines, name.
-        lines = list(cached[2]) if cached is not None and len(cached) == 4 else None
-        files.append((filename, lines))
-    return files
-
-
-def _with_filename(code: Any, filename: str) -> Any:
-    consts = tuple(
-        _with_filename(c, filename) if isinstance(c, type(code)) else c for c in code.co_consts
-    )
-    return code.replace(co_filename=filename, co_consts=consts)
-
-
-def _restore_by_value(
-    payload: bytes, files: list[tuple[str, list[str] | None] | None]
-) -> CachedDataset[..., Any]:
-    """Rebuild a :class:`CachedDataset` pickled by value (see ``CachedDataset.__reduce__``).
-
-    cloudpickle names the file of the code it rebuilds ``<dynamic-code>``: each function gets
-    its own file name back, and a notebook cell's lines are put in ``linecache`` as IPython
-    puts them, so that the loader's source, and thus its code digest, are the same here as in
-    the process that pickled it.
-    """
-    import linecache
-    import pickle
-
-    func, options, bound = pickle.loads(payload)
-    for function, file in zip((func, *options.depends_on), files, strict=True):
-        code = getattr(function, "__code__", None)
-        if file is None or code is None:
-            continue
-        filename, lines = file
-        if code.co_filename != filename:  # rebuilt by value (never touch an imported one)
-            function.__code__ = _with_filename(code, filename)
-        if lines is not None:  # no mtime: linecache.checkcache keeps it
-            linecache.cache.setdefault(filename, (len("".join(lines)), None, lines, filename))
-    wrapper: CachedDataset[..., Any] = CachedDataset(func, options)
-    return wrapper.__get__(bound[0]) if bound else wrapper
 
 
 @overload
