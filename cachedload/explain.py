@@ -34,7 +34,6 @@ __all__ = [
     "Explanation",
     "closest_entry",
     "compare",
-    "compare_entries",
     "explain_against_closest",
     "read_manifest",
     "read_meta",
@@ -367,22 +366,6 @@ def compare(
 def _created(meta: dict[str, Any]) -> float | None:
     created = meta.get("created")
     return float(created) if isinstance(created, (int, float)) else None
-
-
-def compare_entries(
-    old_path: str | os.PathLike[str], new_path: str | os.PathLike[str]
-) -> Explanation:
-    """Compare two stored entries (their folders), as ``cachedload why`` does.
-
-    Raises:
-        ValueError: an entry's metadata cannot be read.
-    """
-    old_meta, new_meta = read_meta(old_path), read_meta(new_path)
-    if old_meta is None or new_meta is None:
-        raise ValueError(
-            f"cannot read the metadata of {old_path if old_meta is None else new_path}"
-        )
-    return compare(old_meta, read_manifest(old_path), new_meta, read_manifest(new_path))
 
 
 # -- the closest entry -------------------------------------------------------------------------
