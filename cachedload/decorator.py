@@ -598,6 +598,21 @@ class CachedDataset(Generic[P, R]):
         except (CorruptEntry, OSError):
             return False
 
+    @property
+    def map(self) -> ItemMap:
+        """A per-item loader (``per_item=``) mapped over a folder or a list of files, cached
+        and incremental: ``loader.map("data/train", pattern="**/*.jpg", size=(64, 64))``
+        returns an ``ItemArray`` (``.array``, ``.paths``); ``loader.map.is_cached(...)``,
+        ``.cache_path(...)``, ``.recompute(...)`` and ``.cache_explain(...)`` take the same
+        arguments. See :class:`cachedload.per_item.ItemMap`.
+
+        Raises:
+            TypeError: the loader was not decorated with ``per_item=``.
+        """
+        if self._options.per_item is None:
+            raise TypeError(f"{self._identity} is not a per-item loader (see per_item=)")
+        return ItemMap(self)
+
     def _function_dirs(self, root: CacheRoot) -> list[str]:
         """This loader's function folders in ``root`` (every code version)."""
         prefix = function_dir_prefix(self._identity)
@@ -683,15 +698,6 @@ class _PerItemDataset(CachedDataset[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """The loader's result for one item (not cached: the cache holds whole folders)."""
         return self.__wrapped__(*self._with_self(args), **kwargs)
-
-    @property
-    def map(self) -> ItemMap:
-        """The loader mapped over a folder or a list of files, cached and incremental:
-        ``loader.map("data/train", pattern="**/*.jpg", size=(64, 64))`` returns an
-        ``ItemArray`` (``.array``, ``.paths``); ``loader.map.is_cached(...)``,
-        ``.cache_path(...)``, ``.recompute(...)`` and ``.cache_explain(...)`` take the same
-        arguments. See :class:`cachedload.per_item.ItemMap`."""
-        return ItemMap(self)
 
 
 def _skipped_images(result: Any) -> list[str]:

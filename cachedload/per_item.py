@@ -482,13 +482,16 @@ class _Build:
         def build(data: Path) -> Built | None:
             return self.build(data, previous, why)
 
+        item_error: Exception | None = None
         try:
-            size = _unwrapped(
-                lambda: self.root.put_built(self.fdir, call.key, build, replace=replace)
-            )
+            size = self.root.put_built(self.fdir, call.key, build, replace=replace)
+        except _ItemFailed as failed:  # the loader's error: not a failure to store
+            item_error = failed.error
         except OSError as error:
             host._store_failed(call, self.root.entry_path(self.fdir, call.key).parent, error)
             return _build_uncached(host, self.prepared, self.request)
+        if item_error is not None:
+            raise item_error  # outside the except clause: as the loader raised it
         if size is None:
             assert self.unpublished is not None
             return self.unpublished
