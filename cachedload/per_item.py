@@ -178,7 +178,8 @@ def _scan(name: str, source: Any, patterns: tuple[str, ...], rules: KeyRules) ->
                 )
             except FileNotFoundError:
                 raise SourceNotFoundError(name, source) from None
-            items = [Item(rel, os.path.join(path, rel), s, mtime) for rel, s, mtime in fp.files]
+            base = path.rstrip(os.sep) + os.sep  # one concatenation per file, not a join
+            items = [Item(rel, base + rel, s, mtime) for rel, s, mtime in fp.files]
             return _Source(path, os.path.realpath(path), items, fp)
         return _file_list(name, [source], rules.mode)
     if isinstance(source, (list, tuple)) and source:
@@ -537,14 +538,12 @@ class _Build:
                         if r.content_hash is not None}}  # fmt: skip
         others = dataclasses.replace(call, sources=prepared.others)
         other_racy, newest = host._rules.racy_digests(others)
-        after = _scan(label, self.request.source, self.request.patterns, host._rules)
+        # The items are not fingerprinted again: each row's record (size, mtime, and the
+        # content digest of a racy file) was taken before the row was computed, so a file
+        # changed meanwhile has a record that no longer matches it, and the next call
+        # computes its row again (a hit needs the old fingerprint, or the racy digests).
         others_after = host._rules.sources_after(others)
-        changed = (
-            after.fingerprint.digest != prepared.source.fingerprint.digest
-            or others_after is None
-            or any(_digest_now(after.root, rel, d) for rel, d in racy[label].items())
-        )
-        if changed:
+        if others_after is None:
             warn_at_caller(
                 f"cachedload: source files of {host._identity} changed while it ran; "
                 "the result is returned but not cached",
@@ -556,16 +555,17 @@ class _Build:
             newest = max(newest, prepared.source.fingerprint.newest_mtime_ns)
         else:
             del racy[label]
-        meta = entry_meta(host._call_meta(call), _summary(report, len(after.items)),
+        count = len(prepared.source.items)
+        meta = entry_meta(host._call_meta(call), _summary(report, count),
                           report.seconds, {**other_racy, **racy}, newest)  # fmt: skip
         meta["items"] = {
-            "count": len(after.items),
+            "count": count,
             "computed": report.computed,
             "reused": report.reused,
             "full_build_reason": reason,
         }
         manifest = {name: fp.files for name, (_, fp) in (others_after or {}).items()}
-        manifest[label] = after.fingerprint.files
+        manifest[label] = prepared.source.fingerprint.files
         return Built(report.size, report.checksum, meta, manifest)
 
     def load_stored(self) -> ItemArray:
@@ -583,14 +583,6 @@ class _Build:
             return _build_uncached(host, self.prepared, self.request)
         host._enforce_limits(root, fdir, call.key, meta)
         return value
-
-
-def _digest_now(root: str, relpath: str, digest: str) -> bool:
-    """True if a racy file's content is no longer ``digest``."""
-    try:
-        return hash_file(os.path.join(root, relpath)) != digest
-    except OSError:
-        return True
 
 
 def _summary(report: BuildReport, count: int) -> Any:
