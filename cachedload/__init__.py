@@ -12,7 +12,9 @@ loader's code changes.
 What is exported (``__all__``): the decorator and its wrapper; the cache-management functions
 :func:`list_entries`, :func:`prune` and :func:`verify` with the records they return (the
 functions behind ``cachedload ls / prune / verify``; ``verify`` here is that function, not the
-decorator's ``verify=`` option); :func:`fingerprint_source`; the image loader; and the errors and
+decorator's ``verify=`` option); :func:`fingerprint_source`; the image loaders
+(:func:`load_image_folder`, and :func:`cached_image_folder` built on per-item loaders, whose
+result is an :class:`ItemArray`); and the errors and
 warnings any cached call can raise. The image loader's own errors (``ImageReadError``,
 ``ImageShapeMismatchError``, ``NoImagesFoundError``, ``ImagesSkippedWarning``) belong to
 :mod:`cachedload.images`; they stay importable from here, outside ``__all__``.
@@ -23,6 +25,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from cachedload._version import __version__
+from cachedload.builder import ItemArray
 from cachedload.config import default_cache_dir
 from cachedload.decorator import CachedDataset, CacheInfo, cached_dataset
 from cachedload.errors import (
@@ -45,6 +48,7 @@ if TYPE_CHECKING:
     from cachedload.errors import ImageShapeMismatchError as ImageShapeMismatchError
     from cachedload.errors import ImagesSkippedWarning as ImagesSkippedWarning
     from cachedload.errors import NoImagesFoundError as NoImagesFoundError
+    from cachedload.image_folder import cached_image_folder
     from cachedload.images import ImageFolderData, load_image_folder
 
 __all__ = [
@@ -60,6 +64,7 @@ __all__ = [
     "Explanation",
     "Fingerprint",
     "ImageFolderData",
+    "ItemArray",
     "PruneReport",
     "SourceChangedWarning",
     "SourceNotFoundError",
@@ -67,6 +72,7 @@ __all__ = [
     "VerifyResult",
     "__version__",
     "cached_dataset",
+    "cached_image_folder",
     "default_cache_dir",
     "fingerprint_source",
     "list_entries",
@@ -77,6 +83,7 @@ __all__ = [
 
 _LAZY = {
     "load_image_folder": "cachedload.images",
+    "cached_image_folder": "cachedload.image_folder",
     "ImageFolderData": "cachedload.images",
     # The image loader's errors, outside __all__: errors.py is loaded already, OpenCV is not.
     "ImageReadError": "cachedload.errors",

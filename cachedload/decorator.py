@@ -46,6 +46,7 @@ from cachedload.keys import (
 )
 from cachedload.manage import EntryRecord, enforce_after_store, records_of
 from cachedload.options import Options
+from cachedload.per_item import ItemMap
 from cachedload.pickling import reduce_loader
 from cachedload.reading import ReadAhead
 from cachedload.root import CacheRoot, CorruptEntry, Hit, Miss
@@ -117,6 +118,15 @@ class CachedDataset(Generic[P, R]):
     """
 
     __wrapped__: Callable[P, R]
+
+    def __new__(
+        cls, func: Callable[P, R], options: Options | None = None, /, **given: Any
+    ) -> CachedDataset[P, R]:
+        # A per-item loader's wrapper is a _PerItemDataset, however it is made (a worker
+        # rebuilding a pickled wrapper goes through here too).
+        per_item = given.get("per_item", options.per_item if options is not None else None)
+        kind = _PerItemDataset if cls is CachedDataset and per_item is not None else cls
+        return super().__new__(kind)
 
     def __init__(
         self, func: Callable[P, R], options: Options | None = None, /, **given: Any
@@ -564,6 +574,21 @@ class CachedDataset(Generic[P, R]):
         except (CorruptEntry, OSError):
             return False
 
+    @property
+    def map(self) -> ItemMap:
+        """A per-item loader (``per_item=``) mapped over a folder or a list of files, cached
+        and incremental: ``loader.map("data/train", pattern="**/*.jpg", size=(64, 64))``
+        returns an ``ItemArray`` (``.array``, ``.paths``); ``loader.map.is_cached(...)``,
+        ``.cache_path(...)``, ``.recompute(...)`` and ``.cache_explain(...)`` take the same
+        arguments. See :class:`cachedload.per_item.ItemMap`.
+
+        Raises:
+            TypeError: the loader was not decorated with ``per_item=``.
+        """
+        if self._options.per_item is None:
+            raise TypeError(f"{self._identity} is not a per-item loader (see per_item=)")
+        return ItemMap(self)
+
     def _function_dirs(self, root: CacheRoot) -> list[str]:
         """This loader's function folders in ``root`` (every code version)."""
         prefix = function_dir_prefix(self._identity)
@@ -642,6 +667,15 @@ class CachedDataset(Generic[P, R]):
         self._stats.hits = self._stats.misses = self._stats.stores = 0
 
 
+class _PerItemDataset(CachedDataset[P, R]):
+    """The wrapper of a per-item loader (``per_item=``): called directly, it runs the loader
+    on one item, uncached; :attr:`map` runs it over a folder, cached."""
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """The loader's result for one item (not cached: the cache holds whole folders)."""
+        return self.__wrapped__(*self._with_self(args), **kwargs)
+
+
 def _skipped_images(result: Any) -> list[str]:
     """The images ``load_image_folder(on_error="skip")`` left out of ``result``: of an
     ``ImageFolderData`` that is the result or one of its top-level items (tuple, list, dict)."""
@@ -669,6 +703,7 @@ def cached_dataset(
     *,
     source: str | Sequence[str] | None = None,
     ignore: str | Sequence[str] | None = None,
+    per_item: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     mmap_mode: Literal["r", "c"] | None = None,
     compress: bool | int | str | tuple[str, int] = False,
@@ -715,6 +750,11 @@ def cached_dataset(
     Args:
         source: parameter name(s) holding source paths (default: detected, see above).
         ignore: parameter name(s) left out of the key (``verbose``, ``n_jobs``…).
+        per_item: the parameter of a loader that reads one file (``per_item="path"``).
+            Calling the wrapper then runs the loader on one file, uncached;
+            ``loader.map(folder, pattern="**/*.jpg", **params)`` maps it over a folder's
+            files and caches the stacked rows, rebuilding only the rows of added and changed
+            files when the folder changes (see the README, "Large and changing datasets").
         cache_dir: where entries live (a folder, ``file:///abs/path`` or a URL); default
             ``$CACHEDLOAD_DIR`` or the user cache dir. A URL
             (``"s3://bucket/prefix"``, or any fsspec URL) names a cache shared by several

@@ -34,6 +34,14 @@ A remote cache, under its URL (``s3://bucket/prefix``)::
     <function dir>/<key>.lease            single-flight lease (backends/lease.py)
     <function dir>/<key>.used             size = hits, LastModified = last use (best effort)
 
+An entry of a per-item loader (``loader.map(folder)``, see :mod:`cachedload.per_item`) has the
+same files. Its data file holds an ``ItemArray`` whose row ``i`` comes from the ``i``-th file
+of its items source in ``manifest`` (sorted relative paths); with the content digests that
+``meta.json``'s ``racy`` records for files modified just before the build, that list is every
+row's source record (:func:`item_records`), from which the next build of the same call group
+(``meta["group"]``) copies its unchanged rows. No other file, so a remote cache publishes and
+downloads it like any entry.
+
 Only names of this shape are ever listed, verified or deleted: anything else in a cache
 directory is not ours. A ``meta.json`` of another :data:`FORMAT_VERSION` is a damaged entry.
 """
@@ -80,6 +88,7 @@ __all__ = [
     "is_entry_name",
     "is_function_dir_name",
     "is_leftover_name",
+    "item_records",
     "leftover_is_dead",
     "parse_meta",
     "read_local_meta",
@@ -282,6 +291,28 @@ def decode_manifest(raw: bytes) -> dict[str, Any] | None:
     except (ValueError, zlib.error, RecursionError):
         return None
     return manifest if isinstance(manifest, dict) else None
+
+
+def item_records(
+    manifest: dict[str, Any] | None, meta: dict[str, Any], source: str
+) -> dict[str, tuple[int, int, int, str | None]] | None:
+    """A per-item entry's row records, ``relpath -> (row, size, mtime_ns, content digest or
+    None)``, from its ``manifest`` and ``meta.json`` (the items source is named ``source``);
+    None if they are missing or malformed."""
+    files = (manifest or {}).get(source)
+    racy = (meta.get("racy") or {}).get(source) or {}
+    if not isinstance(files, list) or not isinstance(racy, dict):
+        return None
+    records: dict[str, tuple[int, int, int, str | None]] = {}
+    for row, record in enumerate(files):
+        if not (isinstance(record, list) and len(record) == 3):
+            return None
+        relpath, size, mtime_ns = record
+        if not (isinstance(relpath, str) and isinstance(size, int) and isinstance(mtime_ns, int)):
+            return None
+        digest = racy.get(relpath)
+        records[relpath] = (row, size, mtime_ns, digest if isinstance(digest, str) else None)
+    return records
 
 
 # -- scanning ----------------------------------------------------------------------------------

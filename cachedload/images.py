@@ -33,7 +33,10 @@ __all__ = [
     "ImageShapeMismatchError",
     "ImagesSkippedWarning",
     "NoImagesFoundError",
+    "check_options",
+    "decode_image",
     "load_image_folder",
+    "opencv_threads_off",
 ]
 
 _log = logging.getLogger("cachedload")
@@ -197,6 +200,45 @@ def _check(
     if on_error not in ("raise", "skip"):
         raise ConfigurationError("on_error", f"must be 'raise' or 'skip', not {on_error!r}")
     return out_size, out_dtype, exts, int(n_jobs)
+
+
+def check_options(
+    size: Any, color: Any, dtype: Any, extensions: Any, on_error: Any
+) -> tuple[tuple[int, int] | None, np.dtype[Any] | None, frozenset[str]]:
+    """Check :func:`load_image_folder`'s options as it does; return size, dtype and the
+    extensions normalised.
+
+    Raises:
+        ConfigurationError: an option has an invalid value.
+    """
+    out_size, out_dtype, exts, _ = _check(size, color, dtype, extensions, None, on_error)
+    return out_size, out_dtype, exts
+
+
+def decode_image(
+    path: str,
+    *,
+    size: tuple[int, int] | None = None,
+    color: Literal["rgb", "bgr", "gray", "unchanged"] = "rgb",
+    dtype: npt.DTypeLike | None = None,
+) -> npt.NDArray[Any]:
+    """One image, exactly as :func:`load_image_folder` decodes it into its row (same
+    reduced-size JPEG decoding, resizing and conversion, options already checked).
+
+    Raises:
+        ImageReadError: the image is unreadable, empty or corrupt.
+    """
+    out_dtype = None if dtype is None else np.dtype(dtype)
+    decoder = _Decoder(color, size, out_dtype, False, _ignore)
+    img = decoder.decode(path)
+    out = np.empty(img.shape if size is None else size + img.shape[2:], out_dtype or img.dtype)
+    decoder.first = (path, img.shape)
+    decoder.place(path, img, out)
+    return out
+
+
+def _ignore(count: int) -> None:
+    return None
 
 
 def _is_int(x: Any) -> bool:
@@ -423,7 +465,7 @@ def _ordered_map(
     if n_jobs == 1 or len(chunks) <= 1:
         yield from map(work, chunks)
         return
-    with _opencv_threads_off(), ThreadPoolExecutor(n_jobs, "cachedload-images") as pool:
+    with opencv_threads_off(), ThreadPoolExecutor(n_jobs, "cachedload-images") as pool:
         yield from pool.map(work, chunks)  # closing this generator cancels the unstarted chunks
 
 
@@ -432,7 +474,7 @@ _cv_state = {"users": 0, "saved": 0}
 
 
 @contextlib.contextmanager
-def _opencv_threads_off() -> Iterator[None]:
+def opencv_threads_off() -> Iterator[None]:
     """Switch OpenCV's internal thread pool off while our threads decode.
 
     Called from several threads at once, it serialises them: two decoding threads ran slower

@@ -65,6 +65,7 @@ class Options:
 
     source: str | Sequence[str] | None = None
     ignore: str | Sequence[str] | None = None
+    per_item: str | None = None
     cache_dir: str | os.PathLike[str] | None = None
     mmap_mode: Literal["r", "c"] | None = None
     compress: bool | int | str | tuple[str, int] = False
@@ -96,6 +97,10 @@ class Options:
         derive = object.__setattr__  # frozen: the derived fields are set once, here
         derive(self, "source_names", _names_or_none("source", self.source))
         derive(self, "ignore_names", frozenset(parse_names("ignore", self.ignore)))
+        if self.per_item is not None and (not isinstance(self.per_item, str) or not self.per_item):
+            raise ConfigurationError(
+                "per_item", f"must be a parameter name or None, not {self.per_item!r}"
+            )
         if self.mmap_mode not in (None, "r", "c"):
             # Not "r+": an in-place edit of a result would rewrite the stored entry.
             raise ConfigurationError(
@@ -130,7 +135,7 @@ class Options:
         derive(self, "depends_on", tuple(self.depends_on))
 
     def check_names(self, parameters: Collection[str], bound: Collection[str], loader: str) -> None:
-        """Check that ``source=`` and ``ignore=`` name parameters of the loader.
+        """Check that ``source=``, ``ignore=`` and ``per_item=`` name parameters of the loader.
 
         Args:
             parameters: the loader's parameter names.
@@ -144,6 +149,7 @@ class Options:
         for option, names, known in (
             ("source", self.source_names or (), set(parameters)),
             ("ignore", parse_names("ignore", self.ignore), {*parameters, *bound}),
+            ("per_item", parse_names("per_item", self.per_item), set(parameters)),
         ):
             unknown = [name for name in names if name not in known]
             if unknown:

@@ -24,7 +24,7 @@ from typing import Any
 from cachedload.entry import OWNER_SUFFIX, CorruptEntry
 from cachedload.reading import ReadAhead
 
-__all__ = ["CacheRoot", "Checked", "CorruptEntry", "EntryInfo", "Hit", "Lookup", "Miss"]
+__all__ = ["Built", "CacheRoot", "Checked", "CorruptEntry", "EntryInfo", "Hit", "Lookup", "Miss"]
 
 logger = logging.getLogger("cachedload")
 
@@ -78,6 +78,17 @@ class Miss:
     replace: bool = False
     stale: bool = False
     corrupt: CorruptEntry | None = None
+
+
+@dataclass(frozen=True)
+class Built:
+    """What a build function of :meth:`CacheRoot.put_built` wrote: its data file's size and
+    checksum, and the entry's metadata and manifest."""
+
+    size: int
+    checksum: str
+    meta: dict[str, Any]
+    manifest: dict[str, Any] | None = None
 
 
 Lookup = Hit | Miss
@@ -217,6 +228,24 @@ class CacheRoot(abc.ABC):
         Raises:
             OSError: the root cannot be written.
             UnpicklableResult: ``value`` cannot be pickled.
+        """
+
+    @abc.abstractmethod
+    def put_built(
+        self,
+        fdir: str,
+        key: str,
+        build: Callable[[Path], Built | None],
+        *,
+        replace: bool = False,
+    ) -> int | None:
+        """Publish an entry whose data file ``build(path)`` writes at ``path`` (inside the
+        temporary folder of the entry being written), atomically as :meth:`put` does; return
+        its data's size, or None if ``build`` returned None (nothing is published).
+
+        Raises:
+            OSError: the root cannot be written.
+            Whatever ``build`` raises (the temporary folder is removed).
         """
 
     @abc.abstractmethod

@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from cachedload.entry import (
 from cachedload.fingerprint import hash_file
 from cachedload.mount import entry_lock, uses_lease
 from cachedload.reading import NOTHING, ReadAhead
-from cachedload.root import CacheRoot, Checked, EntryInfo
+from cachedload.root import Built, CacheRoot, Checked, EntryInfo
 
 __all__ = ["LocalRoot", "atomic_write_bytes"]
 
@@ -298,25 +298,52 @@ class LocalRoot(CacheRoot):
             OSError: the cache directory cannot be written (the temporary folder is removed).
             UnpicklableResult: ``value`` cannot be pickled (the temporary folder is removed).
         """
+
+        def build(data: Path) -> Built:
+            size, checksum = serialize.dump(value, data, compress=compress)
+            return Built(size, checksum, meta, manifest)
+
+        size = self.put_built(fdir, key, build, replace=replace)
+        assert size is not None
+        return size
+
+    def put_built(
+        self,
+        fdir: str,
+        key: str,
+        build: Callable[[Path], Built | None],
+        *,
+        replace: bool = False,
+    ) -> int | None:
+        """Publish an entry whose data file ``build`` writes (into the temporary folder of
+        the entry); None, and nothing published, if ``build`` returns None.
+
+        Raises:
+            OSError: the cache directory cannot be written (the temporary folder is removed).
+            Whatever ``build`` raises (the temporary folder is removed).
+        """
         function_dir = self.path / fdir
         function_dir.mkdir(parents=True, exist_ok=True)
         self.remove_leftovers(fdir)
         tmp = function_dir / temporary_name()
         tmp.mkdir()
         try:
-            size, checksum = serialize.dump(value, tmp / DATA_FILE, compress=compress)
-            meta = {**meta, "format": FORMAT_VERSION, "key": key}
-            meta["data"] = {"file": DATA_FILE, "size": size, "xxh3": checksum}
+            built = build(tmp / DATA_FILE)
+            if built is None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return None
+            meta = {**built.meta, "format": FORMAT_VERSION, "key": key}
+            meta["data"] = {"file": DATA_FILE, "size": built.size, "xxh3": built.checksum}
             _write_file(tmp / META_FILE, json.dumps(meta, indent=1).encode())
-            if manifest is not None:
-                _write_file(tmp / MANIFEST_FILE, encode_manifest(manifest))
+            if built.manifest is not None:
+                _write_file(tmp / MANIFEST_FILE, encode_manifest(built.manifest))
             _fsync_dir(tmp)
             replace_folder(tmp, self.entry_path(fdir, key), replace=replace)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         _fsync_dir(function_dir)
-        return size
+        return built.size
 
     def rewrite_meta(self, fdir: str, key: str, meta: dict[str, Any]) -> None:
         """Atomically replace an entry's metadata (used to clear verified racy-file records)."""

@@ -23,6 +23,7 @@ OPTIONS = [f for f in dataclasses.fields(Options) if f.init]
 INVALID = {
     "source": ([1], "expected a name or a list of names"),
     "ignore": ([None], "expected a name or a list of names"),
+    "per_item": (3, "must be a parameter name or None, not 3"),
     "cache_dir": (3, "must be a str or os.PathLike"),
     "mmap_mode": ("r+", r"must be None, 'r' .* or 'c' .*, not 'r\+'"),
     "fingerprint": ("sha1", "must be 'mtime' or 'content', not 'sha1'"),

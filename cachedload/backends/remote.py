@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn
@@ -69,7 +69,7 @@ from cachedload.entry import (
 )
 from cachedload.errors import ConditionalWritesWarning, warn_at_caller
 from cachedload.reading import ReadAhead
-from cachedload.root import CacheRoot, Checked, EntryInfo
+from cachedload.root import Built, CacheRoot, Checked, EntryInfo
 from cachedload.store import LocalRoot, atomic_write_bytes, replace_folder
 
 __all__ = ["EntryReplaced", "RemoteRoot", "capabilities"]
@@ -408,6 +408,29 @@ class RemoteRoot(CacheRoot):
         size = self.copy.put(
             fdir, key, value, meta, compress=compress, manifest=manifest, replace=replace
         )
+        self._publish_copy(fdir, key, replace=replace)
+        return size
+
+    def put_built(
+        self,
+        fdir: str,
+        key: str,
+        build: Callable[[Path], Built | None],
+        *,
+        replace: bool = False,
+    ) -> int | None:
+        """Build the entry in the local copy, then publish it to the bucket (as :meth:`put`).
+
+        Raises:
+            OSError: the local copy or the bucket cannot be written.
+        """
+        size = self.copy.put_built(fdir, key, build, replace=replace)
+        if size is not None:
+            self._publish_copy(fdir, key, replace=replace)
+        return size
+
+    def _publish_copy(self, fdir: str, key: str, *, replace: bool) -> None:
+        """Publish the entry just written to the local copy."""
         self._mark_local_root()
         entry = self.entry_path(fdir, key)
         local = json.loads((entry / META_FILE).read_bytes())
@@ -416,7 +439,6 @@ class RemoteRoot(CacheRoot):
         except OSError as error:
             message = f"kept on this machine, not published to {self.objects.url}: {error}"
             raise OSError(error.errno, message) from error
-        return size
 
     def publish(
         self, fdir: str, key: str, meta: dict[str, Any], entry: Path, *, replace: bool

@@ -1,0 +1,143 @@
+"""``cached_image_folder``: :func:`~cachedload.images.load_image_folder`, cached per image.
+
+The seed workflow in one line: the images of a folder decoded into one array, cached on disk,
+rebuilt incrementally (only added and changed images are decoded again) and out-of-core (rows
+are written into the entry as they are decoded). It is a per-item loader
+(:mod:`cachedload.per_item`) over :func:`~cachedload.images.decode_image`, so its pixels are
+those of ``load_image_folder`` with the same options, and its labels, classes and paths follow
+the same layout rules.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from cachedload._version import __version__
+from cachedload.decorator import CachedDataset
+from cachedload.errors import ConfigurationError, NoImagesFoundError
+from cachedload.images import ImageFolderData, check_options, decode_image, opencv_threads_off
+from cachedload.options import Options
+
+__all__ = ["cached_image_folder"]
+
+# Never items, as load_image_folder skips them: hidden entries and OS junk.
+_EXCLUDE = (".*", "__pycache__", "__MACOSX", "Thumbs.db", "desktop.ini")
+_WRAPPERS: dict[str, CachedDataset[..., Any]] = {}  # options -> wrapper: a hit makes none
+
+
+def _image_row(
+    path: str, size: tuple[int, int] | None, color: str, dtype: str | None
+) -> npt.NDArray[Any]:
+    """One image's row (the per-item loader behind :func:`cached_image_folder`)."""
+    return decode_image(path, size=size, color=color, dtype=dtype)  # type: ignore[arg-type]
+
+
+def _wrapper(options: dict[str, Any]) -> CachedDataset[..., Any]:
+    """The per-item wrapper for these cache options (made once per set of options)."""
+    token = repr(sorted(options.items(), key=lambda item: item[0]))
+    found = _WRAPPERS.get(token)
+    if found is None:
+        # The decoding code lives in images.py, not in _image_row: a new version of
+        # cachedload makes new entries.
+        version = ("cached_image_folder", __version__, options.pop("version", None))
+        checked = Options(per_item="path", exclude=_EXCLUDE, version=version, **options)
+        if len(_WRAPPERS) > 16:
+            _WRAPPERS.clear()
+        found = _WRAPPERS[token] = CachedDataset(_image_row, checked)
+    return found
+
+
+def _extension_globs(extensions: Iterable[str]) -> list[str]:
+    """Case-insensitive name globs (``*.[jJ][pP][gG]``) for the extensions."""
+    return [
+        "*." + "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else f"[{c}]" for c in ext)
+        for ext in sorted(extensions)
+    ]
+
+
+def cached_image_folder(
+    root: str | os.PathLike[str],
+    *,
+    size: tuple[int, int] | None = None,
+    color: Literal["rgb", "bgr", "gray", "unchanged"] = "rgb",
+    dtype: npt.DTypeLike | None = None,
+    extensions: Iterable[str] | None = None,
+    on_error: Literal["raise"] = "raise",
+    n_jobs: int | None = None,
+    backend: Any = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    mmap_mode: Literal["r", "c"] | None = None,
+    keep: int | None = 1,
+    **cache_options: Any,
+) -> ImageFolderData:
+    """:func:`~cachedload.images.load_image_folder`, cached, incremental and out-of-core.
+
+    Returns what ``load_image_folder(root, size=…, color=…, dtype=…, extensions=…)`` returns
+    (the same pixels, labels, classes and paths), from the cache when the folder did not
+    change. When it did, only the added and changed images are decoded; the other rows are
+    copied from the previous entry, which ``keep`` then removes. A miss writes the rows into
+    the entry as they are decoded, so a folder larger than RAM builds (read it with
+    ``mmap_mode="r"``).
+
+    Args:
+        root: the folder (flat, or one sub-folder per class, as for ``load_image_folder``).
+        size, color, dtype, extensions: as for ``load_image_folder``.
+        on_error: ``"raise"`` only (an unreadable image raises ``ImageReadError``); to skip
+            them, cache ``load_image_folder(on_error="skip")`` with ``@cached_dataset``.
+        n_jobs, backend: workers and joblib backend of a build (default: threads on every
+            CPU, or the active ``joblib.parallel_config``, e.g. a Dask cluster).
+        cache_dir, mmap_mode, keep: as for :func:`cachedload.cached_dataset`.
+        cache_options: any other option of :func:`cachedload.cached_dataset` (``max_size``,
+            ``lock_timeout``, ``version``…).
+
+    Raises:
+        NoImagesFoundError: ``root`` is missing, not a folder, or holds no image.
+        ImageReadError: an image is unreadable.
+        ItemShapeMismatchError: images differ in shape (no ``size``) or channel count.
+        ConfigurationError: an option has an invalid value.
+
+    Example::
+
+        data = cached_image_folder("data/train", size=(128, 128), mmap_mode="r")
+        data.images, data.labels, data.classes, data.paths
+    """
+    out_size, out_dtype, exts = check_options(size, color, dtype, extensions, on_error)
+    if on_error != "raise":
+        raise ConfigurationError("on_error", "cached_image_folder supports only 'raise'")
+    folder = os.fspath(root)
+    if not os.path.isdir(folder):
+        reason = "it is not a folder" if os.path.exists(folder) else "the folder does not exist"
+        raise NoImagesFoundError(folder, reason)
+    loader = _wrapper({"cache_dir": cache_dir, "mmap_mode": mmap_mode, "keep": keep,
+                       **cache_options})  # fmt: skip
+    with opencv_threads_off():  # it serialises concurrent callers (see images.py)
+        found = loader.map(
+            folder,
+            pattern=_extension_globs(exts),
+            n_jobs=n_jobs,
+            backend=backend,
+            size=out_size,
+            color=color,
+            dtype=None if out_dtype is None else out_dtype.str,
+        )
+    paths: tuple[str, ...] = found.paths
+    if not paths:
+        raise NoImagesFoundError(folder, f"no {', '.join(sorted(exts))} file in it or below")
+    images = found.array
+    # load_image_folder sorts by path component ("a/b" before "a-c/d"); the rows are sorted
+    # by path. They differ only where a name sorts before "/": reorder (in memory) only then.
+    order = sorted(range(len(paths)), key=lambda i: paths[i].split("/"))
+    if order != list(range(len(paths))):
+        images, paths = np.asarray(images)[order], tuple(paths[i] for i in order)
+    labels = None
+    classes: tuple[str, ...] = ()
+    if all("/" in p for p in paths):
+        classes = tuple(sorted({p.split("/", 1)[0] for p in paths}))
+        index = {name: i for i, name in enumerate(classes)}
+        labels = np.array([index[p.split("/", 1)[0]] for p in paths], dtype=np.int64)
+    return ImageFolderData(images, labels, classes, paths)

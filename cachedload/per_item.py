@@ -1,0 +1,596 @@
+"""Per-item loaders: ``loader.map(folder)`` maps a per-file loader over a folder, cached.
+
+``@cached_dataset(per_item="path")`` marks a loader that reads one file; its wrapper's
+``map`` (an :class:`ItemMap`) runs it over the files of a folder (or a list of files) with
+:func:`cachedload.builder.build_items` and returns an :class:`~cachedload.builder.ItemArray`,
+stored as one entry like any cached result. What this module adds to the decorator:
+
+* **the key**: the loader's identity, code, state and parameters (bound as the decorator
+  binds them, the per-item parameter left out), the glob patterns, the source folder's real
+  path (not with ``portable=True``) and the fingerprint of the matching files only;
+  ``ragged=True`` too (it changes the result's type). ``n_jobs`` and ``backend`` are not part
+  of it: they change how the rows are computed, not what they are;
+* **the miss**: the previous entry of the same call group (same code, parameters, patterns
+  and folder: the newest entry whose ``meta["group"]`` matches) gives its row records
+  (:func:`cachedload.entry.item_records`) and its data file, so only added and changed files
+  are computed; the rows are written straight into the entry being published
+  (:meth:`cachedload.root.CacheRoot.put_built`), never held in memory as a whole.
+
+Everything else is the decorator's: single flight, healing, ``keep=``, ``max_size=``, warnings,
+the log. The decorator's wrapper is the :class:`Host` here (this module does not import it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import itertools
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from cachedload import serialize
+from cachedload.builder import BuildReport, Item, ItemArray, PreviousBuild, RowRecord, build_items
+from cachedload.entry import DATA_FILE, CorruptEntry, item_records
+from cachedload.errors import (
+    ConfigurationError,
+    SourceChangedWarning,
+    SourceNotFoundError,
+    warn_at_caller,
+)
+from cachedload.explain import Explanation, explain_against_closest
+from cachedload.fingerprint import Fingerprint, fingerprint_source, hash_file
+from cachedload.hashing import value_digest
+from cachedload.keys import Call, CallGroup, KeyRules, call_manifest, entry_meta, readable
+from cachedload.options import Options
+from cachedload.root import Built, CacheRoot, Hit, Miss
+from cachedload.state import LoaderState
+
+__all__ = ["Host", "ItemMap"]
+
+logger = logging.getLogger("cachedload")
+
+_PATTERN = "(pattern)"  # the patterns among a call's parameters (no loader parameter has it)
+
+
+class Host(Protocol):
+    """What this module uses of the decorator's wrapper (:class:`cachedload.CachedDataset`)."""
+
+    __wrapped__: Callable[..., Any]
+    enabled: bool
+    _identity: str
+    _options: Options
+    _rules: KeyRules
+    _signature: inspect.Signature
+    _stats: Any
+    _state: LoaderState | None
+    _is_bound: bool
+
+    def _with_self(self, args: tuple[Any, ...]) -> tuple[Any, ...]: ...
+    def _code_version(self) -> str: ...
+    def _root(self) -> CacheRoot: ...
+    def _fdir(self) -> str: ...
+    def _call_meta(self, call: Call) -> dict[str, Any]: ...
+    def _lookup(self, root: CacheRoot, fdir: str, call: Call) -> Hit | Miss: ...
+    def _store_failed(self, call: Call, where: Path, error: BaseException) -> None: ...
+    def _enforce_limits(
+        self, root: CacheRoot, fdir: str, key: str, meta: dict[str, Any]
+    ) -> None: ...
+    def _log_miss_reason(self, call: Call) -> None: ...
+    def _local_function_dirs(self) -> list[Path]: ...
+    def _racy_files_unchanged(
+        self, root: CacheRoot, fdir: str, call: Call, meta: dict[str, Any]
+    ) -> bool: ...
+
+
+# -- the user's item function, guarded ---------------------------------------------------------
+class _ItemFailed(Exception):
+    """The item function raised ``error`` (told apart from a failure to write the entry)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+@dataclass(frozen=True)
+class _Guarded:
+    """The item function as the builder calls it: its exceptions come back wrapped, so that
+    an ``OSError`` of the user's code is not mistaken for a cache that cannot be written."""
+
+    fn: Callable[..., Any]
+
+    def __call__(self, path: str, **params: Any) -> Any:
+        try:
+            return self.fn(path, **params)
+        except Exception as error:
+            if hasattr(error, "add_note"):  # Python >= 3.11
+                error.add_note(f"while loading {path}")
+            raise _ItemFailed(error) from None
+
+
+# -- one .map call -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Source:
+    """The files of one ``.map`` call: relative to ``root`` (``real``: its real path)."""
+
+    root: str
+    real: str
+    items: list[Item]
+    fingerprint: Fingerprint
+
+
+@dataclass(frozen=True)
+class _Request:
+    """A ``.map`` call's arguments, checked."""
+
+    source: Any
+    patterns: tuple[str, ...]
+    params: dict[str, Any]
+    n_jobs: int | None
+    backend: Any
+    ragged: bool
+
+
+@dataclass
+class _Prepared:
+    """A ``.map`` call bound: its :class:`~cachedload.keys.Call`, files and item arguments."""
+
+    call: Call
+    source: _Source
+    label: str  # the items source's name in the call (the per-item parameter)
+    kwargs: dict[str, Any]  # for the item function, besides the path
+    others: dict[str, tuple[str, Fingerprint]]  # sources among the other parameters
+
+
+def _patterns(pattern: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Glob patterns relative to the folder; ``**/x`` also matches ``x`` at the top, as in
+    ``pathlib.Path.glob``."""
+    if pattern is None:
+        return ()
+    given = (pattern,) if isinstance(pattern, str) else tuple(pattern)
+    if not given or not all(isinstance(p, str) and p for p in given):
+        raise ConfigurationError("pattern", f"must be a glob or a list of globs, not {pattern!r}")
+    found: list[str] = []
+    for glob in given:
+        found.append(glob)
+        while glob.startswith("**/"):
+            glob = glob[3:]
+            found.append(glob)
+    return tuple(dict.fromkeys(found))
+
+
+def _scan(name: str, source: Any, patterns: tuple[str, ...], rules: KeyRules) -> _Source:
+    """The files of a folder (those matching ``patterns``), or of a list of files."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.path.abspath(os.fspath(source))
+        if os.path.isdir(path):
+            try:
+                fp = fingerprint_source(
+                    path, mode=rules.mode, include=patterns or rules.include, exclude=rules.exclude
+                )
+            except FileNotFoundError:
+                raise SourceNotFoundError(name, source) from None
+            base = path.rstrip(os.sep) + os.sep  # one concatenation per file, not a join
+            items = [Item(rel, base + rel, s, mtime) for rel, s, mtime in fp.files]
+            return _Source(path, os.path.realpath(path), items, fp)
+        return _file_list(name, [source], rules.mode)
+    if isinstance(source, (list, tuple)) and source:
+        return _file_list(name, list(source), rules.mode)
+    raise ConfigurationError(name, f"must be a folder or a non-empty list of files, not {source!r}")
+
+
+def _file_list(name: str, files: list[Any], mode: str) -> _Source:
+    """A list of files, relative to their closest common folder."""
+    taken_ns = time.time_ns()
+    paths = [os.path.abspath(os.fspath(f)) for f in files]
+    root = os.path.commonpath([os.path.dirname(p) for p in paths])
+    items: list[Item] = []
+    for given, path in zip(files, paths, strict=True):
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:
+            raise SourceNotFoundError(name, given) from None
+        rel = os.path.relpath(path, root).replace(os.sep, "/")
+        items.append(Item(rel, path, info.st_size, info.st_mtime_ns))
+    items.sort()
+    for before, after in itertools.pairwise(items):
+        if before.relpath == after.relpath:
+            raise ConfigurationError(name, f"lists {after.path!r} twice")
+    records = [
+        (i.relpath, i.size, hash_file(i.path) if mode == "content" else i.mtime_ns) for i in items
+    ]
+    fp = Fingerprint(
+        digest=value_digest(("files", mode, records)),
+        file_count=len(items),
+        total_bytes=sum(i.size for i in items),
+        newest_mtime_ns=max(i.mtime_ns for i in items),
+        taken_ns=taken_ns,
+        files=tuple((i.relpath, i.size, i.mtime_ns) for i in items),
+    )
+    return _Source(root, os.path.realpath(root), items, fp)
+
+
+def _item_kwargs(signature: inspect.Signature, call: Call) -> dict[str, Any]:
+    """The item function's keyword arguments (besides the path) of a bound call."""
+    bound = signature.bind(*call.args, **call.kwargs)
+    kwargs: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            kwargs.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise ConfigurationError(name, "a per-item loader takes no *args in .map")
+        else:
+            kwargs[name] = value
+    return kwargs
+
+
+def _prepare(host: Host, request: _Request) -> _Prepared:
+    """Bind a ``.map`` call: the decorator's key rules on the loader's other parameters, then
+    the files' fingerprint, the patterns and the folder."""
+    label = host._options.per_item
+    assert label is not None
+    code_version = host._code_version()  # first: it rebuilds _state if the code changed
+    assert host._state is not None
+    parameters = list(host._signature.parameters.values())
+    if host._is_bound:
+        parameters = parameters[1:]  # self: bound, part of the state
+    signature = inspect.Signature([p for p in parameters if p.name != label])
+    full = host._signature.replace(parameters=[p for p in host._signature.parameters.values()
+                                                if p.name != label])  # fmt: skip
+    base = host._rules.bind(
+        full, host._with_self(()), request.params, code_version, state=host._state.values()
+    )
+    kwargs = _item_kwargs(signature, dataclasses.replace(base, args=base.args[host._is_bound :]))
+    source = _scan(label, request.source, request.patterns, host._rules)
+    fp = source.fingerprint
+    where = "" if host._rules.portable else source.real
+    extra = ("ragged",) if request.ragged else ()
+    key = value_digest(("per_item", base.key, label, list(request.patterns), where, fp.digest,
+                        *extra))  # fmt: skip
+    group = CallGroup((*base.group.token, ("per_item", label, request.patterns, source.real,
+                                           *extra)))  # fmt: skip
+    parameters_of_call = dict(base.parameters)
+    if request.patterns:
+        parameters_of_call[_PATTERN] = (
+            value_digest(list(request.patterns)),
+            readable(list(request.patterns)),
+        )
+    call = dataclasses.replace(
+        base,
+        key=key,
+        group=group,
+        parameters=parameters_of_call,
+        sources={**base.sources, label: (source.real, fp)},
+        given_paths={**base.given_paths, label: source.root},
+        warned=set(),
+    )
+    return _Prepared(call, source, label, kwargs, dict(base.sources))
+
+
+class ItemMap:
+    """``loader.map``: the per-item loader mapped over a folder or a list of files, cached.
+
+    Call it as ``loader.map(source, pattern=None, *, n_jobs=None, backend=None,
+    ragged=False, **params)``; its methods ``is_cached``, ``cache_path``, ``recompute`` and
+    ``cache_explain`` take the same arguments.
+    """
+
+    def __init__(self, host: Host) -> None:
+        self._host = host
+
+    def __repr__(self) -> str:
+        return f"<map of {self._host._identity}>"
+
+    def __call__(
+        self,
+        source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        pattern: str | Sequence[str] | None = None,
+        *,
+        n_jobs: int | None = None,
+        backend: Any = None,
+        ragged: bool = False,
+        **params: Any,
+    ) -> ItemArray:
+        """The loader's rows for every file of ``source``, stacked, from the cache if possible.
+
+        Args:
+            source: a folder, or a list of files (then relative to their common folder).
+            pattern: glob(s) relative to the folder: only matching files are items
+                (``"**/*.jpg"``; a pattern without ``/`` matches names at any depth).
+                Default: every file (but the decorator's ``include``/``exclude``).
+            n_jobs, backend: workers and joblib backend of the build (default: the active
+                ``joblib.parallel_config``, else threads on every CPU); not part of the key.
+            ragged: rows may differ in shape: ``array`` is then a list.
+            params: the loader's other arguments, part of the key.
+
+        Returns:
+            An :class:`~cachedload.builder.ItemArray`: ``array`` ``(N, *row)`` (memory-mapped
+            with ``mmap_mode="r"``) and ``paths``, relative, ``/``-separated, sorted.
+
+        Raises:
+            SourceNotFoundError: ``source`` does not exist.
+            ItemShapeMismatchError: two files gave rows of different shapes or dtypes.
+            Whatever the loader raises, unchanged (with a note naming the file).
+        """
+        request = _Request(source, _patterns(pattern), params, n_jobs, backend, bool(ragged))
+        return self._run(request, force=False)
+
+    def recompute(
+        self, source: Any, pattern: str | Sequence[str] | None = None, **params: Any
+    ) -> ItemArray:
+        """Build every row again (no previous entry used) and overwrite the stored entry."""
+        request = _request(source, pattern, params)
+        return self._run(request, force=True)
+
+    def is_cached(self, source: Any, pattern: str | Sequence[str] | None = None,
+                  **params: Any) -> bool:  # fmt: skip
+        """True if this ``.map`` call would be answered from the cache now."""
+        host = self._host
+        if not host.enabled:
+            return False
+        call = _prepare(host, _request(source, pattern, params)).call
+        root, fdir = host._root(), host._fdir()
+        try:
+            meta = root.read_meta(fdir, call.key)
+            if meta is None or not host._racy_files_unchanged(root, fdir, call, meta):
+                return False
+            return root.has_data(fdir, call.key, meta)
+        except (CorruptEntry, OSError):
+            return False
+
+    def cache_path(self, source: Any, pattern: str | Sequence[str] | None = None,
+                   **params: Any) -> Path:  # fmt: skip
+        """The folder where the entry of this ``.map`` call is (or would be) stored."""
+        host = self._host
+        call = _prepare(host, _request(source, pattern, params)).call
+        return host._root().entry_path(host._fdir(), call.key)
+
+    def cache_explain(self, source: Any, pattern: str | Sequence[str] | None = None,
+                      **params: Any) -> Explanation:  # fmt: skip
+        """Why this ``.map`` call would miss: which files were added, removed or modified
+        since the closest stored entry, which parameters changed (see
+        :meth:`cachedload.CachedDataset.cache_explain`)."""
+        host = self._host
+        call = _prepare(host, _request(source, pattern, params)).call
+        identity = host._identity
+        if self.is_cached(source, pattern, **params):
+            note = "an entry for these arguments is stored: the call would be a hit"
+            return Explanation(identity, new_key=call.key, note=note)
+        found = explain_against_closest(
+            host._call_meta(call), call_manifest(call), host._local_function_dirs()
+        )
+        if found is None:
+            note = "no entry of this loader is stored yet"
+            return Explanation(identity, new_key=call.key, note=note)
+        return found
+
+    # -- the lookup and the build ----------------------------------------------------------------
+    def _run(self, request: _Request, *, force: bool) -> ItemArray:
+        host = self._host
+        if not host.enabled:
+            host._stats.misses += 1
+            return _build_uncached(host, _prepare(host, request), request)
+        prepared = _prepare(host, request)
+        call = prepared.call
+        try:
+            root, fdir = host._root(), host._fdir()
+        except (OSError, RuntimeError) as error:
+            logger.warning("cannot locate the cache directory: %s", error)
+            return _build_uncached(host, prepared, request)
+        replace, corrupt = True, False
+        if not force:
+            found = host._lookup(root, fdir, call)
+            if isinstance(found, Hit):
+                host._stats.hits += 1
+                return found.value  # type: ignore[no-any-return]
+            replace, corrupt = found.replace, found.corrupt is not None
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(
+                    root.single_flight(
+                        fdir, call.key, host._options.lock_timeout, name=host._identity
+                    )
+                )
+            except OSError as error:  # no lock, so no store either: compute and return
+                host._store_failed(call, root.entry_path(fdir, call.key).parent, error)
+                host._stats.misses += 1
+                return _build_uncached(host, prepared, request)
+            if not force:
+                found = host._lookup(root, fdir, call)  # another process may have built it
+                if isinstance(found, Hit):
+                    host._stats.hits += 1
+                    return found.value  # type: ignore[no-any-return]
+                replace = replace or found.replace
+                corrupt = corrupt or found.corrupt is not None
+            return _Build(host, root, fdir, prepared, request).run(
+                replace=replace, use_previous=not force, skip_own=corrupt
+            )
+
+
+def _request(source: Any, pattern: str | Sequence[str] | None, params: dict[str, Any]) -> _Request:
+    """A request of the management methods (build options accepted and ignored, but
+    ``ragged``, which is part of the key)."""
+    ragged = bool(params.pop("ragged", False))
+    params.pop("n_jobs", None)
+    params.pop("backend", None)
+    return _Request(source, _patterns(pattern), params, None, None, ragged)
+
+
+def _unwrapped(run: Callable[[], Any]) -> Any:
+    """``run()``, the item function's own exception re-raised as it was raised."""
+    try:
+        return run()
+    except _ItemFailed as failed:
+        error = failed.error
+    raise error  # outside the except clause: no "during handling" context added
+
+
+def _build_uncached(host: Host, prepared: _Prepared, request: _Request) -> ItemArray:
+    """Build into a temporary file and load it (no cache to write to, or caching disabled)."""
+    with tempfile.TemporaryDirectory(prefix="cachedload-") as folder:
+        path = Path(folder) / DATA_FILE
+        _unwrapped(lambda: _build_file(host, prepared, request, path, None))
+        # A memory map outlives the file's name (POSIX): deleting the folder is safe.
+        value: ItemArray = serialize.load(path, mmap_mode=host._options.mmap_mode)
+    return value
+
+
+def _build_file(
+    host: Host, prepared: _Prepared, request: _Request, path: Path, previous: PreviousBuild | None
+) -> BuildReport:
+    return build_items(
+        _Guarded(host),  # type: ignore[arg-type]  # the wrapper: its direct call runs one item
+        prepared.source.items,
+        path,
+        params=prepared.kwargs,
+        previous=previous,
+        taken_ns=prepared.source.fingerprint.taken_ns,
+        n_jobs=request.n_jobs,
+        backend=request.backend,
+        ragged=request.ragged,
+    )
+
+
+class _Build:
+    """One miss: find the previous entry, build into the new one, publish, load it back."""
+
+    def __init__(
+        self, host: Host, root: CacheRoot, fdir: str, prepared: _Prepared, request: _Request
+    ) -> None:
+        self.host, self.root, self.fdir = host, root, fdir
+        self.prepared, self.request = prepared, request
+        self.unpublished: ItemArray | None = None  # the result, if sources changed meanwhile
+
+    def run(self, *, replace: bool, use_previous: bool, skip_own: bool) -> ItemArray:
+        host, call = self.host, self.prepared.call
+        host._stats.misses += 1
+        logger.info("miss %s [%s]: building %s items", host._identity, call.key[:12],
+                    len(self.prepared.source.items))  # fmt: skip
+        if not replace:
+            host._log_miss_reason(call)
+        previous, why = self.previous(skip_own) if use_previous else (None, "recompute")
+
+        def build(data: Path) -> Built | None:
+            return self.build(data, previous, why)
+
+        item_error: Exception | None = None
+        try:
+            size = self.root.put_built(self.fdir, call.key, build, replace=replace)
+        except _ItemFailed as failed:  # the loader's error: not a failure to store
+            item_error = failed.error
+        except OSError as error:
+            host._store_failed(call, self.root.entry_path(self.fdir, call.key).parent, error)
+            return _build_uncached(host, self.prepared, self.request)
+        if item_error is not None:
+            raise item_error  # outside the except clause: as the loader raised it
+        if size is None:
+            assert self.unpublished is not None
+            return self.unpublished
+        host._stats.stores += 1
+        return self.load_stored()
+
+    def previous(self, skip_own: bool) -> tuple[PreviousBuild | None, str]:
+        """The newest entry of this call's group, and why there is none."""
+        call, local = self.prepared.call, self.root.local
+        if self.host._rules.mode == "content":
+            return None, "fingerprint='content': rows are not matched by size and mtime"
+        group = call.group.digest
+        best = None
+        try:
+            for entry in local.entries(self.fdir):
+                if entry.meta.get("group") != group or (skip_own and entry.key == call.key):
+                    continue
+                if best is None or entry.meta.get("created", 0) > best.meta.get("created", 0):
+                    best = entry
+            if best is None:
+                return None, "no previous entry of these parameters and folder"
+            raw = item_records(local.manifest(self.fdir, best.key), best.meta, self.prepared.label)
+        except OSError as error:
+            return None, f"previous entry unreadable ({error})"
+        if raw is None or not local.has_data(self.fdir, best.key, best.meta):
+            return None, f"previous entry {best.key[:12]} is incomplete"
+        records = {rel: RowRecord(*record) for rel, record in raw.items()}
+        return PreviousBuild(best.path / DATA_FILE, records), ""
+
+    def build(self, data: Path, previous: PreviousBuild | None, why: str) -> Built | None:
+        """Write the data file ``data``; the entry's metadata and manifest, or None if the
+        sources changed while it was built (the result is then kept in ``unpublished``)."""
+        host, prepared = self.host, self.prepared
+        call, label = prepared.call, prepared.label
+        report = _build_file(host, prepared, self.request, data, previous)
+        reason = report.full_build_reason or (why if previous is None else None)
+        logger.info(
+            "built %s [%s]: %s items computed, %s reused in %.2f s%s",
+            host._identity, call.key[:12], report.computed, report.reused, report.seconds,
+            f" (full build: {reason})" if reason else "",
+        )  # fmt: skip
+        racy = {label: {rel: r.content_hash for rel, r in report.records.items()
+                        if r.content_hash is not None}}  # fmt: skip
+        others = dataclasses.replace(call, sources=prepared.others)
+        other_racy, newest = host._rules.racy_digests(others)
+        # The items are not fingerprinted again: each row's record (size, mtime, and the
+        # content digest of a racy file) was taken before the row was computed, so a file
+        # changed meanwhile has a record that no longer matches it, and the next call
+        # computes its row again (a hit needs the old fingerprint, or the racy digests).
+        others_after = host._rules.sources_after(others)
+        if others_after is None:
+            warn_at_caller(
+                f"cachedload: source files of {host._identity} changed while it ran; "
+                "the result is returned but not cached",
+                SourceChangedWarning,
+            )
+            self.unpublished = serialize.load(data, mmap_mode=host._options.mmap_mode)
+            return None
+        if racy[label]:
+            newest = max(newest, prepared.source.fingerprint.newest_mtime_ns)
+        else:
+            del racy[label]
+        count = len(prepared.source.items)
+        meta = entry_meta(host._call_meta(call), _summary(report, count),
+                          report.seconds, {**other_racy, **racy}, newest)  # fmt: skip
+        meta["items"] = {
+            "count": count,
+            "computed": report.computed,
+            "reused": report.reused,
+            "full_build_reason": reason,
+        }
+        manifest = {name: fp.files for name, (_, fp) in (others_after or {}).items()}
+        manifest[label] = prepared.source.fingerprint.files
+        return Built(report.size, report.checksum, meta, manifest)
+
+    def load_stored(self) -> ItemArray:
+        """The entry just published, loaded as a hit loads it (memory maps with ``mmap_mode``)."""
+        host, root, fdir, call = self.host, self.root, self.fdir, self.prepared.call
+        try:
+            meta = root.read_meta(fdir, call.key)
+            if meta is None:
+                raise FileNotFoundError(f"{root.entry_path(fdir, call.key)} vanished")
+            value: ItemArray = root.load(
+                fdir, call.key, meta, mmap_mode=host._options.mmap_mode, verify=False
+            )
+        except (CorruptEntry, OSError) as error:
+            host._store_failed(call, root.entry_path(fdir, call.key).parent, error)
+            return _build_uncached(host, self.prepared, self.request)
+        host._enforce_limits(root, fdir, call.key, meta)
+        return value
+
+
+def _summary(report: BuildReport, count: int) -> Any:
+    """A stand-in of the result for its summary in the metadata: no memory, same shape."""
+    if report.row_shape is None or report.dtype is None:
+        return ItemArray([None] * 0, ())
+    stand_in = np.lib.stride_tricks.as_strided(
+        np.zeros(1, report.dtype), shape=(count, *report.row_shape),
+        strides=(0,) * (1 + len(report.row_shape)),
+    )  # fmt: skip
+    return ItemArray(stand_in, ())

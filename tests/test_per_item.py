@@ -1,0 +1,306 @@
+"""Per-item loaders (cachedload.per_item): ``loader.map(folder)`` cached, incremental, exact."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+import pytest
+
+from cachedload import (
+    CachedDataset,
+    CacheStoreWarning,
+    ConfigurationError,
+    CorruptEntryWarning,
+    ItemArray,
+    SourceNotFoundError,
+    cached_dataset,
+    cached_image_folder,
+    list_entries,
+    load_image_folder,
+)
+from cachedload.options import Options
+
+from .conftest import subprocess_env, write_images
+
+OLD_NS = time.time_ns() - 86_400 * 10**9  # a day ago: far outside the racy window
+
+
+@cached_dataset(per_item="path")
+def row(path: str, counter: str = "", shape: tuple[int, ...] = (2, 3)) -> Any:
+    """The per-item loader of these tests: a row from the file's number; counts its calls."""
+    if counter:
+        fd = os.open(counter, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, (os.path.basename(path) + "\n").encode())
+        finally:
+            os.close(fd)
+    value = int(Path(path).read_text())
+    return np.full(shape, value, dtype=np.int64) + np.arange(int(np.prod(shape))).reshape(shape)
+
+
+def calls(counter: Path) -> int:
+    return len(counter.read_text().splitlines()) if counter.exists() else 0
+
+
+def write(root: Path, name: str, value: int, mtime_ns: int = OLD_NS) -> None:
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{value:08d}")
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def loader(**options: Any) -> CachedDataset[..., Any]:
+    """``row``'s loader with other cache options (same function: same keys)."""
+    return CachedDataset(row.__wrapped__, Options(per_item="path", **options))
+
+
+def data_file(wrapper: CachedDataset[..., Any], *args: Any, **kwargs: Any) -> bytes:
+    return (wrapper.map.cache_path(*args, **kwargs) / "result.joblib").read_bytes()
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    root = tmp_path / "src"
+    for index in range(20):
+        write(root, f"{('a', 'b')[index % 2]}/f{index:04d}.txt", index)
+    return root
+
+
+def test_map_stacks_rows_in_sorted_order_and_a_direct_call_runs_one_item(
+    folder: Path, tmp_path: Path
+) -> None:
+    counter = tmp_path / "calls.txt"
+    result = row.map(folder, pattern="**/*.txt", counter=str(counter))
+    assert isinstance(result, ItemArray)
+    assert result.paths == tuple(sorted(p.relative_to(folder).as_posix()
+                                        for p in folder.rglob("*.txt")))  # fmt: skip
+    assert result.array.shape == (20, 2, 3) and result.paths[0] == "a/f0000.txt"
+    assert calls(counter) == 20
+    again = row.map(folder, pattern="**/*.txt", counter=str(counter))
+    assert calls(counter) == 20 and np.array_equal(again.array, result.array)
+    direct = row(str(folder / "b/f0001.txt"), counter=str(counter))
+    assert calls(counter) == 21 and np.array_equal(direct, result.array[10])
+    assert row(str(folder / "b/f0001.txt")) is not None and row.cache_info().entries == 1
+
+
+def test_one_changed_file_costs_exactly_one_call_in_another_process(
+    folder: Path, tmp_path: Path
+) -> None:
+    counter = tmp_path / "calls.txt"
+    row.map(folder, counter=str(counter))
+    write(folder, "b/f0003.txt", 333, OLD_NS + 10)
+    code = f"""
+        from tests.test_per_item import row
+        result = row.map({str(folder)!r}, counter={str(counter)!r})
+        assert int(result.array[11, 0, 0]) == 333, result.array[:, 0, 0]
+    """
+    subprocess.run([sys.executable, "-c", textwrap.dedent(code)], check=True,
+                   env=subprocess_env(), cwd=Path(__file__).parents[1])  # fmt: skip
+    assert calls(counter) == 21
+    assert counter.read_text().splitlines()[-1] == "f0003.txt"
+    # Bit-identical to a build from scratch in another cache directory.
+    scratch = loader(cache_dir=tmp_path / "scratch")
+    scratch.map(folder, counter=str(counter))
+    assert data_file(row, folder, counter=str(counter)) == data_file(
+        scratch, folder, counter=str(counter)
+    )
+
+
+def test_added_files_cost_one_call_each_and_a_removed_file_none(
+    folder: Path, tmp_path: Path
+) -> None:
+    counter = tmp_path / "calls.txt"
+    row.map(folder, counter=str(counter))
+    for index in range(1000):
+        write(folder, f"c/g{index:04d}.txt", index)
+    before = calls(counter)
+    result = row.map(folder, counter=str(counter))
+    assert calls(counter) - before == 1000 and result.array.shape[0] == 1020
+    (folder / "a/f0000.txt").unlink()
+    before = calls(counter)
+    result = row.map(folder, counter=str(counter))
+    assert calls(counter) == before and result.array.shape[0] == 1019
+    assert "a/f0000.txt" not in result.paths
+    scratch = loader(cache_dir=tmp_path / "scratch")
+    scratch.map(folder, counter=str(counter))
+    assert data_file(row, folder, counter=str(counter)) == data_file(
+        scratch, folder, counter=str(counter)
+    )
+
+
+def test_the_previous_entry_stays_until_keep_removes_it(folder: Path, tmp_path: Path) -> None:
+    keeping = loader(cache_dir=tmp_path / "c", keep=2)
+    keeping.map(folder)
+    write(folder, "a/f0000.txt", 7, OLD_NS + 10)
+    keeping.map(folder)
+    assert keeping.cache_info().entries == 2
+    one = loader(cache_dir=tmp_path / "c", keep=1)
+    write(folder, "a/f0000.txt", 8, OLD_NS + 20)
+    one.map(folder)
+    assert one.cache_info().entries == 1
+
+
+def test_a_failing_rebuild_loses_nothing(folder: Path, tmp_path: Path) -> None:
+    row.map(folder)
+    (folder / "a/f0002.txt").write_text("not a number")
+    with pytest.raises(ValueError, match="invalid literal") as raised:
+        row.map(folder)
+    assert type(raised.value) is ValueError  # the loader's own error, untouched
+    assert row.cache_info().entries == 1
+    write(folder, "a/f0002.txt", 5, OLD_NS + 30)
+    assert int(row.map(folder).array[1, 0, 0]) == 5
+
+
+def test_an_oserror_of_the_loader_is_not_a_store_failure(folder: Path) -> None:
+    @cached_dataset(per_item="path")
+    def broken(path: str) -> Any:
+        raise FileNotFoundError(2, "gone", path)
+
+    with pytest.raises(FileNotFoundError, match="gone"):
+        broken.map(folder)
+
+
+def test_mmap_mode_gives_memory_maps_on_a_miss_and_a_hit(folder: Path, tmp_path: Path) -> None:
+    mapped = loader(mmap_mode="r")
+    miss = mapped.map(folder)
+    hit = mapped.map(folder)
+    assert isinstance(miss.array, np.memmap) and isinstance(hit.array, np.memmap)
+    assert np.array_equal(miss.array, hit.array) and mapped.cache_info().hits == 1
+
+
+def test_cache_explain_names_the_changed_file(folder: Path) -> None:
+    row.map(folder, pattern="**/*.txt")
+    assert row.map.is_cached(folder, pattern="**/*.txt")
+    write(folder, "b/f0005.txt", 55, OLD_NS + 10)
+    assert not row.map.is_cached(folder, pattern="**/*.txt")
+    text = str(row.map.cache_explain(folder, pattern="**/*.txt"))
+    assert "1 file modified" in text and "b/f0005.txt" in text
+    assert [e.key for e in list_entries()] == [e.key for e in row.entries()]
+
+
+def test_patterns_parameters_and_ragged_make_other_entries(folder: Path) -> None:
+    write(folder, "a/skip.dat", 1)
+    only_txt = row.map(folder, pattern="**/*.txt")
+    assert len(only_txt.paths) == 20
+    assert len(row.map(folder).paths) == 21
+    wide = row.map(folder, pattern="*.txt", shape=(4,))
+    ragged = row.map(folder, pattern="*.txt", ragged=True)
+    assert wide.array.shape == (20, 4) and isinstance(ragged.array, list)
+    assert row.cache_info().entries == 4
+
+
+def test_a_list_of_files_is_relative_to_their_common_folder(folder: Path) -> None:
+    files: list[str | os.PathLike[str]] = [folder / "b/f0001.txt", str(folder / "a/f0000.txt")]
+    result = row.map(files)
+    assert result.paths == ("a/f0000.txt", "b/f0001.txt")
+    assert row.map.is_cached(files)
+    with pytest.raises(SourceNotFoundError):
+        row.map([folder / "missing.txt"])
+
+
+def test_a_corrupt_entry_heals(folder: Path) -> None:
+    row.map(folder)
+    data = row.map.cache_path(folder) / "result.joblib"
+    data.write_bytes(data.read_bytes()[:-8])
+    with pytest.warns(CorruptEntryWarning):
+        result = row.map(folder)
+    assert result.array.shape == (20, 2, 3) and row.map.is_cached(folder)
+
+
+def test_a_cache_that_cannot_be_written_warns_and_returns(folder: Path, tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.warns(CacheStoreWarning):
+        result = loader(cache_dir=blocked / "cache", mmap_mode="r").map(folder)
+    assert result.array.shape == (20, 2, 3) and int(result.array[19, 0, 0]) == 19
+
+
+def test_per_item_must_name_a_parameter() -> None:
+    with pytest.raises(ConfigurationError, match="per_item"):
+        cached_dataset(per_item="file")(row.__wrapped__)
+
+
+def test_two_processes_build_once(folder: Path, tmp_path: Path) -> None:
+    counter = tmp_path / "calls.txt"
+    code = f"""
+        from tests.test_per_item import row
+        assert row.map({str(folder)!r}, counter={str(counter)!r}).array.shape == (20, 2, 3)
+    """
+    command = [sys.executable, "-c", textwrap.dedent(code)]
+    children = [subprocess.Popen(command, env=subprocess_env(), cwd=Path(__file__).parents[1])
+                for _ in range(2)]  # fmt: skip
+    assert [child.wait(timeout=120) for child in children] == [0, 0]
+    assert calls(counter) == 20
+
+
+def test_a_dask_cluster_builds_through_map(folder: Path, tmp_path: Path) -> None:
+    distributed = pytest.importorskip("distributed")
+    counter = tmp_path / "calls.txt"
+    with (
+        distributed.LocalCluster(
+            n_workers=2,
+            processes=True,
+            threads_per_worker=1,
+            dashboard_address=None,
+            host="127.0.0.1",
+        ) as cluster,
+        distributed.Client(cluster),
+        joblib.parallel_config(backend="dask"),
+    ):
+        result = row.map(folder, counter=str(counter))
+    assert calls(counter) == 20
+    assert sorted(counter.read_text().split()) == sorted(p.name for p in folder.rglob("*.txt"))
+    scratch = loader(cache_dir=tmp_path / "scratch")
+    local = scratch.map(folder, counter=str(counter))
+    assert np.array_equal(result.array, local.array)
+    assert data_file(row, folder, counter=str(counter)) == data_file(
+        scratch, folder, counter=str(counter)
+    )
+
+
+# -- cached_image_folder --------------------------------------------------------------------------
+
+
+def same(data: Any, expected: Any) -> None:
+    assert np.array_equal(data.images, expected.images)
+    assert data.images.dtype == expected.images.dtype
+    assert data.classes == expected.classes and data.paths == expected.paths
+    if expected.labels is None:
+        assert data.labels is None
+    else:
+        assert np.array_equal(data.labels, expected.labels)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"size": (8, 12)}, {"color": "gray", "dtype": np.float32}, {"extensions": ["PNG"]}],
+)
+def test_cached_image_folder_equals_load_image_folder(
+    image_dir: Path, options: dict[str, Any]
+) -> None:
+    expected = load_image_folder(image_dir, **options)
+    same(cached_image_folder(image_dir, **options), expected)
+    same(cached_image_folder(image_dir, mmap_mode="r", **options), expected)  # a hit
+    write_images(image_dir / "c", count=3, classes=("x",))  # a third class, incrementally
+    same(cached_image_folder(image_dir, **options), load_image_folder(image_dir, **options))
+
+
+def test_cached_image_folder_of_jpegs_at_a_reduced_size(tmp_path: Path) -> None:
+    import cv2
+
+    rng = np.random.default_rng(1)
+    for index in range(4):
+        image = rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)
+        cv2.imwrite(str(tmp_path / f"{index}.jpg"), image)
+    expected = load_image_folder(tmp_path, size=(32, 32))
+    data = cached_image_folder(tmp_path, size=(32, 32), mmap_mode="r")
+    assert isinstance(data.images, np.memmap) and data.labels is None
+    same(data, expected)
