@@ -8,7 +8,9 @@ then times one shuffled epoch (batch 64, ``num_workers=2``, the platform's defau
 method) of each Dataset, interleaved round by round:
 
 * ``MappedImages(load_mapped, root)`` (this library's adapter);
-* the README's hand-written workflow-2 Dataset over the same cached loader;
+* the README's hand-written workflow-2 Dataset over the same cached loader (its items are
+  ``(H, W, C)``, no conversion), and the same Dataset returning ``(C, H, W)`` items (a
+  ``permute``, so collation transposes), as MappedImages does;
 * a Dataset that opens, decodes and resizes each JPEG with Pillow per item, as
   ``torchvision.datasets.ImageFolder`` + ``Resize`` does (torchvision's wheel does not import
   beside the pinned torch here, so this is the equivalent written out; the output says which);
@@ -88,6 +90,14 @@ class HandWritten(Dataset[Any]):
 
     def __getitem__(self, i: int) -> Any:
         return torch.from_numpy(np.array(self.data.images[i])), int(self.data.labels[i])
+
+
+class HandWrittenCHW(HandWritten):
+    """The same, with ``(C, H, W)`` items as MappedImages gives (the fair comparison)."""
+
+    def __getitem__(self, i: int) -> Any:
+        image = torch.from_numpy(np.array(self.data.images[i])).permute(2, 0, 1)
+        return image, int(self.data.labels[i])
 
 
 class PillowDecoding(Dataset[Any]):
@@ -190,6 +200,7 @@ def main() -> None:
                 MappedImages(load_mapped, root)
             ),
             "hand-written workflow-2 Dataset": lambda: torch_loader(HandWritten(root)),
+            "hand-written, (C, H, W) items": lambda: torch_loader(HandWrittenCHW(root)),
             "Pillow decoding per item (as ImageFolder)": lambda: torch_loader(PillowDecoding(root)),
         }
         with warnings.catch_warnings():
@@ -232,6 +243,7 @@ def main() -> None:
     )
     for name, limit in (
         ("hand-written workflow-2 Dataset", 1.0),
+        ("hand-written, (C, H, W) items", 1.0),
         ("Pillow decoding per item (as ImageFolder)", 5.0),
         *((name, 1.0) for name in cases if name.startswith("litdata")),
     ):

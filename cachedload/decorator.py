@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import inspect
 import logging
@@ -665,6 +666,43 @@ class CachedDataset(Generic[P, R]):
                     where.remove(fdir, entry.key)
                 where.remove_leftovers(fdir)
         self._stats.hits = self._stats.misses = self._stats.stores = 0
+
+    # -- one entry, found by its folder (the framework adapters) --------------------------------
+    @property
+    def options(self) -> Options:
+        """The options this loader was decorated with (a frozen dataclass: read-only)."""
+        return self._options
+
+    def load_entry(self, path: str | os.PathLike[str]) -> R:
+        """The result stored in the entry folder ``path``, without looking at the sources.
+
+        ``path`` is a folder :meth:`cache_path` returned (for a memory-mapped result, the
+        folder its file is in). A process that was handed an entry's path opens that very
+        entry, even if the sources changed meanwhile, where a call would look for a new one.
+        Loaded as a hit is (``mmap_mode``, size check), not counted as one.
+
+        Raises:
+            FileNotFoundError: no entry of this loader is there (deleted since, e.g. by
+                ``keep=``, or never stored).
+            OSError: the entry is damaged.
+        """
+        entry = Path(os.path.abspath(path))
+        fdir, key = entry.parent.name, entry.name
+        root = self._root()  # a remote cache's entry: its local copy, downloaded if need be
+        meta = None
+        try:
+            if fdir.startswith(function_dir_prefix(self._identity)) and entry == Path(
+                os.path.abspath(root.entry_path(fdir, key))
+            ):
+                meta = root.read_meta(fdir, key)
+            if meta is not None:
+                value: R = root.load(
+                    fdir, key, meta, mmap_mode=self._options.mmap_mode, verify=False
+                )
+                return value
+        except CorruptEntry as error:
+            raise OSError(f"damaged cache entry {path}: {error.reason}") from None
+        raise FileNotFoundError(errno.ENOENT, f"no entry of {self._identity} there", str(path))
 
 
 class _PerItemDataset(CachedDataset[P, R]):

@@ -9,9 +9,14 @@
 
 What a DataLoader worker receives is the loader and its arguments (decorated loaders pickle by
 their import path: a few hundred bytes), never the pixels. A spawned worker opens the memory
-map itself the first time it needs an item (a cache hit, milliseconds); a forked one inherits
-the parent's map. Either way every worker serves the entry the dataset opened, so an epoch is
-consistent even if the sources change meanwhile.
+map itself the first time it needs an item (``CachedDataset.load_entry``: that entry, without a
+walk over the sources); a forked one inherits the parent's map. Either way every worker serves
+the entry the dataset opened, so an epoch is consistent even if the sources change meanwhile.
+
+A DataLoader asks for a batch's items in one ``__getitems__`` call: their rows are read in
+ascending order and converted to ``(C, H, W)`` into one new buffer, each item a contiguous view
+of its row. That conversion is what workflow 2's hand-written ``Dataset`` (items ``(H, W, C)``)
+does not pay; ``benchmarks/bench_adapters.py`` measures both.
 
 Importing this module imports torch; ``import cachedload`` does not.
 """
@@ -19,10 +24,12 @@ Importing this module imports torch; ``import cachedload`` does not.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
-from collections.abc import Callable
-from pathlib import Path
+import time
+from collections.abc import Callable, Sequence
+from multiprocessing.sharedctypes import RawValue
 from typing import Any, Literal
 
 import cv2
@@ -30,9 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from cachedload import serialize
 from cachedload.decorator import CachedDataset
-from cachedload.entry import DATA_FILE
 from cachedload.errors import CachedloadError, ConfigurationError
 from cachedload.results import ResultParts, normalize_path, split_result
 
@@ -43,6 +48,9 @@ logger = logging.getLogger("cachedload")
 _CV2_DEPTHS = frozenset(
     np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16, np.int32, np.float32, np.float64)
 )
+
+# Seconds between two comparisons of the sources with the entry in forked workers.
+_RECHECK_AFTER = 60.0
 
 # Entries this process has already said it keeps serving although the sources changed.
 _reported_stale: set[str] = set()
@@ -69,8 +77,8 @@ class MappedImages(Dataset[Any]):
         dtype: the image tensor's dtype. ``None`` keeps the stored one (``uint8`` for images);
             a floating dtype from integer pixels is scaled to ``[0, 1]``.
 
-    Each item is one private copy of its pixels (the read from the map; in the target dtype
-    when converting): a transform may modify it in place, the cached entry is read-only.
+    Each item's pixels are its own (a row of a buffer made for its batch, in the target dtype):
+    a transform may modify them in place, the cached entry is read-only.
 
     Attributes:
         classes: the class names (empty for an ``(X, y)`` result).
@@ -111,11 +119,14 @@ class MappedImages(Dataset[Any]):
         self._entry = os.path.dirname(mapped_file) if mapped_file else self._current_entry()
         self._length = len(self._data.images)
         self._np_dtype = None if dtype is None else torch.empty(0, dtype=dtype).numpy().dtype
+        # When the sources were last compared with the entry (just now, by the call above), in
+        # memory shared with forked workers: they compare again at most every _RECHECK_AFTER.
+        self._checked = RawValue("d", time.monotonic())
 
     # -- what workers receive ----------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         # The loader and its arguments; the map (and the path index) are reopened per process.
-        return {**self.__dict__, "_data": None, "_index": None}
+        return {**self.__dict__, "_data": None, "_index": None, "_checked": None}
 
     def __repr__(self) -> str:
         arguments = [repr(self.loader), *map(repr, self.args)]
@@ -136,8 +147,9 @@ class MappedImages(Dataset[Any]):
         data = split_result(self.loader(*self.args, **self.kwargs))
         if (
             not data.mapped
-            and getattr(self.loader, "_mmap_mode", None) is not None
-            and self.loader.is_cached(*self.args, **self.kwargs)  # type: ignore[attr-defined]
+            and isinstance(self.loader, CachedDataset)
+            and self.loader.options.mmap_mode is not None
+            and self.loader.is_cached(*self.args, **self.kwargs)
         ):
             # A miss returns what the body computed, in memory: map the entry just stored
             # instead (a hit), so that this process too holds a map, not the whole array.
@@ -145,31 +157,40 @@ class MappedImages(Dataset[Any]):
         return data
 
     def _open(self) -> ResultParts:
-        """This process's view of the entry the dataset opened (first item in a worker)."""
+        """This process's view of the entry the dataset opened (first item in a worker).
+
+        A forked worker serves the map it inherited; a spawned one (or an unpickled copy)
+        opens that entry again, without a walk over the sources. Either way worker 0 then
+        compares the sources with the entry, to say once if they changed: a spawned worker
+        at once (its start-up costs far more than that walk), a forked one in the background
+        and at most every ``_RECHECK_AFTER`` seconds, so that short epochs do not pay a walk
+        each.
+        """
         self._pid = os.getpid()
-        if self._entry is None:  # not a cached loader: nothing to compare with
-            if self._data is None:
-                self._data = self._load()
-            return self._data
         info = get_worker_info()
-        if self._data is not None:
-            # A forked worker: it serves the map it inherited. Checking the sources costs a
-            # walk over them, so one worker does it, off the path of its first items.
-            if info is None or info.id == 0:
-                threading.Thread(target=self._report_if_changed, daemon=True).start()
-            return self._data
-        if self._report_if_changed():
-            self._data = self._load_opened_entry()
-        else:
-            self._data = self._load()  # a cache hit: the entry this dataset opened
+        first_worker = info is None or info.id == 0
+        if self._data is None:
+            self._data = self._load() if self._entry is None else self._reopen()
+            if self._entry is not None and first_worker:
+                self._report_if_changed()
+        elif (
+            self._entry is not None
+            and self._checked is not None
+            and first_worker
+            and time.monotonic() - self._checked.value > _RECHECK_AFTER
+        ):
+            self._checked.value = time.monotonic()
+            threading.Thread(target=self._report_if_changed, daemon=True).start()
         return self._data
 
     def _report_if_changed(self) -> bool:
-        """True if a call would now use another entry; logged once per process (worker 0)."""
+        """True if a call would now use another entry; logged once per process (and once for
+        a dataset and its forked workers)."""
         if self._current_entry() == self._entry:
             return False
-        info = get_worker_info()
-        if self._entry not in _reported_stale and (info is None or info.id == 0):
+        if self._checked is not None:
+            self._checked.value = math.inf  # said: forked workers need not look again
+        if self._entry not in _reported_stale:
             _reported_stale.add(self._entry or "")
             logger.warning(
                 "the sources of %r changed since this MappedImages opened entry %s: it keeps "
@@ -180,9 +201,11 @@ class MappedImages(Dataset[Any]):
             )
         return True
 
-    def _load_opened_entry(self) -> ResultParts:
+    def _reopen(self) -> ResultParts:
+        """The entry this dataset opened, in this process (the current one if it is gone)."""
+        assert isinstance(self.loader, CachedDataset) and self._entry is not None
         try:
-            data = split_result(serialize.load(Path(self._entry or "") / DATA_FILE, mmap_mode="r"))
+            data = split_result(self.loader.load_entry(self._entry))
         except OSError as error:  # removed since, e.g. by keep=1 once the new entry was stored
             logger.warning(
                 "entry %s of %r is gone (%s): serving the current one",
@@ -211,42 +234,53 @@ class MappedImages(Dataset[Any]):
         return self._length
 
     def __getitem__(self, index: int) -> Any:
+        return self.__getitems__((index,))[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+        """The items at ``indices``: what a ``DataLoader`` asks for once per batch.
+
+        The batch's pixels are converted in one call into one ``(n, C, H, W)`` buffer; each
+        item's image is a view of its own row of it (contiguous, so that collation is a plain
+        copy), then transformed.
+        """
         data = self._data
         if data is None or self._pid != os.getpid():
             data = self._open()
-        image = self._image(data.images[index])
-        if data.labels is None:
-            return image
-        label: Any = data.labels[index].item()
-        if self.target_transform is not None:
-            label = self.target_transform(label)
-        return image, label
-
-    def _image(self, pixels: np.ndarray[Any, Any]) -> Any:
-        """The item's image, transformed: one private copy of its pixels (then the transform's)."""
+        images: Any
         if self.transform_input == "numpy":
-            array = self._converted(pixels)
-            if self.transform is not None:
-                array = self.transform(array)
-            if not isinstance(array, np.ndarray):
-                return array
-            return _chw(torch.from_numpy(np.ascontiguousarray(array)))
-        if self._np_dtype is None:
-            image = torch.from_numpy(_chw_copy(pixels))
+            images = [self._numpy_transformed(data.images[index]) for index in indices]
         else:
-            image = _chw(torch.from_numpy(self._converted(pixels)))
-        return image if self.transform is None else self.transform(image)
+            images = torch.from_numpy(self._converted(_gather_chw(data.images, indices))).unbind()
+            if self.transform is not None:
+                images = list(map(self.transform, images))
+        if data.labels is None:
+            return list(images)
+        labels = data.labels[list(indices)].tolist()
+        if self.target_transform is not None:
+            labels = list(map(self.target_transform, labels))
+        return list(zip(images, labels, strict=True))
+
+    def _numpy_transformed(self, pixels: np.ndarray[Any, Any]) -> Any:
+        """``transform_input="numpy"``: the transform gets a private ``(H, W, C)`` copy."""
+        array = self._converted(pixels)
+        if array is pixels:
+            array = pixels.copy()  # writable, and the entry stays untouched
+        if self.transform is not None:
+            array = self.transform(array)
+        if not isinstance(array, np.ndarray):
+            return array
+        image = torch.from_numpy(np.ascontiguousarray(array))
+        return image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1)
 
     def _converted(self, pixels: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-        """A writable copy of ``pixels`` in the requested dtype (out of the read-only map)."""
-        converted: np.ndarray[Any, Any]
-        if self._np_dtype is None:
-            converted = pixels.copy()
-        elif self._np_dtype.kind == "f" and pixels.dtype.kind in "ui":
-            converted = np.divide(pixels, np.iinfo(pixels.dtype).max, dtype=self._np_dtype)
-        else:
-            converted = pixels.astype(self._np_dtype)
-        return converted
+        """``pixels`` in the requested dtype (a new array), or ``pixels`` if it has it."""
+        if self._np_dtype is None or pixels.dtype == self._np_dtype:
+            return pixels
+        if self._np_dtype.kind == "f" and pixels.dtype.kind in "ui":
+            scaled: np.ndarray[Any, Any]
+            scaled = np.divide(pixels, np.iinfo(pixels.dtype).max, dtype=self._np_dtype)
+            return scaled
+        return pixels.astype(self._np_dtype)
 
     # -- per-item lookup -----------------------------------------------------------------------
     @property
@@ -273,26 +307,25 @@ class MappedImages(Dataset[Any]):
             raise KeyError(f"no item with path {os.fspath(path)!r}") from None
 
 
-def _chw_copy(pixels: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    """A contiguous ``(C, H, W)`` copy of an ``(H, W, C)`` or ``(H, W)`` item.
+def _gather_chw(images: np.ndarray[Any, Any], indices: Sequence[int]) -> np.ndarray[Any, Any]:
+    """A new ``(n, C, H, W)`` array of ``images[indices]`` (``(N, H, W, C)`` or ``(N, H, W)``).
 
-    Contiguous, so that the DataLoader's collation is a plain copy: stacking permuted views
-    transposes byte by byte, which measured 1.5x slower per epoch than the whole Dataset
-    returning ``(H, W, C)``. OpenCV's channel extraction (SIMD) transposes ~1.5x faster than
-    ``np.ascontiguousarray(pixels.transpose(2, 0, 1))``.
+    Read in ascending order (sequential reads of the map), each row straight into its place.
+    OpenCV's channel split (SIMD) moves an item's pixels and transposes them in one pass:
+    a batch costs about what copying its items as they are does, where numpy's transposition
+    (``out[:] = batch.transpose(0, 3, 1, 2)``) costs 2-3 times more.
     """
-    if pixels.ndim == 2:
-        return np.array(pixels[None])
-    channels = pixels.shape[2]
-    out = np.empty((channels, *pixels.shape[:2]), pixels.dtype)
-    if pixels.dtype in _CV2_DEPTHS and pixels.flags.c_contiguous and channels <= 512:
-        for channel in range(channels):
-            cv2.extractChannel(pixels, channel, out[channel])
-    else:
-        out[:] = pixels.transpose(2, 0, 1)
+    count = len(indices)
+    if images.ndim == 3:
+        out = np.empty((count, 1, *images.shape[1:]), images.dtype)
+        np.take(images, indices, axis=0, out=out[:, 0])
+        return out
+    channels = images.shape[3]
+    out = np.empty((count, channels, *images.shape[1:3]), images.dtype)
+    if not (images.dtype in _CV2_DEPTHS and images.flags.c_contiguous and channels <= 4):
+        out[:] = images[list(indices)].transpose(0, 3, 1, 2)
+        return out
+    split = cv2.split
+    for position in sorted(range(count), key=indices.__getitem__):
+        split(images[indices[position]], list(out[position]))
     return out
-
-
-def _chw(image: torch.Tensor) -> torch.Tensor:
-    """``(H, W, C)`` -> ``(C, H, W)`` as a view; ``(H, W)`` -> ``(1, H, W)``."""
-    return image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1)

@@ -1154,3 +1154,51 @@ def test_an_unhashable_bound_self_is_named_and_may_be_ignored(
         cached_dataset(cache_dir=cache_dir)(Client().fetch)(image_dir)
     assert raised.value.parameter == "self"
     assert cached_dataset(cache_dir=cache_dir, ignore=["self"])(Client().fetch)(image_dir) == 1
+
+
+def test_options_is_the_frozen_options_it_was_decorated_with(cache_dir: Path) -> None:
+    load = counting_loader([], cache_dir=cache_dir, mmap_mode="r")
+    assert load.options.mmap_mode == "r" and load.options.cache_dir == cache_dir
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        load.options.mmap_mode = None  # type: ignore[misc]
+
+
+def test_load_entry_opens_that_entry_even_after_the_sources_changed(
+    image_dir: Path, cache_dir: Path
+) -> None:
+    calls: list[int] = []
+    load = counting_loader(calls, cache_dir=cache_dir, mmap_mode="r", keep=2)
+    before = load(image_dir)
+    opened = load.cache_path(image_dir)
+    (image_dir / "a" / "new.png").write_bytes(b"x")
+    age(image_dir)
+    after = load(image_dir)
+    assert after[1] != before[1] and load.cache_path(image_dir) != opened
+    hits = load.cache_info().hits
+    again = load.load_entry(opened)
+    assert again[1] == before[1] and isinstance(again[0], np.memmap)  # mmap_mode applies
+    assert len(calls) == 2 and load.cache_info().hits == hits  # no call, not counted as a hit
+    assert load.load_entry(str(opened))[1] == before[1]
+
+
+def test_load_entry_refuses_what_is_not_an_entry_of_this_loader(
+    image_dir: Path, cache_dir: Path
+) -> None:
+    load = counting_loader([], cache_dir=cache_dir)
+    other = counting_loader([], cache_dir=cache_dir, version=2)
+    load(image_dir)
+    path = load.cache_path(image_dir)
+    with pytest.raises(FileNotFoundError):
+        load.load_entry(path.parent / ("0" * 32))  # not stored
+    with pytest.raises(FileNotFoundError):
+        load.load_entry(cache_dir)  # not an entry folder
+    load(image_dir)
+    copy = cache_dir.parent / "elsewhere" / path.parent.name / path.name
+    copy.parent.mkdir(parents=True)
+    os.symlink(path, copy)
+    with pytest.raises(FileNotFoundError):
+        load.load_entry(copy)  # not in this loader's cache directory
+    assert other.load_entry(path)[1] == load(image_dir)[1]  # the same function: its entries
+    (path / "meta.json").write_text("{")
+    with pytest.raises(OSError, match="damaged"):
+        load.load_entry(path)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
+import time
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
@@ -198,6 +200,50 @@ def test_changed_sources_keep_the_opened_entry_and_say_so_once(
         np.testing.assert_array_equal(images, before.transpose(0, 3, 1, 2))
     fresh = MappedImages(load_folder, dataset_root)  # a new dataset picks up the new entry
     assert int(fresh[0][0].sum()) == 0
+
+
+def test_a_batch_is_its_items_in_any_order_with_repeats(dataset_root: Path) -> None:
+    def flip(image: Any) -> Any:
+        return image.flip(-1)
+
+    for dataset in (
+        MappedImages(load_folder, dataset_root, transform=flip, target_transform=str),
+        MappedImages(load_arrays, 9, dtype=torch.float32),
+        MappedImages(load_arrays, 9, channels=0),
+        MappedImages(load_arrays, 9, transform=np.fliplr, transform_input="numpy"),
+        MappedImages(load_images_only, 9),
+    ):
+        indices = [7, 2, 7, 0, 5]
+        batch = dataset.__getitems__(indices)
+        assert len(batch) == len(indices)
+        for got, index in zip(batch, indices, strict=True):
+            expected = dataset[index]
+            if isinstance(expected, tuple):
+                assert got[1] == expected[1]
+                got, expected = got[0], expected[0]
+            assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
+def test_a_forked_worker_compares_the_sources_again_at_most_every_minute(
+    dataset_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dataset = MappedImages(load_folder, dataset_root)
+    changed = dataset_root / "owls" / "img_002.png"
+    assert cv2.imwrite(str(changed), np.zeros((16, 16, 3), np.uint8))
+    os.utime(changed, ns=(0, 10**18))
+    with caplog.at_level(logging.WARNING, logger="cachedload"):
+        dataset._pid = -1  # as in a forked worker: it serves the map it inherited
+        dataset[0]
+        assert not [r for r in caplog.records if "keeps serving" in r.getMessage()]
+        for _ in range(2):
+            dataset._pid = -1
+            dataset._checked.value -= 61  # a minute later
+            dataset[0]
+            deadline = time.monotonic() + 30
+            while dataset._checked.value != math.inf and time.monotonic() < deadline:
+                time.sleep(0.01)  # the comparison runs in the background
+    stale = [r for r in caplog.records if "keeps serving" in r.getMessage()]
+    assert len(stale) == 1 and dataset._checked.value == math.inf  # said once, then no more
 
 
 def test_importing_cachedload_imports_neither_torch_nor_tensorflow() -> None:
