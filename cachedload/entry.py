@@ -4,7 +4,10 @@ and scans that read them. What a cache holds, in one place.
 A local cache directory (``cache_dir=``, ``$CACHEDLOAD_DIR`` or the user cache dir)::
 
     <cache_dir>/
-      CACHEDIR.TAG                              not written by cachedload; left alone if there
+      CACHEDIR.TAG                              marks the folder as a cache (the Cache Directory
+                                                Tagging Specification: backup tools skip it);
+                                                written when cachedload first writes here;
+                                                nothing is ever deleted where it is missing
       <module>.<qualname>-<code digest[:8]>/    one folder per function and code version
         <key>/                                  one entry (32 hex digits), published by one
                                                 atomic rename of a finished temporary folder
@@ -34,8 +37,10 @@ A remote cache, under its URL (``s3://bucket/prefix``)::
     <function dir>/<key>.lease            single-flight lease (backends/lease.py)
     <function dir>/<key>.used             size = hits, LastModified = last use (best effort)
 
-Only names of this shape are ever listed, verified or deleted: anything else in a cache
-directory is not ours. A ``meta.json`` of another :data:`FORMAT_VERSION` is a damaged entry.
+Only names of this shape are ever listed, verified or deleted, and an entry folder is deleted
+only if what it holds is shaped as an entry's (:func:`is_entry_shaped`): anything else in a
+cache directory is not ours, reported "unknown, left alone". A ``meta.json`` of another
+:data:`FORMAT_VERSION` is a damaged entry.
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ __all__ = [
     "META_FILE",
     "OWNER_SUFFIX",
     "SYNCED_SUFFIX",
+    "TAG_CONTENT",
+    "TAG_FILE",
     "TMP_PREFIX",
     "TRASH_PREFIX",
     "URL_FILE",
@@ -81,8 +88,10 @@ __all__ = [
     "function_dir_name",
     "function_dir_prefix",
     "is_entry_name",
+    "is_entry_shaped",
     "is_function_dir_name",
     "is_leftover_name",
+    "is_tagged",
     "leftover_is_dead",
     "parse_meta",
     "read_local_meta",
@@ -90,8 +99,16 @@ __all__ = [
     "scan_entry_dirs",
     "size_problem",
     "temporary_name",
+    "write_new_file",
 ]
 
+TAG_FILE = "CACHEDIR.TAG"
+#: The tag file's content: the specification's signature line, then a comment.
+TAG_CONTENT = (
+    b"Signature: 8a477f597d28d172789f06886806bc55\n"
+    b"# This file is a cache directory tag created by cachedload.\n"
+    b"# For information about cache directory tags, see https://bford.info/cachedir/\n"
+)
 #: Bumped whenever the layout or the meaning of a key changes: old entries then never match.
 FORMAT_VERSION = 1
 
@@ -118,6 +135,9 @@ HOST = socket.gethostname().replace("-", "_")
 # The decorator's ``<module>.<qualname>-<code[:8]>`` and hex keys.
 _FUNCTION_DIR_RE = re.compile(r"^[\w.]+-[0-9a-f]{8}$")
 _KEY_RE = re.compile(r"^[0-9a-f]{16,64}$")
+# result.joblib, or result-<uuid>.joblib (a remote entry's data on servers without conditional
+# writes), and a download's partial file.
+_DATA_NAME_RE = re.compile(r"^result(-[0-9a-f]+)?\.joblib(\.part)?$")
 
 
 class CorruptEntry(Exception):
@@ -149,6 +169,45 @@ def is_function_dir_name(name: str) -> bool:
 def is_entry_name(name: str) -> bool:
     """True if ``name`` is an entry's (a key)."""
     return _KEY_RE.match(name) is not None
+
+
+def is_tagged(cache_dir: Path) -> bool:
+    """True if ``cache_dir`` holds a ``CACHEDIR.TAG`` with the specification's signature."""
+    try:
+        return read_regular_file(cache_dir / TAG_FILE).startswith(TAG_CONTENT[:43])
+    except OSError:
+        return False
+
+
+def is_entry_shaped(entry: Path) -> bool:
+    """True if ``entry`` is a real folder holding only names an entry holds (a data file,
+    metadata, a manifest): safe to delete as a damaged entry. Anything else is not ours."""
+    try:
+        with os.scandir(entry) as children:
+            names = [child.name for child in children]
+    except OSError:
+        return False
+    return not entry.is_symlink() and all(
+        name in (META_FILE, MANIFEST_FILE) or _DATA_NAME_RE.match(name) for name in names
+    )
+
+
+def write_new_file(path: Path, data: bytes, mode: int = 0o600, *, replace: bool = False) -> None:
+    """Write a file, never through a symlink planted at ``path`` (``O_NOFOLLOW``); created with
+    ``O_EXCL`` unless ``replace`` (then truncated in place: for small records like ``.owner``).
+
+    Raises:
+        OSError: ``ELOOP`` for a symlink, ``EEXIST`` if it exists and not ``replace``.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    flags |= os.O_TRUNC if replace else os.O_EXCL
+    fd = os.open(path, flags, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
 def temporary_name(prefix: str = TMP_PREFIX) -> str:
@@ -242,6 +301,7 @@ _FIELDS: dict[str, Any] = {
     "portable": lambda value: isinstance(value, bool),
     "skipped": lambda value: isinstance(value, list),
     "versions": lambda value: isinstance(value, dict),
+    "signature": _STR,
     "code_parts": lambda value: isinstance(value, dict),
     "parameters": lambda value: _described_ok(value, {"digest": _STR, "value": _STR}),
     "state": lambda value: _described_ok(value, {"digest": _STR, "value": _STR}),
