@@ -396,7 +396,10 @@ def _verify(args: argparse.Namespace) -> int:
         damaged += 1
         line = f"CORRUPT  {result.id[:12]}  {result.function}  {result.problem}{copy}"
         if args.fix:
-            line += "  (deleted)" if remove_damaged(result) else "  (in use: not deleted)"
+            if result.unknown:
+                line += "  (left alone)"
+            else:
+                line += "  (deleted)" if remove_damaged(result) else "  (in use: not deleted)"
         print(line)
     what = _entries_text(checked - copies) + (f" and {_copies_text(copies)}" if copies else "")
     print(

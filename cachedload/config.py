@@ -288,4 +288,8 @@ def lock_kind() -> str | None:
     return forced if forced in ("lease", "flock") else None
 
 
-# $CACHEDLOAD_SIGNING_KEY (issue 16, HMAC signing of entries) is to be read here, like the others.
+def signing_key_from_env() -> bytes | None:
+    """``$CACHEDLOAD_SIGNING_KEY``: the key signing a shared cache's entries (its UTF-8
+    bytes), None if unset or blank."""
+    raw = os.environ.get("CACHEDLOAD_SIGNING_KEY", "").strip()
+    return raw.encode() if raw else None

@@ -31,6 +31,8 @@ from cachedload.errors import (
     CorruptEntryWarning,
     ImagesSkippedWarning,
     SourceChangedWarning,
+    UnsafeCacheWarning,
+    UnsafePickleError,
     warn_at_caller,
 )
 from cachedload.explain import Explanation, explain_against_closest
@@ -51,7 +53,7 @@ from cachedload.per_item import ItemMap
 from cachedload.pickling import reduce_loader
 from cachedload.reading import ReadAhead
 from cachedload.root import CacheRoot, CorruptEntry, Hit, Miss
-from cachedload.serialize import UnpicklableResult
+from cachedload.serialize import UnpicklableResult, check_safe
 from cachedload.state import LoaderState, bound_objects
 
 __all__ = ["CacheInfo", "CachedDataset", "cached_dataset"]
@@ -237,10 +239,14 @@ class CachedDataset(Generic[P, R]):
         if resolved is not None and resolved[0] == settings:
             return resolved[1]
         # A URL (s3://…) is a remote cache read through a local copy; see cachedload.backends.
+        options = self._options
         root = open_root(
             location,
-            storage_options=self._options.storage_options,
-            local_cache_dir=self._options.local_cache_dir,
+            storage_options=options.storage_options,
+            local_cache_dir=options.local_cache_dir,
+            shared=options.shared,
+            safe_types=tuple(options.safe_types),
+            signing_key=options.key_bytes(),
         )
         self._resolved = (settings, root)
         return root
@@ -407,6 +413,7 @@ class CachedDataset(Generic[P, R]):
         if skipped:
             meta["skipped"] = skipped
         manifest = {name: fp.files for name, (_, fp) in after.items()}
+        _warn_if_unsafe(root, result, self._identity)
         started = time.perf_counter()
         try:
             size = root.put(
@@ -491,6 +498,11 @@ class CachedDataset(Generic[P, R]):
             root, fdir = self._root(), self._fdir()
         except (OSError, RuntimeError) as error:
             logger.warning("cannot locate the cache directory: %s", error)
+            return self.__wrapped__(*call.args, **call.kwargs)
+        untrusted = root.untrusted(fdir)
+        if untrusted is not None:
+            _warn_untrusted(untrusted)
+            self._stats.misses += 1
             return self.__wrapped__(*call.args, **call.kwargs)
         replace = True
         if not force:
@@ -714,6 +726,41 @@ class _PerItemDataset(CachedDataset[P, R]):
         return self.__wrapped__(*self._with_self(args), **kwargs)
 
 
+_WARNED_UNTRUSTED: set[str] = set()
+
+
+def _warn_untrusted(problem: str) -> None:
+    """Warn once per process and problem that a cache directory is not used."""
+    if problem in _WARNED_UNTRUSTED:
+        return
+    _WARNED_UNTRUSTED.add(problem)
+    warn_at_caller(
+        f"cachedload: not using the cache: {problem}; another user could make this process run "
+        "their code. The loader runs and nothing is stored. Use a cache directory only you can "
+        "write (chmod go-w, or a new cache_dir=), or declare it shared=True.",
+        UnsafeCacheWarning,
+    )
+
+
+def _warn_if_unsafe(root: CacheRoot, result: Any, identity: str) -> None:
+    """Warn at store time if a shared cache's readers would refuse this result."""
+    local = root.local
+    if local.safe_types is None or local.signing_key is not None:
+        return  # trusted entries, or signed ones: anything picklable loads
+    try:
+        check_safe(result, safe_types=local.safe_types)
+    except UnsafePickleError as error:
+        warn_at_caller(
+            f"cachedload: the result of {identity} is stored in a shared cache, but loading it "
+            f"would be refused ({error.name}: {error.reason}), so every call recomputes it. "
+            "Pass its classes in safe_types=[...], or set signing_key= "
+            "($CACHEDLOAD_SIGNING_KEY) for the cache's writers.",
+            CacheStoreWarning,
+        )
+    except Exception as error:  # unpicklable: storing reports it
+        logger.debug("cannot check %s for a restricted load: %s", identity, error)
+
+
 def _skipped_images(result: Any) -> list[str]:
     """The images ``load_image_folder(on_error="skip")`` left out of ``result``: of an
     ``ImageFolderData`` that is the result or one of its top-level items (tuple, list, dict)."""
@@ -758,6 +805,9 @@ def cached_dataset(
     enabled: bool = True,
     storage_options: dict[str, Any] | None = None,
     local_cache_dir: str | os.PathLike[str] | None = None,
+    shared: bool = False,
+    safe_types: Sequence[type] = (),
+    signing_key: str | bytes | None = None,
 ) -> Callable[[Callable[P, R]], CachedDataset[P, R]]: ...
 
 
@@ -831,6 +881,15 @@ def cached_dataset(
             (default ``$CACHEDLOAD_STORAGE_OPTIONS``; the usual ``AWS_*`` variables work).
         local_cache_dir: for a URL ``cache_dir``: where entries are copied to be loaded (and
             memory-mapped); default ``remote/<bucket-prefix>`` in the local cache directory.
+        shared: declare a local ``cache_dir`` shared with other users (a group-writable
+            mount): its entries are loaded without running code their writer chose (the
+            restricted unpickler; an ``s3://`` cache always is), and it keeps group
+            permissions. Otherwise a cache directory another user could write is not used.
+        safe_types: classes (dataclasses, named tuples) that entries of a shared cache may
+            hold besides arrays, numbers, strings and containers.
+        signing_key: for a shared cache, sign entries with this key (HMAC-SHA256) and accept
+            only entries signed with it, which may hold any picklable object (default
+            ``$CACHEDLOAD_SIGNING_KEY``). See the README, "Security".
 
     Returns:
         A :class:`CachedDataset` wrapping the loader.

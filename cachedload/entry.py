@@ -4,7 +4,10 @@ and scans that read them. What a cache holds, in one place.
 A local cache directory (``cache_dir=``, ``$CACHEDLOAD_DIR`` or the user cache dir)::
 
     <cache_dir>/
-      CACHEDIR.TAG                              not written by cachedload; left alone if there
+      CACHEDIR.TAG                              marks the folder as a cache (the Cache Directory
+                                                Tagging Specification: backup tools skip it);
+                                                written when cachedload first writes here;
+                                                nothing is ever deleted where it is missing
       <module>.<qualname>-<code digest[:8]>/    one folder per function and code version
         <key>/                                  one entry (32 hex digits), published by one
                                                 atomic rename of a finished temporary folder
@@ -42,16 +45,21 @@ row's source record (:func:`item_records`), from which the next build of the sam
 (``meta["group"]``) copies its unchanged rows. No other file, so a remote cache publishes and
 downloads it like any entry.
 
-Only names of this shape are ever listed, verified or deleted: anything else in a cache
-directory is not ours. A ``meta.json`` of another :data:`FORMAT_VERSION` is a damaged entry.
+
+Only names of this shape are ever listed, verified or deleted, and an entry folder is deleted
+only if what it holds is shaped as an entry's (:func:`is_entry_shaped`): anything else in a
+cache directory is not ours, reported "unknown, left alone". A ``meta.json`` of another
+:data:`FORMAT_VERSION` is a damaged entry.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import socket
+import stat
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -71,9 +79,12 @@ __all__ = [
     "LOCAL_COPIES_DIR",
     "LOCK_SUFFIX",
     "MANIFEST_FILE",
+    "MAX_META_DEPTH",
     "META_FILE",
     "OWNER_SUFFIX",
     "SYNCED_SUFFIX",
+    "TAG_CONTENT",
+    "TAG_FILE",
     "TMP_PREFIX",
     "TRASH_PREFIX",
     "URL_FILE",
@@ -86,17 +97,28 @@ __all__ = [
     "function_dir_name",
     "function_dir_prefix",
     "is_entry_name",
+    "is_entry_shaped",
     "is_function_dir_name",
     "is_leftover_name",
+    "is_tagged",
     "item_records",
     "leftover_is_dead",
     "parse_meta",
     "read_local_meta",
+    "read_regular_file",
     "scan_entry_dirs",
     "size_problem",
     "temporary_name",
+    "write_new_file",
 ]
 
+TAG_FILE = "CACHEDIR.TAG"
+#: The tag file's content: the specification's signature line, then a comment.
+TAG_CONTENT = (
+    b"Signature: 8a477f597d28d172789f06886806bc55\n"
+    b"# This file is a cache directory tag created by cachedload.\n"
+    b"# For information about cache directory tags, see https://bford.info/cachedir/\n"
+)
 #: Bumped whenever the layout or the meaning of a key changes: old entries then never match.
 FORMAT_VERSION = 1
 
@@ -123,6 +145,9 @@ HOST = socket.gethostname().replace("-", "_")
 # The decorator's ``<module>.<qualname>-<code[:8]>`` and hex keys.
 _FUNCTION_DIR_RE = re.compile(r"^[\w.]+-[0-9a-f]{8}$")
 _KEY_RE = re.compile(r"^[0-9a-f]{16,64}$")
+# result.joblib, or result-<uuid>.joblib (a remote entry's data on servers without conditional
+# writes), and a download's partial file.
+_DATA_NAME_RE = re.compile(r"^result(-[0-9a-f]+)?\.joblib(\.part)?$")
 
 
 class CorruptEntry(Exception):
@@ -156,28 +181,105 @@ def is_entry_name(name: str) -> bool:
     return _KEY_RE.match(name) is not None
 
 
+def is_tagged(cache_dir: Path) -> bool:
+    """True if ``cache_dir`` holds a ``CACHEDIR.TAG`` with the specification's signature."""
+    try:
+        return read_regular_file(cache_dir / TAG_FILE).startswith(TAG_CONTENT[:43])
+    except OSError:
+        return False
+
+
+def is_entry_shaped(entry: Path) -> bool:
+    """True if ``entry`` is a real folder holding only names an entry holds (a data file,
+    metadata, a manifest): safe to delete as a damaged entry. Anything else is not ours."""
+    try:
+        with os.scandir(entry) as children:
+            names = [child.name for child in children]
+    except OSError:
+        return False
+    return not entry.is_symlink() and all(
+        name in (META_FILE, MANIFEST_FILE) or _DATA_NAME_RE.match(name) for name in names
+    )
+
+
+def write_new_file(path: Path, data: bytes, mode: int = 0o600, *, replace: bool = False) -> None:
+    """Write a file, never through a symlink planted at ``path`` (``O_NOFOLLOW``); created with
+    ``O_EXCL`` unless ``replace`` (then truncated in place: for small records like ``.owner``).
+
+    Raises:
+        OSError: ``ELOOP`` for a symlink, ``EEXIST`` if it exists and not ``replace``.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    flags |= os.O_TRUNC if replace else os.O_EXCL
+    fd = os.open(path, flags, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
 def temporary_name(prefix: str = TMP_PREFIX) -> str:
     """A name for a temporary (or trash) file or folder that says who made it."""
     return f"{prefix}{HOST}-{os.getpid()}-{uuid.uuid4().hex}"
 
 
-# -- metadata ----------------------------------------------------------------------------------
+# -- metadata ---------------------------------------------------------------------------------
+#: Deeper JSON than this is not metadata cachedload wrote (its deepest is 3 levels).
+MAX_META_DEPTH = 32
+_JSON_STRING_RE = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKET_RE = re.compile(rb"[\[\]{}]")
+
+
+def _too_deep(raw: bytes) -> bool:
+    # Counting brackets is one C pass: only metadata with many of them is scanned for depth.
+    if raw.count(b"{") + raw.count(b"[") <= MAX_META_DEPTH:
+        return False
+    depth = 0
+    for bracket in _BRACKET_RE.findall(_JSON_STRING_RE.sub(b"", raw)):
+        depth += 1 if bracket in b"[{" else -1
+        if depth > MAX_META_DEPTH:
+            return True
+    return False
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_relative_path(relpath: Any) -> bool:
+    """A racy record's path: relative, inside its source root (no ``..``, no absolute path)."""
+    return (
+        isinstance(relpath, str)
+        and relpath != ""
+        and not relpath.startswith("/")
+        and "\0" not in relpath
+        and ".." not in relpath.split("/")
+    )
+
+
 def _racy_ok(meta: dict[str, Any]) -> bool:
     racy = meta.get("racy", {})
     return (
         isinstance(racy, dict)
         and all(
-            isinstance(files, dict) and all(isinstance(d, str) for d in files.values())
+            isinstance(files, dict)
+            and all(_is_relative_path(rel) and isinstance(d, str) for rel, d in files.items())
             for files in racy.values()
         )
-        and isinstance(meta.get("racy_newest_mtime_ns", 0), int)
+        and _is_count(meta.get("racy_newest_mtime_ns", 0))
     )
 
 
 def _data_ok(data: Any) -> bool:
     return (
         isinstance(data, dict)
-        and isinstance(data.get("size"), int)
+        and _is_count(data.get("size"))
         and isinstance(data.get("xxh3"), str)
         and isinstance(data.get("file"), str)
         and "/" not in data["file"]
@@ -185,22 +287,84 @@ def _data_ok(data: Any) -> bool:
     )
 
 
+def _described_ok(described: Any, fields: dict[str, Any]) -> bool:
+    """``{name: {field: value}}`` whose fields, where present, pass their check."""
+    return isinstance(described, dict) and all(
+        isinstance(value, dict)
+        and all(field not in value or ok(value[field]) for field, ok in fields.items())
+        for value in described.values()
+    )
+
+
+_STR = lambda value: isinstance(value, str)  # noqa: E731
+#: The optional fields' checks (each applies when the field is present).
+_FIELDS: dict[str, Any] = {
+    "key": _STR,
+    "group": _STR,
+    "function": _STR,
+    "code": _STR,
+    "created": _is_number,
+    "compute_seconds": _is_number,
+    "result": _STR,
+    "host": _STR,
+    "pid": _is_count,
+    "portable": lambda value: isinstance(value, bool),
+    "skipped": lambda value: isinstance(value, list),
+    "versions": lambda value: isinstance(value, dict),
+    "signature": _STR,
+    "code_parts": lambda value: isinstance(value, dict),
+    "parameters": lambda value: _described_ok(value, {"digest": _STR, "value": _STR}),
+    "state": lambda value: _described_ok(value, {"digest": _STR, "value": _STR}),
+    "sources": lambda value: _described_ok(
+        value,
+        {
+            "path": _STR,
+            "digest": _STR,
+            "mode": _STR,
+            "file_count": _is_count,
+            "total_bytes": _is_count,
+            "newest_mtime_ns": _is_count,
+        },
+    ),
+}
+
+
+def _schema_problem(meta: dict[str, Any], where: Path) -> str | None:
+    """What is wrong with decoded metadata of this version, or None."""
+    if not _data_ok(meta.get("data")):
+        return "metadata lacks the data file's size and checksum"
+    if not _racy_ok(meta):
+        return "metadata's records of recently modified files are invalid"
+    for name, ok in _FIELDS.items():
+        if name in meta and not ok(meta[name]):
+            return f"metadata field {name!r} is invalid"
+    key = meta.get("key")
+    if key is not None and is_entry_name(where.name) and key != where.name:
+        return f"metadata names another key ({key[:40]!r}): not this folder's entry"
+    return None
+
+
 def parse_meta(
     raw: bytes, where: Path, *, source: str | None = None, any_version: bool = False
 ) -> dict[str, Any]:
-    """Decode and check an entry's ``meta.json``: the one schema check.
+    """Decode and check an entry's ``meta.json``: the one schema check (every field's type
+    and range), used by the hit path, listing and verify.
 
     Args:
         raw: the file's bytes.
-        where: the entry's folder (local, or where a remote entry's local copy is), for errors.
+        where: the entry's folder (local, or where a remote entry's local copy is), for errors;
+            a recorded key must be its name.
         source: the remote entry's URL, named by errors.
         any_version: only decode (for explanations of entries of any format version).
 
     Raises:
-        CorruptEntry: invalid JSON, another format version, no valid description of the data
-            file, or invalid records of recently modified files.
+        CorruptEntry: invalid or too deeply nested JSON, another format version, a field of the
+            wrong type or range, a key other than the folder's, or invalid records of recently
+            modified files.
     """
     prefix = f"{source}: " if source else ""
+    if _too_deep(raw):
+        raise CorruptEntry(where, f"{prefix}metadata is nested too deeply")
     try:
         meta = json.loads(raw)
     except (ValueError, RecursionError) as error:
@@ -212,34 +376,76 @@ def parse_meta(
     if meta.get("format") != FORMAT_VERSION:
         raise CorruptEntry(
             where,
-            f"{prefix}metadata format {meta.get('format')!r} is not this version's "
+            f"{prefix}metadata format {str(meta.get('format'))[:40]!r} is not this version's "
             f"{FORMAT_VERSION}",
         )
-    if not _data_ok(meta.get("data")):
-        raise CorruptEntry(where, f"{prefix}metadata lacks the data file's size and checksum")
-    if not _racy_ok(meta):
-        raise CorruptEntry(
-            where, f"{prefix}metadata's records of recently modified files are invalid"
-        )
+    problem = _schema_problem(meta, where)
+    if problem is not None:
+        raise CorruptEntry(where, prefix + problem)
     return meta
 
 
-def read_local_meta(entry: Path, *, any_version: bool = False) -> dict[str, Any] | None:
-    """The metadata of the entry folder ``entry``; None if there is no entry there.
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+
+def read_regular_file(name: str | Path, *, dir_fd: int | None = None) -> bytes:
+    """A regular file's bytes, never following a symlink at its last component, never
+    blocking on a FIFO or device (opened non-blocking, read only if ``fstat`` says regular).
 
     Raises:
-        CorruptEntry: the entry exists but its metadata is missing or invalid.
+        OSError: it cannot be opened (``ELOOP``: a symlink), or is not a regular file
+            (``EISDIR`` for a folder, ``EINVAL`` for anything else).
+    """
+    fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            code = errno.EISDIR if stat.S_ISDIR(info.st_mode) else errno.EINVAL
+            raise OSError(code, "not a regular file", os.fspath(name))
+        chunks = []
+        while chunk := os.read(fd, max(info.st_size, 4096) + 1):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _read_meta_file(entry: Path) -> bytes:
+    # The entry folder is opened without following a symlink, then its meta.json in it.
+    dir_fd = os.open(entry, _DIR_FLAGS)
+    try:
+        return read_regular_file(META_FILE, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_local_meta(entry: Path, *, any_version: bool = False) -> dict[str, Any] | None:
+    """The metadata of the entry folder ``entry``; None if there is no entry.
+
+    Raises:
+        CorruptEntry: the entry exists but is not a real folder (a symlink, a file), or its
+            metadata is missing, not a regular file, or invalid.
     """
     try:
-        raw = (entry / META_FILE).read_bytes()
+        raw = _read_meta_file(entry)
     except FileNotFoundError:
         if entry.is_dir():
             raise CorruptEntry(entry, "metadata file is missing") from None
         return None
     except NotADirectoryError:
+        if entry.is_symlink():
+            raise CorruptEntry(entry, "entry folder is a symlink") from None
         if entry.exists():  # a file where the entry's folder should be
             raise CorruptEntry(entry, "entry is not a folder") from None
         return None  # a file further up: no entry (storing will report the path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            what = "entry folder" if entry.is_symlink() else "metadata file"
+            raise CorruptEntry(entry, f"{what} is a symlink") from None
+        if error.errno in (errno.EISDIR, errno.EINVAL):
+            raise CorruptEntry(entry, "metadata is not a regular file") from None
+        raise
     return parse_meta(raw, entry, any_version=any_version)
 
 

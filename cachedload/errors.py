@@ -26,9 +26,11 @@ __all__ = [
     "ImagesSkippedWarning",
     "ItemShapeMismatchError",
     "NoImagesFoundError",
+    "NotACacheDirectoryError",
     "SourceChangedWarning",
     "SourceNotFoundError",
     "UnhashableArgumentError",
+    "UnsafeCacheWarning",
     "warn_at_caller",
 ]
 
@@ -67,6 +69,24 @@ class ConfigurationError(CachedloadError, ValueError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.option, self.message))
+
+
+class NotACacheDirectoryError(ConfigurationError):
+    """A management command or function was pointed at a folder that cachedload did not make:
+    nothing under a folder without a ``CACHEDIR.TAG`` is ever deleted.
+
+    Attributes:
+        path: the folder.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        super().__init__(
+            "cache_dir", f"{self.path} is not a cachedload cache directory (no CACHEDIR.TAG)"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path,))
 
 
 class SourceNotFoundError(CachedloadError, FileNotFoundError):
@@ -244,6 +264,11 @@ class ConditionalWritesWarning(CacheWarning):
 
 class CorruptEntryWarning(CacheWarning):
     """A stored entry was damaged or unreadable; it is being recomputed and replaced."""
+
+
+class UnsafeCacheWarning(CacheWarning):
+    """A private cache directory is owned by another user or writable by others: it is neither
+    read nor written (the loader runs); see the README's "Security" section."""
 
 
 class SourceChangedWarning(CacheWarning):

@@ -15,6 +15,7 @@ where ``stat`` is slow (a network share, latency-bound), the walk switches to a 
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import functools
 import heapq
@@ -42,6 +43,7 @@ __all__ = [
     "check_mode",
     "fingerprint_source",
     "hash_file",
+    "hash_regular_file",
 ]
 
 #: The fingerprint modes: ``fingerprint_source(mode=…)``, ``cached_dataset(fingerprint=…)``.
@@ -117,6 +119,30 @@ def hash_file(path: str | os.PathLike[str]) -> str:
         view = memoryview(buffer)
         while count := handle.readinto(buffer):
             hasher.update(view[:count])
+    return hasher.hexdigest()
+
+
+_REGULAR_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+
+def hash_regular_file(path: str | os.PathLike[str]) -> str:
+    """:func:`hash_file` for a path read from stored metadata: never follows a symlink at its
+    last component, never blocks on a FIFO or device (read only if ``fstat`` says regular).
+
+    Raises:
+        OSError: it cannot be opened, or is not a regular file.
+    """
+    fd = os.open(path, _REGULAR_FLAGS)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+        os.set_blocking(fd, True)
+        with open(fd, "rb", buffering=0, closefd=False) as handle:
+            hasher = xxhash.xxh3_128()
+            while chunk := handle.read(_CHUNK):
+                hasher.update(chunk)
+    finally:
+        os.close(fd)
     return hasher.hexdigest()
 
 

@@ -27,6 +27,7 @@ from cachedload.fingerprint import (
     Fingerprint,
     fingerprint_source,
     hash_file,
+    hash_regular_file,
 )
 from cachedload.hashing import UnhashableError, value_digest
 from cachedload.options import Options
@@ -167,7 +168,7 @@ def racy_files_unchanged(call: Call, meta: dict[str, Any]) -> bool:
         root = call.sources[name][0]
         for relpath, digest in files.items():
             try:
-                if hash_file(_source_file(root, relpath)) != digest:
+                if hash_regular_file(_source_file(root, relpath)) != digest:
                     return False
             except OSError:
                 return False

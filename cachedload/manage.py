@@ -209,6 +209,8 @@ class VerifyResult:
         function: the loader's ``module.qualname`` (the folder name if the metadata is unreadable).
         size_bytes: the entry's size on disk.
         problem: what is wrong, or None if the entry is intact.
+        unknown: damaged, and not shaped as an entry (it holds other files): not cachedload's,
+            so never deleted.
         url: for a remote cache, the entry in the bucket.
         copy_of: for a local copy of a remote entry, the remote cache (see
             :attr:`EntryRecord.copy_of`).
@@ -222,6 +224,7 @@ class VerifyResult:
     url: str | None = None
     copy_of: str | None = None
     root: CacheRoot | None = field(default=None, repr=False, compare=False)
+    unknown: bool = False
 
     @classmethod
     def from_checked(
@@ -236,6 +239,7 @@ class VerifyResult:
             checked.url,
             copy_of,
             root,
+            checked.unknown,
         )
 
     @property
@@ -569,7 +573,10 @@ def verify(
 
 
 def remove_damaged(result: VerifyResult) -> bool:
-    """Delete an entry that :func:`verify` found damaged; False if another process holds it."""
+    """Delete an entry that :func:`verify` found damaged; False if another process holds it,
+    or it is not shaped as an entry (``unknown``: left alone)."""
+    if result.unknown:
+        return False
     root, fdir = _root_of(result.root, result.path), result.path.parent.name
     with root.claim(fdir, result.id) as free:
         if free:

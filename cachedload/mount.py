@@ -95,9 +95,10 @@ def uses_lease(directory: str | os.PathLike[str]) -> bool:
     return _is_shared(os.fspath(directory))
 
 
-def entry_lock(lock_path: Path, timeout: float | None) -> Any:
+def entry_lock(lock_path: Path, timeout: float | None, mode: int = -1) -> Any:
     """The lock for one entry: ``FileLock`` on a local disk, ``SoftFileLease`` on a shared
-    mount. Both have ``acquire(timeout=…)``/``release()`` and raise ``filelock.Timeout``."""
+    mount. Both have ``acquire(timeout=…)``/``release()`` and raise ``filelock.Timeout``.
+    ``mode``: the lock file's permissions (-1: filelock's default)."""
     timeout = -1 if timeout is None else timeout
     if uses_lease(lock_path.parent):
         from filelock import SoftFileLease
@@ -105,4 +106,4 @@ def entry_lock(lock_path: Path, timeout: float | None) -> Any:
         return SoftFileLease(str(lock_path), timeout=timeout, lease_duration=config.lease_seconds())
     from filelock import FileLock
 
-    return FileLock(str(lock_path), timeout=timeout)
+    return FileLock(str(lock_path), timeout=timeout, mode=mode)

@@ -82,6 +82,9 @@ class Options:
     enabled: bool = True
     storage_options: dict[str, Any] | None = None
     local_cache_dir: str | os.PathLike[str] | None = None
+    shared: bool = False
+    safe_types: Sequence[type] = ()
+    signing_key: str | bytes | None = None
 
     #: ``source=`` as a tuple of names; None: sources are detected.
     source_names: tuple[str, ...] | None = field(init=False, repr=False, compare=False)
@@ -90,6 +93,14 @@ class Options:
     #: ``cache_dir=`` checked: a remote cache's URL or a local folder; None if not given
     #: (``$CACHEDLOAD_DIR`` or the platform's cache directory, read at each call).
     cache_location: str | Path | None = field(init=False, repr=False, compare=False)
+
+    #: ``signing_key=`` as bytes; None if not given (``$CACHEDLOAD_SIGNING_KEY``, read with
+    #: the cache root).
+    def key_bytes(self) -> bytes | None:
+        """``signing_key=`` as bytes (a str's UTF-8), or None."""
+        key = self.signing_key
+        return key.encode() if isinstance(key, str) else key
+
     #: ``max_size=`` in bytes; None if not given (``$CACHEDLOAD_MAX_SIZE``, read at each store).
     max_size_bytes: int | None = field(init=False, repr=False, compare=False)
 
@@ -133,6 +144,22 @@ class Options:
                     "storage_options", f"must be a dict or None, not {self.storage_options!r}"
                 ) from None
         derive(self, "depends_on", tuple(self.depends_on))
+        self._check_security(derive)
+
+    def _check_security(self, derive: Callable[..., None]) -> None:
+        if not isinstance(self.shared, bool):
+            raise ConfigurationError("shared", f"must be True or False, not {self.shared!r}")
+        given: Any = self.safe_types
+        safe_types = tuple(given) if isinstance(given, (list, tuple, set, frozenset)) else (given,)
+        for cls in safe_types:
+            if not isinstance(cls, type) or "<locals>" in cls.__qualname__:
+                raise ConfigurationError(
+                    "safe_types", f"expected classes defined at module level, got {cls!r}"
+                )
+        derive(self, "safe_types", safe_types)
+        key = self.signing_key
+        if key is not None and (not isinstance(key, (str, bytes)) or not key):
+            raise ConfigurationError("signing_key", "must be a non-empty str or bytes, or None")
 
     def check_names(self, parameters: Collection[str], bound: Collection[str], loader: str) -> None:
         """Check that ``source=``, ``ignore=`` and ``per_item=`` name parameters of the loader.

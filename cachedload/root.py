@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cachedload.entry import OWNER_SUFFIX, CorruptEntry
+from cachedload.entry import OWNER_SUFFIX, CorruptEntry, write_new_file
 from cachedload.reading import ReadAhead
 
 __all__ = ["Built", "CacheRoot", "Checked", "CorruptEntry", "EntryInfo", "Hit", "Lookup", "Miss"]
@@ -55,6 +55,8 @@ class Checked:
     size_bytes: int
     problem: str | None
     url: str | None = None
+    #: Damaged and not shaped as an entry: not ours, never deleted.
+    unknown: bool = False
 
 
 @dataclass(slots=True)  # made on every hit: not frozen, which costs a setattr per field
@@ -100,6 +102,11 @@ class CacheRoot(abc.ABC):
 
     #: The root, for messages: a folder or a URL.
     location: str
+    #: Entries load with the restricted unpickler allowing these classes besides data; None:
+    #: entries are trusted (a private cache).
+    safe_types: tuple[type, ...] | None = None
+    #: Entries are signed with this key, and only signed ones load (a shared cache).
+    signing_key: bytes | None = None
 
     # -- names ---------------------------------------------------------------------------------
     @property
@@ -126,6 +133,11 @@ class CacheRoot(abc.ABC):
     def local_copies(self) -> list[tuple[CacheRoot, str]]:
         """The read-through copies of remote caches kept here, with their URLs."""
         return []
+
+    def untrusted(self, fdir: str) -> str | None:
+        """Why this cache must not be used by this user (another user could write it), or
+        None (the default: nothing to check)."""
+        return None
 
     def tidy_copies(self) -> None:
         """Tidy the copies of :meth:`local_copies`; remove those left empty."""
@@ -273,8 +285,10 @@ class CacheRoot(abc.ABC):
         if not self._acquire(lock, owner_file, key, timeout, name):
             yield False
             return
-        with contextlib.suppress(OSError):
-            owner_file.write_text(f"pid {os.getpid()} on {platform.node()}")
+        with contextlib.suppress(OSError):  # never through a planted symlink
+            write_new_file(
+                owner_file, f"pid {os.getpid()} on {platform.node()}".encode(), replace=True
+            )
         try:
             yield True
         finally:

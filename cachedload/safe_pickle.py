@@ -25,7 +25,8 @@ pickling each with protocols 2 to 5 and listing the globals with ``pickletools``
   data-only reconstruction code), imported on first sight. Nothing else of numpy: not
   ``numpy.load`` (it unpickles), ``numpy.testing``, ``numpy.ctypeslib``, ``numpy.frombuffer``
   (no pickle of data needs it) or any ``ufunc``;
-- cachedload's own result types (``cachedload.images.ImageFolderData``, and what a module
+- cachedload's own result types (``cachedload.images.ImageFolderData``,
+  ``cachedload.builder.ItemArray``, and what a module
   adds with :func:`register_safe_type`), plus the classes a user passes as ``safe_types``,
   each allowed under exactly its own ``__module__`` and ``__qualname__``;
 - ``copyreg.__newobj__``, ``__newobj_ex__`` and ``_reconstructor`` (protocol 0/1 pickles of
@@ -130,6 +131,7 @@ _ON_FIRST_SIGHT: frozenset[_Name] = frozenset(
         ("numpy.ma.core", "MaskedConstant"),
         ("numpy.ma.core", "_mareconstruct"),
         ("cachedload.images", "ImageFolderData"),
+        ("cachedload.builder", "ItemArray"),
         ("decimal", "Decimal"),
         ("fractions", "Fraction"),
     }

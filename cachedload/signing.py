@@ -1,7 +1,8 @@
 """HMAC-SHA256 signatures of entries, for shared caches whose writers hold a common key.
 
 A signature covers an entry's metadata (canonical JSON: sorted keys, no spaces, UTF-8, without
-the ``signature`` field itself) and its data file's checksum, so neither can be changed, and no
+the ``signature`` field itself and the data file's name) and its data file's checksum, so
+neither can be changed, and no
 entry made, by someone without the key. It proves the data only as far as the checksum does:
 a reader must check the data file against that checksum before trusting it.
 """
@@ -22,6 +23,9 @@ _DOMAIN = b"cachedload-entry-v1\0"  # a signature of something else never passes
 
 def _message(meta: Mapping[str, Any], data_checksum: str) -> bytes:
     fields = {name: value for name, value in meta.items() if name != SIGNATURE_FIELD}
+    data = fields.get("data")
+    if isinstance(data, dict):  # its file name is where it is (renamed in a bucket), not what
+        fields["data"] = {name: value for name, value in data.items() if name != "file"}
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return _DOMAIN + canonical.encode() + b"\0" + data_checksum.encode()
 

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,28 +31,49 @@ from cachedload.entry import (
     MANIFEST_FILE,
     META_FILE,
     SYNCED_SUFFIX,
+    TAG_CONTENT,
+    TAG_FILE,
     TRASH_PREFIX,
     URL_FILE,
     USED_SUFFIX,
     CorruptEntry,
     decode_manifest,
     encode_manifest,
+    is_entry_shaped,
     is_function_dir_name,
     is_leftover_name,
+    is_tagged,
     leftover_is_dead,
     read_local_meta,
     scan_entry_dirs,
     size_problem,
     temporary_name,
+    write_new_file,
 )
+from cachedload.errors import NotACacheDirectoryError
 from cachedload.fingerprint import hash_file
 from cachedload.mount import entry_lock, uses_lease
 from cachedload.reading import NOTHING, ReadAhead
 from cachedload.root import Built, CacheRoot, Checked, EntryInfo
+from cachedload.signing import SIGNATURE_FIELD, sign, verify_signature
 
 __all__ = ["LocalRoot", "atomic_write_bytes"]
 
 logger = logging.getLogger("cachedload")
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:  # missing, or uncreatable: storing reports it
+        return None
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except OSError:
+        return None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -62,18 +84,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
+def _write_file(path: Path, data: bytes, mode: int = 0o666) -> None:
+    # A new file (O_EXCL), never through a symlink planted in its place.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    with open(os.open(path, flags, mode), "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o666) -> None:
+    """Write ``data`` to ``path`` through a new temporary file and an atomic rename (which
+    replaces a symlink at ``path``, never the file it points to)."""
     tmp = path.with_name(temporary_name())
     try:
-        _write_file(tmp, data)
+        _write_file(tmp, data, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -91,26 +116,47 @@ def _delete(path: Path) -> None:
 
 def _folder_size(path: Path) -> int:
     try:
-        return sum(f.stat().st_size for f in os.scandir(path) if f.is_file(follow_symlinks=False))
+        with os.scandir(path) as children:  # closed even when a stat fails midway
+            return sum(f.stat().st_size for f in children if f.is_file(follow_symlinks=False))
     except OSError:
         return 0
+
+
+def _vanished(entry: Path, meta: dict[str, Any]) -> bool:
+    """True if the entry read with ``meta`` was removed or replaced meanwhile."""
+    try:
+        return read_local_meta(entry) != meta
+    except (CorruptEntry, OSError):
+        return False
 
 
 def replace_folder(tmp: Path, entry: Path, *, replace: bool) -> None:
     """Rename the finished folder ``tmp`` to ``entry``; an entry already there is kept (another
     process published the same inputs first) unless ``replace``."""
-    if replace and entry.exists():
-        trash = entry.with_name(temporary_name(TRASH_PREFIX))
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(entry, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-    try:
-        os.rename(tmp, entry)
-    except OSError as error:
-        if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-            raise
-        # Another process published this key first: entries are immutable, keep theirs.
-        shutil.rmtree(tmp, ignore_errors=True)
+    for _ in range(_PUBLISH_ATTEMPTS):
+        if replace:
+            trash = entry.with_name(temporary_name(TRASH_PREFIX))
+            try:
+                os.rename(entry, trash)
+            except FileNotFoundError:
+                pass  # nothing there, or another process moved it away first
+            else:
+                shutil.rmtree(trash, ignore_errors=True)
+        try:
+            os.rename(tmp, entry)
+            return
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        if not replace:
+            break
+        # Replacing: another process published in the window between the two renames; the
+        # entry there is as old as the one being replaced, so move it away too and retry.
+    # Another process published this key first: entries are immutable, keep theirs.
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+_PUBLISH_ATTEMPTS = 3
 
 
 class LocalRoot(CacheRoot):
@@ -118,13 +164,35 @@ class LocalRoot(CacheRoot):
 
     Args:
         path: the cache directory (need not exist yet).
+        shared: declared shared with other users (a group-writable mount): its folders and
+            files keep group permissions, and its ownership is not checked. Else it is
+            private: folders 0700, files 0600, and not used if another user could write it.
+        safe_types: load entries with the restricted unpickler, allowing these classes
+            besides data (``()``: data only); None: entries are trusted.
+        signing_key: sign entries when storing; entries not signed with it are corrupt, and
+            signed ones load with the full unpickler (their checksum checked on every hit).
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        shared: bool = False,
+        safe_types: tuple[type, ...] | None = None,
+        signing_key: bytes | None = None,
+    ) -> None:
         self.path = Path(path)
         self.location = str(self.path)
+        self.shared = shared
+        self.safe_types = safe_types
+        self.signing_key = signing_key
         # Function folder name -> its path: a hit then joins one name, not two.
         self._folders: dict[str, Path] = {}
+        # Function folders found owned by this user and not writable by others (see untrusted).
+        self._trusted: set[str] = set()
+        self._tagged = False
+        self._dir_mode, self._file_mode = (0o777, 0o666) if shared else (0o700, 0o600)
+        self._lock_mode = -1 if shared else 0o600
 
     def __repr__(self) -> str:
         return f"LocalRoot({self.location!r})"
@@ -174,7 +242,8 @@ class LocalRoot(CacheRoot):
                 url = (Path(child.path) / URL_FILE).read_text().strip()
             except (OSError, UnicodeDecodeError):
                 url = ""
-            copies.append((LocalRoot(child.path), url or f"{LOCAL_COPIES_DIR}/{child.name}"))
+            copy = LocalRoot(child.path, safe_types=self.safe_types or ())
+            copies.append((copy, url or f"{LOCAL_COPIES_DIR}/{child.name}"))
         return copies
 
     # -- reading -------------------------------------------------------------------------------
@@ -231,6 +300,29 @@ class LocalRoot(CacheRoot):
             info = os.stat(data_path)
         except FileNotFoundError:
             raise CorruptEntry(entry, "data file is missing") from None
+        try:
+            return self._load(entry, data_path, info, meta, mmap_mode, verify, ahead)
+        except CorruptEntry:
+            if _vanished(entry, meta):  # removed or replaced while read: a plain miss
+                raise FileNotFoundError(errno.ENOENT, "entry vanished while read", entry) from None
+            raise
+
+    def _load(
+        self,
+        entry: Path,
+        data_path: Path,
+        info: os.stat_result,
+        meta: dict[str, Any],
+        mmap_mode: str | None,
+        verify: bool,
+        ahead: ReadAhead | None,
+    ) -> Any:
+        safe_types = self.safe_types
+        if self.signing_key is not None:
+            if not verify_signature(meta, meta["data"]["xxh3"], self.signing_key):
+                raise CorruptEntry(entry, "entry is not signed with the signing key")
+            # The signature covers the data's checksum only: check it on every hit.
+            verify, safe_types = True, None
         problem = size_problem(info.st_size, meta)
         if problem is None and verify and hash_file(data_path) != meta["data"]["xxh3"]:
             problem = "data file checksum does not match"
@@ -241,7 +333,7 @@ class LocalRoot(CacheRoot):
             if value is not NOTHING:
                 return value
         try:
-            return serialize.load(data_path, mmap_mode=mmap_mode)
+            return serialize.load(data_path, mmap_mode=mmap_mode, safe_types=safe_types)
         except Exception as error:  # joblib/pickle raise many types on a garbled file
             raise CorruptEntry(
                 entry, f"cannot load data ({type(error).__name__}: {error})"
@@ -251,9 +343,10 @@ class LocalRoot(CacheRoot):
         """Start loading an entry's data (``mmap_mode=None``) in a background thread, before
         it is known whether the call will ask for it; see :meth:`load`."""
         data_path = self.entry_path(fdir, key) / DATA_FILE
+        safe_types = None if self.signing_key is not None else self.safe_types
         return ReadAhead(
             lambda reader, opened: serialize.load(
-                data_path, mmap_mode=None, reader=reader, on_open=opened
+                data_path, mmap_mode=None, reader=reader, on_open=opened, safe_types=safe_types
             )
         )
 
@@ -261,7 +354,13 @@ class LocalRoot(CacheRoot):
         """Note one use of an entry (appends one byte beside it; never rewrites the entry)."""
         try:
             fd = os.open(
-                self._beside(fdir, key, USED_SUFFIX), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666
+                self._beside(fdir, key, USED_SUFFIX),
+                os.O_WRONLY
+                | os.O_APPEND
+                | os.O_CREAT
+                | os.O_NOFOLLOW
+                | getattr(os, "O_CLOEXEC", 0),
+                self._file_mode,
             )
         except OSError:
             return  # a read-only cache still serves hits
@@ -322,21 +421,24 @@ class LocalRoot(CacheRoot):
             OSError: the cache directory cannot be written (the temporary folder is removed).
             Whatever ``build`` raises (the temporary folder is removed).
         """
-        function_dir = self.path / fdir
-        function_dir.mkdir(parents=True, exist_ok=True)
+        function_dir = self.make_folder(fdir)
         self.remove_leftovers(fdir)
         tmp = function_dir / temporary_name()
-        tmp.mkdir()
+        tmp.mkdir(self._dir_mode)
         try:
             built = build(tmp / DATA_FILE)
             if built is None:
                 shutil.rmtree(tmp, ignore_errors=True)
                 return None
+            if not self.shared:  # written by joblib/open with the umask's permissions
+                os.chmod(tmp / DATA_FILE, self._file_mode)
             meta = {**built.meta, "format": FORMAT_VERSION, "key": key}
             meta["data"] = {"file": DATA_FILE, "size": built.size, "xxh3": built.checksum}
-            _write_file(tmp / META_FILE, json.dumps(meta, indent=1).encode())
+            if self.signing_key is not None:
+                meta[SIGNATURE_FIELD] = sign(meta, built.checksum, self.signing_key)
+            _write_file(tmp / META_FILE, json.dumps(meta, indent=1).encode(), self._file_mode)
             if built.manifest is not None:
-                _write_file(tmp / MANIFEST_FILE, encode_manifest(built.manifest))
+                _write_file(tmp / MANIFEST_FILE, encode_manifest(built.manifest), self._file_mode)
             _fsync_dir(tmp)
             replace_folder(tmp, self.entry_path(fdir, key), replace=replace)
         except BaseException:
@@ -347,22 +449,83 @@ class LocalRoot(CacheRoot):
 
     def rewrite_meta(self, fdir: str, key: str, meta: dict[str, Any]) -> None:
         """Atomically replace an entry's metadata (used to clear verified racy-file records)."""
+        if self.signing_key is not None:  # the signature covers every field
+            meta = {**meta, SIGNATURE_FIELD: sign(meta, meta["data"]["xxh3"], self.signing_key)}
         atomic_write_bytes(
-            self.entry_path(fdir, key) / META_FILE, json.dumps(meta, indent=1).encode()
+            self.entry_path(fdir, key) / META_FILE,
+            json.dumps(meta, indent=1).encode(),
+            self._file_mode,
         )
 
     def lock(self, fdir: str, key: str, timeout: float | None) -> Any:
         """A cross-process lock for computing ``key``, released if its holder dies: a kernel
         lock (filelock), or on a shared mount (NFS, Lustre…) a lease that a holder on another
         machine renews while it lives (see :mod:`cachedload.mount`)."""
-        (self.path / fdir).mkdir(parents=True, exist_ok=True)
-        return entry_lock(self._beside(fdir, key, LOCK_SUFFIX), timeout)
+        self.make_folder(fdir)
+        return entry_lock(self._beside(fdir, key, LOCK_SUFFIX), timeout, self._lock_mode)
+
+    # -- the cache directory itself ----------------------------------------------------------
+    def make_folder(self, fdir: str) -> Path:
+        """Create the cache directory (tagged, with any missing parent) and a function folder
+        in it; private ones 0700 (see the class). Returns the function folder."""
+        if not self._tagged:
+            missing = [p for p in (self.path, *self.path.parents) if not p.exists()]
+            for folder in reversed(missing):  # e.g. a missing ~/.cache: private too
+                with contextlib.suppress(FileExistsError):
+                    folder.mkdir(self._dir_mode)
+            with contextlib.suppress(FileExistsError):  # an old cache is tagged on first write
+                write_new_file(self.path / TAG_FILE, TAG_CONTENT, self._file_mode | 0o444)
+            self._tagged = True
+        function_dir = self.folder(fdir)
+        with contextlib.suppress(FileExistsError):
+            function_dir.mkdir(self._dir_mode)
+        return function_dir
+
+    def check_deletable(self) -> None:
+        """Raise unless this folder is a cache cachedload made (``CACHEDIR.TAG``), or does not
+        exist: nothing is deleted elsewhere (a typo in ``--cache-dir``, ``$CACHEDLOAD_DIR``
+        one level too high…).
+
+        Raises:
+            NotACacheDirectoryError: it exists without the tag.
+        """
+        if self._tagged or is_tagged(self.path):
+            self._tagged = True
+        elif os.path.lexists(self.path):
+            raise NotACacheDirectoryError(self.path)
+
+    def untrusted(self, fdir: str) -> str | None:
+        """Why this private cache must not be used (owned by another user, or writable by
+        group or others), or None. Checked once per function folder and process once both
+        exist: another user cannot change the owner or mode of this user's folders."""
+        if self.shared or fdir in self._trusted:
+            return None
+        for path, info in (
+            (self.path, _stat(self.path)),
+            (self.folder(fdir), _lstat(self.folder(fdir))),
+        ):
+            if info is None:
+                return None  # created by this process when storing, then checked again
+            if stat.S_ISLNK(info.st_mode):
+                return f"{path} is a symlink"
+            if info.st_uid != os.geteuid():
+                return (
+                    f"{path} is owned by uid {info.st_uid}, not by this user (uid {os.geteuid()})"
+                )
+            if info.st_mode & 0o022:
+                return f"{path} is writable by group or others (mode {stat.filemode(info.st_mode)})"
+        self._trusted.add(fdir)
+        return None
 
     # -- removing ------------------------------------------------------------------------------
     def remove(self, fdir: str, key: str) -> None:
         """Delete an entry: first move it out of sight atomically, then delete its files (and
         its records of uses)."""
+        self.check_deletable()
         entry = self.entry_path(fdir, key)
+        if os.path.lexists(entry) and not is_entry_shaped(entry):
+            logger.warning("%s is not a cachedload entry: unknown, left alone", entry)
+            return
         trash = entry.with_name(temporary_name(TRASH_PREFIX))
         try:
             os.rename(entry, trash)
@@ -385,7 +548,7 @@ class LocalRoot(CacheRoot):
         from filelock import Timeout
 
         lock_path = self._beside(fdir, key, LOCK_SUFFIX)
-        lock = entry_lock(lock_path, 0)
+        lock = entry_lock(lock_path, 0, self._lock_mode)
         try:
             lock.acquire(timeout=0)
         except Timeout:
@@ -406,7 +569,7 @@ class LocalRoot(CacheRoot):
         lock_path = self._beside(fdir, key, LOCK_SUFFIX)
         if not lock_path.exists():
             return False
-        lock = entry_lock(lock_path, 0)
+        lock = entry_lock(lock_path, 0, self._lock_mode)
         try:
             lock.acquire(timeout=0)
         except Timeout:
@@ -417,10 +580,12 @@ class LocalRoot(CacheRoot):
     def remove_leftovers(self, fdir: str) -> int:
         """Delete temporary files of dead writers (same host, pid gone) or older than an hour;
         return how many."""
+        self.check_deletable()
         now, removed = time.time(), 0
         try:
-            children = list(os.scandir(self.path / fdir))
-        except FileNotFoundError:
+            with os.scandir(self.path / fdir) as found:
+                children = list(found)
+        except (FileNotFoundError, NotADirectoryError):
             return 0
         for child in children:
             if not is_leftover_name(child.name):
@@ -437,6 +602,7 @@ class LocalRoot(CacheRoot):
 
     def tidy(self) -> None:
         """Remove dead writers' leftovers, then function folders left empty."""
+        self.check_deletable()
         for fdir in self.function_dirs():
             self.remove_leftovers(fdir)
             with contextlib.suppress(OSError):
@@ -445,13 +611,14 @@ class LocalRoot(CacheRoot):
     def tidy_copies(self) -> None:
         """Tidy the read-through copies under ``remote/``; remove those (and ``remote/``) left
         empty."""
-        copies = self.local_copies()
+        copies = self.local_copies()  # each copy checks its own tag; rmdir only empties
         for copy, _ in copies:
             copy.tidy()
             path = Path(copy.location)
             with contextlib.suppress(OSError):
-                if not any(name != URL_FILE for name in os.listdir(path)):
+                if not any(name not in (URL_FILE, TAG_FILE) for name in os.listdir(path)):
                     (path / URL_FILE).unlink(missing_ok=True)
+                    (path / TAG_FILE).unlink(missing_ok=True)
                     path.rmdir()
         if copies:
             with contextlib.suppress(OSError):
@@ -461,11 +628,17 @@ class LocalRoot(CacheRoot):
         """Check every entry folder: metadata, data file size and (``checksums``) checksum."""
         for fdir in self.function_dirs():
             for found in scan_entry_dirs(self.path / fdir):
-                function, problem = fdir, found.problem
+                function, problem, unknown = fdir, found.problem, False
                 if found.meta is not None:
                     function = str(found.meta.get("function", fdir))
                     problem = self._data_problem(found.path / DATA_FILE, found.meta, checksums)
-                yield Checked(found.path, function, _folder_size(found.path), problem)
+                elif not is_entry_shaped(found.path):
+                    problem, unknown = (
+                        f"{problem}; not shaped as an entry: unknown, left alone",
+                        True,
+                    )
+                size = _folder_size(found.path)
+                yield Checked(found.path, function, size, problem, unknown=unknown)
 
     @staticmethod
     def _data_problem(data: Path, meta: dict[str, Any], checksums: bool) -> str | None:

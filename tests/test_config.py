@@ -208,4 +208,5 @@ def test_config_reads_each_variable_in_one_function() -> None:
         "CACHEDLOAD_STORAGE_OPTIONS": ["root_settings", "storage_options_from_env"],
         "CACHEDLOAD_LEASE_SECONDS": ["root_settings", "lease_seconds"],
         "CACHEDLOAD_LOCK": ["lock_kind"],
+        "CACHEDLOAD_SIGNING_KEY": ["signing_key_from_env"],
     }

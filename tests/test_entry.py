@@ -140,7 +140,8 @@ def test_function_folders_are_named_once() -> None:
 def _write_entry(function_dir: Path, key: str) -> Path:
     folder = function_dir / key
     folder.mkdir(parents=True)
-    (folder / entry.META_FILE).write_bytes(_fixture_meta())
+    meta = {**json.loads(_fixture_meta()), "key": key}
+    (folder / entry.META_FILE).write_text(json.dumps(meta))
     return folder
 
 
@@ -185,3 +186,68 @@ def test_leftover_rules() -> None:
     assert not entry.leftover_is_dead(f"{entry.TMP_PREFIX}elsewhere-1-abc", now, now)
     assert not entry.leftover_is_dead(f"{entry.TMP_PREFIX}short", now, now)
     assert entry.is_leftover_name(entry.temporary_name()) and not entry.is_leftover_name("a" * 32)
+
+
+# -- crafted metadata (issue 16, item 4) --------------------------------------------------------
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("created", "yesterday"),
+        ("created", [1]),
+        ("parameters", ["a"]),
+        ("parameters", {"a": {"value": 3}}),
+        ("sources", {"x": {"file_count": "many"}}),
+        ("sources", {"x": {"total_bytes": -1}}),
+        ("pid", True),
+        ("key", 5),
+        ("racy_newest_mtime_ns", "0"),
+        ("racy", {"x": {"/etc/passwd": "d"}}),
+        ("racy", {"x": {"../outside": "d"}}),
+    ],
+)
+def test_every_field_of_crafted_metadata_is_checked(field: str, value: Any) -> None:
+    meta = {**json.loads(_fixture_meta()), field: value}
+    key = json.loads(_fixture_meta())["key"]
+    with pytest.raises(entry.CorruptEntry):
+        entry.parse_meta(json.dumps(meta).encode(), Path(key))
+
+
+def test_deeply_nested_metadata_is_corrupt_without_recursing() -> None:
+    deep = b'{"format": 1, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(entry.CorruptEntry, match="nested too deeply"):
+        entry.parse_meta(deep, Path("x"))
+    # Brackets inside strings do not count.
+    meta = {**json.loads(_fixture_meta()), "result": "[" * 100}
+    entry.parse_meta(json.dumps(meta).encode(), Path("x"))
+
+
+def test_metadata_naming_another_key_is_corrupt(tmp_path: Path) -> None:
+    folder = _write_entry(tmp_path, "a" * 32)
+    folder.rename(tmp_path / ("b" * 32))  # a copy of another key's entry
+    with pytest.raises(entry.CorruptEntry, match="another key"):
+        entry.read_local_meta(tmp_path / ("b" * 32))
+
+
+def test_an_entry_folder_that_is_a_symlink_is_corrupt(tmp_path: Path) -> None:
+    _write_entry(tmp_path / "elsewhere", "a" * 32)
+    (tmp_path / ("a" * 32)).symlink_to(tmp_path / "elsewhere" / ("a" * 32))
+    with pytest.raises(entry.CorruptEntry, match="symlink"):
+        entry.read_local_meta(tmp_path / ("a" * 32))
+
+
+def test_a_folder_named_meta_json_is_corrupt(tmp_path: Path) -> None:
+    (tmp_path / ("a" * 32) / entry.META_FILE).mkdir(parents=True)
+    with pytest.raises(entry.CorruptEntry, match="not a regular file"):
+        entry.read_local_meta(tmp_path / ("a" * 32))
+    (found,) = entry.scan_entry_dirs(tmp_path)
+    assert found.problem == "metadata is not a regular file"
+
+
+def test_reading_a_fifo_or_device_does_not_block(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    for path in (tmp_path / "fifo", Path("/dev/zero")):
+        with pytest.raises(OSError):
+            entry.read_regular_file(path)
+    (tmp_path / "link").symlink_to(tmp_path / "fifo")
+    with pytest.raises(OSError):
+        entry.read_regular_file(tmp_path / "link")

@@ -100,7 +100,7 @@ def mount_point(tmp_path: Path) -> Iterator[Path]:
 
 def mount_tmpfs(target: Path, size: str, *, read_only: bool = False) -> None:
     result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(target)],
         capture_output=True,
         text=True,
         check=False,
@@ -263,7 +263,7 @@ def test_leftovers_of_live_writers_are_kept_and_old_ones_removed(
         return key
 
     load(image_dir, 1)
-    function_dir = next(cache_dir.iterdir())
+    function_dir = next(p for p in cache_dir.iterdir() if p.is_dir())
     live = function_dir / f".tmp-{_HOST}-{os.getpid()}-live"
     live.mkdir()
     (live / "result.joblib").write_bytes(b"being written")
@@ -704,7 +704,7 @@ def test_an_unpicklable_result_is_returned_with_one_store_warning(
         assert caught[0].filename == __file__  # attributed to the caller
         assert len(calls) == expected_runs
         assert result is not None
-    function_dirs = list(cache_dir.iterdir())
+    function_dirs = [p for p in cache_dir.iterdir() if p.is_dir()]
     assert [
         p.name for d in function_dirs for p in d.iterdir() if not p.name.endswith(".lock")
     ] == []

@@ -156,6 +156,19 @@ def test_image_folder_data_needs_no_configuration(image_dir: Path, tmp_path: Pat
     serialize.check_safe(data)
 
 
+def test_an_item_array_needs_no_configuration(tmp_path: Path) -> None:
+    from cachedload.builder import ItemArray
+
+    data = ItemArray(np.arange(12, dtype=np.uint8).reshape(3, 4), ("a.png", "b.png", "c.png"))
+    for mmap_mode in (None, "r"):
+        back = serialize.load(
+            _dump(data, tmp_path / "r.joblib"), mmap_mode=mmap_mode, safe_types=()
+        )
+        assert type(back) is ItemArray and back.paths == data.paths
+        assert np.array_equal(back.array, data.array)
+    serialize.check_safe(data)
+
+
 def test_a_result_made_of_user_classes_needs_them_in_safe_types(tmp_path: Path) -> None:
     value = {"split": Split([Sample(np.arange(2), 0)], None)}
     path = _dump(value, tmp_path / "r.joblib")

@@ -69,6 +69,9 @@ def open_root(
     *,
     storage_options: dict[str, Any] | None = None,
     local_cache_dir: str | os.PathLike[str] | None = None,
+    shared: bool = False,
+    safe_types: tuple[type, ...] = (),
+    signing_key: bytes | None = None,
 ) -> CacheRoot:
     """The cache root that ``cache_dir`` names: a local folder, or a remote cache's URL.
 
@@ -78,6 +81,10 @@ def open_root(
         storage_options: a remote cache's credentials, endpoint… (default
             ``$CACHEDLOAD_STORAGE_OPTIONS``).
         local_cache_dir: a remote cache's read-through copy (default :func:`default_local_root`).
+        shared: a local folder is shared with other users (see :class:`LocalRoot`); a remote
+            cache always is: its entries load with the restricted unpickler.
+        safe_types: the classes a shared cache's entries may hold besides data.
+        signing_key: a shared cache's signing key (default ``$CACHEDLOAD_SIGNING_KEY``).
 
     Raises:
         ConfigurationError: ``cache_dir`` (or ``$CACHEDLOAD_DIR``) is not a cache directory.
@@ -87,10 +94,12 @@ def open_root(
         if cache_dir is None
         else config.check_cache_dir(cache_dir, "cache_dir")
     )
-    if checked is None:
-        return LocalRoot(config.default_cache_dir())
-    if isinstance(checked, Path):
-        return LocalRoot(checked)
+    key = config.signing_key_from_env() if signing_key is None else signing_key
+    if not isinstance(checked, str):
+        path = config.default_cache_dir() if checked is None else checked
+        if not shared:
+            return LocalRoot(path)
+        return LocalRoot(path, shared=True, safe_types=safe_types, signing_key=key)
     copy = (
         default_local_root(checked)
         if local_cache_dir is None
@@ -98,6 +107,6 @@ def open_root(
     )
     return RemoteRoot(
         object_store(checked, storage_options),
-        LocalRoot(copy),
+        LocalRoot(copy, safe_types=safe_types, signing_key=key),
         lease_seconds=config.lease_seconds(),
     )

@@ -66,6 +66,7 @@ from cachedload.entry import (
     parse_meta,
     size_problem,
     temporary_name,
+    write_new_file,
 )
 from cachedload.errors import ConditionalWritesWarning, warn_at_caller
 from cachedload.reading import ReadAhead
@@ -290,9 +291,10 @@ class RemoteRoot(CacheRoot):
 
     def _download_entry(self, fdir: str, key: str, meta: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
+        self.copy.make_folder(fdir)  # tagged, private
         self.copy.remove_leftovers(fdir)  # downloads of processes that died meanwhile
         tmp = self.copy.path / fdir / temporary_name()
-        tmp.mkdir()
+        tmp.mkdir(0o700)
         try:
             self._download_data(fdir, key, meta, tmp / DATA_FILE)
             manifest = self.objects.get(self.object_key(fdir, key, MANIFEST_FILE))
@@ -356,7 +358,7 @@ class RemoteRoot(CacheRoot):
             except (FileNotFoundError, ValueError):
                 previous = 0
             self.add_uses(fdir, key, max(used - previous, 1))
-            synced.write_text(str(used))
+            write_new_file(synced, str(used).encode(), replace=True)
         except OSError as error:
             logger.debug("cannot record the use of %s in %s: %s", key, self.objects.url, error)
 

@@ -1,0 +1,330 @@
+"""Issue 16: crafted entries, foreign folders, other users and racing processes (each test
+reproduces an attack or a failure of the review and checks the outcome it must have now)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cachedload import (
+    CachedDataset,
+    CacheStoreWarning,
+    CorruptEntryWarning,
+    cached_dataset,
+    entry,
+)
+from cachedload.cli import main
+from cachedload.errors import UnsafeCacheWarning
+from tests.conftest import write_old
+
+
+def _loader(cache: Path, counter: list[int], **options: Any) -> CachedDataset[..., Any]:
+    @cached_dataset(cache_dir=cache, source="folder", **options)
+    def load(folder: str, scale: int = 1) -> dict[str, Any]:
+        counter.append(1)
+        return {"a": np.arange(5) * scale, "n": scale}
+
+    return load
+
+
+def _source(tmp_path: Path) -> str:
+    write_old(tmp_path / "src" / "x.txt", "x")
+    return str(tmp_path / "src")
+
+
+def _entry_of(load: CachedDataset[..., Any], *args: Any) -> Path:
+    path = load.cache_path(*args)
+    assert (path / entry.META_FILE).is_file()
+    return path
+
+
+def _edit_meta(path: Path, edit: Callable[[dict[str, Any]], Any]) -> None:
+    meta = json.loads((path / entry.META_FILE).read_text())
+    edit(meta)
+    (path / entry.META_FILE).write_text(json.dumps(meta))
+
+
+def _cli_survives(cache: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    for command in (["ls"], ["ls", "--json"], ["verify"]):
+        assert main([*command, "--cache-dir", str(cache)]) in (0, 1)
+    return capsys.readouterr().out
+
+
+# -- item 4: crafted metadata ------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda meta: meta.update(created="yesterday"),
+        lambda meta: meta.update(created=[1]),
+        lambda meta: meta.update(parameters=["scale"]),
+        lambda meta: meta["sources"]["folder"].update(file_count="many"),
+        lambda meta: meta.update(racy={"folder": {"/dev/zero": "0"}}),
+    ],
+)
+def test_crafted_metadata_is_a_healed_corrupt_entry_and_listing_survives(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], edit: Callable[[dict[str, Any]], Any]
+) -> None:
+    counter: list[int] = []
+    cache, src = tmp_path / "cache", _source(tmp_path)
+    load = _loader(cache, counter)
+    load(src)
+    path = _entry_of(load, src)
+    _edit_meta(path, edit)
+    assert "0 damaged" not in _cli_survives(cache, capsys)
+    with pytest.warns(CorruptEntryWarning):
+        assert load(src)["n"] == 1
+    load(src, 2)  # another key of the same loader: stores and prunes without raising
+    assert load(src)["n"] == 1 and len(counter) == 3  # healed: a hit again
+    assert "1 damaged" not in _cli_survives(cache, capsys)
+
+
+def _plant(path: Path, how: str) -> None:
+    meta = path / entry.META_FILE
+    if how == "deep":
+        meta.write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    elif how == "folder":
+        meta.unlink()
+        (meta / "x").mkdir(parents=True)
+
+
+@pytest.mark.parametrize("how", ["deep", "folder"])
+def test_deep_or_folder_metadata_is_healed_and_info_ls_verify_do_not_crash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str
+) -> None:
+    counter: list[int] = []
+    cache, src = tmp_path / "cache", _source(tmp_path)
+    load = _loader(cache, counter)
+    load(src)
+    _plant(_entry_of(load, src), how)
+    assert "1 damaged" in _cli_survives(cache, capsys)
+    assert load.cache_info().entries == 0
+    with pytest.warns(CorruptEntryWarning):
+        load(src)
+    assert load(src)["n"] == 1 and len(counter) == 2
+    assert load.cache_info().entries == 1
+
+
+def test_an_entry_replaced_by_another_keys_copy_or_symlink_is_not_served(tmp_path: Path) -> None:
+    counter: list[int] = []
+    cache, src = tmp_path / "cache", _source(tmp_path)
+    load = _loader(cache, counter)
+    load(src, 1)
+    load(src, 2)
+    one, two = load.cache_path(src, 1), load.cache_path(src, 2)
+    for verify in ("size", "always"):
+        for replace in ("copy", "symlink"):
+            load = _loader(cache, counter, verify=verify)
+            shutil.rmtree(one)
+            if replace == "copy":
+                shutil.copytree(two, one)
+            else:
+                one.symlink_to(two)
+            with pytest.warns(CorruptEntryWarning):
+                assert load(src, 1)["n"] == 1  # recomputed, not key 2's value
+            assert load(src, 1)["n"] == 1
+
+
+def test_a_racy_record_naming_a_fifo_does_not_hang(tmp_path: Path) -> None:
+    counter: list[int] = []
+    cache, src = tmp_path / "cache", _source(tmp_path)
+    os.mkfifo(Path(src) / "pipe")
+    load = _loader(cache, counter)
+    load(src)
+    _edit_meta(_entry_of(load, src), lambda meta: meta.update(racy={"folder": {"pipe": "0"}}))
+    done = threading.Event()
+
+    def call() -> None:
+        load(src)
+        done.set()
+
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    worker.join(20)
+    assert done.is_set() and len(counter) == 2  # a stale entry: recomputed
+
+
+# -- item 1: never delete what is not ours ------------------------------------------------------
+def _home_like(home: Path) -> list[Path]:
+    files = [
+        home / "Documents" / "taxes" / "2024.pdf",
+        home / "photos" / "2024" / "a.jpg",
+        home / "huggingface" / "hub" / "model.bin",
+        home / "pip" / "http" / "x",
+        home / "proj.mod-0123abcd" / ("0" * 32) / "notes.txt",  # shaped like ours by name
+    ]
+    for path in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("precious")
+    return files
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["verify", "--fix"], ["clear", "--all", "--yes"], ["prune", "--max-size", "0"]],
+)
+def test_management_commands_refuse_a_folder_without_the_tag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    files = _home_like(tmp_path / "home")
+    status = main([*command, "--cache-dir", str(tmp_path / "home")])
+    assert all(path.read_text() == "precious" for path in files)
+    if command[0] != "verify":  # verify --fix reports and deletes nothing ("unknown")
+        assert status == 2
+        assert "not a cachedload cache directory (no CACHEDIR.TAG)" in capsys.readouterr().err
+
+
+def test_inside_a_cache_an_unknown_folder_is_left_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    counter: list[int] = []
+    cache, src = tmp_path / "cache", _source(tmp_path)
+    load = _loader(cache, counter)
+    load(src)
+    assert (
+        (cache / entry.TAG_FILE)
+        .read_bytes()
+        .startswith(b"Signature: 8a477f597d28d172789f06886806bc55")
+    )
+    stranger = load.cache_path(src).parent / ("f" * 32) / "thesis.tex"
+    stranger.parent.mkdir()
+    stranger.write_text("precious")
+    main(["verify", "--fix", "--cache-dir", str(cache)])
+    assert "left alone" in capsys.readouterr().out
+    main(["clear", "--all", "--yes", "--cache-dir", str(cache)])
+    assert stranger.read_text() == "precious"
+
+
+# -- item 2: other users ------------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["other-owner", "group-writable"])
+def test_a_cache_another_user_can_write_is_not_used(tmp_path: Path, how: str) -> None:
+    counter: list[int] = []
+    cache, src = tmp_path / "cache", _source(tmp_path)
+    cache.mkdir()
+    if how == "other-owner":
+        os.chown(cache, 65534, 65534)
+    else:
+        cache.chmod(0o775)
+    load = _loader(cache, counter)
+    with pytest.warns(UnsafeCacheWarning, match=str(cache)):
+        assert load(src)["n"] == 1
+    assert load(src)["n"] == 1 and len(counter) == 2  # warned once, never stored
+    assert not any(cache.iterdir())
+    shared = _loader(cache, counter, shared=True)
+    shared(src)
+    assert shared(src)["n"] == 1 and len(counter) == 3  # declared shared: used
+
+
+def test_planted_symlinks_are_never_followed(tmp_path: Path) -> None:
+    counter: list[int] = []
+    cache, src = tmp_path / "cache", _source(tmp_path)
+    load = _loader(cache, counter)
+    load(src)
+    path = load.cache_path(src)
+    target = tmp_path / "target.txt"
+    target.write_text("mine")
+    for suffix in (entry.USED_SUFFIX, entry.OWNER_SUFFIX):
+        beside = path.with_name(path.name + suffix)
+        beside.unlink(missing_ok=True)
+        beside.symlink_to(target)
+    load(src)
+    load.recompute(src)
+    assert target.read_text() == "mine"
+
+
+def _plant_code(path: Path) -> None:
+    """What an attacker who can write the cache does: a pickle that runs code, with the
+    metadata's size and checksum fixed up."""
+    import pickle
+
+    import xxhash
+
+    marker = path.parent.parent.parent / "owned"
+    payload = pickle.dumps(_Boom(str(marker)))
+    (path / entry.DATA_FILE).write_bytes(payload)
+    _edit_meta(
+        path,
+        lambda meta: meta["data"].update(
+            size=len(payload), xxh3=xxhash.xxh3_128_hexdigest(payload)
+        ),
+    )
+
+
+class _Boom:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("verify", ["size", "always"])
+def test_a_shared_cache_never_runs_a_planted_pickle(tmp_path: Path, verify: str) -> None:
+    counter: list[int] = []
+    cache, src = tmp_path / "cache", _source(tmp_path)
+    load = _loader(cache, counter, shared=True, verify=verify)
+    load(src)
+    _plant_code(load.cache_path(src))
+    with pytest.warns(CorruptEntryWarning, match="UnsafePickleError"):
+        assert load(src)["n"] == 1
+    assert not (tmp_path / "owned").exists()
+    assert load(src)["n"] == 1 and len(counter) == 2  # healed
+
+
+def test_with_a_signing_key_unsigned_entries_are_corrupt_and_signed_ones_hold_anything(
+    tmp_path: Path,
+) -> None:
+    counter: list[int] = []
+    cache, src = tmp_path / "cache", _source(tmp_path)
+    _loader(cache, counter, shared=True)(src)  # unsigned
+    signed = _loader(cache, counter, shared=True, signing_key="k")
+    with pytest.warns(CorruptEntryWarning, match="not signed"):
+        signed(src)
+    assert signed(src)["n"] == 1 and len(counter) == 2
+    _plant_code(signed.cache_path(src))  # fixed-up checksum, but no key: the signature fails
+    with pytest.warns(CorruptEntryWarning, match="not signed"):
+        signed(src)
+    assert not (tmp_path / "owned").exists()
+
+
+def test_a_result_a_shared_cache_would_refuse_is_warned_about_at_store_time(
+    tmp_path: Path,
+) -> None:
+    cache, src = tmp_path / "cache", _source(tmp_path)
+
+    @cached_dataset(cache_dir=cache, source="folder", shared=True)
+    def load(folder: str) -> Any:
+        return _Plain(1)
+
+    with pytest.warns(CacheStoreWarning, match="safe_types"):
+        load(src)
+
+
+@dataclasses.dataclass
+class _Plain:
+    n: int
+
+
+# -- item 3: permissions ------------------------------------------------------------------------
+def test_a_private_cache_is_0700_and_its_files_0600_under_umask_022(tmp_path: Path) -> None:
+    counter: list[int] = []
+    cache, src = tmp_path / "missing" / "cache", _source(tmp_path)
+    old = os.umask(0o022)
+    try:
+        _loader(cache, counter)(src)
+    finally:
+        os.umask(old)
+    for path in [cache.parent, *cache.rglob("*")]:
+        mode = path.lstat().st_mode & 0o777
+        if path.name == entry.TAG_FILE:
+            assert mode == 0o644  # read by backup tools; says nothing
+        else:
+            assert mode == (0o700 if path.is_dir() else 0o600), path
