@@ -20,8 +20,9 @@ def cli_reference() -> str:
     """The ``--help`` of ``cachedload`` and of each of its commands, as Markdown."""
     from cachedload import cli
 
-    with mock.patch.dict(os.environ, {"COLUMNS": "100"}), mock.patch.object(
-        cli, "default_cache_dir", return_value="~/.cache/cachedload"
+    with (
+        mock.patch.dict(os.environ, {"COLUMNS": "100"}),
+        mock.patch.object(cli, "default_cache_dir", return_value="~/.cache/cachedload"),
     ):
         return _format(cli._parser())
 

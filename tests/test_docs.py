@@ -5,6 +5,7 @@ is the command's own help. ``mkdocs build --strict`` (in .ci/run) checks links a
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import re
 
@@ -85,7 +86,11 @@ def test_the_cli_reference_is_every_command_s_help() -> None:
     from cachedload.cli import _parser
 
     reference: str = _hooks().cli_reference()  # type: ignore[attr-defined]
-    commands = _parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    commands: dict[str, argparse.ArgumentParser] = next(
+        action.choices
+        for action in _parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
     assert set(commands) == {"ls", "info", "clear", "prune", "why", "verify", "demo"}
     for name, sub in commands.items():
         assert f"### `cachedload {name}`" in reference
