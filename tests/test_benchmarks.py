@@ -44,3 +44,17 @@ def test_runs_quick_and_prints_a_table(script: Path, tmp_path: Path) -> None:
     assert any("python" in line.lower() and "numpy" in line.lower() for line in lines)
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith("cachedload-")]
     assert not leftovers, f"{script.name} left {leftovers}"
+
+
+def test_charts_are_drawn_from_the_recorded_results(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "charts.py"), "--out", str(tmp_path / "img")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MPLBACKEND": "Agg"},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    drawn = {p.name for p in (tmp_path / "img").iterdir()}
+    assert drawn == {"warm-hit-peers.png", "hit-scaling.png"}

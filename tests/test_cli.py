@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import json
 import os
@@ -404,6 +405,8 @@ def test_version_matches_the_package() -> None:
     result = cli("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"cachedload {cachedload.__version__}"
+    # The installed distribution's metadata (pyproject.toml's version) says the same.
+    assert importlib.metadata.version("cachedload") == cachedload.__version__
 
 
 def test_ls_of_a_function_with_no_entry_is_a_usage_error(cache: Path) -> None:
