@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated cache directory, a small image folder, a subprocess runner."""
+"""Shared fixtures: an isolated cache directory, a small image folder, a subprocess runner, and
+the S3 servers of tests/servers.py."""
 
 from __future__ import annotations
 
@@ -14,7 +15,12 @@ import cv2
 import numpy as np
 import pytest
 
+from tests.servers import aws_isolated, moto_server, rclone, seaweed, url
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The S3 servers' fixtures, registered here so that each server starts once per session
+# whichever test modules use it.
+__all__ = ["aws_isolated", "moto_server", "rclone", "seaweed", "url"]
 
 
 @pytest.fixture(autouse=True)
@@ -190,3 +196,14 @@ def counter_file(tmp_path: Path) -> Iterator[Path]:
 def runs(counter: Path) -> int:
     """How many times a body wrote to ``counter``."""
     return len(counter.read_text().splitlines())
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """A folder of four small binary files, with mtimes an hour old."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for index in range(4):
+        (folder / f"part{index}.bin").write_bytes(bytes([index]) * (1000 + index))
+    age(folder)
+    return folder
