@@ -15,12 +15,11 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.servers import aws_isolated, moto_server, rclone, seaweed, url
+# The S3 servers' fixtures, registered here so that each server starts once per session
+# whichever test modules use them.
+from tests.servers import aws_isolated, moto_server, rclone, seaweed, url  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# The S3 servers' fixtures, registered here so that each server starts once per session
-# whichever test modules use it.
-__all__ = ["aws_isolated", "moto_server", "rclone", "seaweed", "url"]
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +46,8 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
 def clear_platform_dir_caches() -> None:
     """Forget every memoised cache directory in cachedload's modules (``_platform_cache_dir``
     and the like: any ``functools.lru_cache`` whose name says ``cache_dir``)."""
-    for name, module in list(sys.modules.items()):
+    # A copy in one step: a finalizer run by the garbage collector mid-iteration may import.
+    for name, module in sys.modules.copy().items():
         if module is None or not (name == "cachedload" or name.startswith("cachedload.")):
             continue
         for attribute, value in list(vars(module).items()):
