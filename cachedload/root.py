@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cachedload import serialize
 from cachedload.entry import OWNER_SUFFIX, CorruptEntry, write_new_file
 from cachedload.reading import ReadAhead
 
@@ -222,7 +223,6 @@ class CacheRoot(abc.ABC):
         return Hit(value, meta)
 
     # -- writing -------------------------------------------------------------------------------
-    @abc.abstractmethod
     def put(
         self,
         fdir: str,
@@ -234,13 +234,21 @@ class CacheRoot(abc.ABC):
         manifest: dict[str, Any] | None = None,
         replace: bool = False,
     ) -> int:
-        """Publish an entry atomically; return its data's size. An entry already published for
-        ``key`` is kept unless ``replace``.
+        """Publish an entry holding ``value`` atomically (through :meth:`put_built`); return
+        its data's size. An entry already published for ``key`` is kept unless ``replace``.
 
         Raises:
             OSError: the root cannot be written.
             UnpicklableResult: ``value`` cannot be pickled.
         """
+
+        def build(data: Path) -> Built:
+            size, checksum = serialize.dump(value, data, compress=compress)
+            return Built(size, checksum, meta, manifest)
+
+        size = self.put_built(fdir, key, build, replace=replace)
+        assert size is not None  # build never returns None
+        return size
 
     @abc.abstractmethod
     def put_built(

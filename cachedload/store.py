@@ -380,32 +380,6 @@ class LocalRoot(CacheRoot):
         return decode_manifest(raw)
 
     # -- writing -------------------------------------------------------------------------------
-    def put(
-        self,
-        fdir: str,
-        key: str,
-        value: Any,
-        meta: dict[str, Any],
-        *,
-        compress: int | bool | str | tuple[str, int] = False,
-        manifest: dict[str, Any] | None = None,
-        replace: bool = False,
-    ) -> int:
-        """Publish an entry atomically and return the data file's size in bytes.
-
-        Raises:
-            OSError: the cache directory cannot be written (the temporary folder is removed).
-            UnpicklableResult: ``value`` cannot be pickled (the temporary folder is removed).
-        """
-
-        def build(data: Path) -> Built:
-            size, checksum = serialize.dump(value, data, compress=compress)
-            return Built(size, checksum, meta, manifest)
-
-        size = self.put_built(fdir, key, build, replace=replace)
-        assert size is not None
-        return size
-
     def put_built(
         self,
         fdir: str,

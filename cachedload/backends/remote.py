@@ -388,31 +388,6 @@ class RemoteRoot(CacheRoot):
             done=lambda: self.objects.head(meta_key) is not None,
         )
 
-    def put(
-        self,
-        fdir: str,
-        key: str,
-        value: Any,
-        meta: dict[str, Any],
-        *,
-        compress: int | bool | str | tuple[str, int] = False,
-        manifest: dict[str, Any] | None = None,
-        replace: bool = False,
-    ) -> int:
-        """Store the entry in the local copy, then publish it to the bucket.
-
-        If another process published the same key first, its entry is kept (both are results
-        of the same inputs). With ``replace``, the published entry is deleted first.
-
-        Raises:
-            OSError: the local copy or the bucket cannot be written.
-        """
-        size = self.copy.put(
-            fdir, key, value, meta, compress=compress, manifest=manifest, replace=replace
-        )
-        self._publish_copy(fdir, key, replace=replace)
-        return size
-
     def put_built(
         self,
         fdir: str,
