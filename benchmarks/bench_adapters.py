@@ -8,7 +8,7 @@ then times one shuffled epoch (batch 64, ``num_workers=2``, the platform's defau
 method) of each Dataset, interleaved round by round:
 
 * ``MappedImages(load_mapped, root)`` (this library's adapter);
-* the README's hand-written workflow-2 Dataset over the same cached loader (its items are
+* the hand-written workflow-2 Dataset of docs/pytorch.md over the same cached loader (its items are
   ``(H, W, C)``, no conversion), and the same Dataset returning ``(C, H, W)`` items (a
   ``permute``, so collation transposes), as MappedImages does;
 * a Dataset that opens, decodes and resizes each JPEG with Pillow per item, as
@@ -70,7 +70,7 @@ def load_mapped(root: str, size: tuple[int, int] = SIZE) -> Any:
 
 
 class HandWritten(Dataset[Any]):
-    """README workflow 2, as written there."""
+    """Workflow 2 of docs/pytorch.md, as written there."""
 
     def __init__(self, root: str) -> None:
         self.root, self._data = root, None

@@ -833,7 +833,8 @@ def cached_dataset(
       of the functions in ``depends_on`` and the user's ``version``;
     * the loader's **state** at each call: the plain data (numbers, strings, arrays, containers
       of them…) in the closure cells and module globals its code reads and does not change, the
-      object of a bound method or callable object, a partial's arguments (see the README).
+      object of a bound method or callable object, a partial's arguments (see the docs, "How
+      invalidation works").
 
     Args:
         source: parameter name(s) holding source paths (default: detected, see above).
@@ -842,12 +843,12 @@ def cached_dataset(
             Calling the wrapper then runs the loader on one file, uncached;
             ``loader.map(folder, pattern="**/*.jpg", **params)`` maps it over a folder's
             files and caches the stacked rows, rebuilding only the rows of added and changed
-            files when the folder changes (see the README, "Large and changing datasets").
+            files when the folder changes (see the docs, "Large and changing datasets").
         cache_dir: where entries live (a folder, ``file:///abs/path`` or a URL); default
             ``$CACHEDLOAD_DIR`` or the user cache dir. A URL
             (``"s3://bucket/prefix"``, or any fsspec URL) names a cache shared by several
             machines: one computes an entry, the others wait, then download it once each into
-            a local read-through copy (see the README, "Sharing a cache across machines").
+            a local read-through copy (see the docs, "Sharing a cache across machines").
         mmap_mode: ``"r"`` returns read-only memory maps of stored arrays (near-instant hits
             whatever their size), ``"c"`` copy-on-write maps (editable in memory, never
             written back). A miss returns the maps of the entry it just stored, so every call
@@ -889,7 +890,7 @@ def cached_dataset(
             hold besides arrays, numbers, strings and containers.
         signing_key: for a shared cache, sign entries with this key (HMAC-SHA256) and accept
             only entries signed with it, which may hold any picklable object (default
-            ``$CACHEDLOAD_SIGNING_KEY``). See the README, "Security".
+            ``$CACHEDLOAD_SIGNING_KEY``). See the docs, "Security".
 
     Returns:
         A :class:`CachedDataset` wrapping the loader.

@@ -268,7 +268,7 @@ class CorruptEntryWarning(CacheWarning):
 
 class UnsafeCacheWarning(CacheWarning):
     """A private cache directory is owned by another user or writable by others: it is neither
-    read nor written (the loader runs); see the README's "Security" section."""
+    read nor written (the loader runs); see the docs' "Security" page."""
 
 
 class SourceChangedWarning(CacheWarning):

@@ -1,4 +1,4 @@
-"""A PyTorch ``Dataset`` over a cached loader's result: one line instead of README workflow 2.
+"""A PyTorch ``Dataset`` over a cached loader's result: one line instead of workflow 2's own.
 
 ::
 

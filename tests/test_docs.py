@@ -111,3 +111,18 @@ def test_the_notebooks_page_shows_the_notebook_s_magics() -> None:
     shown = re.search(r"```ipython\n(.*?)```", page, re.DOTALL)
     assert shown is not None
     assert shown.group(1).strip() == cells[0].strip()
+
+
+def test_the_framework_pages_have_a_block_for_every_workflow() -> None:
+    def texts(page: str) -> list[str]:
+        return [str(example.parsed) for example in python_blocks(_EXAMPLES[page])]
+
+    torch_blocks = texts("pytorch.md")
+    assert any("MappedImages(load_train" in text for text in torch_blocks)  # 1. in memory
+    assert any("num_workers=" in text for text in torch_blocks)  # 2. larger than RAM, workers
+    assert any("index_of(" in text for text in torch_blocks)  # 3. per-item lookup
+    assert any("class HandWrittenMappedImages" in text for text in torch_blocks)
+    tf_blocks = texts("tensorflow.md")
+    assert any("from_tensor_slices(" in text for text in tf_blocks)  # in memory
+    assert any("output_signature" in text for text in tf_blocks)  # a generator over a map
+    assert any("cachedload.tf.dataset(" in text for text in tf_blocks)

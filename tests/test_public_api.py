@@ -1,4 +1,4 @@
-"""The public surface changes only on purpose, and the README's example runs."""
+"""The public surface changes only on purpose, and the README's quick start runs."""
 
 from __future__ import annotations
 

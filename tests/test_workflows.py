@@ -1,4 +1,5 @@
-"""The three workflows of the README, end to end: in-memory, larger than RAM, per-item lookup."""
+"""The three PyTorch workflows of docs/pytorch.md, end to end: in memory, larger than RAM,
+per-item lookup."""
 
 from __future__ import annotations
 
@@ -117,8 +118,8 @@ def test_per_item_lookup_by_index_and_by_path(dataset_root: Path, isolated_cache
     assert data.classes[data.labels[position[wanted]]] == "dogs"
 
 
-# README workflow 2 as a user runs it: the loader and the Dataset in the main script, whose
-# functions are ``__mp_main__.*`` in workers started with spawn (``__main__.*`` under fork).
+# Workflow 2 (docs/pytorch.md) as a user runs it: the loader and the Dataset in the main script,
+# whose functions are ``__mp_main__.*`` in workers started with spawn (``__main__.*`` under fork).
 WORKFLOW_2_SCRIPT = """
 import multiprocessing
 import os
