@@ -315,10 +315,10 @@ class LocalRoot(CacheRoot):
         entry = self.entry_path(fdir, key)
         data_path = entry / DATA_FILE
         try:
-            info = os.stat(data_path)
-        except FileNotFoundError:
-            raise CorruptEntry(entry, "data file is missing") from None
-        try:
+            try:
+                info = os.stat(data_path)
+            except FileNotFoundError:
+                raise CorruptEntry(entry, "data file is missing") from None
             return self._load(entry, data_path, info, meta, mmap_mode, verify, ahead)
         except CorruptEntry:
             if _vanished(entry, meta):  # removed or replaced while read: a plain miss
