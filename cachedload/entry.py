@@ -438,9 +438,14 @@ def read_local_meta(entry: Path, *, any_version: bool = False) -> dict[str, Any]
     try:
         raw = _read_meta_file(entry)
     except FileNotFoundError:
-        if entry.is_dir():
-            raise CorruptEntry(entry, "metadata file is missing") from None
-        return None
+        if not entry.is_dir():
+            return None
+        try:  # the folder read was removed meanwhile and another published: read that one
+            raw = _read_meta_file(entry)
+        except FileNotFoundError:
+            if entry.is_dir():
+                raise CorruptEntry(entry, "metadata file is missing") from None
+            return None
     except NotADirectoryError:
         if entry.is_symlink():
             raise CorruptEntry(entry, "entry folder is a symlink") from None
