@@ -28,6 +28,7 @@ from cachedload.manage import (
     format_age,
     format_size,
     is_busy,
+    leftovers,
     list_entries,
     local_copies,
     manifest_of,
@@ -39,6 +40,7 @@ from cachedload.manage import (
     tidy_local_copies,
     verify,
 )
+from cachedload.root import Leftover
 
 __all__ = ["main"]
 
@@ -139,6 +141,10 @@ def _entries_text(count: int) -> str:
     return f"{count} entr{'y' if count == 1 else 'ies'}"
 
 
+def _plural(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
+
+
 def _copies_text(count: int) -> str:
     return f"{count} local cop{'y' if count == 1 else 'ies'} of remote entries"
 
@@ -188,7 +194,46 @@ def _ls(args: argparse.Namespace) -> int:
         _print_table(members, now)
         total = sum(record.size_bytes for record in members)
         print(f"{_copies_text(len(members))}, {format_size(total)}")
+    if not args.function:
+        _print_leftovers(cache_dir)
     return 0
+
+
+def _print_leftovers(cache_dir: Path | str) -> None:
+    found = leftovers(cache_dir)
+    if not found:
+        return
+    print("\nleftovers (not entries: temporary folders of writers, running or killed):")
+    for leftover in found:
+        state = (
+            "writer gone: `cachedload clear`, `prune` or `verify --fix` removes it"
+            if leftover.dead
+            else "being written"
+        )
+        where = f"{leftover.path.parent.name}/{leftover.path.name}"
+        print(f"  - {where}  {format_size(leftover.size_bytes)}  ({state})")
+    total = sum(leftover.size_bytes for leftover in found)
+    print(f"{_plural(len(found), 'leftover', 'leftovers')}, {format_size(total)}")
+
+
+def _tidy(cache_dir: Path | str, dry_run: bool) -> None:
+    """Remove dead writers' leftovers and records of removed entries, saying what went."""
+    dead = _dead_leftovers(cache_dir)
+    if not dry_run:
+        tidy(cache_dir)
+        tidy_local_copies(cache_dir)
+    _say_removed(dead, dry_run)
+
+
+def _dead_leftovers(cache_dir: Path | str) -> list[Leftover]:
+    return [leftover for leftover in leftovers(cache_dir) if leftover.dead]
+
+
+def _say_removed(dead: Sequence[Leftover], dry_run: bool) -> None:
+    if dead:
+        verb = "would remove" if dry_run else "removed"
+        size = format_size(sum(leftover.size_bytes for leftover in dead))
+        print(f"{verb} {_plural(len(dead), 'leftover', 'leftovers')} of dead writers ({size})")
 
 
 def _print_table(records: Sequence[EntryRecord], now: float) -> None:
@@ -327,6 +372,7 @@ def _clear(args: argparse.Namespace) -> int:
         records = [record for record in records if record.last_used < cutoff]
     if not records and not damaged:
         print("nothing to clear: no entry matches")
+        _tidy(cache_dir, args.dry_run)
         return 0
     total = sum(record.size_bytes for record in records) + sum(d.size_bytes for d in damaged)
     copies = sum(1 for r in records if r.copy_of) + sum(1 for d in damaged if d.copy_of)
@@ -341,8 +387,7 @@ def _clear(args: argparse.Namespace) -> int:
     if not args.dry_run:
         for result in damaged:
             remove_damaged(result)
-        tidy(cache_dir)
-        tidy_local_copies(cache_dir)
+    _tidy(cache_dir, args.dry_run)
     if damaged:
         print(f"{'would remove' if args.dry_run else 'removed'} {len(damaged)} damaged entries")
     _report(report, cache_dir)
@@ -356,6 +401,7 @@ def _prune(args: argparse.Namespace) -> int:
             "nothing to apply: give --max-size, --keep or --older-than "
             "(or set $CACHEDLOAD_MAX_SIZE)"
         )
+    dead = _dead_leftovers(_cache_dir(args))  # prune removes them
     report = prune(
         _cache_dir(args),
         max_size=max_size,
@@ -363,6 +409,7 @@ def _prune(args: argparse.Namespace) -> int:
         older_than=args.older_than,
         dry_run=args.dry_run,
     )
+    _say_removed(dead, args.dry_run)
     _report(report, _cache_dir(args))
     return 0
 
@@ -401,6 +448,8 @@ def _verify(args: argparse.Namespace) -> int:
             else:
                 line += "  (deleted)" if remove_damaged(result) else "  (in use: not deleted)"
         print(line)
+    if args.fix:
+        _tidy(_cache_dir(args), dry_run=False)
     what = _entries_text(checked - copies) + (f" and {_copies_text(copies)}" if copies else "")
     print(
         f"checked {what} ({format_size(total)}): {damaged} damaged"

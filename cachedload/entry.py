@@ -21,6 +21,12 @@ A local cache directory (``cache_dir=``, ``$CACHEDLOAD_DIR`` or the user cache d
                                                 mtime = last use; the entry is never rewritten
         .tmp-<host>-<pid>-<random>/             an entry (or a file) being written
         .trash-<host>-<pid>-<random>/           an entry being deleted (renamed away first)
+
+A writer killed mid-write leaves its ``.tmp-*`` (or ``.trash-*``) folder; a killed holder of a
+lock its ``<key>.lock`` and ``<key>.owner``; a removed entry may leave its ``<key>.used``. These
+leftovers are listed by ``cachedload ls``; those of dead writers, and records beside entries that
+no longer exist (only when the entry's lock is free), are removed by ``prune``, ``clear`` and
+``verify --fix`` (a store removes the dead writers' temporary folders of its function folder).
       remote/                                   read-through copies of remote caches
         <bucket-prefix>-<sha256(url)[:8]>/      one per remote cache URL
           .url                                  the remote cache's URL (``cachedload ls``)
@@ -82,6 +88,7 @@ __all__ = [
     "MAX_META_DEPTH",
     "META_FILE",
     "OWNER_SUFFIX",
+    "RECORD_SUFFIXES",
     "SYNCED_SUFFIX",
     "TAG_CONTENT",
     "TAG_FILE",
@@ -106,6 +113,7 @@ __all__ = [
     "parse_meta",
     "read_local_meta",
     "read_regular_file",
+    "record_key",
     "scan_entry_dirs",
     "size_problem",
     "temporary_name",
@@ -430,9 +438,14 @@ def read_local_meta(entry: Path, *, any_version: bool = False) -> dict[str, Any]
     try:
         raw = _read_meta_file(entry)
     except FileNotFoundError:
-        if entry.is_dir():
-            raise CorruptEntry(entry, "metadata file is missing") from None
-        return None
+        if not entry.is_dir():
+            return None
+        try:  # the folder read was removed meanwhile and another published: read that one
+            raw = _read_meta_file(entry)
+        except FileNotFoundError:
+            if entry.is_dir():
+                raise CorruptEntry(entry, "metadata file is missing") from None
+            return None
     except NotADirectoryError:
         if entry.is_symlink():
             raise CorruptEntry(entry, "entry folder is a symlink") from None
@@ -585,3 +598,16 @@ def leftover_is_dead(name: str, mtime: float, now: float) -> bool:
 def is_leftover_name(name: str) -> bool:
     """True if ``name`` is a temporary or trash file/folder (maybe a dead writer's)."""
     return name.startswith((TMP_PREFIX, TRASH_PREFIX))
+
+
+#: The records kept beside an entry (``<key><suffix>``), which outlive it if nothing removes them.
+RECORD_SUFFIXES = (LOCK_SUFFIX, OWNER_SUFFIX, USED_SUFFIX, SYNCED_SUFFIX)
+
+
+def record_key(name: str) -> str | None:
+    """The key of a record kept beside an entry (``<key>.lock``, ``.owner``, ``.used``,
+    ``.synced``), or None if ``name`` is not one."""
+    key, dot, suffix = name.partition(".")
+    if dot and f".{suffix}" in RECORD_SUFFIXES and is_entry_name(key):
+        return key
+    return None

@@ -200,10 +200,12 @@ def _open_folder(directory: str) -> tuple[os._ScandirIterator[str], int] | None:
             fd = os.open(directory, _DIR_FLAGS)
             return os.scandir(fd), fd
         return os.scandir(directory), fd  # pragma: no cover - Windows
-    except (FileNotFoundError, NotADirectoryError):
+    except BaseException as error:  # e.g. EMFILE from scandir(fd): the fd must not leak
         if fd >= 0:
             os.close(fd)
-        return None
+        if isinstance(error, (FileNotFoundError, NotADirectoryError)):
+            return None
+        raise
 
 
 class _Walker:

@@ -27,7 +27,7 @@ from cachedload.backends import open_root
 from cachedload.config import parse_size
 from cachedload.errors import ConfigurationError
 from cachedload.options import check_keep
-from cachedload.root import CacheRoot, Checked, EntryInfo
+from cachedload.root import CacheRoot, Checked, EntryInfo, Leftover
 from cachedload.store import LocalRoot
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "format_age",
     "format_size",
     "is_busy",
+    "leftovers",
     "list_entries",
     "local_copies",
     "log_removal",
@@ -357,6 +358,19 @@ def local_copies(cache_dir: str | os.PathLike[str] | None = None) -> list[EntryR
             for record in records_of(copy, copy_of=url)
         ]
     )
+
+
+def leftovers(cache_dir: str | os.PathLike[str] | None = None) -> list[Leftover]:
+    """The temporary and trash folders in a cache directory (and in its local copies of
+    remote caches): what writers are writing, or what killed writers left, with their sizes.
+
+    Those whose writer is gone (``dead``) are removed by :func:`prune`, ``cachedload clear``
+    and ``cachedload verify --fix``, and by the next store into the same function folder.
+    """
+    root = open_root(cache_dir).local
+    return root.leftovers() + [
+        found for copy, _ in root.local_copies() for found in copy.leftovers()
+    ]
 
 
 def manifest_of(record: EntryRecord) -> dict[str, Any] | None:

@@ -25,7 +25,17 @@ from cachedload import serialize
 from cachedload.entry import OWNER_SUFFIX, CorruptEntry, write_new_file
 from cachedload.reading import ReadAhead
 
-__all__ = ["Built", "CacheRoot", "Checked", "CorruptEntry", "EntryInfo", "Hit", "Lookup", "Miss"]
+__all__ = [
+    "Built",
+    "CacheRoot",
+    "Checked",
+    "CorruptEntry",
+    "EntryInfo",
+    "Hit",
+    "Leftover",
+    "Lookup",
+    "Miss",
+]
 
 logger = logging.getLogger("cachedload")
 
@@ -58,6 +68,20 @@ class Checked:
     url: str | None = None
     #: Damaged and not shaped as an entry: not ours, never deleted.
     unknown: bool = False
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """A temporary or trash folder (or file) left in a cache directory, not an entry
+    (:meth:`CacheRoot.leftovers`).
+
+    ``dead``: its writer is gone (or it is older than an hour): ``prune``, ``clear`` and
+    ``verify --fix`` remove it; else it is being written right now.
+    """
+
+    path: Path
+    size_bytes: int
+    dead: bool
 
 
 @dataclass(slots=True)  # made on every hit: not frozen, which costs a setattr per field
@@ -143,6 +167,11 @@ class CacheRoot(abc.ABC):
     def tidy_copies(self) -> None:
         """Tidy the copies of :meth:`local_copies`; remove those left empty."""
         return  # none here, unless a subclass keeps copies
+
+    def leftovers(self) -> list[Leftover]:
+        """Temporary and trash folders of writers, live or dead (none by default: a remote
+        cache's leftovers are objects that :meth:`tidy` removes)."""
+        return []
 
     # -- reading -------------------------------------------------------------------------------
     @abc.abstractmethod

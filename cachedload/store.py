@@ -30,6 +30,7 @@ from cachedload.entry import (
     LOCK_SUFFIX,
     MANIFEST_FILE,
     META_FILE,
+    OWNER_SUFFIX,
     SYNCED_SUFFIX,
     TAG_CONTENT,
     TAG_FILE,
@@ -45,6 +46,7 @@ from cachedload.entry import (
     is_tagged,
     leftover_is_dead,
     read_local_meta,
+    record_key,
     scan_entry_dirs,
     size_problem,
     temporary_name,
@@ -54,7 +56,7 @@ from cachedload.errors import NotACacheDirectoryError
 from cachedload.fingerprint import hash_file
 from cachedload.mount import entry_lock, uses_lease
 from cachedload.reading import NOTHING, ReadAhead
-from cachedload.root import Built, CacheRoot, Checked, EntryInfo
+from cachedload.root import Built, CacheRoot, Checked, EntryInfo, Leftover
 from cachedload.signing import SIGNATURE_FIELD, sign, verify_signature
 
 __all__ = ["LocalRoot", "atomic_write_bytes"]
@@ -120,6 +122,22 @@ def _folder_size(path: Path) -> int:
             return sum(f.stat().st_size for f in children if f.is_file(follow_symlinks=False))
     except OSError:
         return 0
+
+
+def _tree_size(path: str) -> int:
+    """The bytes of the files under a folder (or of a file); what vanishes meanwhile counts 0."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return 0
+    if not stat.S_ISDIR(info.st_mode):
+        return info.st_size
+    total = 0
+    for folder, _, names in os.walk(path):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(folder, name)).st_size
+    return total
 
 
 def _vanished(entry: Path, meta: dict[str, Any]) -> bool:
@@ -297,10 +315,10 @@ class LocalRoot(CacheRoot):
         entry = self.entry_path(fdir, key)
         data_path = entry / DATA_FILE
         try:
-            info = os.stat(data_path)
-        except FileNotFoundError:
-            raise CorruptEntry(entry, "data file is missing") from None
-        try:
+            try:
+                info = os.stat(data_path)
+            except FileNotFoundError:
+                raise CorruptEntry(entry, "data file is missing") from None
             return self._load(entry, data_path, info, meta, mmap_mode, verify, ahead)
         except CorruptEntry:
             if _vanished(entry, meta):  # removed or replaced while read: a plain miss
@@ -574,11 +592,54 @@ class LocalRoot(CacheRoot):
                 removed += 1
         return removed
 
+    def remove_stale_records(self, fdir: str) -> int:
+        """Delete the lock, owner and usage records of entries that no longer exist; return
+        how many keys were tidied. A key whose lock another process holds is skipped: its
+        entry is being computed (it has no folder yet) or removed."""
+        self.check_deletable()
+        folder = self.path / fdir
+        try:
+            with os.scandir(folder) as found:
+                names = {child.name for child in found}
+        except (FileNotFoundError, NotADirectoryError):
+            return 0
+        keys = {key for key in map(record_key, names) if key is not None and key not in names}
+        tidied = 0
+        for key in sorted(keys):
+            with self.claim(fdir, key) as free:  # the lock file goes when the claim ends
+                if not free or os.path.lexists(folder / key):
+                    continue
+                for suffix in (OWNER_SUFFIX, USED_SUFFIX, SYNCED_SUFFIX):
+                    with contextlib.suppress(FileNotFoundError):
+                        self._beside(fdir, key, suffix).unlink()
+                tidied += 1
+        return tidied
+
+    def leftovers(self) -> list[Leftover]:
+        """The temporary and trash folders (or files) in the function folders, with their
+        sizes, and whether their writer is gone."""
+        now, found = time.time(), []
+        for fdir in self.function_dirs():
+            try:
+                with os.scandir(self.path / fdir) as children:
+                    names = [child.name for child in children if is_leftover_name(child.name)]
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for name in sorted(names):
+                path = self.path / fdir / name
+                info = _lstat(path)
+                if info is not None:  # else removed meanwhile
+                    dead = leftover_is_dead(name, info.st_mtime, now)
+                    found.append(Leftover(path, _tree_size(str(path)), dead))
+        return found
+
     def tidy(self) -> None:
-        """Remove dead writers' leftovers, then function folders left empty."""
+        """Remove dead writers' leftovers and records of entries that no longer exist, then
+        function folders left empty."""
         self.check_deletable()
         for fdir in self.function_dirs():
             self.remove_leftovers(fdir)
+            self.remove_stale_records(fdir)
             with contextlib.suppress(OSError):
                 (self.path / fdir).rmdir()  # only succeeds when empty
 
