@@ -605,3 +605,41 @@ def test_cli_ls_info_verify_clear_prune_on_a_bucket(
     status, out = run("clear", "--all", "--yes")
     assert status == 0 and json.loads(run("ls", "--json")[1]) == []
     assert not any(name.endswith("meta.json") for name in objects_under(seaweed, url))
+
+
+class _RunsCode:
+    """A pickle that creates ``marker`` when it is loaded (what a bucket writer could plant)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_planted_in_the_bucket_never_runs_on_a_fresh_node(
+    seaweed: str, url: str, data_dir: Path, tmp_path: Path
+) -> None:
+    import pickle
+
+    import xxhash
+
+    calls: list[int] = []
+    expected = make_loader(url, seaweed, tmp_path / "a", calls)(str(data_dir))
+    names = objects_under(seaweed, url)
+    data_key = next(name for name in names if name.endswith(".joblib"))
+    meta_key = next(name for name in names if name.endswith("/meta.json"))
+    prefix = url.split(f"s3://{BUCKET}/", 1)[1]
+    client = s3_client(seaweed)
+    marker = tmp_path / "owned"
+    payload = pickle.dumps(_RunsCode(str(marker)))
+    meta = json.loads(client.get_object(Bucket=BUCKET, Key=f"{prefix}/{meta_key}")["Body"].read())
+    meta["data"].update(size=len(payload), xxh3=xxhash.xxh3_128_hexdigest(payload))
+    # Plain PUTs over the published objects, checksum and size fixed up to match.
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/{data_key}", Body=payload)
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/{meta_key}", Body=json.dumps(meta).encode())
+    with pytest.warns(CorruptEntryWarning, match="UnsafePickleError"):
+        healed = make_loader(url, seaweed, tmp_path / "b", calls)(str(data_dir))
+    assert not marker.exists()
+    assert calls == [1, 1]
+    np.testing.assert_array_equal(healed, expected)

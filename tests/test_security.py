@@ -328,3 +328,42 @@ def test_a_private_cache_is_0700_and_its_files_0600_under_umask_022(tmp_path: Pa
             assert mode == 0o644  # read by backup tools; says nothing
         else:
             assert mode == (0o700 if path.is_dir() else 0o600), path
+
+
+def test_a_planted_lock_symlink_is_never_followed(tmp_path: Path) -> None:
+    counter: list[int] = []
+    cache, src = tmp_path / "cache", _source(tmp_path)
+    load = _loader(cache, counter)
+    load(src)
+    path = load.cache_path(src)
+    target = tmp_path / "target.txt"
+    target.write_text("mine")
+    lock = path.with_name(path.name + entry.LOCK_SUFFIX)
+    lock.unlink(missing_ok=True)
+    lock.symlink_to(target)
+    with pytest.warns(CacheStoreWarning, match="symbolic link"):  # refused: computed, not stored
+        assert load.recompute(src)["n"] == 1
+    assert target.read_text() == "mine" and not target.is_symlink()
+
+
+def test_a_shared_cache_keeps_the_setgid_group_of_its_root(tmp_path: Path) -> None:
+    import stat
+
+    root = tmp_path / "team-cache"
+    root.mkdir()
+    group = 100 if os.getgid() != 100 else 101  # a group the files would not get by default
+    os.chown(root, -1, group)
+    os.chmod(root, 0o2770)
+    counter: list[int] = []
+    old = os.umask(0o007)
+    try:
+        load = _loader(root, counter, shared=True)
+        load(_source(tmp_path))
+    finally:
+        os.umask(old)
+    made = [p for p in root.rglob("*") if not p.is_symlink()]
+    assert made and all(p.stat().st_gid == group for p in made)
+    folders = [p for p in made if p.is_dir()]
+    assert folders and all(p.stat().st_mode & stat.S_ISGID for p in folders)
+    assert all(p.stat().st_mode & stat.S_IRGRP for p in made)
+    assert load(_source(tmp_path))["n"] == 1 and len(counter) == 1  # and it is used
