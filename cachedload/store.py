@@ -469,8 +469,17 @@ class LocalRoot(CacheRoot):
                 write_new_file(self.path / TAG_FILE, TAG_CONTENT, self._file_mode | 0o444)
             self._tagged = True
         function_dir = self.folder(fdir)
-        with contextlib.suppress(FileExistsError):
+        try:
             function_dir.mkdir(self._dir_mode)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            if self.path.exists():
+                raise
+            # The cache directory was deleted since this root made it (rm -rf of the cache
+            # while a program runs): make it, and tag it, again.
+            self._tagged = False
+            return self.make_folder(fdir)
         return function_dir
 
     def check_deletable(self) -> None:

@@ -175,3 +175,26 @@ def test_local_copies_of_remote_caches_are_not_function_folders(tmp_path: Path) 
     found.remove(FDIR, KEY)
     root.tidy_copies()
     assert not (tmp_path / entry.LOCAL_COPIES_DIR).exists()
+
+
+def test_a_cache_directory_deleted_while_a_program_runs_is_made_again(tmp_path: Path) -> None:
+    import shutil
+
+    from cachedload import cached_dataset
+
+    calls: list[int] = []
+    source = tmp_path / "data"
+    source.mkdir()
+    (source / "a.txt").write_text("a")
+    os.utime(source / "a.txt", (1e9, 1e9))
+
+    @cached_dataset(cache_dir=tmp_path / "cache")
+    def load(data_dir: Path) -> int:
+        calls.append(1)
+        return 1
+
+    assert load(source) == 1
+    shutil.rmtree(tmp_path / "cache")  # with the wrapper (and its root) still alive
+    assert load(source) == 1  # no CacheStoreWarning: the directory is made again
+    assert load(source) == 1 and len(calls) == 2
+    assert (tmp_path / "cache" / "CACHEDIR.TAG").exists()
