@@ -360,7 +360,9 @@ class _Runner:
 
         self.fn, self.params, self.backend, self.batch_bytes = fn, params, backend, batch_bytes
         if n_jobs is None:
-            _active, context_jobs = get_active_backend(prefer="threads")
+            # Not prefer="threads": with it, joblib reports n_jobs=1 outside any
+            # parallel_config (its threads fallback), and every default build ran serially.
+            _active, context_jobs = get_active_backend()
             n_jobs = -1 if context_jobs is None else context_jobs
         self.n_jobs = n_jobs
 
