@@ -38,7 +38,9 @@ import itertools
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -108,12 +110,13 @@ class PreviousBuild:
 
     Attributes:
         path: its data file.
-        records: its per-row records, ``relpath -> RowRecord`` (``BuildReport.records``).
+        records: its per-row records, ``relpath -> RowRecord`` (``BuildReport.records``), or
+            plain tuples in the same order.
         extent: where its rows array sits in the file; ``None``: read from the file's index.
     """
 
     path: str | os.PathLike[str]
-    records: Mapping[str, RowRecord]
+    records: Mapping[str, tuple[int, int, int, str | None]]
     extent: serialize.ArrayExtent | None = None
 
 
@@ -130,6 +133,8 @@ class BuildReport:
         row_shape, dtype: of the stacked rows (``None`` for a ragged or empty build).
         full_build_reason: why the previous build was not used (``None`` if it was, or if
             there was none to use).
+        value: the result in memory, as loading the file gives it, if ``build_items(...,
+            in_memory=True)`` built it there (else ``None``: load the file).
     """
 
     size: int
@@ -141,6 +146,7 @@ class BuildReport:
     row_shape: tuple[int, ...] | None
     dtype: np.dtype[Any] | None
     full_build_reason: str | None = None
+    value: ItemArray | None = field(default=None, repr=False, compare=False)
 
 
 def scan_items(
@@ -188,12 +194,15 @@ def _run_batch(
     params: Mapping[str, Any],
     shape: tuple[int, ...] | None,
     dtype: np.dtype[Any] | None,
+    out: np.ndarray[Any, Any] | None = None,
 ) -> np.ndarray[Any, Any] | _Mismatch | list[np.ndarray[Any, Any]]:
-    """Compute one batch: stacked rows (checked against ``shape``/``dtype``), or a list if
-    ragged (``shape is None``). One array per batch crosses a process boundary, not N."""
+    """Compute one batch: stacked rows (checked against ``shape``/``dtype``; into ``out`` if
+    given, a thread's share of the result), or a list if ragged (``shape is None``). One
+    array per batch crosses a process boundary, not N."""
     if shape is None or dtype is None:
         return [np.asarray(_load(fn, path, params)) for path in paths]
-    out = np.empty((len(paths), *shape), dtype)
+    if out is None:
+        out = np.empty((len(paths), *shape), dtype)
     for position, path in enumerate(paths):
         row = np.asarray(_load(fn, path, params))
         if row.shape != shape or row.dtype != dtype:
@@ -213,7 +222,7 @@ class _Plan(NamedTuple):
 
 def _classify(
     items: Sequence[Item],
-    previous: Mapping[str, RowRecord],
+    previous: Mapping[str, tuple[int, int, int, str | None]],
     previous_rows: int,
     taken_ns: int,
 ) -> _Plan:
@@ -222,29 +231,22 @@ def _classify(
     compute: list[int] = []
     copies: list[tuple[int, int, int]] = []
     records: dict[str, RowRecord] = {}
-    for row, item in enumerate(items):
-        racy_hash = hash_file(item.path) if item.mtime_ns >= racy_limit else None
-        records[item.relpath] = RowRecord(row, item.size, item.mtime_ns, racy_hash)
-        old = previous.get(item.relpath)
-        same = (
-            old is not None
-            and 0 <= old.row < previous_rows
-            and old.size == item.size
-            and old.mtime_ns == item.mtime_ns
-        )
-        if same and old is not None and old.content_hash is not None:
-            same = (racy_hash or hash_file(item.path)) == old.content_hash
-        if not same or old is None:
+    missing = (-1, -1, -1, None)
+    for row, (relpath, path, size, mtime_ns) in enumerate(items):
+        racy_hash = hash_file(path) if mtime_ns >= racy_limit else None
+        records[relpath] = RowRecord(row, size, mtime_ns, racy_hash)
+        # Unpacked, not by attribute: the records may be plain tuples (as the manifest gives
+        # them), which saves making 20,000 RowRecords for a call that changes one file.
+        old_row, old_size, old_mtime, old_hash = previous.get(relpath, missing)
+        same = 0 <= old_row < previous_rows and old_size == size and old_mtime == mtime_ns
+        if same and old_hash is not None:
+            same = (racy_hash or hash_file(path)) == old_hash
+        if not same:
             compute.append(row)
-        elif (
-            copies
-            and copies[-1][0] + copies[-1][2] == row
-            and (copies[-1][1] + copies[-1][2] == old.row)
-        ):
-            first, source, count = copies[-1]
-            copies[-1] = (first, source, count + 1)  # contiguous here and there: one copy
+        elif copies and (last := copies[-1])[0] + last[2] == row and last[1] + last[2] == old_row:
+            copies[-1] = (last[0], last[1], last[2] + 1)  # contiguous here and there: one copy
         else:
-            copies.append((row, old.row, 1))
+            copies.append((row, old_row, 1))
     return _Plan(compute, copies, records)
 
 
@@ -274,6 +276,7 @@ def build_items(
     backend: Any = None,
     ragged: bool = False,
     batch_bytes: int = BATCH_BYTES,
+    in_memory: bool = False,
 ) -> BuildReport:
     """Compute ``fn(item.path, **params)`` for each item into one data file at ``path``.
 
@@ -291,6 +294,9 @@ def build_items(
             else threads.
         ragged: rows may differ in shape; the result's ``array`` is a list (built in memory).
         batch_bytes: about how many bytes of rows one batch holds.
+        in_memory: the caller wants the result in memory: where it can (a full build on
+            threads), the rows are computed straight into the final array, which
+            ``report.value`` returns (no batch buffers, no reading the file back).
 
     Returns:
         The :class:`BuildReport`; the file holds an :class:`ItemArray`.
@@ -325,8 +331,9 @@ def build_items(
         size, checksum = _build_ragged(runner, items, plan, old_rows, path)
         shape = dtype = None
     else:
-        size, checksum, shape, dtype = _build_stacked(
-            runner, items, plan, previous, extent, paths, path
+        kept = np.empty(0) if in_memory and not plan.copies and runner.threads() else None
+        size, checksum, shape, dtype, kept = _build_stacked(
+            runner, items, plan, previous, extent, paths, path, kept
         )
     reused = sum(count for _first, _source, count in plan.copies)
     report = BuildReport(
@@ -339,6 +346,7 @@ def build_items(
         row_shape=shape,
         dtype=dtype,
         full_build_reason=reason if previous is not None and not usable else None,
+        value=None if ragged or kept is None else ItemArray(kept, paths),
     )
     _log.debug("built %s: %s rows computed, %s copied, %s bytes in %.3f s", os.fspath(path),
                report.computed, report.reused, size, report.seconds)  # fmt: skip
@@ -360,9 +368,23 @@ class _Runner:
 
         self.fn, self.params, self.backend, self.batch_bytes = fn, params, backend, batch_bytes
         if n_jobs is None:
-            _active, context_jobs = get_active_backend(prefer="threads")
+            # Not prefer="threads": with it, joblib reports n_jobs=1 outside any
+            # parallel_config (its threads fallback), and every default build ran serially.
+            _active, context_jobs = get_active_backend()
             n_jobs = -1 if context_jobs is None else context_jobs
         self.n_jobs = n_jobs
+
+    def threads(self) -> bool:
+        """True if the batches would run on threads of this process (no process pool, no
+        cluster: neither asked for here nor by an active ``joblib.parallel_config``)."""
+        from joblib.parallel import get_active_backend
+
+        if self.backend not in (None, "threading"):
+            return False
+        # With prefer="threads", joblib answers its threads backend unless a context
+        # manager set another one explicitly.
+        active, _jobs = get_active_backend(prefer="threads")
+        return bool(getattr(active, "uses_threads", False))
 
     def batches(self, rows: list[int], row_bytes: int) -> list[list[int]]:
         """Split ``rows`` into batches of about ``batch_bytes``, several per worker."""
@@ -379,17 +401,48 @@ class _Runner:
         batches: list[list[str]],
         shape: tuple[int, ...] | None,
         dtype: np.dtype[Any] | None,
+        outs: list[np.ndarray[Any, Any]] | None = None,
     ) -> Iterator[Any]:
-        """Each batch's result, in order, as soon as it (and those before it) are done."""
+        """Each batch's result, in order, as soon as it (and those before it) are done
+        (into ``outs``, one array per batch, only if :meth:`threads`)."""
+        outs_: list[Any] = [None] * len(batches) if outs is None else outs
         if not batches:
             return iter(())
+        tasks = [(self.fn, batch, self.params, shape, dtype, out)
+                 for batch, out in zip(batches, outs_, strict=True)]  # fmt: skip
+        if self.threads():
+            return self._on_threads(tasks)
         import joblib
 
         parallel = joblib.Parallel(
             n_jobs=self.n_jobs, backend=self.backend, prefer="threads", return_as="generator"
         )
         task = joblib.delayed(_run_batch)
-        return iter(parallel(task(self.fn, batch, self.params, shape, dtype) for batch in batches))
+        return iter(parallel(task(*arguments) for arguments in tasks))
+
+    def _on_threads(self, tasks: list[tuple[Any, ...]]) -> Iterator[Any]:
+        """The batches on this process's threads, at most two per thread ahead of the
+        consumer: joblib dispatches a new batch whenever one completes, so batches computed
+        faster than they are written piled up (a 2 GiB build peaked at 765 MiB on 2 threads).
+        One batch runs here, without a pool (joblib's cost ~12 ms: most of "change 1 file"
+        besides the fingerprint)."""
+        import joblib
+
+        workers = max(1, joblib.effective_n_jobs(self.n_jobs))
+        if workers == 1 or len(tasks) == 1:
+            yield from (_run_batch(*arguments) for arguments in tasks)
+            return
+        pool = ThreadPoolExecutor(workers, "cachedload-build")
+        try:
+            ahead: deque[Future[Any]] = deque()
+            for arguments in tasks:
+                ahead.append(pool.submit(_run_batch, *arguments))
+                if len(ahead) > 2 * workers:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _build_stacked(
@@ -400,17 +453,22 @@ def _build_stacked(
     extent: serialize.ArrayExtent | None,
     paths: tuple[str, ...],
     path: str | os.PathLike[str],
-) -> tuple[int, str, tuple[int, ...] | None, np.dtype[Any] | None]:
+    kept: np.ndarray[Any, Any] | None,
+) -> tuple[int, str, tuple[int, ...], np.dtype[Any], np.ndarray[Any, Any] | None]:
+    """Write the rows; ``kept`` (not ``None``: a full build on threads, every row computed)
+    is replaced by the result array, the batches computed straight into it."""
     compute = list(plan.compute)
     shape, dtype, reference, first = _row_layout(runner, items, plan, extent)
     row_bytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    if kept is not None:
+        kept = np.empty((len(items), *shape), dtype)
+        if first is not None:
+            kept[compute[0]] = first
     value = ItemArray(serialize.ArraySlot((len(items), *shape), dtype), paths)
     out = serialize.dump_slotted(value, path)
     source_fd = -1
     try:
-        if plan.copies:
-            assert previous is not None
-            source_fd = os.open(previous.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        source_fd = _open_previous(plan, previous)
         copies = iter(plan.copies)
         pending_copy = next(copies, None)
 
@@ -438,7 +496,9 @@ def _build_stacked(
             compute = compute[1:]
             del first
         batches = runner.batches(compute, row_bytes)
-        results = runner.run([[items[r].path for r in b] for b in batches], shape, dtype)
+        # Every row is computed (no copies): each batch is a run of consecutive rows.
+        outs = None if kept is None else [kept[b[0] : b[-1] + 1] for b in batches]
+        results = runner.run([[items[r].path for r in b] for b in batches], shape, dtype, outs)
         for rows, result in zip(batches, results, strict=True):
             if isinstance(result, _Mismatch):
                 bad = rows[result.position]
@@ -451,7 +511,15 @@ def _build_stacked(
         out.close()
         if source_fd >= 0:
             os.close(source_fd)
-    return size, checksum, shape, dtype
+    return size, checksum, shape, dtype, kept
+
+
+def _open_previous(plan: _Plan, previous: PreviousBuild | None) -> int:
+    """A descriptor of the previous build's file if rows are copied from it, else -1."""
+    if not plan.copies:
+        return -1
+    assert previous is not None
+    return os.open(previous.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
 
 
 def _row_layout(

@@ -131,13 +131,17 @@ def cached_image_folder(
     images = found.array
     # load_image_folder sorts by path component ("a/b" before "a-c/d"); the rows are sorted
     # by path. They differ only where a name sorts before "/": reorder (in memory) only then.
-    order = sorted(range(len(paths)), key=lambda i: paths[i].split("/"))
-    if order != list(range(len(paths))):
+    # With "/" as "\0" (below any character of a name), plain string order is that order: one
+    # replace per path and a check that is linear when already sorted (a hit does this).
+    keys = [p.replace("/", "\0") for p in paths]
+    if keys != sorted(keys):
+        order = sorted(range(len(paths)), key=keys.__getitem__)
         images, paths = np.asarray(images)[order], tuple(paths[i] for i in order)
     labels = None
     classes: tuple[str, ...] = ()
     if all("/" in p for p in paths):
-        classes = tuple(sorted({p.split("/", 1)[0] for p in paths}))
+        tops = [p.split("/", 1)[0] for p in paths]
+        classes = tuple(sorted(set(tops)))
         index = {name: i for i, name in enumerate(classes)}
-        labels = np.array([index[p.split("/", 1)[0]] for p in paths], dtype=np.int64)
+        labels = np.fromiter(map(index.__getitem__, tops), dtype=np.int64, count=len(tops))
     return ImageFolderData(images, labels, classes, paths)

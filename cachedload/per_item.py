@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import itertools
 import logging
@@ -38,7 +39,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from cachedload import serialize
-from cachedload.builder import BuildReport, Item, ItemArray, PreviousBuild, RowRecord, build_items
+from cachedload.builder import BuildReport, Item, ItemArray, PreviousBuild, build_items
 from cachedload.entry import DATA_FILE, CorruptEntry, item_records
 from cachedload.errors import (
     ConfigurationError,
@@ -123,8 +124,17 @@ class _Source:
 
     root: str
     real: str
-    items: list[Item]
+    given: list[Item] | None  # a list of files' items; a folder's are made from the fingerprint
     fingerprint: Fingerprint
+
+    @functools.cached_property
+    def items(self) -> list[Item]:
+        """The files as items, sorted (made on a miss only: a hit needs the fingerprint alone,
+        and 20,000 items cost a hit ~20 ms)."""
+        if self.given is not None:
+            return self.given
+        base = self.root.rstrip(os.sep) + os.sep  # one concatenation per file, not a join
+        return [Item(rel, base + rel, s, mtime) for rel, s, mtime in self.fingerprint.files]
 
 
 @dataclass(frozen=True)
@@ -178,9 +188,7 @@ def _scan(name: str, source: Any, patterns: tuple[str, ...], rules: KeyRules) ->
                 )
             except FileNotFoundError:
                 raise SourceNotFoundError(name, source) from None
-            base = path.rstrip(os.sep) + os.sep  # one concatenation per file, not a join
-            items = [Item(rel, base + rel, s, mtime) for rel, s, mtime in fp.files]
-            return _Source(path, os.path.realpath(path), items, fp)
+            return _Source(path, os.path.realpath(path), None, fp)
         return _file_list(name, [source], rules.mode)
     if isinstance(source, (list, tuple)) and source:
         return _file_list(name, list(source), rules.mode)
@@ -439,7 +447,9 @@ def _build_uncached(host: Host, prepared: _Prepared, request: _Request) -> ItemA
     """Build into a temporary file and load it (no cache to write to, or caching disabled)."""
     with tempfile.TemporaryDirectory(prefix="cachedload-") as folder:
         path = Path(folder) / DATA_FILE
-        _unwrapped(lambda: _build_file(host, prepared, request, path, None))
+        report: BuildReport = _unwrapped(lambda: _build_file(host, prepared, request, path, None))
+        if report.value is not None:
+            return report.value
         # A memory map outlives the file's name (POSIX): deleting the folder is safe.
         value: ItemArray = serialize.load(path, mmap_mode=host._options.mmap_mode)
     return value
@@ -454,6 +464,8 @@ def _build_file(
         path,
         params=prepared.kwargs,
         previous=previous,
+        # The result is wanted in memory: built there, it is not read back from the file.
+        in_memory=host._options.mmap_mode is None,
         taken_ns=prepared.source.fingerprint.taken_ns,
         n_jobs=request.n_jobs,
         backend=request.backend,
@@ -470,6 +482,7 @@ class _Build:
         self.host, self.root, self.fdir = host, root, fdir
         self.prepared, self.request = prepared, request
         self.unpublished: ItemArray | None = None  # the result, if sources changed meanwhile
+        self.built: ItemArray | None = None  # the result, if the builder kept it in memory
 
     def run(self, *, replace: bool, use_previous: bool, skip_own: bool) -> ItemArray:
         host, call = self.host, self.prepared.call
@@ -519,8 +532,7 @@ class _Build:
             return None, f"previous entry unreadable ({error})"
         if raw is None or not local.has_data(self.fdir, best.key, best.meta):
             return None, f"previous entry {best.key[:12]} is incomplete"
-        records = {rel: RowRecord(*record) for rel, record in raw.items()}
-        return PreviousBuild(best.path / DATA_FILE, records), ""
+        return PreviousBuild(best.path / DATA_FILE, raw), ""  # tuples in RowRecord's order
 
     def build(self, data: Path, previous: PreviousBuild | None, why: str) -> Built | None:
         """Write the data file ``data``; the entry's metadata and manifest, or None if the
@@ -528,6 +540,7 @@ class _Build:
         host, prepared = self.host, self.prepared
         call, label = prepared.call, prepared.label
         report = _build_file(host, prepared, self.request, data, previous)
+        self.built = report.value
         reason = report.full_build_reason or (why if previous is None else None)
         logger.info(
             "built %s [%s]: %s items computed, %s reused in %.2f s%s",
@@ -549,7 +562,9 @@ class _Build:
                 "the result is returned but not cached",
                 SourceChangedWarning,
             )
-            self.unpublished = serialize.load(data, mmap_mode=host._options.mmap_mode)
+            self.unpublished = report.value or serialize.load(
+                data, mmap_mode=host._options.mmap_mode
+            )
             return None
         if racy[label]:
             newest = max(newest, prepared.source.fingerprint.newest_mtime_ns)
@@ -575,7 +590,8 @@ class _Build:
             meta = root.read_meta(fdir, call.key)
             if meta is None:
                 raise FileNotFoundError(f"{root.entry_path(fdir, call.key)} vanished")
-            value: ItemArray = root.load(
+            # Built in memory (mmap_mode=None, a full build): the same array, not read back.
+            value: ItemArray = self.built or root.load(
                 fdir, call.key, meta, mmap_mode=host._options.mmap_mode, verify=False
             )
         except (CorruptEntry, OSError) as error:
