@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,32 +28,13 @@ from cachedload import (
 from cachedload.options import Options
 
 from .conftest import subprocess_env, write_images
-
-OLD_NS = time.time_ns() - 86_400 * 10**9  # a day ago: far outside the racy window
+from .test_builder import OLD_NS, calls, row_of, write
 
 
 @cached_dataset(per_item="path")
 def row(path: str, counter: str = "", shape: tuple[int, ...] = (2, 3)) -> Any:
     """The per-item loader of these tests: a row from the file's number; counts its calls."""
-    if counter:
-        fd = os.open(counter, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-        try:
-            os.write(fd, (os.path.basename(path) + "\n").encode())
-        finally:
-            os.close(fd)
-    value = int(Path(path).read_text())
-    return np.full(shape, value, dtype=np.int64) + np.arange(int(np.prod(shape))).reshape(shape)
-
-
-def calls(counter: Path) -> int:
-    return len(counter.read_text().splitlines()) if counter.exists() else 0
-
-
-def write(root: Path, name: str, value: int, mtime_ns: int = OLD_NS) -> None:
-    path = root / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{value:08d}")
-    os.utime(path, ns=(mtime_ns, mtime_ns))
+    return row_of(path, counter or None, shape)
 
 
 def loader(**options: Any) -> CachedDataset[..., Any]:
