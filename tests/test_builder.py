@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -235,10 +237,9 @@ def test_the_loky_backend_builds_the_same_file(folder: Path, tmp_path: Path) -> 
     assert path.read_bytes() == local.read_bytes()
 
 
-def test_a_dask_cluster_computes_each_item_once(folder: Path, tmp_path: Path) -> None:
-    distributed = pytest.importorskip("distributed")
-    counter = tmp_path / "calls.txt"
-    local = Builds(folder, tmp_path / "local").scratch()
+@contextlib.contextmanager
+def dask_backend(distributed: Any) -> Iterator[None]:
+    """joblib's dask backend on a real two-worker LocalCluster on loopback (no dashboard)."""
     with (
         distributed.LocalCluster(
             n_workers=2,
@@ -250,6 +251,14 @@ def test_a_dask_cluster_computes_each_item_once(folder: Path, tmp_path: Path) ->
         distributed.Client(cluster),
         joblib.parallel_config(backend="dask"),
     ):
+        yield
+
+
+def test_a_dask_cluster_computes_each_item_once(folder: Path, tmp_path: Path) -> None:
+    distributed = pytest.importorskip("distributed")
+    counter = tmp_path / "calls.txt"
+    local = Builds(folder, tmp_path / "local").scratch()
+    with dask_backend(distributed):
         path, report = Builds(folder, tmp_path, counter, batch_bytes=64).build()
     assert calls(counter) == 20 and report.computed == 20
     assert sorted(counter.read_text().split()) == sorted(p.name for p in folder.rglob("*.txt"))

@@ -9,7 +9,6 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-import joblib
 import numpy as np
 import pytest
 
@@ -28,7 +27,7 @@ from cachedload import (
 from cachedload.options import Options
 
 from .conftest import subprocess_env, write_images
-from .test_builder import OLD_NS, calls, row_of, write
+from .test_builder import OLD_NS, calls, dask_backend, row_of, write
 
 
 @cached_dataset(per_item="path")
@@ -224,17 +223,7 @@ def test_two_processes_build_once(folder: Path, tmp_path: Path) -> None:
 def test_a_dask_cluster_builds_through_map(folder: Path, tmp_path: Path) -> None:
     distributed = pytest.importorskip("distributed")
     counter = tmp_path / "calls.txt"
-    with (
-        distributed.LocalCluster(
-            n_workers=2,
-            processes=True,
-            threads_per_worker=1,
-            dashboard_address=None,
-            host="127.0.0.1",
-        ) as cluster,
-        distributed.Client(cluster),
-        joblib.parallel_config(backend="dask"),
-    ):
+    with dask_backend(distributed):
         result = row.map(folder, counter=str(counter))
     assert calls(counter) == 20
     assert sorted(counter.read_text().split()) == sorted(p.name for p in folder.rglob("*.txt"))
