@@ -414,11 +414,27 @@ class _Runner:
             return self._on_threads(tasks)
         import joblib
 
-        parallel = joblib.Parallel(
-            n_jobs=self.n_jobs, backend=self.backend, prefer="threads", return_as="generator"
-        )
+        try:
+            parallel = joblib.Parallel(
+                n_jobs=self.n_jobs, backend=self.backend, prefer="threads", return_as="generator"
+            )
+        except ValueError as error:
+            if "return_as" not in str(error):
+                raise
+            return self._in_windows(tasks)  # e.g. Ray's backend: no generator output
         task = joblib.delayed(_run_batch)
         return iter(parallel(task(*arguments) for arguments in tasks))
+
+    def _in_windows(self, tasks: list[tuple[Any, ...]]) -> Iterator[Any]:
+        """The batches in windows of two per worker, each window's results as a list: for
+        backends that cannot stream results, the rows held stay bounded all the same."""
+        import joblib
+
+        task = joblib.delayed(_run_batch)
+        with joblib.Parallel(n_jobs=self.n_jobs, backend=self.backend, prefer="threads") as pool:
+            window = 2 * max(1, joblib.effective_n_jobs(self.n_jobs))
+            for start in range(0, len(tasks), window):
+                yield from pool(task(*arguments) for arguments in tasks[start : start + window])
 
     def _on_threads(self, tasks: list[tuple[Any, ...]]) -> Iterator[Any]:
         """The batches on this process's threads, at most two per thread ahead of the

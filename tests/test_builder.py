@@ -237,6 +237,31 @@ def test_the_loky_backend_builds_the_same_file(folder: Path, tmp_path: Path) -> 
     assert path.read_bytes() == local.read_bytes()
 
 
+class _ListOnlyBackend(joblib.parallel.ThreadingBackend):  # type: ignore[misc]
+    """Threads, but results only as whole lists, as Ray's joblib backend gives them (and
+    not taken for this process's threads, so the build goes through joblib)."""
+
+    supports_return_generator = False
+    uses_threads = False
+    dispatched = 0
+
+    def submit(self, func: Any, callback: Any = None) -> Any:
+        type(self).dispatched += 1
+        return super().submit(func, callback)
+
+
+def test_a_backend_without_streamed_results_builds_in_windows(folder: Path, tmp_path: Path) -> None:
+    joblib.register_parallel_backend("list-only", _ListOnlyBackend)
+    counter = tmp_path / "calls.txt"
+    local = Builds(folder, tmp_path / "local").scratch()
+    _ListOnlyBackend.dispatched = 0
+    with joblib.parallel_config(backend="list-only", n_jobs=2):
+        path, report = Builds(folder, tmp_path, counter, batch_bytes=48).build()
+    assert calls(counter) == 20 and report.computed == 20
+    assert _ListOnlyBackend.dispatched >= 19  # one row (48 bytes) per batch, all through it
+    assert path.read_bytes() == local.read_bytes()
+
+
 @contextlib.contextmanager
 def dask_backend(distributed: Any) -> Iterator[None]:
     """joblib's dask backend on a real two-worker LocalCluster on loopback (no dashboard)."""
