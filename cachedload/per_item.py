@@ -513,26 +513,29 @@ class _Build:
         return self.load_stored()
 
     def previous(self, skip_own: bool) -> tuple[PreviousBuild | None, str]:
-        """The newest entry of this call's group, and why there is none."""
-        call, local = self.prepared.call, self.root.local
+        """The newest entry of this call's group, and why there is none. In a remote cache,
+        the newest one in the bucket, downloaded into the local copy if not there yet (its
+        rows copied beat decoding them again)."""
+        call, root, local = self.prepared.call, self.root, self.root.local
         if self.host._rules.mode == "content":
             return None, "fingerprint='content': rows are not matched by size and mtime"
         group = call.group.digest
         best = None
         try:
-            for entry in local.entries(self.fdir):
+            for entry in root.entries(self.fdir):
                 if entry.meta.get("group") != group or (skip_own and entry.key == call.key):
                     continue
                 if best is None or entry.meta.get("created", 0) > best.meta.get("created", 0):
                     best = entry
             if best is None:
                 return None, "no previous entry of these parameters and folder"
+            folder = root.local_entry(self.fdir, best.key, best.meta)
             raw = item_records(local.manifest(self.fdir, best.key), best.meta, self.prepared.label)
-        except OSError as error:
+        except (OSError, CorruptEntry) as error:
             return None, f"previous entry unreadable ({error})"
         if raw is None or not local.has_data(self.fdir, best.key, best.meta):
             return None, f"previous entry {best.key[:12]} is incomplete"
-        return PreviousBuild(best.path / DATA_FILE, raw), ""  # tuples in RowRecord's order
+        return PreviousBuild(folder / DATA_FILE, raw), ""  # tuples in RowRecord's order
 
     def build(self, data: Path, previous: PreviousBuild | None, why: str) -> Built | None:
         """Write the data file ``data``; the entry's metadata and manifest, or None if the

@@ -220,6 +220,17 @@ class CacheRoot(abc.ABC):
     def manifest(self, fdir: str, key: str) -> dict[str, Any] | None:
         """An entry's per-file manifest; None if it has none."""
 
+    def local_entry(self, fdir: str, key: str, meta: dict[str, Any]) -> Path:
+        """The entry's folder on this machine, its files in it (a remote entry is downloaded
+        into the local copy first, once per node): for reading its files directly, e.g. the
+        rows an incremental build copies.
+
+        Raises:
+            CorruptEntry: a download does not match ``meta``.
+            OSError: it cannot be read (``FileNotFoundError``: it changed or vanished).
+        """
+        return self.entry_path(fdir, key)
+
     def get(
         self,
         fdir: str,

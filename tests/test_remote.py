@@ -643,3 +643,31 @@ def test_a_pickle_planted_in_the_bucket_never_runs_on_a_fresh_node(
     assert not marker.exists()
     assert calls == [1, 1]
     np.testing.assert_array_equal(healed, expected)
+
+
+def test_a_per_item_build_on_another_node_reuses_the_rows_in_the_bucket(
+    seaweed: str, url: str, tmp_path: Path
+) -> None:
+    from cachedload import CachedDataset
+    from cachedload.options import Options
+    from tests.test_builder import OLD_NS, calls, row_of, write
+
+    folder = tmp_path / "src"
+    for index in range(12):
+        write(folder, f"f{index:04d}.txt", index)
+    counter = tmp_path / "calls.txt"
+
+    def node(local: str) -> Any:
+        options = Options(per_item="path", cache_dir=url, local_cache_dir=tmp_path / local,
+                          storage_options=storage_options(seaweed))  # fmt: skip
+        return CachedDataset(row_of, options)
+
+    first = node("a").map(folder, counter=str(counter))
+    assert calls(counter) == 12
+    write(folder, "f0005.txt", 555, OLD_NS + 10)
+    # Node b has no local copy of anything: it takes node a's rows from the bucket.
+    second = node("b").map(folder, counter=str(counter))
+    assert calls(counter) == 13
+    assert second.array[5][0, 0] == 555 and np.array_equal(second.array[6:], first.array[6:])
+    expected = CachedDataset(row_of, Options(per_item="path", cache_dir=tmp_path / "scratch"))
+    assert np.array_equal(second.array, expected.map(folder).array)

@@ -262,6 +262,11 @@ class RemoteRoot(CacheRoot):
         raw = self.objects.get(self.object_key(fdir, key, MANIFEST_FILE))
         return None if raw is None else decode_manifest(raw)
 
+    def local_entry(self, fdir: str, key: str, meta: dict[str, Any]) -> Path:
+        """The entry in the local copy, downloaded first if it is not there (or differs)."""
+        self._fetch(fdir, key, meta)
+        return self.entry_path(fdir, key)
+
     def _mark_local_root(self) -> None:
         """Name the remote cache in the local copy's root, once (``cachedload ls`` shows it)."""
         marker = self.copy.path / URL_FILE
