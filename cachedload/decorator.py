@@ -60,6 +60,7 @@ __all__ = ["CacheInfo", "CachedDataset", "cached_dataset"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 logger = logging.getLogger("cachedload")
 
@@ -494,17 +495,39 @@ class CachedDataset(Generic[P, R]):
             logger.warning("could not prune %s after a store: %s", root.location, error)
 
     def _run(self, call: Call, *, force: bool, ahead: ReadAhead | None = None) -> R:
+        def compute(root: CacheRoot, fdir: str, replace: bool, _corrupt: bool) -> R:
+            return self._compute_and_store(root, fdir, call, replace=replace)
+
+        def uncached() -> R:
+            return self.__wrapped__(*call.args, **call.kwargs)
+
+        return self._through_cache(call, compute, uncached, force=force, ahead=ahead)
+
+    def _through_cache(
+        self,
+        call: Call,
+        compute: Callable[[CacheRoot, str, bool, bool], T],
+        uncached: Callable[[], T],
+        *,
+        force: bool,
+        ahead: ReadAhead | None = None,
+    ) -> T:
+        """A call through the cache: look up, else take the single flight, look up again
+        (another process may have finished it), else ``compute(root, fdir, replace,
+        corrupt)`` (``replace``: an entry is there to overwrite; ``corrupt``: it is damaged).
+        ``uncached()`` where the cache cannot be used (no directory, one another user can
+        write, no lock). ``force``: no lookup (recompute). ``.map`` runs through here too."""
         try:
             root, fdir = self._root(), self._fdir()
         except (OSError, RuntimeError) as error:
             logger.warning("cannot locate the cache directory: %s", error)
-            return self.__wrapped__(*call.args, **call.kwargs)
+            return uncached()
         untrusted = root.untrusted(fdir)
         if untrusted is not None:
             _warn_untrusted(untrusted)
             self._stats.misses += 1
-            return self.__wrapped__(*call.args, **call.kwargs)
-        replace = True
+            return uncached()
+        replace, corrupt = True, False
         if not force:
             found = self._lookup(root, fdir, call, ahead)
             if ahead is not None:
@@ -512,7 +535,7 @@ class CachedDataset(Generic[P, R]):
             if isinstance(found, Hit):
                 self._stats.hits += 1
                 return found.value  # type: ignore[no-any-return]
-            replace = found.replace
+            replace, corrupt = found.replace, found.corrupt is not None
         with contextlib.ExitStack() as stack:
             try:
                 stack.enter_context(
@@ -524,14 +547,15 @@ class CachedDataset(Generic[P, R]):
                 # No lock, so no store either (the directory is unwritable): compute and return.
                 self._store_failed(call, root.entry_path(fdir, call.key).parent, error)
                 self._stats.misses += 1
-                return self.__wrapped__(*call.args, **call.kwargs)
+                return uncached()
             if not force:
                 found = self._lookup(root, fdir, call)  # another process may have finished it
                 if isinstance(found, Hit):
                     self._stats.hits += 1
                     return found.value  # type: ignore[no-any-return]
                 replace = replace or found.replace
-            return self._compute_and_store(root, fdir, call, replace=replace)
+                corrupt = corrupt or found.corrupt is not None
+            return compute(root, fdir, replace, corrupt)
 
     # -- the public interface ----------------------------------------------------------------
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:

@@ -22,7 +22,6 @@ the log. The decorator's wrapper is the :class:`Host` here (this module does not
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
@@ -52,7 +51,7 @@ from cachedload.fingerprint import Fingerprint, fingerprint_source, hash_file
 from cachedload.hashing import value_digest
 from cachedload.keys import Call, CallGroup, KeyRules, call_manifest, entry_meta, readable
 from cachedload.options import Options
-from cachedload.root import Built, CacheRoot, Hit, Miss
+from cachedload.root import Built, CacheRoot
 from cachedload.state import LoaderState
 
 __all__ = ["Host", "ItemMap"]
@@ -80,7 +79,14 @@ class Host(Protocol):
     def _root(self) -> CacheRoot: ...
     def _fdir(self) -> str: ...
     def _call_meta(self, call: Call) -> dict[str, Any]: ...
-    def _lookup(self, root: CacheRoot, fdir: str, call: Call) -> Hit | Miss: ...
+    def _through_cache(
+        self,
+        call: Call,
+        compute: Callable[[CacheRoot, str, bool, bool], ItemArray],
+        uncached: Callable[[], ItemArray],
+        *,
+        force: bool,
+    ) -> ItemArray: ...
     def _store_failed(self, call: Call, where: Path, error: BaseException) -> None: ...
     def _enforce_limits(
         self, root: CacheRoot, fdir: str, key: str, meta: dict[str, Any]
@@ -389,40 +395,16 @@ class ItemMap:
             host._stats.misses += 1
             return _build_uncached(host, _prepare(host, request), request)
         prepared = _prepare(host, request)
-        call = prepared.call
-        try:
-            root, fdir = host._root(), host._fdir()
-        except (OSError, RuntimeError) as error:
-            logger.warning("cannot locate the cache directory: %s", error)
-            return _build_uncached(host, prepared, request)
-        replace, corrupt = True, False
-        if not force:
-            found = host._lookup(root, fdir, call)
-            if isinstance(found, Hit):
-                host._stats.hits += 1
-                return found.value  # type: ignore[no-any-return]
-            replace, corrupt = found.replace, found.corrupt is not None
-        with contextlib.ExitStack() as stack:
-            try:
-                stack.enter_context(
-                    root.single_flight(
-                        fdir, call.key, host._options.lock_timeout, name=host._identity
-                    )
-                )
-            except OSError as error:  # no lock, so no store either: compute and return
-                host._store_failed(call, root.entry_path(fdir, call.key).parent, error)
-                host._stats.misses += 1
-                return _build_uncached(host, prepared, request)
-            if not force:
-                found = host._lookup(root, fdir, call)  # another process may have built it
-                if isinstance(found, Hit):
-                    host._stats.hits += 1
-                    return found.value  # type: ignore[no-any-return]
-                replace = replace or found.replace
-                corrupt = corrupt or found.corrupt is not None
+
+        def build(root: CacheRoot, fdir: str, replace: bool, corrupt: bool) -> ItemArray:
             return _Build(host, root, fdir, prepared, request).run(
                 replace=replace, use_previous=not force, skip_own=corrupt
             )
+
+        def uncached() -> ItemArray:
+            return _build_uncached(host, prepared, request)
+
+        return host._through_cache(prepared.call, build, uncached, force=force)
 
 
 def _request(source: Any, pattern: str | Sequence[str] | None, params: dict[str, Any]) -> _Request:

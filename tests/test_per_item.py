@@ -273,3 +273,23 @@ def test_cached_image_folder_of_jpegs_at_a_reduced_size(tmp_path: Path) -> None:
     data = cached_image_folder(tmp_path, size=(32, 32), mmap_mode="r")
     assert isinstance(data.images, np.memmap) and data.labels is None
     same(data, expected)
+
+
+@pytest.mark.parametrize("how", ["other-owner", "group-writable"])
+def test_map_never_uses_a_cache_another_user_can_write(
+    folder: Path, tmp_path: Path, how: str
+) -> None:
+    from cachedload.errors import UnsafeCacheWarning
+
+    cache, counter = tmp_path / "cache", tmp_path / "calls.txt"
+    cache.mkdir()
+    if how == "other-owner":
+        os.chown(cache, 65534, 65534)
+    else:
+        cache.chmod(0o775)
+    wrapper = loader(cache_dir=cache)
+    with pytest.warns(UnsafeCacheWarning, match=str(cache)):
+        first = wrapper.map(folder, counter=str(counter))
+    again = wrapper.map(folder, counter=str(counter))
+    assert calls(counter) == 40 and np.array_equal(first.array, again.array)  # never stored
+    assert not any(cache.iterdir())
