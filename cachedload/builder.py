@@ -144,7 +144,8 @@ class BuildReport:
         computed: rows computed (calls of the item function).
         reused: rows copied from the previous build.
         seconds: wall time of the build.
-        records: every row's :class:`RowRecord`, to store with the entry.
+        records: every item's :class:`RowRecord`, to store with the entry (row -1 for an
+            item left out by ``skip``).
         row_shape, dtype: of the stacked rows (``None`` for a ragged or empty build).
         full_build_reason: why the previous build was not used (``None`` if it was, or if
             there was none to use).
@@ -701,16 +702,19 @@ def _advancer(progress: Callable[[int, int], object] | None, total: int) -> Call
 def _leave_out(
     items: list[Item], plan: _Plan, left_out: Mapping[int, BaseException]
 ) -> tuple[list[int], tuple[str, ...], _Plan, dict[str, BaseException]]:
-    """The rows kept (numbers before), their paths, the plan with their records renumbered,
+    """The rows kept (numbers before), their paths, the plan with their records renumbered
+    (row -1 for those left out: the racy ones keep their content hash, which a hit checks),
     and the items skipped, once the rows ``left_out`` are out."""
     good: list[int] = []
     records: dict[str, RowRecord] = {}
     for relpath, record in plan.records.items():
-        if record.row not in left_out:
+        if record.row in left_out:
+            records[relpath] = record._replace(row=-1)
+        else:
+            records[relpath] = record._replace(row=len(good))
             good.append(record.row)
-            records[relpath] = record._replace(row=len(records))
     skipped = {items[row].relpath: left_out[row] for row in sorted(left_out)}
-    return good, tuple(records), plan._replace(records=records), skipped
+    return good, tuple(items[row].relpath for row in good), plan._replace(records=records), skipped
 
 
 def _noting_left_out(

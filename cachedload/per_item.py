@@ -513,7 +513,7 @@ def _build_file(
             skip=request.skip,
             progress=progress,
         )
-    if report.skipped and not report.records:  # no row to return: not an empty result
+    if report.skipped and len(report.skipped) == len(report.records):  # no row: not a result
         error = next(iter(report.skipped.values()))
         if hasattr(error, "add_note"):  # Python >= 3.11
             error.add_note(f"(every one of the {len(report.skipped)} files was skipped)")
