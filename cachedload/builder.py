@@ -692,10 +692,11 @@ def _advancer(progress: Callable[[int, int], object] | None, total: int) -> Call
     def advance(count: int) -> None:
         nonlocal done
         done += count
-        if progress is not None:
+        if progress is not None and count:
             progress(done, total)
 
-    advance(0)
+    if progress is not None:
+        progress(0, total)
     return advance
 
 
