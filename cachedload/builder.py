@@ -34,6 +34,7 @@ in the same mtime tick would not show), the file's content hash matches too.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -153,7 +154,7 @@ class BuildReport:
             in_memory=True)`` built it there (else ``None``: load the file).
         skipped: the items left out, ``relpath -> the exception`` their function raised (one
             of ``skip``; its ``reason`` attribute, where it has one, says why), sorted. They
-            have no row and no record: the next build computes them again.
+            have no row (their record's row is -1): the next build computes them again.
     """
 
     size: int
@@ -743,8 +744,9 @@ def _compact(
     final = f"{os.fspath(path)}.compact"
     value = ItemArray(serialize.ArraySlot((len(good), *shape), dtype), paths, skipped)
     out = serialize.dump_slotted(value, final)
-    source = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    source = -1
     try:
+        source = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         start = 0
         for end in range(1, len(good) + 1):
             if end == len(good) or good[end] != good[end - 1] + 1:
@@ -752,10 +754,15 @@ def _compact(
                               start * row_bytes, (end - start) * row_bytes)  # fmt: skip
                 start = end
         size, checksum = out.finish()
+        os.replace(final, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(final)
+        raise
     finally:
         out.close()
-        os.close(source)
-    os.replace(final, path)
+        if source >= 0:
+            os.close(source)
     return size, checksum
 
 
