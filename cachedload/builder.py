@@ -34,6 +34,7 @@ in the same mtime tick would not show), the file's content hash matches too.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -91,17 +92,32 @@ class RowRecord(NamedTuple):
     content_hash: str | None = None
 
 
-class ItemArray(NamedTuple):
+class _ItemArrayFields(NamedTuple):
+    array: Any
+    paths: tuple[str, ...]
+
+
+class ItemArray(_ItemArrayFields):
     """A per-item result: the stacked rows and each row's path relative to the source folder.
 
     Attributes:
         array: ``(N, *row_shape)`` array (a memory map when loaded with ``mmap_mode="r"``), or
             a list of ``N`` arrays for a ragged build.
         paths: each row's path, ``/``-separated, sorted.
+        skipped: the paths of the items left out (their function raised one of the ``skip``
+            exceptions of the build), sorted. Not a tuple field (unpacking stays two values),
+            and pickled only when not empty (files without it load with ``()``).
     """
 
-    array: Any
-    paths: tuple[str, ...]
+    skipped: tuple[str, ...] = ()
+
+    def __new__(
+        cls, array: Any, paths: tuple[str, ...], skipped: tuple[str, ...] = ()
+    ) -> ItemArray:
+        value = super().__new__(cls, array, paths)
+        if skipped:
+            value.skipped = tuple(skipped)  # pickled as the instance's state
+        return value
 
 
 @dataclass(frozen=True)
@@ -129,12 +145,16 @@ class BuildReport:
         computed: rows computed (calls of the item function).
         reused: rows copied from the previous build.
         seconds: wall time of the build.
-        records: every row's :class:`RowRecord`, to store with the entry.
+        records: every item's :class:`RowRecord`, to store with the entry (row -1 for an
+            item left out by ``skip``).
         row_shape, dtype: of the stacked rows (``None`` for a ragged or empty build).
         full_build_reason: why the previous build was not used (``None`` if it was, or if
             there was none to use).
         value: the result in memory, as loading the file gives it, if ``build_items(...,
             in_memory=True)`` built it there (else ``None``: load the file).
+        skipped: the items left out, ``relpath -> the exception`` their function raised (one
+            of ``skip``; its ``reason`` attribute, where it has one, says why), sorted. They
+            have no row (their record's row is -1): the next build computes them again.
     """
 
     size: int
@@ -147,6 +167,7 @@ class BuildReport:
     dtype: np.dtype[Any] | None
     full_build_reason: str | None = None
     value: ItemArray | None = field(default=None, repr=False, compare=False)
+    skipped: dict[str, BaseException] = field(default_factory=dict, repr=False)
 
 
 def scan_items(
@@ -179,6 +200,37 @@ class _Mismatch(NamedTuple):
     dtype: str
 
 
+@dataclass(frozen=True)
+class _Skipped:
+    """What :class:`_Skipping` returns for an item left out: the exception it raised."""
+
+    error: BaseException
+
+
+class _Partial(NamedTuple):
+    rows: np.ndarray[Any, Any]  # the skipped positions hold no row
+    skipped: list[tuple[int, _Skipped]]  # (position in the batch, why)
+
+
+@dataclass(frozen=True)
+class _Skipping:
+    """The item function with its ``skip`` exceptions returned as :class:`_Skipped` (so that
+    a batch goes on, and they cross a process boundary with its result)."""
+
+    fn: Callable[..., Any]
+    skip: tuple[type[BaseException], ...]
+
+    def __call__(self, path: str, **params: Any) -> Any:
+        try:
+            return self.fn(path, **params)
+        except self.skip as error:
+            return _Skipped(error.with_traceback(None))  # no frames (and their rows) kept
+
+
+def _as_row(value: Any) -> np.ndarray[Any, Any] | _Skipped:
+    return value if isinstance(value, _Skipped) else np.asarray(value)
+
+
 def _load(fn: Callable[..., Any], path: str, params: Mapping[str, Any]) -> Any:
     try:
         return fn(path, **params)
@@ -195,20 +247,25 @@ def _run_batch(
     shape: tuple[int, ...] | None,
     dtype: np.dtype[Any] | None,
     out: np.ndarray[Any, Any] | None = None,
-) -> np.ndarray[Any, Any] | _Mismatch | list[np.ndarray[Any, Any]]:
+) -> np.ndarray[Any, Any] | _Mismatch | _Partial | list[np.ndarray[Any, Any] | _Skipped]:
     """Compute one batch: stacked rows (checked against ``shape``/``dtype``; into ``out`` if
     given, a thread's share of the result), or a list if ragged (``shape is None``). One
-    array per batch crosses a process boundary, not N."""
+    array per batch crosses a process boundary, not N. Items left out (:class:`_Skipping`)
+    make it a :class:`_Partial`."""
     if shape is None or dtype is None:
-        return [np.asarray(_load(fn, path, params)) for path in paths]
+        return [_as_row(_load(fn, path, params)) for path in paths]
     if out is None:
         out = np.empty((len(paths), *shape), dtype)
+    skipped: list[tuple[int, _Skipped]] = []
     for position, path in enumerate(paths):
-        row = np.asarray(_load(fn, path, params))
+        row = _as_row(_load(fn, path, params))
+        if isinstance(row, _Skipped):
+            skipped.append((position, row))
+            continue
         if row.shape != shape or row.dtype != dtype:
             return _Mismatch(position, row.shape, row.dtype.str)
         out[position] = row
-    return out
+    return _Partial(out, skipped) if skipped else out
 
 
 # -- the build ------------------------------------------------------------------------------
@@ -277,6 +334,8 @@ def build_items(
     ragged: bool = False,
     batch_bytes: int = BATCH_BYTES,
     in_memory: bool = False,
+    skip: tuple[type[BaseException], ...] = (),
+    progress: Callable[[int, int], object] | None = None,
 ) -> BuildReport:
     """Compute ``fn(item.path, **params)`` for each item into one data file at ``path``.
 
@@ -297,6 +356,12 @@ def build_items(
         in_memory: the caller wants the result in memory: where it can (a full build on
             threads), the rows are computed straight into the final array, which
             ``report.value`` returns (no batch buffers, no reading the file back).
+        skip: exception classes that leave an item out instead of failing the build: it gets
+            no row (``report.skipped`` says which and why; the file's ``ItemArray.skipped``
+            lists them). When some were, the rows are compacted into the final file (a copy
+            of byte ranges, done only then).
+        progress: called as ``progress(rows computed, rows to compute)`` in the calling thread,
+            before the first row and after each batch (e.g. to advance a progress bar).
 
     Returns:
         The :class:`BuildReport`; the file holds an :class:`ItemArray`.
@@ -326,15 +391,25 @@ def build_items(
     if not usable and previous is not None:
         _log.info("full build of %s items: %s", len(items), reason)
     paths = tuple(item.relpath for item in items)
-    runner = _Runner(fn, params, n_jobs, backend, batch_bytes)
+    runner = _Runner(_Skipping(fn, skip) if skip else fn, params, n_jobs, backend, batch_bytes)
+    left_out: dict[int, BaseException] = {}  # row -> why (rows in the order of items)
+    advance = _advancer(progress, len(plan.compute))
     if ragged:
-        size, checksum = _build_ragged(runner, items, plan, old_rows, path)
+        size, checksum = _build_ragged(runner, items, plan, old_rows, path, left_out, advance)
         shape = dtype = None
+        kept = None
     else:
         kept = np.empty(0) if in_memory and not plan.copies and runner.threads() else None
         size, checksum, shape, dtype, kept = _build_stacked(
-            runner, items, plan, previous, extent, paths, path, kept
+            runner, items, plan, previous, extent, paths, path, kept, left_out, advance
         )
+    skipped: dict[str, BaseException] = {}
+    if left_out:
+        good, paths, plan, skipped = _leave_out(items, plan, left_out)
+        if not ragged:  # a ragged file is written without them
+            assert shape is not None and dtype is not None
+            size, checksum = _compact(path, good, paths, tuple(skipped), shape, dtype)
+            kept = None if kept is None else _compact_rows(kept, good)
     reused = sum(count for _first, _source, count in plan.copies)
     report = BuildReport(
         size=size,
@@ -346,7 +421,8 @@ def build_items(
         row_shape=shape,
         dtype=dtype,
         full_build_reason=reason if previous is not None and not usable else None,
-        value=None if ragged or kept is None else ItemArray(kept, paths),
+        value=None if ragged or kept is None else ItemArray(kept, paths, tuple(skipped)),
+        skipped=skipped,
     )
     _log.debug("built %s: %s rows computed, %s copied, %s bytes in %.3f s", os.fspath(path),
                report.computed, report.reused, size, report.seconds)  # fmt: skip
@@ -470,11 +546,14 @@ def _build_stacked(
     paths: tuple[str, ...],
     path: str | os.PathLike[str],
     kept: np.ndarray[Any, Any] | None,
+    left_out: dict[int, BaseException],
+    advance: Callable[[int], None],
 ) -> tuple[int, str, tuple[int, ...], np.dtype[Any], np.ndarray[Any, Any] | None]:
     """Write the rows; ``kept`` (not ``None``: a full build on threads, every row computed)
-    is replaced by the result array, the batches computed straight into it."""
-    compute = list(plan.compute)
-    shape, dtype, reference, first = _row_layout(runner, items, plan, extent)
+    is replaced by the result array, the batches computed straight into it. Rows left out
+    are added to ``left_out`` (their bytes in the file are left as they are)."""
+    shape, dtype, reference, first = _row_layout(runner, items, plan, extent, left_out)
+    compute = plan.compute[len(left_out) :]  # those left out before the first row: done
     row_bytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
     if kept is not None:
         kept = np.empty((len(items), *shape), dtype)
@@ -511,6 +590,7 @@ def _build_stacked(
             write(compute[:1], first[None])
             compute = compute[1:]
             del first
+        advance(len(plan.compute) - len(compute))
         batches = runner.batches(compute, row_bytes)
         # Every row is computed (no copies): each batch is a run of consecutive rows.
         outs = None if kept is None else [kept[b[0] : b[-1] + 1] for b in batches]
@@ -520,7 +600,8 @@ def _build_stacked(
                 bad = rows[result.position]
                 raise ItemShapeMismatchError(reference, shape, dtype.str, items[bad].relpath,
                                              result.shape, result.dtype)  # fmt: skip
-            write(rows, result)
+            write(rows, _noting_left_out(result, rows, left_out))
+            advance(len(rows))
         copy_until(len(items))
         size, checksum = out.finish()
     finally:
@@ -543,21 +624,26 @@ def _row_layout(
     items: list[Item],
     plan: _Plan,
     extent: serialize.ArrayExtent | None,
+    left_out: dict[int, BaseException],
 ) -> tuple[tuple[int, ...], np.dtype[Any], str, np.ndarray[Any, Any] | None]:
     """The rows' shape and dtype, the relative path of a row that has them (for errors), and
-    the first computed row if it had to be computed to find them (else ``None``)."""
+    the first computed row if it had to be computed to find them (else ``None``; the rows
+    left out before it are added to ``left_out``)."""
     first: np.ndarray[Any, Any] | None = None
+    shape: tuple[int, ...] = ()
+    dtype, reference = np.dtype(np.float64), ""  # no rows at all
     if plan.copies:
         assert extent is not None
         shape, dtype = extent.shape[1:], _canonical(extent.dtype)
         reference = items[plan.copies[0][0]].relpath  # a row of that shape, for the error
-    elif plan.compute:
+    else:
         # The first row fixes the shape and dtype (and so the batch size and the layout).
-        first = np.asarray(_load(runner.fn, items[plan.compute[0]].path, runner.params))
-        shape, dtype = first.shape, first.dtype
-        reference = items[plan.compute[0]].relpath
-    else:  # no items at all
-        shape, dtype, reference = (), np.dtype(np.float64), ""
+        for row in plan.compute:
+            found = _as_row(_load(runner.fn, items[row].path, runner.params))
+            if not isinstance(found, _Skipped):
+                first, shape, dtype, reference = found, found.shape, found.dtype, items[row].relpath
+                break
+            left_out[row] = found.error
     if dtype.hasobject:
         raise TypeError(f"{reference!r} gave a row of Python objects; pass ragged=True")
     return shape, dtype, reference, first
@@ -588,8 +674,11 @@ def _build_ragged(
     plan: _Plan,
     old_rows: Any,
     path: str | os.PathLike[str],
+    left_out: dict[int, BaseException],
+    advance: Callable[[int], None],
 ) -> tuple[int, str]:
-    """Rows of any shape: a list, in memory (copied rows read from the previous build)."""
+    """Rows of any shape: a list, in memory (copied rows read from the previous build); the
+    rows left out are added to ``left_out`` and not written."""
     rows: list[Any] = [None] * len(items)
     for here, there, count in plan.copies:
         for k in range(count):
@@ -599,5 +688,103 @@ def _build_ragged(
     results = runner.run([[items[r].path for r in b] for b in batches], None, None)
     for batch, result in zip(batches, results, strict=True):
         for row, array in zip(batch, result, strict=True):
-            rows[row] = array
-    return serialize.dump(ItemArray(rows, tuple(item.relpath for item in items)), path)
+            if isinstance(array, _Skipped):
+                left_out[row] = array.error
+            else:
+                rows[row] = array
+        advance(len(batch))
+    good = [row for row in range(len(items)) if row not in left_out]
+    value = ItemArray([rows[row] for row in good], tuple(items[row].relpath for row in good),
+                      tuple(items[row].relpath for row in sorted(left_out)))  # fmt: skip
+    return serialize.dump(value, path)
+
+
+# -- items left out (build_items(skip=...)) ----------------------------------------------------
+
+
+def _advancer(progress: Callable[[int, int], object] | None, total: int) -> Callable[[int], None]:
+    """``advance(count)``: ``count`` more rows computed, told to ``progress`` (0 told now)."""
+    done = 0
+
+    def advance(count: int) -> None:
+        nonlocal done
+        done += count
+        if progress is not None and count:
+            progress(done, total)
+
+    if progress is not None:
+        progress(0, total)
+    return advance
+
+
+def _leave_out(
+    items: list[Item], plan: _Plan, left_out: Mapping[int, BaseException]
+) -> tuple[list[int], tuple[str, ...], _Plan, dict[str, BaseException]]:
+    """The rows kept (numbers before), their paths, the plan with their records renumbered
+    (row -1 for those left out: the racy ones keep their content hash, which a hit checks),
+    and the items skipped, once the rows ``left_out`` are out."""
+    good: list[int] = []
+    records: dict[str, RowRecord] = {}
+    for relpath, record in plan.records.items():
+        if record.row in left_out:
+            records[relpath] = record._replace(row=-1)
+        else:
+            records[relpath] = record._replace(row=len(good))
+            good.append(record.row)
+    skipped = {items[row].relpath: left_out[row] for row in sorted(left_out)}
+    return good, tuple(items[row].relpath for row in good), plan._replace(records=records), skipped
+
+
+def _noting_left_out(
+    result: Any, rows: list[int], left_out: dict[int, BaseException]
+) -> np.ndarray[Any, Any]:
+    """A batch's rows (``rows``: their numbers); those left out are added to ``left_out``."""
+    if isinstance(result, _Partial):
+        left_out.update((rows[position], why.error) for position, why in result.skipped)
+        return result.rows
+    return result  # type: ignore[no-any-return]
+
+
+def _compact(
+    path: str | os.PathLike[str],
+    good: list[int],
+    paths: tuple[str, ...],
+    skipped: tuple[str, ...],
+    shape: tuple[int, ...],
+    dtype: np.dtype[Any],
+) -> tuple[int, str]:
+    """Rewrite the data file at ``path`` with only its rows ``good`` (ascending): each run of
+    consecutive rows is one byte-range copy, so no row passes through memory."""
+    extent = serialize.array_extents(path)[0]
+    row_bytes = extent.nbytes // extent.shape[0] if extent.shape[0] else 0
+    final = f"{os.fspath(path)}.compact"
+    value = ItemArray(serialize.ArraySlot((len(good), *shape), dtype), paths, skipped)
+    out = serialize.dump_slotted(value, final)
+    source = -1
+    try:
+        source = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        start = 0
+        for end in range(1, len(good) + 1):
+            if end == len(good) or good[end] != good[end - 1] + 1:
+                out.copy_from(source, extent.offset + good[start] * row_bytes, 0,
+                              start * row_bytes, (end - start) * row_bytes)  # fmt: skip
+                start = end
+        size, checksum = out.finish()
+        os.replace(final, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(final)
+        raise
+    finally:
+        out.close()
+        if source >= 0:
+            os.close(source)
+    return size, checksum
+
+
+def _compact_rows(rows: np.ndarray[Any, Any], good: list[int]) -> np.ndarray[Any, Any]:
+    """``rows[good]`` in place (``good`` ascending): no second array."""
+    for new, row in enumerate(good):
+        if new != row:
+            rows[new] = rows[row]
+    return rows[: len(good)]

@@ -45,7 +45,8 @@ A remote cache, under its URL (``s3://bucket/prefix``)::
 
 An entry of a per-item loader (``loader.map(folder)``, see :mod:`cachedload.per_item`) has the
 same files. Its data file holds an ``ItemArray`` whose row ``i`` comes from the ``i``-th file
-of its items source in ``manifest`` (sorted relative paths); with the content digests that
+of its items source in ``manifest`` (sorted relative paths) that ``meta.json``'s ``skipped``
+does not list (files left out by ``.map(skip=...)``: no row); with the content digests that
 ``meta.json``'s ``racy`` records for files modified just before the build, that list is every
 row's source record (:func:`item_records`), from which the next build of the same call group
 (``meta["group"]``) copies its unchanged rows. No other file, so a remote cache publishes and
@@ -517,20 +518,26 @@ def item_records(
 ) -> dict[str, tuple[int, int, int, str | None]] | None:
     """A per-item entry's row records, ``relpath -> (row, size, mtime_ns, content digest or
     None)``, from its ``manifest`` and ``meta.json`` (the items source is named ``source``);
-    None if they are missing or malformed."""
+    row -1 for a file left out (``meta["skipped"]``); None if they are missing or malformed."""
     files = (manifest or {}).get(source)
     racy = (meta.get("racy") or {}).get(source) or {}
-    if not isinstance(files, list) or not isinstance(racy, dict):
+    skipped = meta.get("skipped") or []
+    if not isinstance(files, list) or not isinstance(racy, dict) or not isinstance(skipped, list):
+        return None
+    left_out = set(skipped) if all(isinstance(path, str) for path in skipped) else None
+    if left_out is None:
         return None
     records: dict[str, tuple[int, int, int, str | None]] = {}
-    for row, record in enumerate(files):
+    row = 0
+    for record in files:
         if not (isinstance(record, list) and len(record) == 3):
             return None
         relpath, size, mtime_ns = record
         if not (isinstance(relpath, str) and isinstance(size, int) and isinstance(mtime_ns, int)):
             return None
         digest = racy.get(relpath)
-        records[relpath] = (row, size, mtime_ns, digest if isinstance(digest, str) else None)
+        here, row = (-1, row) if relpath in left_out else (row, row + 1)
+        records[relpath] = (here, size, mtime_ns, digest if isinstance(digest, str) else None)
     return records
 
 

@@ -276,7 +276,8 @@ class SourceChangedWarning(CacheWarning):
 
 
 class ImagesSkippedWarning(CacheWarning):
-    """``load_image_folder(on_error="skip")`` skipped unreadable images (all named)."""
+    """``load_image_folder(on_error="skip")`` skipped unreadable images (all named), or
+    ``cached_image_folder``/``loader.map(skip=...)`` left out files."""
 
 
 class UnsafePickleError(CachedloadError, pickle.UnpicklingError):

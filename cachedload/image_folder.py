@@ -5,11 +5,12 @@ rebuilt incrementally (only added and changed images are decoded again) and out-
 are written into the entry as they are decoded). It is a per-item loader
 (:mod:`cachedload.per_item`) over :func:`~cachedload.images.decode_image`, so its pixels are
 those of ``load_image_folder`` with the same options, and its labels, classes and paths follow
-the same layout rules.
+the same layout rules; ``on_error="skip"`` is the per-item loader's ``skip=(ImageReadError,)``.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable
 from typing import Any, Literal
@@ -19,7 +20,7 @@ import numpy.typing as npt
 
 from cachedload._version import __version__
 from cachedload.decorator import CachedDataset
-from cachedload.errors import ConfigurationError, NoImagesFoundError
+from cachedload.errors import ImageReadError, NoImagesFoundError
 from cachedload.images import ImageFolderData, check_options, decode_image, opencv_threads_off
 from cachedload.options import Options
 
@@ -67,8 +68,9 @@ def cached_image_folder(
     color: Literal["rgb", "bgr", "gray", "unchanged"] = "rgb",
     dtype: npt.DTypeLike | None = None,
     extensions: Iterable[str] | None = None,
-    on_error: Literal["raise"] = "raise",
+    on_error: Literal["raise", "skip"] = "raise",
     n_jobs: int | None = None,
+    progress: bool | None = None,
     backend: Any = None,
     cache_dir: str | os.PathLike[str] | None = None,
     mmap_mode: Literal["r", "c"] | None = None,
@@ -77,27 +79,31 @@ def cached_image_folder(
 ) -> ImageFolderData:
     """:func:`~cachedload.images.load_image_folder`, cached, incremental and out-of-core.
 
-    Returns what ``load_image_folder(root, size=…, color=…, dtype=…, extensions=…)`` returns
-    (the same pixels, labels, classes and paths), from the cache when the folder did not
-    change. When it did, only the added and changed images are decoded; the other rows are
-    copied from the previous entry, which ``keep`` then removes. A miss writes the rows into
-    the entry as they are decoded, so a folder larger than RAM builds (read it with
-    ``mmap_mode="r"``).
+    Returns what ``load_image_folder(root, size=…, color=…, dtype=…, extensions=…,
+    on_error=…)`` returns (the same pixels, labels, classes, paths and ``skipped``), from the
+    cache when the folder did not change. When it did, only the added and changed images are
+    decoded (and those skipped before, tried again); the other rows are copied from the
+    previous entry, which ``keep`` then removes. A miss writes the rows into the entry as they
+    are decoded, so a folder larger than RAM builds (read it with ``mmap_mode="r"``).
 
     Args:
         root: the folder (flat, or one sub-folder per class, as for ``load_image_folder``).
         size, color, dtype, extensions: as for ``load_image_folder``.
-        on_error: ``"raise"`` only (an unreadable image raises ``ImageReadError``); to skip
-            them, cache ``load_image_folder(on_error="skip")`` with ``@cached_dataset``.
-        n_jobs, backend: workers and joblib backend of a build (default: threads on every
-            CPU, or the active ``joblib.parallel_config``, e.g. a Dask cluster).
+        on_error: ``"raise"`` at an unreadable image, or ``"skip"`` them: they are left out,
+            ``skipped`` lists them, and the call warns with an ``ImagesSkippedWarning``
+            naming them, as every later hit does; they are tried again on the next miss.
+        n_jobs, backend: workers (``None`` or an int >= 1) and joblib backend of a build
+            (default: threads on every CPU, or the active ``joblib.parallel_config``, e.g. a
+            Dask cluster).
+        progress: a tqdm bar on stderr during a build (never on a hit); ``None``: if stderr
+            is a terminal and the build is slow.
         cache_dir, mmap_mode, keep: as for :func:`cachedload.cached_dataset`.
         cache_options: any other option of :func:`cachedload.cached_dataset` (``max_size``,
             ``lock_timeout``, ``version``…).
 
     Raises:
-        NoImagesFoundError: ``root`` is missing, not a folder, or holds no image.
-        ImageReadError: an image is unreadable.
+        NoImagesFoundError: ``root`` is missing, not a folder, or holds no (readable) image.
+        ImageReadError: an image is unreadable (``on_error="raise"``).
         ItemShapeMismatchError: images differ in shape (no ``size``) or channel count.
         ConfigurationError: an option has an invalid value.
 
@@ -106,28 +112,36 @@ def cached_image_folder(
         data = cached_image_folder("data/train", size=(128, 128), mmap_mode="r")
         data.images, data.labels, data.classes, data.paths
     """
-    out_size, out_dtype, exts = check_options(size, color, dtype, extensions, on_error)
-    if on_error != "raise":
-        raise ConfigurationError("on_error", "cached_image_folder supports only 'raise'")
+    out_size, out_dtype, exts = check_options(size, color, dtype, extensions, on_error, n_jobs)
     folder = os.fspath(root)
     if not os.path.isdir(folder):
         reason = "it is not a folder" if os.path.exists(folder) else "the folder does not exist"
         raise NoImagesFoundError(folder, reason)
     loader = _wrapper({"cache_dir": cache_dir, "mmap_mode": mmap_mode, "keep": keep,
                        **cache_options})  # fmt: skip
-    with opencv_threads_off():  # it serialises concurrent callers (see images.py)
-        found = loader.map(
-            folder,
-            pattern=_extension_globs(exts),
-            n_jobs=n_jobs,
-            backend=backend,
-            size=out_size,
-            color=color,
-            dtype=None if out_dtype is None else out_dtype.str,
-        )
+    skip = (ImageReadError,) if on_error == "skip" else ()
+    try:
+        with opencv_threads_off():  # it serialises concurrent callers (see images.py)
+            found = loader.map(
+                folder,
+                pattern=_extension_globs(exts),
+                n_jobs=n_jobs,
+                backend=backend,
+                skip=skip,
+                progress=progress,
+                size=out_size,
+                color=color,
+                dtype=None if out_dtype is None else out_dtype.str,
+            )
+    except ImageReadError as error:
+        if not skip:
+            raise
+        # Skipping, .map raises only when every image was skipped (there is no row).
+        raise NoImagesFoundError(folder, "none of its image files is readable") from error
     paths: tuple[str, ...] = found.paths
     if not paths:
         raise NoImagesFoundError(folder, f"no {', '.join(sorted(exts))} file in it or below")
+    skipped = _skipped(found.skipped)
     images = found.array
     # load_image_folder sorts by path component ("a/b" before "a-c/d"); the rows are sorted
     # by path. They differ only where a name sorts before "/": reorder (in memory) only then.
@@ -139,9 +153,19 @@ def cached_image_folder(
         images, paths = np.asarray(images)[order], tuple(paths[i] for i in order)
     labels = None
     classes: tuple[str, ...] = ()
-    if all("/" in p for p in paths):
+    # The layout (flat or classes) and the classes count the skipped images too, as
+    # load_image_folder's do: they come from the folder, not from what was readable.
+    if all("/" in p for p in itertools.chain(paths, skipped)):
         tops = [p.split("/", 1)[0] for p in paths]
-        classes = tuple(sorted(set(tops)))
+        classes = tuple(sorted({*tops, *(p.split("/", 1)[0] for p in skipped)}))
         index = {name: i for i, name in enumerate(classes)}
         labels = np.fromiter(map(index.__getitem__, tops), dtype=np.int64, count=len(tops))
-    return ImageFolderData(images, labels, classes, paths)
+    return ImageFolderData(images, labels, classes, paths, skipped)
+
+
+def _skipped(found: Any) -> tuple[str, ...]:
+    """The skipped images' paths (as read from the entry: checked), in load_image_folder's
+    order (by path component)."""
+    if not isinstance(found, tuple) or not all(isinstance(p, str) for p in found):
+        return ()
+    return tuple(sorted(found, key=lambda p: p.split("/")))

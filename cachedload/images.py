@@ -203,7 +203,7 @@ def _check(
 
 
 def check_options(
-    size: Any, color: Any, dtype: Any, extensions: Any, on_error: Any
+    size: Any, color: Any, dtype: Any, extensions: Any, on_error: Any, n_jobs: Any = None
 ) -> tuple[tuple[int, int] | None, np.dtype[Any] | None, frozenset[str]]:
     """Check :func:`load_image_folder`'s options as it does; return size, dtype and the
     extensions normalised.
@@ -211,7 +211,7 @@ def check_options(
     Raises:
         ConfigurationError: an option has an invalid value.
     """
-    out_size, out_dtype, exts, _ = _check(size, color, dtype, extensions, None, on_error)
+    out_size, out_dtype, exts, _ = _check(size, color, dtype, extensions, n_jobs, on_error)
     return out_size, out_dtype, exts
 
 

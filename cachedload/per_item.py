@@ -8,13 +8,15 @@ stored as one entry like any cached result. What this module adds to the decorat
 * **the key**: the loader's identity, code, state and parameters (bound as the decorator
   binds them, the per-item parameter left out), the glob patterns, the source folder's real
   path (not with ``portable=True``) and the fingerprint of the matching files only;
-  ``ragged=True`` too (it changes the result's type). ``n_jobs`` and ``backend`` are not part
-  of it: they change how the rows are computed, not what they are;
+  ``ragged=True`` and ``skip=`` too (they change the result). ``n_jobs``, ``backend`` and
+  ``progress`` are not part of it: they change how the rows are computed, not what they are;
 * **the miss**: the previous entry of the same call group (same code, parameters, patterns
   and folder: the newest entry whose ``meta["group"]`` matches) gives its row records
   (:func:`cachedload.entry.item_records`) and its data file, so only added and changed files
   are computed; the rows are written straight into the entry being published
-  (:meth:`cachedload.root.CacheRoot.put_built`), never held in memory as a whole.
+  (:meth:`cachedload.root.CacheRoot.put_built`), never held in memory as a whole. Items
+  left out by ``skip=`` are named in ``meta["skipped"]``, so that every hit warns about them
+  as the decorator's hits do for ``load_image_folder(on_error="skip")``.
 
 Everything else is the decorator's: single flight, healing, ``keep=``, ``max_size=``, warnings,
 the log. The decorator's wrapper is the :class:`Host` here (this module does not import it).
@@ -28,9 +30,10 @@ import inspect
 import itertools
 import logging
 import os
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,6 +45,7 @@ from cachedload.builder import BuildReport, Item, ItemArray, PreviousBuild, buil
 from cachedload.entry import DATA_FILE, CorruptEntry, item_records
 from cachedload.errors import (
     ConfigurationError,
+    ImagesSkippedWarning,
     SourceChangedWarning,
     SourceNotFoundError,
     warn_at_caller,
@@ -110,13 +114,17 @@ class _ItemFailed(Exception):
 @dataclass(frozen=True)
 class _Guarded:
     """The item function as the builder calls it: its exceptions come back wrapped, so that
-    an ``OSError`` of the user's code is not mistaken for a cache that cannot be written."""
+    an ``OSError`` of the user's code is not mistaken for a cache that cannot be written
+    (but the ``skip`` ones, which the builder catches right away)."""
 
     fn: Callable[..., Any]
+    skip: tuple[type[BaseException], ...] = ()
 
     def __call__(self, path: str, **params: Any) -> Any:
         try:
             return self.fn(path, **params)
+        except self.skip:
+            raise
         except Exception as error:
             if hasattr(error, "add_note"):  # Python >= 3.11
                 error.add_note(f"while loading {path}")
@@ -153,6 +161,8 @@ class _Request:
     n_jobs: int | None
     backend: Any
     ragged: bool
+    skip: tuple[type[BaseException], ...] = ()
+    progress: bool | None = None
 
 
 @dataclass
@@ -181,6 +191,18 @@ def _patterns(pattern: str | Sequence[str] | None) -> tuple[str, ...]:
             glob = glob[3:]
             found.append(glob)
     return tuple(dict.fromkeys(found))
+
+
+def _skip_types(skip: Any) -> tuple[type[BaseException], ...]:
+    """``skip=``: an exception class or a tuple of them, sorted by name (one key for any order)."""
+    given = skip if isinstance(skip, tuple) else (skip,)
+    if not all(isinstance(c, type) and issubclass(c, Exception) for c in given):
+        raise ConfigurationError("skip", f"must be exception classes, not {skip!r}")
+    return tuple(sorted(set(given), key=_class_name))
+
+
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _scan(name: str, source: Any, patterns: tuple[str, ...], rules: KeyRules) -> _Source:
@@ -268,7 +290,9 @@ def _prepare(host: Host, request: _Request) -> _Prepared:
     source = _scan(label, request.source, request.patterns, host._rules)
     fp = source.fingerprint
     where = "" if host._rules.portable else source.real
-    extra = ("ragged",) if request.ragged else ()
+    extra: tuple[Any, ...] = ("ragged",) if request.ragged else ()
+    if request.skip:  # nothing for the default: the keys stored before skip= stay
+        extra += (("skip", tuple(_class_name(c) for c in request.skip)),)
     key = value_digest(("per_item", base.key, label, list(request.patterns), where, fp.digest,
                         *extra))  # fmt: skip
     group = CallGroup((*base.group.token, ("per_item", label, request.patterns, source.real,
@@ -295,8 +319,8 @@ class ItemMap:
     """``loader.map``: the per-item loader mapped over a folder or a list of files, cached.
 
     Call it as ``loader.map(source, pattern=None, *, n_jobs=None, backend=None,
-    ragged=False, **params)``; its methods ``is_cached``, ``cache_path``, ``recompute`` and
-    ``cache_explain`` take the same arguments.
+    ragged=False, skip=(), progress=None, **params)``; its methods ``is_cached``,
+    ``cache_path``, ``recompute`` and ``cache_explain`` take the same arguments.
     """
 
     def __init__(self, host: Host) -> None:
@@ -313,6 +337,8 @@ class ItemMap:
         n_jobs: int | None = None,
         backend: Any = None,
         ragged: bool = False,
+        skip: type[Exception] | tuple[type[Exception], ...] = (),
+        progress: bool | None = None,
         **params: Any,
     ) -> ItemArray:
         """The loader's rows for every file of ``source``, stacked, from the cache if possible.
@@ -325,6 +351,13 @@ class ItemMap:
             n_jobs, backend: workers and joblib backend of the build (default: the active
                 ``joblib.parallel_config``, else threads on every CPU); not part of the key.
             ragged: rows may differ in shape: ``array`` is then a list.
+            skip: exception class(es) that leave a file out instead of failing the call
+                (e.g. ``ImageReadError`` for unreadable images): it gets no row, the
+                result's ``skipped`` names it, and the call and every later hit warn with an
+                ``ImagesSkippedWarning``. A file left out is tried again on the next miss.
+                Part of the key. Every file left out: its error is raised, nothing stored.
+            progress: a tqdm bar on stderr during a build (never on a hit); ``None``: if
+                stderr is a terminal and the build is slow. Not part of the key.
             params: the loader's other arguments, part of the key.
 
         Returns:
@@ -336,7 +369,10 @@ class ItemMap:
             ItemShapeMismatchError: two files gave rows of different shapes or dtypes.
             Whatever the loader raises, unchanged (with a note naming the file).
         """
-        request = _Request(source, _patterns(pattern), params, n_jobs, backend, bool(ragged))
+        if progress not in (None, True, False):
+            raise ConfigurationError("progress", f"must be None, True or False, not {progress!r}")
+        request = _Request(source, _patterns(pattern), params, n_jobs, backend, bool(ragged),
+                           _skip_types(skip), progress)  # fmt: skip
         return self._run(request, force=False)
 
     def recompute(
@@ -409,11 +445,12 @@ class ItemMap:
 
 def _request(source: Any, pattern: str | Sequence[str] | None, params: dict[str, Any]) -> _Request:
     """A request of the management methods (build options accepted and ignored, but
-    ``ragged``, which is part of the key)."""
+    ``ragged`` and ``skip``, which are part of the key)."""
     ragged = bool(params.pop("ragged", False))
-    params.pop("n_jobs", None)
-    params.pop("backend", None)
-    return _Request(source, _patterns(pattern), params, None, None, ragged)
+    skip = _skip_types(params.pop("skip", ()))
+    for ignored in ("n_jobs", "backend", "progress"):
+        params.pop(ignored, None)
+    return _Request(source, _patterns(pattern), params, None, None, ragged, skip)
 
 
 def _unwrapped(run: Callable[[], Any]) -> Any:
@@ -440,19 +477,63 @@ def _build_uncached(host: Host, prepared: _Prepared, request: _Request) -> ItemA
 def _build_file(
     host: Host, prepared: _Prepared, request: _Request, path: Path, previous: PreviousBuild | None
 ) -> BuildReport:
-    return build_items(
-        _Guarded(host),  # type: ignore[arg-type]  # the wrapper: its direct call runs one item
-        prepared.source.items,
-        path,
-        params=prepared.kwargs,
-        previous=previous,
-        # The result is wanted in memory: built there, it is not read back from the file.
-        in_memory=host._options.mmap_mode is None,
-        taken_ns=prepared.source.fingerprint.taken_ns,
-        n_jobs=request.n_jobs,
-        backend=request.backend,
-        ragged=request.ragged,
-    )
+    """Build the data file at ``path``; warn about the items left out (``skip=``), or raise
+    the first one's error (wrapped in ``_ItemFailed``) when every item was."""
+    with _progress_bar(request.progress) as progress:
+        report = build_items(
+            _Guarded(host, request.skip),  # type: ignore[arg-type]  # its direct call: one item
+            prepared.source.items,
+            path,
+            params=prepared.kwargs,
+            previous=previous,
+            # The result is wanted in memory: built there, it is not read back from the file.
+            in_memory=host._options.mmap_mode is None,
+            taken_ns=prepared.source.fingerprint.taken_ns,
+            n_jobs=request.n_jobs,
+            backend=request.backend,
+            ragged=request.ragged,
+            skip=request.skip,
+            progress=progress,
+        )
+    if report.skipped and len(report.skipped) == len(report.records):  # no row: not a result
+        error = next(iter(report.skipped.values()))
+        if hasattr(error, "add_note"):  # Python >= 3.11
+            error.add_note(f"(every one of the {len(report.skipped)} files was skipped)")
+        raise _ItemFailed(error)  # type: ignore[arg-type]  # skip= holds Exception classes
+    if report.skipped and "skipped" not in prepared.call.warned:
+        prepared.call.warned.add("skipped")  # once, even if the call builds twice
+        listing = "; ".join(f"{rel} ({_reason(error)})" for rel, error in report.skipped.items())
+        warn_at_caller(
+            f"cachedload: skipped {len(report.skipped)} unreadable item(s) in "
+            f"{prepared.source.root!r}: {listing}",
+            ImagesSkippedWarning,
+        )
+    return report
+
+
+def _reason(error: BaseException) -> str:
+    """Why an item was skipped: the error's ``reason`` (``ImageReadError``'s), or its text."""
+    reason = getattr(error, "reason", None)
+    return reason if isinstance(reason, str) else str(error) or type(error).__name__
+
+
+@contextlib.contextmanager
+def _progress_bar(show: bool | None) -> Iterator[Callable[[int, int], None] | None]:
+    """A ``build_items`` progress callback drawing a tqdm bar on stderr (``None``: only if
+    stderr is a terminal and the build lasts over a second), or ``None`` if not shown."""
+    if show is False or (show is None and not sys.stderr.isatty()):
+        yield None
+        return
+    from tqdm import tqdm  # here: a build that shows no bar never imports it (tens of ms)
+
+    with tqdm(desc="Loading items", unit="item", delay=0.0 if show else 1.0) as bar:
+
+        def advance(done: int, total: int) -> None:
+            if bar.total != total:
+                bar.total = total
+            bar.update(done - bar.n)
+
+        yield advance
 
 
 class _Build:
@@ -564,6 +645,8 @@ class _Build:
             "reused": report.reused,
             "full_build_reason": reason,
         }
+        if report.skipped:  # every hit warns (the decorator's _lookup)
+            meta["skipped"] = list(report.skipped)
         manifest = {name: fp.files for name, (_, fp) in (others_after or {}).items()}
         manifest[label] = prepared.source.fingerprint.files
         return Built(report.size, report.checksum, meta, manifest)

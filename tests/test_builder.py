@@ -449,3 +449,93 @@ def test_the_report_is_a_plain_record(folder: Path, tmp_path: Path) -> None:
     _, report = Builds(folder, tmp_path).build()
     assert isinstance(report, BuildReport) and report.row_shape == (2, 3)
     assert report.records["a/f0000.txt"] == builder.RowRecord(0, 8, OLD_NS, None)
+
+
+# -- items left out: build_items(skip=...) --------------------------------------------------------
+
+
+def unreadable(root: Path, name: str, mtime_ns: int = OLD_NS) -> None:
+    """A file ``row_of`` cannot read (a ValueError)."""
+    (root / name).write_text("not a number")
+    os.utime(root / name, ns=(mtime_ns, mtime_ns))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"n_jobs": 2, "batch_bytes": 96},
+        {"in_memory": True},
+        {"ragged": True},
+        {"backend": "loky", "n_jobs": 2, "batch_bytes": 96},
+    ],
+)
+def test_skipped_items_are_left_out_and_tried_again_until_fixed(
+    folder: Path, tmp_path: Path, options: dict[str, Any]
+) -> None:
+    for name in ("a/f0000.txt", "b/f0007.txt", "b/f0009.txt"):  # the very first one too
+        unreadable(folder, name)
+    counter = tmp_path / "calls.txt"
+    builds = Builds(folder, tmp_path / "out", counter, skip=(ValueError,), **options)
+    path, report = builds.build()
+    assert list(report.skipped) == ["a/f0000.txt", "b/f0007.txt", "b/f0009.txt"]
+    assert all(isinstance(error, ValueError) for error in report.skipped.values())
+    assert calls(counter) == 20 and report.computed == 20
+    value = serialize.load(path, mmap_mode=None)
+    assert value.skipped == tuple(report.skipped) and len(value.paths) == 17
+    assert not set(value.paths) & set(report.skipped)
+    for row, relpath in enumerate(value.paths):
+        assert (np.asarray(value.array[row]) == row_of(str(folder / relpath))).all()
+        assert report.records[relpath].row == row
+    assert report.records["b/f0007.txt"].row == -1
+    assert report.checksum == hash_file(path) and report.size == path.stat().st_size
+    if report.value is not None:  # built in memory: what loading the file gives
+        assert np.array_equal(report.value.array, value.array)
+        assert report.value.paths == value.paths and report.value.skipped == value.skipped
+    write(folder, "a/f0004.txt", 999, OLD_NS + 1)  # a miss tries the skipped ones again
+    path, report = builds.build()
+    assert calls(counter) == 24 and (report.computed, report.reused) == (4, 16)
+    assert path.read_bytes() == builds.scratch().read_bytes()
+    write(folder, "b/f0007.txt", 7, OLD_NS + 1)  # fixed
+    path, report = builds.build()
+    assert list(report.skipped) == ["a/f0000.txt", "b/f0009.txt"] and report.computed == 3
+    assert serialize.load(path, mmap_mode="r").paths.count("b/f0007.txt") == 1
+    assert path.read_bytes() == builds.scratch().read_bytes()
+
+
+def test_every_item_skipped_leaves_an_empty_result(tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    root.mkdir()
+    for name in ("x.txt", "y.txt"):
+        unreadable(root, name)
+    items, _ = scan_items(root)
+    report = build_items(row_of, items, tmp_path / "out", skip=(ValueError,))
+    value = serialize.load(tmp_path / "out", mmap_mode="r")
+    assert value.paths == () and value.skipped == ("x.txt", "y.txt") and len(value.array) == 0
+    assert [record.row for record in report.records.values()] == [-1, -1]
+
+
+def test_an_error_not_in_skip_still_fails_the_build(folder: Path, tmp_path: Path) -> None:
+    unreadable(folder, "a/f0002.txt")
+    items, _ = scan_items(folder)
+    with pytest.raises(ValueError, match="not a number"):
+        build_items(row_of, items, tmp_path / "out", skip=(KeyError,))
+
+
+def test_progress_is_told_before_the_first_row_and_after_each_batch(
+    folder: Path, tmp_path: Path
+) -> None:
+    told: list[tuple[int, int]] = []
+    items, _ = scan_items(folder)
+    build_items(row_of, items, tmp_path / "one", n_jobs=2, batch_bytes=96,
+                progress=lambda done, total: told.append((done, total)))  # fmt: skip
+    assert told[0] == (0, 20) and told[-1] == (20, 20) and len(told) > 3
+    assert told == sorted(told)
+    first = build_items(row_of, items, tmp_path / "two")
+    write(folder, "a/f0002.txt", 5, OLD_NS + 1)
+    items, _ = scan_items(folder)
+    told.clear()
+    previous = PreviousBuild(tmp_path / "two", first.records)
+    build_items(row_of, items, tmp_path / "three", previous=previous,
+                progress=lambda done, total: told.append((done, total)))  # fmt: skip
+    assert told == [(0, 1), (1, 1)]  # the rows computed: the copied ones are not counted

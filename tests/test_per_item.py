@@ -17,6 +17,7 @@ from cachedload import (
     CacheStoreWarning,
     ConfigurationError,
     CorruptEntryWarning,
+    ImagesSkippedWarning,
     ItemArray,
     SourceNotFoundError,
     cached_dataset,
@@ -136,6 +137,33 @@ def test_a_failing_rebuild_loses_nothing(folder: Path, tmp_path: Path) -> None:
     assert row.cache_info().entries == 1
     write(folder, "a/f0002.txt", 5, OLD_NS + 30)
     assert int(row.map(folder).array[1, 0, 0]) == 5
+
+
+def test_skip_leaves_files_out_every_hit_warns_and_it_is_part_of_the_key(
+    folder: Path, tmp_path: Path
+) -> None:
+    (folder / "a/f0002.txt").write_text("not a number")
+    os.utime(folder / "a/f0002.txt", ns=(OLD_NS, OLD_NS))
+    skipping = loader(cache_dir=tmp_path / "cache")
+    with pytest.warns(ImagesSkippedWarning) as miss:
+        result = skipping.map(folder, skip=ValueError)
+    assert len(miss) == 1 and "a/f0002.txt (invalid literal" in str(miss[0].message)
+    assert miss[0].filename == __file__
+    assert result.skipped == ("a/f0002.txt",) and len(result.paths) == 19
+    for _ in range(2):
+        with pytest.warns(ImagesSkippedWarning, match="leaves out 1 ") as hit:
+            again = skipping.map(folder, skip=(ValueError,))
+        assert len(hit) == 1 and again.skipped == result.skipped
+        assert np.array_equal(again.array, result.array) and again.paths == result.paths
+    assert skipping.cache_info().hits == 2
+    assert skipping.map.is_cached(folder, skip=ValueError)
+    assert not skipping.map.is_cached(folder)
+    with pytest.raises(ValueError, match="invalid literal"):
+        skipping.map(folder)  # without skip=: not answered by the entry that skipped
+    for bad in ("ValueError", (ValueError, 3), KeyboardInterrupt):
+        with pytest.raises(ConfigurationError) as caught:
+            skipping.map(folder, skip=bad)  # type: ignore[arg-type]
+        assert caught.value.option == "skip"
 
 
 def test_an_oserror_of_the_loader_is_not_a_store_failure(folder: Path) -> None:

@@ -159,14 +159,18 @@ def test_image_folder_data_needs_no_configuration(image_dir: Path, tmp_path: Pat
 def test_an_item_array_needs_no_configuration(tmp_path: Path) -> None:
     from cachedload.builder import ItemArray
 
-    data = ItemArray(np.arange(12, dtype=np.uint8).reshape(3, 4), ("a.png", "b.png", "c.png"))
-    for mmap_mode in (None, "r"):
-        back = serialize.load(
-            _dump(data, tmp_path / "r.joblib"), mmap_mode=mmap_mode, safe_types=()
-        )
-        assert type(back) is ItemArray and back.paths == data.paths
-        assert np.array_equal(back.array, data.array)
-    serialize.check_safe(data)
+    rows = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    for data in (
+        ItemArray(rows, ("a.png", "b.png", "c.png")),
+        ItemArray(rows, ("a.png", "b.png", "c.png"), skipped=("d.png",)),  # with its state
+    ):
+        for mmap_mode in (None, "r"):
+            back = serialize.load(
+                _dump(data, tmp_path / "r.joblib"), mmap_mode=mmap_mode, safe_types=()
+            )
+            assert type(back) is ItemArray and back.paths == data.paths
+            assert back.skipped == data.skipped and np.array_equal(back.array, data.array)
+        serialize.check_safe(data)
 
 
 def test_a_result_made_of_user_classes_needs_them_in_safe_types(tmp_path: Path) -> None:

@@ -1,0 +1,219 @@
+"""``cached_image_folder`` takes every option of ``load_image_folder`` (on_error, progress…)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cachedload import (
+    ConfigurationError,
+    ImageReadError,
+    ImagesSkippedWarning,
+    NoImagesFoundError,
+    cached_image_folder,
+    load_image_folder,
+)
+from cachedload import image_folder as image_folder_module
+from cachedload.errors import ItemShapeMismatchError
+from cachedload.images import ImageFolderData, decode_image
+
+from .test_images import noise, write
+from .test_per_item import same
+
+OLD_NS = 1_600_000_000 * 10**9  # 2020: far outside the racy window
+
+
+def put(folder: Path, name: str, data: bytes | np.ndarray, age: int = 0) -> None:
+    """Write an image (an array, encoded) or raw bytes, with an old mtime (``age`` seconds
+    after the others: a rewrite may have the same size)."""
+    path = folder / name
+    if isinstance(data, bytes):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    else:
+        write(path, data)
+    os.utime(path, ns=(OLD_NS + age * 10**9, OLD_NS + age * 10**9))
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """Two classes of three 8x12 PNGs each."""
+    root = tmp_path / "images"
+    for index in range(6):
+        put(root, f"{'ab'[index % 2]}/img_{index}.png", noise(index))
+    return root
+
+
+@pytest.fixture
+def decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The images decoded (file names) from now on."""
+    seen: list[str] = []
+
+    def counting(path: str, **options: Any) -> Any:
+        seen.append(os.path.basename(path))
+        return decode_image(path, **options)
+
+    monkeypatch.setattr(image_folder_module, "decode_image", counting)
+    return seen
+
+
+def data_file(cache: Path) -> bytes:
+    """The one entry's data file (keep=1 leaves one per folder)."""
+    (found,) = cache.rglob("result.joblib")
+    return found.read_bytes()
+
+
+def test_skip_leaves_unreadable_images_out_as_load_image_folder_does_and_every_hit_warns(
+    folder: Path, tmp_path: Path, decodes: list[str]
+) -> None:
+    put(folder, "a/img_2.png", b"")
+    put(folder, "b/img_5.png", b"garbage")
+    put(folder, "c/img_9.png", b"garbage")  # a class whose only image is unreadable
+    with pytest.warns(ImagesSkippedWarning):
+        expected = load_image_folder(folder, on_error="skip")
+    decodes.clear()
+    cache = tmp_path / "cache"
+    with pytest.warns(ImagesSkippedWarning) as miss:
+        data = cached_image_folder(folder, on_error="skip", cache_dir=cache)
+    assert len(miss) == 1 and len(decodes) == 7
+    message = str(miss[0].message)
+    assert "skipped 3 " in message and "a/img_2.png (the file is empty)" in message
+    assert "b/img_5.png (corrupt" in message and "c/img_9.png" in message
+    assert miss[0].filename == __file__
+    same(data, expected)
+    assert data.skipped == expected.skipped == ("a/img_2.png", "b/img_5.png", "c/img_9.png")
+    assert data.classes == ("a", "b", "c") and isinstance(data, ImageFolderData)
+    for mmap_mode in (None, "r"):
+        with pytest.warns(ImagesSkippedWarning) as hit:
+            again = cached_image_folder(
+                folder, on_error="skip", cache_dir=cache, mmap_mode=mmap_mode
+            )
+        assert len(hit) == 1 and len(decodes) == 7  # a hit decodes nothing, skipped ones neither
+        assert "leaves out 3 unreadable" in str(hit[0].message) and hit[0].filename == __file__
+        same(again, expected)
+        assert again.skipped == expected.skipped
+    # The hit maps the entry's rows array, which holds the readable images alone.
+    assert isinstance(again.images, np.memmap) and again.images.shape == (4, 8, 12, 3)
+
+
+def test_a_fixed_image_is_the_only_one_decoded_again(
+    folder: Path, tmp_path: Path, decodes: list[str]
+) -> None:
+    put(folder, "b/img_3.png", b"garbage")
+    cache = tmp_path / "cache"
+    with pytest.warns(ImagesSkippedWarning):
+        cached_image_folder(folder, on_error="skip", cache_dir=cache)
+    assert len(decodes) == 6
+    decodes.clear()
+    put(folder, "a/img_0.png", noise(100), 1)  # another image changed: a miss
+    with pytest.warns(ImagesSkippedWarning, match="b/img_3.png"):
+        data = cached_image_folder(folder, on_error="skip", cache_dir=cache)
+    assert sorted(decodes) == ["img_0.png", "img_3.png"]  # the skipped one is tried again
+    assert data.skipped == ("b/img_3.png",)
+    decodes.clear()
+    put(folder, "b/img_3.png", noise(3), 2)  # fixed: no warning any more (warnings are errors)
+    data = cached_image_folder(folder, on_error="skip", cache_dir=cache)
+    assert decodes == ["img_3.png"] and data.skipped == ()
+    same(data, load_image_folder(folder))
+    scratch = tmp_path / "scratch"
+    same(cached_image_folder(folder, on_error="skip", cache_dir=scratch), data)
+    assert data_file(cache) == data_file(scratch)  # incremental == from scratch, bit for bit
+
+
+def test_an_incremental_build_with_skipped_images_equals_one_from_scratch(
+    folder: Path, tmp_path: Path
+) -> None:
+    put(folder, "a/img_0.png", b"garbage")  # the very first image
+    cache, scratch = tmp_path / "cache", tmp_path / "scratch"
+    with pytest.warns(ImagesSkippedWarning):
+        cached_image_folder(folder, on_error="skip", cache_dir=cache)
+    put(folder, "b/img_7.png", noise(7))
+    put(folder, "b/img_5.png", b"", 1)
+    for where in (cache, scratch):
+        with pytest.warns(ImagesSkippedWarning, match="skipped 2 "):
+            data = cached_image_folder(folder, on_error="skip", cache_dir=where, mmap_mode="r")
+        assert data.skipped == ("a/img_0.png", "b/img_5.png") and len(data.paths) == 5
+    assert data_file(cache) == data_file(scratch)
+
+
+def test_every_image_unreadable_raises_no_images_found_and_stores_nothing(tmp_path: Path) -> None:
+    for name in ("a.png", "b.png"):
+        put(tmp_path / "images", name, b"garbage")
+    for _ in range(2):
+        with pytest.raises(NoImagesFoundError, match="readable") as caught:
+            cached_image_folder(tmp_path / "images", on_error="skip", cache_dir=tmp_path / "c")
+        assert caught.value.path == str(tmp_path / "images")
+    assert not list((tmp_path / "c").rglob("result.joblib"))
+    with pytest.raises(NoImagesFoundError, match="readable"):
+        load_image_folder(tmp_path / "images", on_error="skip")
+
+
+def test_a_raising_call_is_not_answered_by_an_entry_that_skipped(
+    folder: Path, tmp_path: Path
+) -> None:
+    put(folder, "a/img_4.png", b"garbage")
+    with pytest.warns(ImagesSkippedWarning):
+        cached_image_folder(folder, on_error="skip", cache_dir=tmp_path)
+    with pytest.raises(ImageReadError) as caught:
+        cached_image_folder(folder, cache_dir=tmp_path)
+    assert caught.value.path == str(folder / "a/img_4.png")
+
+
+def test_mixed_shapes_are_an_error_not_a_skip(folder: Path, tmp_path: Path) -> None:
+    put(folder, "b/img_9.png", noise(9, (4, 4, 3)))
+    with pytest.raises(ItemShapeMismatchError) as caught:
+        cached_image_folder(folder, on_error="skip", cache_dir=tmp_path)
+    assert caught.value.second == "b/img_9.png"
+
+
+def test_a_progress_bar_is_drawn_on_a_build_and_not_on_a_hit(
+    folder: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    cached_image_folder(folder, cache_dir=tmp_path / "one", progress=True)
+    assert "6/6" in capfd.readouterr().err
+    cached_image_folder(folder, cache_dir=tmp_path / "one", progress=True)  # a hit
+    assert capfd.readouterr().err == ""
+    put(folder, "a/img_8.png", noise(8))
+    cached_image_folder(folder, cache_dir=tmp_path / "one", progress=True)
+    assert "1/1" in capfd.readouterr().err  # the rows computed, not those copied
+    for progress in (False, None):  # None: stderr is not a terminal here
+        cached_image_folder(folder, cache_dir=tmp_path / str(progress), progress=progress)
+        assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("n_jobs", 0),
+        ("n_jobs", -1),
+        ("n_jobs", 1.5),
+        ("n_jobs", True),
+        ("n_jobs", "2"),
+        ("progress", "yes"),
+        ("on_error", "ignore"),
+    ],
+)
+def test_invalid_options_are_refused_as_load_image_folder_refuses_them(
+    folder: Path, tmp_path: Path, option: str, value: Any
+) -> None:
+    options: dict[str, Any] = {option: value}
+    for load in (load_image_folder, cached_image_folder):
+        with pytest.raises(ConfigurationError) as caught:
+            load(folder, **options)
+        assert caught.value.option == option
+        options["cache_dir"] = tmp_path  # cached_image_folder's
+    assert not list(tmp_path.rglob("result.joblib"))
+
+
+def test_n_jobs_and_progress_are_not_part_of_the_key(
+    folder: Path, tmp_path: Path, decodes: list[str]
+) -> None:
+    data = cached_image_folder(folder, cache_dir=tmp_path, n_jobs=1, progress=False)
+    same(data, load_image_folder(folder, n_jobs=1))
+    assert len(decodes) == 6
+    same(cached_image_folder(folder, cache_dir=tmp_path, n_jobs=2, progress=True), data)
+    assert len(decodes) == 6  # a hit
