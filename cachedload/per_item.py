@@ -24,6 +24,7 @@ the log. The decorator's wrapper is the :class:`Host` here (this module does not
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
