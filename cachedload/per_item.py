@@ -39,7 +39,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from cachedload import serialize
-from cachedload.builder import BuildReport, Item, ItemArray, PreviousBuild, build_items
+from cachedload.builder import BuildReport, Item, ItemArray, ItemTable, PreviousBuild, build_items
 from cachedload.entry import DATA_FILE, CorruptEntry, item_records
 from cachedload.errors import (
     ConfigurationError,
@@ -128,13 +128,11 @@ class _Source:
     fingerprint: Fingerprint
 
     @functools.cached_property
-    def items(self) -> list[Item]:
-        """The files as items, sorted (made on a miss only: a hit needs the fingerprint alone,
-        and 20,000 items cost a hit ~20 ms)."""
+    def items(self) -> ItemTable:
+        """The files as items, sorted (made on a miss only: a hit needs the fingerprint alone)."""
         if self.given is not None:
-            return self.given
-        base = self.root.rstrip(os.sep) + os.sep  # one concatenation per file, not a join
-        return [Item(rel, base + rel, s, mtime) for rel, s, mtime in self.fingerprint.files]
+            return ItemTable.of(self.given)
+        return ItemTable.from_files(self.root, self.fingerprint.files)
 
 
 @dataclass(frozen=True)
@@ -527,12 +525,13 @@ class _Build:
                     best = entry
             if best is None:
                 return None, "no previous entry of these parameters and folder"
-            raw = item_records(local.manifest(self.fdir, best.key), best.meta, self.prepared.label)
+            manifest = local.manifest(self.fdir, best.key, columns=True)
+            raw = item_records(manifest, best.meta, self.prepared.label)
         except OSError as error:
             return None, f"previous entry unreadable ({error})"
         if raw is None or not local.has_data(self.fdir, best.key, best.meta):
             return None, f"previous entry {best.key[:12]} is incomplete"
-        return PreviousBuild(best.path / DATA_FILE, raw), ""  # tuples in RowRecord's order
+        return PreviousBuild(best.path / DATA_FILE, raw), ""
 
     def build(self, data: Path, previous: PreviousBuild | None, why: str) -> Built | None:
         """Write the data file ``data``; the entry's metadata and manifest, or None if the
@@ -547,8 +546,7 @@ class _Build:
             host._identity, call.key[:12], report.computed, report.reused, report.seconds,
             f" (full build: {reason})" if reason else "",
         )  # fmt: skip
-        racy = {label: {rel: r.content_hash for rel, r in report.records.items()
-                        if r.content_hash is not None}}  # fmt: skip
+        racy = {label: dict(report.digests)}
         others = dataclasses.replace(call, sources=prepared.others)
         other_racy, newest = host._rules.racy_digests(others)
         # The items are not fingerprinted again: each row's record (size, mtime, and the
@@ -579,8 +577,9 @@ class _Build:
             "reused": report.reused,
             "full_build_reason": reason,
         }
-        manifest = {name: fp.files for name, (_, fp) in (others_after or {}).items()}
-        manifest[label] = prepared.source.fingerprint.files
+        others_files = (others_after or {}).items()
+        manifest: dict[str, Any] = {name: fp.files for name, (_, fp) in others_files}
+        manifest[label] = prepared.source.items.columns()  # the columns it stores: no copy
         return Built(report.size, report.checksum, meta, manifest)
 
     def load_stored(self) -> ItemArray:

@@ -217,8 +217,9 @@ class CacheRoot(abc.ABC):
         """True if the entry's data is there, of the size ``meta`` records."""
 
     @abc.abstractmethod
-    def manifest(self, fdir: str, key: str) -> dict[str, Any] | None:
-        """An entry's per-file manifest; None if it has none."""
+    def manifest(self, fdir: str, key: str, *, columns: bool = False) -> dict[str, Any] | None:
+        """An entry's per-file manifest (see :func:`~cachedload.entry.decode_manifest`, which
+        ``columns`` is passed to); None if it has none."""
 
     def get(
         self,

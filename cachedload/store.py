@@ -389,13 +389,14 @@ class LocalRoot(CacheRoot):
         finally:
             os.close(fd)
 
-    def manifest(self, fdir: str, key: str) -> dict[str, Any] | None:
-        """An entry's per-file manifest; None if it has none or it is unreadable."""
+    def manifest(self, fdir: str, key: str, *, columns: bool = False) -> dict[str, Any] | None:
+        """An entry's per-file manifest (``columns``: as
+        :class:`~cachedload.entry.FileColumns`); None if it has none or it is unreadable."""
         try:
             raw = (self.entry_path(fdir, key) / MANIFEST_FILE).read_bytes()
         except OSError:
             return None
-        return decode_manifest(raw)
+        return decode_manifest(raw, columns=columns)
 
     # -- writing -------------------------------------------------------------------------------
     def put_built(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from cachedload import (
     list_entries,
     load_image_folder,
 )
+from cachedload.entry import decode_manifest
 from cachedload.options import Options
 
 from .conftest import subprocess_env, write_images
@@ -113,6 +116,27 @@ def test_added_files_cost_one_call_each_and_a_removed_file_none(
     assert data_file(row, folder, counter=str(counter)) == data_file(
         scratch, folder, counter=str(counter)
     )
+
+
+def test_an_entry_with_a_manifest_of_an_older_version_still_saves_the_unchanged_rows(
+    folder: Path, tmp_path: Path
+) -> None:
+    counter = tmp_path / "calls.txt"
+    row.map(folder, counter=str(counter))
+    manifest_file = row.map.cache_path(folder, counter=str(counter)) / "manifest"
+    records = decode_manifest(manifest_file.read_bytes())
+    manifest_file.write_bytes(zlib.compress(json.dumps(records).encode(), 3))  # before 0.2
+    write(folder, "b/f0003.txt", 333, OLD_NS + 10)
+    assert "1 file modified (b/f0003.txt)" in str(
+        row.map.cache_explain(folder, counter=str(counter))
+    )
+    result = row.map(folder, counter=str(counter))
+    assert calls(counter) == 21 and int(result.array[11, 0, 0]) == 333
+    manifest_file = row.map.cache_path(folder, counter=str(counter)) / "manifest"
+    manifest_file.write_bytes(b"CLDMAN\x00\x02 damaged")  # a damaged one: a full build
+    write(folder, "b/f0005.txt", 555, OLD_NS + 10)
+    result = row.map(folder, counter=str(counter))
+    assert calls(counter) == 41 and int(result.array[12, 0, 0]) == 555
 
 
 def test_the_previous_entry_stays_until_keep_removes_it(folder: Path, tmp_path: Path) -> None:
