@@ -77,7 +77,7 @@ _log = logging.getLogger("cachedload")
 #: for any large build; large enough that the per-task overhead (~50 µs threads, ~ms on Dask)
 #: is noise.
 BATCH_BYTES = 16 * 1024 * 1024
-_BATCHES_PER_WORKER = 4  # small builds: split so every worker gets several batches
+_BATCHES_PER_WORKER = 8  # small builds: split so every worker gets several batches
 
 
 class Item(NamedTuple):

@@ -291,7 +291,8 @@ class CacheRoot(abc.ABC):
     ) -> int | None:
         """Publish an entry whose data file ``build(path)`` writes at ``path`` (inside the
         temporary folder of the entry being written), atomically as :meth:`put` does; return
-        its data's size, or None if ``build`` returned None (nothing is published).
+        its data's size, or None if ``build`` returned None (nothing is published). Every
+        file of the entry is made durable before it is published: ``build`` need not fsync.
 
         Raises:
             OSError: the root cannot be written.
