@@ -134,6 +134,16 @@ class ItemTable(Sequence[Item]):
         """Row ``row``'s file."""
         return self.prefix + self.relpaths[row] if self.paths is None else self.paths[row]
 
+    def paths_of(self, rows: list[int]) -> list[str]:
+        """The files of ``rows`` (a batch: consecutive rows, usually)."""
+        if rows and rows[-1] - rows[0] == len(rows) - 1:  # consecutive: slices
+            first, end = rows[0], rows[-1] + 1
+            if self.paths is not None:
+                return self.paths[first:end]
+            prefix = self.prefix
+            return [prefix + rel for rel in self.relpaths[first:end]]
+        return [self.path(row) for row in rows]
+
     def columns(self) -> FileColumns:
         """The relative paths, sizes and mtimes, as a manifest stores them."""
         return FileColumns(self.relpaths, self.sizes, self.mtimes)
@@ -294,11 +304,21 @@ def _run_batch(
         return [np.asarray(_load(fn, path, params)) for path in paths]
     if out is None:
         out = np.empty((len(paths), *shape), dtype)
-    for position, path in enumerate(paths):
-        row = np.asarray(_load(fn, path, params))
-        if row.shape != shape or row.dtype != dtype:
-            return _Mismatch(position, row.shape, row.dtype.str)
-        out[position] = row
+    # The loop runs once per item, holding the GIL: no call but fn's, no dtype comparison
+    # where the dtype is numpy's own instance (~0.5 µs an item, 10 ms of 20,000).
+    position, path = 0, ""
+    try:
+        for position, path in enumerate(paths):
+            row = fn(path, **params)
+            if type(row) is not np.ndarray:
+                row = np.asarray(row)
+            if row.shape != shape or (row.dtype is not dtype and row.dtype != dtype):
+                return _Mismatch(position, row.shape, row.dtype.str)
+            out[position] = row
+    except BaseException as exc:
+        if hasattr(exc, "add_note"):  # Python >= 3.11
+            exc.add_note(f"while loading {path}")
+        raise
     return out
 
 
@@ -637,7 +657,7 @@ def _build_stacked(
         batches = runner.batches(compute, row_bytes)
         # Every row is computed (no copies): each batch is a run of consecutive rows.
         outs = None if kept is None else [kept[b[0] : b[-1] + 1] for b in batches]
-        results = runner.run([[table.path(r) for r in b] for b in batches], shape, dtype, outs)
+        results = runner.run([table.paths_of(b) for b in batches], shape, dtype, outs)
         for rows, result in zip(batches, results, strict=True):
             if isinstance(result, _Mismatch):
                 bad = rows[result.position]
@@ -719,7 +739,7 @@ def _build_ragged(
             old = old_rows[there + k]
             rows[here + k] = np.array(old, dtype=_canonical(old.dtype))
     batches = runner.batches(plan.compute, 1)
-    results = runner.run([[table.path(r) for r in b] for b in batches], None, None)
+    results = runner.run([table.paths_of(b) for b in batches], None, None)
     for batch, result in zip(batches, results, strict=True):
         for row, array in zip(batch, result, strict=True):
             rows[row] = array
