@@ -106,9 +106,10 @@ class ItemTable(Sequence[Item]):
         *,
         prefix: str = "",
         paths: list[str] | None = None,
+        contents: list[str] | None = None,
     ) -> None:
         self.relpaths, self.sizes, self.mtimes = relpaths, sizes, mtimes
-        self.prefix, self.paths = prefix, paths
+        self.prefix, self.paths, self.contents = prefix, paths, contents
 
     @classmethod
     def of(cls, items: Iterable[Item]) -> ItemTable:
@@ -124,11 +125,16 @@ class ItemTable(Sequence[Item]):
         )
 
     @classmethod
-    def from_files(cls, root: str, files: Sequence[FileRecord]) -> ItemTable:
-        """The files below the folder ``root`` as a fingerprint lists them."""
+    def from_files(
+        cls, root: str, files: Sequence[FileRecord], contents: Mapping[str, str] | None = None
+    ) -> ItemTable:
+        """The files below the folder ``root`` as a fingerprint lists them (with its
+        ``contents``, if it hashed them: rows are then matched by content)."""
         columns = FileColumns.of(files)
         prefix = root.rstrip(os.sep) + os.sep  # one concatenation per file, not a join
-        return cls(columns.paths, columns.sizes, columns.mtimes, prefix=prefix)
+        by_content = [contents[rel] for rel in columns.paths] if contents else None
+        return cls(columns.paths, columns.sizes, columns.mtimes, prefix=prefix,
+                   contents=by_content)  # fmt: skip
 
     def path(self, row: int) -> str:
         """Row ``row``'s file."""
@@ -145,8 +151,8 @@ class ItemTable(Sequence[Item]):
         return [self.path(row) for row in rows]
 
     def columns(self) -> FileColumns:
-        """The relative paths, sizes and mtimes, as a manifest stores them."""
-        return FileColumns(self.relpaths, self.sizes, self.mtimes)
+        """The relative paths, sizes, mtimes (and contents), as a manifest stores them."""
+        return FileColumns(self.relpaths, self.sizes, self.mtimes, self.contents)
 
     def __len__(self) -> int:
         return len(self.relpaths)
@@ -238,7 +244,7 @@ class BuildReport:
     def row_records(self) -> ItemRecords:
         """Every row's record as columns: a next build's :attr:`PreviousBuild.records`."""
         table = self.table
-        return ItemRecords(table.relpaths, table.sizes, table.mtimes, self.digests)
+        return ItemRecords(table.relpaths, table.sizes, table.mtimes, self.digests, table.contents)
 
     @property
     def records(self) -> dict[str, RowRecord]:
@@ -375,20 +381,23 @@ def _classify(
     files (compared by content) cost a step each.
     """
     racy_limit = taken_ns - RACY_WINDOW_NS
-    relpaths = table.relpaths
-    digests = {relpaths[row]: hash_file(table.path(row))
+    relpaths, contents = table.relpaths, table.contents
+    digests = {relpaths[row]: hash_file(table.path(row)) if contents is None else contents[row]
                for row in np.flatnonzero(table.mtimes >= racy_limit).tolist()}  # fmt: skip
     if previous is None or not previous_rows or not len(table):
         return _Plan(list(range(len(table))), [], digests)
     old = _align(table, previous)
     same = (old.rows >= 0) & (old.rows < previous_rows)
-    same &= (old.sizes == table.sizes) & (old.mtimes == table.mtimes)
-    for rel, old_digest in old.digests.items():
-        # The file was racy when the previous build listed it: a same-size rewrite in the
-        # same mtime tick would not show in its record; its content must match too.
-        row = bisect.bisect_left(relpaths, rel)
-        if row < len(relpaths) and relpaths[row] == rel and same[row]:
-            same[row] = (digests.get(rel) or hash_file(table.path(row))) == old_digest
+    if contents is not None:
+        same &= _same_contents(contents, previous, old.rows)
+    else:
+        same &= (old.sizes == table.sizes) & (old.mtimes == table.mtimes)
+        for rel, old_digest in old.digests.items():
+            # The file was racy when the previous build listed it: a same-size rewrite in
+            # the same mtime tick would not show in its record; its content must match too.
+            row = bisect.bisect_left(relpaths, rel)
+            if row < len(relpaths) and relpaths[row] == rel and same[row]:
+                same[row] = (digests.get(rel) or hash_file(table.path(row))) == old_digest
     kept = np.flatnonzero(same)
     copies: list[tuple[int, int, int]] = []
     if kept.size:
@@ -400,6 +409,25 @@ def _classify(
         copies = list(zip(kept[starts].tolist(), there[starts].tolist(), counts.tolist(),
                           strict=True))  # fmt: skip
     return _Plan(np.flatnonzero(~same).tolist(), copies, digests)
+
+
+def _same_contents(
+    contents: list[str],
+    previous: ItemRecords | Mapping[str, Any],
+    rows: np.ndarray[Any, np.dtype[np.int64]],
+) -> np.ndarray[Any, np.dtype[np.bool_]]:
+    """Rows whose file's content digest is the one the previous build recorded for the
+    same path (a table of contents is matched by content alone: sizes and mtimes may have
+    changed, or not when the content did); none if it recorded no contents."""
+    old = previous.contents if isinstance(previous, ItemRecords) else None
+    if old is None:
+        return np.zeros(len(contents), np.bool_)
+    count = len(old)
+    return np.fromiter(
+        (0 <= there < count and content == old[there]
+         for content, there in zip(contents, rows.tolist(), strict=True)),
+        np.bool_, len(contents),
+    )  # fmt: skip
 
 
 def _previous_rows(previous: PreviousBuild | None) -> tuple[serialize.ArrayExtent | None, str]:

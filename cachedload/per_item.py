@@ -130,9 +130,13 @@ class _Source:
     @functools.cached_property
     def items(self) -> ItemTable:
         """The files as items, sorted (made on a miss only: a hit needs the fingerprint alone)."""
-        if self.given is not None:
-            return ItemTable.of(self.given)
-        return ItemTable.from_files(self.root, self.fingerprint.files)
+        contents = self.fingerprint.contents  # fingerprint="content": rows match by content
+        if self.given is None:
+            return ItemTable.from_files(self.root, self.fingerprint.files, contents)
+        table = ItemTable.of(self.given)
+        if contents:
+            table.contents = [contents[rel] for rel in table.relpaths]
+        return table
 
 
 @dataclass(frozen=True)
@@ -210,9 +214,8 @@ def _file_list(name: str, files: list[Any], mode: str) -> _Source:
     for before, after in itertools.pairwise(items):
         if before.relpath == after.relpath:
             raise ConfigurationError(name, f"lists {after.path!r} twice")
-    records = [
-        (i.relpath, i.size, hash_file(i.path) if mode == "content" else i.mtime_ns) for i in items
-    ]
+    contents = {i.relpath: hash_file(i.path) for i in items} if mode == "content" else {}
+    records = [(i.relpath, i.size, contents.get(i.relpath, i.mtime_ns)) for i in items]
     fp = Fingerprint(
         digest=value_digest(("files", mode, records)),
         file_count=len(items),
@@ -220,6 +223,7 @@ def _file_list(name: str, files: list[Any], mode: str) -> _Source:
         newest_mtime_ns=max(i.mtime_ns for i in items),
         taken_ns=taken_ns,
         files=tuple((i.relpath, i.size, i.mtime_ns) for i in items),
+        contents=contents,
     )
     return _Source(root, os.path.realpath(root), items, fp)
 
@@ -513,8 +517,6 @@ class _Build:
     def previous(self, skip_own: bool) -> tuple[PreviousBuild | None, str]:
         """The newest entry of this call's group, and why there is none."""
         call, local = self.prepared.call, self.root.local
-        if self.host._rules.mode == "content":
-            return None, "fingerprint='content': rows are not matched by size and mtime"
         group = call.group.digest
         best = None
         try:
@@ -531,6 +533,9 @@ class _Build:
             return None, f"previous entry unreadable ({error})"
         if raw is None or not local.has_data(self.fdir, best.key, best.meta):
             return None, f"previous entry {best.key[:12]} is incomplete"
+        if self.prepared.source.items.contents is not None and raw.contents is None:
+            # fingerprint="content": a row is reused only if its file's content is known.
+            return None, f"previous entry {best.key[:12]} records no file contents"
         return PreviousBuild(best.path / DATA_FILE, raw), ""
 
     def build(self, data: Path, previous: PreviousBuild | None, why: str) -> Built | None:

@@ -140,6 +140,23 @@ def test_manifests_round_trip_and_garbage_is_none() -> None:
         entry.decode_manifest(bytes(damaged), columns=True)
 
 
+def test_manifests_keep_the_content_digests_of_a_source_fingerprinted_by_content() -> None:
+    digests = ["0f" * 16, "a1" * 16]
+    files = entry.FileColumns(["a", "b"], np.array([1, 2]), np.array([3, 4]), digests)
+    raw = entry.encode_manifest({"items": files, "other": [["c", 5, 6]]})
+    decoded = entry.decode_manifest(raw, columns=True)
+    assert decoded is not None and decoded["items"].contents == digests
+    assert decoded["other"].contents is None
+    records = entry.item_records(decoded, {}, "items")
+    assert records is not None and records.contents == digests
+    assert entry.decode_manifest(raw) == {
+        "items": [["a", 1, 3], ["b", 2, 4]],
+        "other": [["c", 5, 6]],
+    }
+    with pytest.raises(ValueError):
+        entry.encode_manifest({"items": files._replace(contents=["0f" * 16])})
+
+
 def test_manifests_of_older_entries_are_read_and_checked() -> None:
     manifest = {"src": [["a.txt", 3, 1_600_000_000_000_000_000]], "other": [["b", 1, 2]]}
     legacy = zlib.compress(json.dumps(manifest).encode(), 3)  # entries written before 0.2

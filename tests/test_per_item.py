@@ -139,6 +139,28 @@ def test_an_entry_with_a_manifest_of_an_older_version_still_saves_the_unchanged_
     assert calls(counter) == 41 and int(result.array[12, 0, 0]) == 555
 
 
+@pytest.mark.parametrize("as_list", [False, True])
+def test_fingerprint_content_reuses_the_rows_whose_content_is_unchanged(
+    folder: Path, tmp_path: Path, as_list: bool
+) -> None:
+    by_content = loader(cache_dir=tmp_path / "c", fingerprint="content")
+    counter = tmp_path / "calls.txt"
+    source: Any = sorted(map(str, folder.rglob("*.txt"))) if as_list else folder
+    by_content.map(source, counter=str(counter))
+    assert calls(counter) == 20
+    write(folder, "a/f0002.txt", 2, OLD_NS + 10)  # touched: same content, another mtime
+    write(folder, "a/f0004.txt", 5, OLD_NS)  # same size, same mtime, other content
+    write(folder, "b/f0005.txt", 555, OLD_NS + 20)  # other size too
+    result = by_content.map(source, counter=str(counter))
+    assert calls(counter) == 22
+    assert counter.read_text().splitlines()[-2:] == ["f0004.txt", "f0005.txt"]
+    scratch = loader(cache_dir=tmp_path / "scratch", fingerprint="content")
+    assert np.array_equal(result.array, scratch.map(source, counter=str(counter)).array)
+    assert data_file(by_content, source, counter=str(counter)) == data_file(
+        scratch, source, counter=str(counter)
+    )
+
+
 def test_the_previous_entry_stays_until_keep_removes_it(folder: Path, tmp_path: Path) -> None:
     keeping = loader(cache_dir=tmp_path / "c", keep=2)
     keeping.map(folder)
