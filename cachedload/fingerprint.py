@@ -474,11 +474,10 @@ def fingerprint_source(
         records += folder.files
     if not ordered:
         records.sort(key=_path)
-    contents = {
-        record[0]: content
-        for folder in folders  # (no contents in mode "mtime": nothing to zip)
-        for record, content in zip(folder.files, folder.contents, strict=False)
-    }
+    contents: dict[str, str] = {}
+    if mode == "content":
+        for folder in folders:
+            contents.update(zip(map(_path, folder.files), folder.contents, strict=True))
     return Fingerprint(
         digest=hasher.hexdigest(),
         file_count=len(records),
