@@ -49,8 +49,9 @@ same files. Its data file holds an ``ItemArray`` whose row ``i`` comes from the 
 of its items source in ``manifest`` (sorted relative paths); with the content digests that
 ``meta.json``'s ``racy`` records for files modified just before the build, that list is every
 row's source record (:func:`item_records`), from which the next build of the same call group
-(``meta["group"]``) copies its unchanged rows. No other file, so a remote cache publishes and
-downloads it like any entry.
+(``meta["group"]``) copies its unchanged rows (with ``fingerprint="content"``, the manifest
+also holds each file's content digest, by which rows are then matched). No other file, so a
+remote cache publishes and downloads it like any entry.
 
 
 Only names of this shape are ever listed, verified or deleted, and an entry folder is deleted
