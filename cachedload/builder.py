@@ -34,13 +34,15 @@ in the same mtime tick would not show), the file's content hash matches too.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import itertools
 import logging
+import operator
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -48,13 +50,21 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from cachedload import serialize
+from cachedload.entry import FileColumns, ItemRecords
 from cachedload.errors import ItemShapeMismatchError
-from cachedload.fingerprint import RACY_WINDOW_NS, Fingerprint, fingerprint_source, hash_file
+from cachedload.fingerprint import (
+    RACY_WINDOW_NS,
+    FileRecord,
+    Fingerprint,
+    fingerprint_source,
+    hash_file,
+)
 
 __all__ = [
     "BuildReport",
     "Item",
     "ItemArray",
+    "ItemTable",
     "PreviousBuild",
     "RowRecord",
     "build_items",
@@ -68,7 +78,7 @@ _log = logging.getLogger("cachedload")
 #: for any large build; large enough that the per-task overhead (~50 µs threads, ~ms on Dask)
 #: is noise.
 BATCH_BYTES = 16 * 1024 * 1024
-_BATCHES_PER_WORKER = 4  # small builds: split so every worker gets several batches
+_BATCHES_PER_WORKER = 8  # small builds: split so every worker gets several batches
 
 
 class Item(NamedTuple):
@@ -78,6 +88,96 @@ class Item(NamedTuple):
     path: str
     size: int
     mtime_ns: int
+
+
+class ItemTable(Sequence[Item]):
+    """Items as columns, what :func:`build_items` works on: 20,000 :class:`Item` tuples (and
+    the per-row work on them) cost a miss that changes one file ~50 ms; columns cost ~3.
+
+    Row ``i`` is the file ``relpaths[i]`` of ``sizes[i]`` bytes modified at ``mtimes[i]``,
+    at ``prefix + relpaths[i]``, or at ``paths[i]`` where ``paths`` is given. Indexing gives
+    :class:`Item` s.
+    """
+
+    def __init__(
+        self,
+        relpaths: list[str],
+        sizes: np.ndarray[Any, np.dtype[np.int64]],
+        mtimes: np.ndarray[Any, np.dtype[np.int64]],
+        *,
+        prefix: str = "",
+        paths: list[str] | None = None,
+        contents: list[str] | None = None,
+    ) -> None:
+        self.relpaths, self.sizes, self.mtimes = relpaths, sizes, mtimes
+        self.prefix, self.paths, self.contents = prefix, paths, contents
+
+    @classmethod
+    def of(cls, items: Iterable[Item]) -> ItemTable:
+        """The table of ``items`` (itself if it is one)."""
+        if isinstance(items, ItemTable):
+            return items
+        items = list(items)
+        return cls(
+            [item.relpath for item in items],
+            np.array([item.size for item in items], np.int64),
+            np.array([item.mtime_ns for item in items], np.int64),
+            paths=[item.path for item in items],
+        )
+
+    @classmethod
+    def from_files(
+        cls, root: str, files: Sequence[FileRecord], contents: Mapping[str, str] | None = None
+    ) -> ItemTable:
+        """The files below the folder ``root`` as a fingerprint lists them (with its
+        ``contents``, if it hashed them: rows are then matched by content)."""
+        columns = FileColumns.of(files)
+        prefix = root.rstrip(os.sep) + os.sep  # one concatenation per file, not a join
+        by_content = [contents[rel] for rel in columns.paths] if contents else None
+        return cls(columns.paths, columns.sizes, columns.mtimes, prefix=prefix,
+                   contents=by_content)  # fmt: skip
+
+    def path(self, row: int) -> str:
+        """Row ``row``'s file."""
+        return self.prefix + self.relpaths[row] if self.paths is None else self.paths[row]
+
+    def paths_of(self, rows: list[int]) -> list[str]:
+        """The files of ``rows`` (a batch: consecutive rows, usually)."""
+        if rows and rows[-1] - rows[0] == len(rows) - 1:  # consecutive: slices
+            first, end = rows[0], rows[-1] + 1
+            if self.paths is not None:
+                return self.paths[first:end]
+            prefix = self.prefix
+            return [prefix + rel for rel in self.relpaths[first:end]]
+        return [self.path(row) for row in rows]
+
+    def without(self, relpaths: Container[str]) -> ItemTable:
+        """This table without the rows of ``relpaths``."""
+        keep = [row for row, rel in enumerate(self.relpaths) if rel not in relpaths]
+        return ItemTable(
+            [self.relpaths[row] for row in keep],
+            self.sizes[keep],
+            self.mtimes[keep],
+            prefix=self.prefix,
+            paths=None if self.paths is None else [self.paths[row] for row in keep],
+            contents=None if self.contents is None else [self.contents[row] for row in keep],
+        )
+
+    def columns(self) -> FileColumns:
+        """The relative paths, sizes, mtimes (and contents), as a manifest stores them."""
+        return FileColumns(self.relpaths, self.sizes, self.mtimes, self.contents)
+
+    def __len__(self) -> int:
+        return len(self.relpaths)
+
+    def __getitem__(self, row: Any) -> Any:
+        if isinstance(row, slice):
+            return [self[i] for i in range(*row.indices(len(self)))]
+        return Item(self.relpaths[row], self.path(row), int(self.sizes[row]),
+                    int(self.mtimes[row]))  # fmt: skip
+
+    def __repr__(self) -> str:
+        return f"<ItemTable of {len(self)} items>"
 
 
 class RowRecord(NamedTuple):
@@ -126,13 +226,14 @@ class PreviousBuild:
 
     Attributes:
         path: its data file.
-        records: its per-row records, ``relpath -> RowRecord`` (``BuildReport.records``), or
-            plain tuples in the same order.
+        records: its per-row records as columns (``BuildReport.row_records``, or an entry's
+            :func:`~cachedload.entry.item_records`), or ``relpath -> RowRecord``
+            (``BuildReport.records``; plain tuples in the same order do too).
         extent: where its rows array sits in the file; ``None``: read from the file's index.
     """
 
     path: str | os.PathLike[str]
-    records: Mapping[str, tuple[int, int, int, str | None]]
+    records: ItemRecords | Mapping[str, tuple[int, int, int, str | None]]
     extent: serialize.ArrayExtent | None = None
 
 
@@ -145,8 +246,9 @@ class BuildReport:
         computed: rows computed (calls of the item function).
         reused: rows copied from the previous build.
         seconds: wall time of the build.
-        records: every item's :class:`RowRecord`, to store with the entry (row -1 for an
-            item left out by ``skip``).
+        table: the items built, row by row (with those left out by ``skip``).
+        digests: the content digest of each racy file (``relpath -> hex``): with ``table``,
+            every row's record, to store with the entry (see :attr:`row_records`).
         row_shape, dtype: of the stacked rows (``None`` for a ragged or empty build).
         full_build_reason: why the previous build was not used (``None`` if it was, or if
             there was none to use).
@@ -162,12 +264,33 @@ class BuildReport:
     computed: int
     reused: int
     seconds: float
-    records: dict[str, RowRecord] = field(repr=False)
+    table: ItemTable = field(repr=False)
+    digests: dict[str, str] = field(repr=False)
     row_shape: tuple[int, ...] | None
     dtype: np.dtype[Any] | None
     full_build_reason: str | None = None
     value: ItemArray | None = field(default=None, repr=False, compare=False)
     skipped: dict[str, BaseException] = field(default_factory=dict, repr=False)
+
+    @property
+    def row_records(self) -> ItemRecords:
+        """Every row's record as columns: a next build's :attr:`PreviousBuild.records`
+        (items left out have no row, so no record: the next build computes them again)."""
+        table = self.table.without(self.skipped) if self.skipped else self.table
+        return ItemRecords(table.relpaths, table.sizes, table.mtimes, self.digests, table.contents)
+
+    @property
+    def records(self) -> dict[str, RowRecord]:
+        """Every item's :class:`RowRecord`, by relative path (row -1 for one left out; made
+        on demand: 20,000 cost ~15 ms, which a miss does not need)."""
+        table, digests, skipped = self.table, self.digests, self.skipped
+        records: dict[str, RowRecord] = {}
+        row = 0
+        for rel, size, mtime in zip(table.relpaths, table.sizes.tolist(), table.mtimes.tolist(),
+                                    strict=True):  # fmt: skip
+            here, row = (-1, row) if rel in skipped else (row, row + 1)
+            records[rel] = RowRecord(here, size, mtime, digests.get(rel))
+        return records
 
 
 def scan_items(
@@ -256,15 +379,25 @@ def _run_batch(
         return [_as_row(_load(fn, path, params)) for path in paths]
     if out is None:
         out = np.empty((len(paths), *shape), dtype)
+    # The loop runs once per item, holding the GIL: no call but fn's, no dtype comparison
+    # where the dtype is numpy's own instance (~0.5 µs an item, 10 ms of 20,000).
     skipped: list[tuple[int, _Skipped]] = []
-    for position, path in enumerate(paths):
-        row = _as_row(_load(fn, path, params))
-        if isinstance(row, _Skipped):
-            skipped.append((position, row))
-            continue
-        if row.shape != shape or row.dtype != dtype:
-            return _Mismatch(position, row.shape, row.dtype.str)
-        out[position] = row
+    position, path = 0, ""
+    try:
+        for position, path in enumerate(paths):
+            row = fn(path, **params)
+            if type(row) is not np.ndarray:
+                if isinstance(row, _Skipped):
+                    skipped.append((position, row))
+                    continue
+                row = np.asarray(row)
+            if row.shape != shape or (row.dtype is not dtype and row.dtype != dtype):
+                return _Mismatch(position, row.shape, row.dtype.str)
+            out[position] = row
+    except BaseException as exc:
+        if hasattr(exc, "add_note"):  # Python >= 3.11
+            exc.add_note(f"while loading {path}")
+        raise
     return _Partial(out, skipped) if skipped else out
 
 
@@ -274,37 +407,100 @@ def _run_batch(
 class _Plan(NamedTuple):
     compute: list[int]  # rows to compute, in order
     copies: list[tuple[int, int, int]]  # (first row here, first row in previous, count)
-    records: dict[str, RowRecord]
+    digests: dict[str, str]  # content digests of the racy files, by relative path
+
+
+class _Aligned(NamedTuple):
+    """The previous build's record of each row's file (row ``i`` of the new build): its row
+    there (-1: none), size, mtime, and the content digests it recorded, by path."""
+
+    rows: np.ndarray[Any, np.dtype[np.int64]]
+    sizes: np.ndarray[Any, np.dtype[np.int64]]
+    mtimes: np.ndarray[Any, np.dtype[np.int64]]
+    digests: Mapping[str, str]
+
+
+def _align(table: ItemTable, records: ItemRecords | Mapping[str, Any]) -> _Aligned:
+    """Match each new row with the previous build's record of the same relative path."""
+    if not isinstance(records, ItemRecords):  # relpath -> (row, size, mtime, digest)
+        missing = (-1, -1, -1, None)
+        found = [records.get(rel, missing) for rel in table.relpaths]
+        rows, sizes, mtimes = (np.array([r[i] for r in found], np.int64) for i in range(3))
+        digests = {rel: record[3] for rel, record in zip(table.relpaths, found, strict=True)
+                   if record[3] is not None}  # fmt: skip
+        return _Aligned(rows, sizes, mtimes, digests)
+    count = len(table)
+    if table.relpaths == records.paths:  # the usual case: no file added or removed
+        rows = np.arange(count, dtype=np.int64)
+    else:
+        where = {rel: row for row, rel in enumerate(records.paths)}
+        rows = np.fromiter((where.get(rel, -1) for rel in table.relpaths), np.int64, count)
+    rows[rows >= min(len(records.sizes), len(records.mtimes))] = -1  # a damaged manifest
+    known = np.maximum(rows, 0)
+    sizes = records.sizes[known] if len(records.sizes) else np.full(count, -1, np.int64)
+    mtimes = records.mtimes[known] if len(records.mtimes) else np.full(count, -1, np.int64)
+    return _Aligned(rows, sizes, mtimes, records.digests)
 
 
 def _classify(
-    items: Sequence[Item],
-    previous: Mapping[str, tuple[int, int, int, str | None]],
+    table: ItemTable,
+    previous: ItemRecords | Mapping[str, Any] | None,
     previous_rows: int,
     taken_ns: int,
 ) -> _Plan:
-    """Which rows to compute and which to copy; every row's new record."""
+    """Which rows to compute and which to copy; the racy files' content digests.
+
+    Columns, not a loop over rows: only racy files (hashed) and the previous build's racy
+    files (compared by content) cost a step each.
+    """
     racy_limit = taken_ns - RACY_WINDOW_NS
-    compute: list[int] = []
+    relpaths, contents = table.relpaths, table.contents
+    digests = {relpaths[row]: hash_file(table.path(row)) if contents is None else contents[row]
+               for row in np.flatnonzero(table.mtimes >= racy_limit).tolist()}  # fmt: skip
+    if previous is None or not previous_rows or not len(table):
+        return _Plan(list(range(len(table))), [], digests)
+    old = _align(table, previous)
+    same = (old.rows >= 0) & (old.rows < previous_rows)
+    if contents is not None:
+        same &= _same_contents(contents, previous, old.rows)
+    else:
+        same &= (old.sizes == table.sizes) & (old.mtimes == table.mtimes)
+        for rel, old_digest in old.digests.items():
+            # The file was racy when the previous build listed it: a same-size rewrite in
+            # the same mtime tick would not show in its record; its content must match too.
+            row = bisect.bisect_left(relpaths, rel)
+            if row < len(relpaths) and relpaths[row] == rel and same[row]:
+                same[row] = (digests.get(rel) or hash_file(table.path(row))) == old_digest
+    kept = np.flatnonzero(same)
     copies: list[tuple[int, int, int]] = []
-    records: dict[str, RowRecord] = {}
-    missing = (-1, -1, -1, None)
-    for row, (relpath, path, size, mtime_ns) in enumerate(items):
-        racy_hash = hash_file(path) if mtime_ns >= racy_limit else None
-        records[relpath] = RowRecord(row, size, mtime_ns, racy_hash)
-        # Unpacked, not by attribute: the records may be plain tuples (as the manifest gives
-        # them), which saves making 20,000 RowRecords for a call that changes one file.
-        old_row, old_size, old_mtime, old_hash = previous.get(relpath, missing)
-        same = 0 <= old_row < previous_rows and old_size == size and old_mtime == mtime_ns
-        if same and old_hash is not None:
-            same = (racy_hash or hash_file(path)) == old_hash
-        if not same:
-            compute.append(row)
-        elif copies and (last := copies[-1])[0] + last[2] == row and last[1] + last[2] == old_row:
-            copies[-1] = (last[0], last[1], last[2] + 1)  # contiguous here and there: one copy
-        else:
-            copies.append((row, old_row, 1))
-    return _Plan(compute, copies, records)
+    if kept.size:
+        there = old.rows[kept]
+        # A run of rows consecutive here and there is one copy.
+        breaks = np.flatnonzero((np.diff(kept) != 1) | (np.diff(there) != 1)) + 1
+        starts = np.concatenate(([0], breaks))
+        counts = np.diff(np.concatenate((starts, [kept.size])))
+        copies = list(zip(kept[starts].tolist(), there[starts].tolist(), counts.tolist(),
+                          strict=True))  # fmt: skip
+    return _Plan(np.flatnonzero(~same).tolist(), copies, digests)
+
+
+def _same_contents(
+    contents: list[str],
+    previous: ItemRecords | Mapping[str, Any],
+    rows: np.ndarray[Any, np.dtype[np.int64]],
+) -> np.ndarray[Any, np.dtype[np.bool_]]:
+    """Rows whose file's content digest is the one the previous build recorded for the
+    same path (a table of contents is matched by content alone: sizes and mtimes may have
+    changed, or not when the content did); none if it recorded no contents."""
+    old = previous.contents if isinstance(previous, ItemRecords) else None
+    if old is None:
+        return np.zeros(len(contents), np.bool_)
+    count = len(old)
+    return np.fromiter(
+        (0 <= there < count and content == old[there]
+         for content, there in zip(contents, rows.tolist(), strict=True)),
+        np.bool_, len(contents),
+    )  # fmt: skip
 
 
 def _previous_rows(previous: PreviousBuild | None) -> tuple[serialize.ArrayExtent | None, str]:
@@ -372,10 +568,8 @@ def build_items(
         Whatever ``fn`` raises, with a note naming the file.
     """
     started = time.perf_counter()
-    items = list(items)
-    for before, after in itertools.pairwise(items):
-        if not before.relpath < after.relpath:
-            raise ValueError(f"items must be sorted by relpath, unique: {after.relpath!r}")
+    table = ItemTable.of(items)
+    _check_sorted(table.relpaths)
     taken_ns = time.time_ns() if taken_ns is None else taken_ns
     params = dict(params or {})
     old_rows: Any = None
@@ -387,25 +581,25 @@ def build_items(
         extent, reason = _previous_rows(previous)
         previous_rows = extent.shape[0] if extent is not None else 0
     usable = old_rows is not None or extent is not None
-    plan = _classify(items, previous.records if previous else {}, previous_rows, taken_ns)
+    plan = _classify(table, previous.records if previous else None, previous_rows, taken_ns)
     if not usable and previous is not None:
-        _log.info("full build of %s items: %s", len(items), reason)
-    paths = tuple(item.relpath for item in items)
+        _log.info("full build of %s items: %s", len(table), reason)
+    paths = tuple(table.relpaths)
     runner = _Runner(_Skipping(fn, skip) if skip else fn, params, n_jobs, backend, batch_bytes)
-    left_out: dict[int, BaseException] = {}  # row -> why (rows in the order of items)
+    left_out: dict[int, BaseException] = {}  # row -> why (rows in the order of the table)
     advance = _advancer(progress, len(plan.compute))
     if ragged:
-        size, checksum = _build_ragged(runner, items, plan, old_rows, path, left_out, advance)
+        size, checksum = _build_ragged(runner, table, plan, old_rows, path, left_out, advance)
         shape = dtype = None
         kept = None
     else:
         kept = np.empty(0) if in_memory and not plan.copies and runner.threads() else None
         size, checksum, shape, dtype, kept = _build_stacked(
-            runner, items, plan, previous, extent, paths, path, kept, left_out, advance
+            runner, table, plan, previous, extent, paths, path, kept, left_out, advance
         )
     skipped: dict[str, BaseException] = {}
     if left_out:
-        good, paths, plan, skipped = _leave_out(items, plan, left_out)
+        good, paths, skipped = _leave_out(table, left_out)
         if not ragged:  # a ragged file is written without them
             assert shape is not None and dtype is not None
             size, checksum = _compact(path, good, paths, tuple(skipped), shape, dtype)
@@ -417,7 +611,8 @@ def build_items(
         computed=len(plan.compute),
         reused=reused,
         seconds=time.perf_counter() - started,
-        records=plan.records,
+        table=table,
+        digests=plan.digests,
         row_shape=shape,
         dtype=dtype,
         full_build_reason=reason if previous is not None and not usable else None,
@@ -427,6 +622,14 @@ def build_items(
     _log.debug("built %s: %s rows computed, %s copied, %s bytes in %.3f s", os.fspath(path),
                report.computed, report.reused, size, report.seconds)  # fmt: skip
     return report
+
+
+def _check_sorted(relpaths: list[str]) -> None:
+    """Raise unless ``relpaths`` are sorted and unique (one C-level pass when they are)."""
+    if all(map(operator.lt, relpaths, relpaths[1:])):
+        return
+    bad = next(after for before, after in itertools.pairwise(relpaths) if not before < after)
+    raise ValueError(f"items must be sorted by relpath, unique: {bad!r}")
 
 
 class _Runner:
@@ -539,7 +742,7 @@ class _Runner:
 
 def _build_stacked(
     runner: _Runner,
-    items: list[Item],
+    table: ItemTable,
     plan: _Plan,
     previous: PreviousBuild | None,
     extent: serialize.ArrayExtent | None,
@@ -552,14 +755,14 @@ def _build_stacked(
     """Write the rows; ``kept`` (not ``None``: a full build on threads, every row computed)
     is replaced by the result array, the batches computed straight into it. Rows left out
     are added to ``left_out`` (their bytes in the file are left as they are)."""
-    shape, dtype, reference, first = _row_layout(runner, items, plan, extent, left_out)
+    shape, dtype, reference, first = _row_layout(runner, table, plan, extent, left_out)
     compute = plan.compute[len(left_out) :]  # those left out before the first row: done
     row_bytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
     if kept is not None:
-        kept = np.empty((len(items), *shape), dtype)
+        kept = np.empty((len(table), *shape), dtype)
         if first is not None:
             kept[compute[0]] = first
-    value = ItemArray(serialize.ArraySlot((len(items), *shape), dtype), paths)
+    value = ItemArray(serialize.ArraySlot((len(table), *shape), dtype), paths)
     out = serialize.dump_slotted(value, path)
     source_fd = -1
     try:
@@ -568,7 +771,7 @@ def _build_stacked(
         pending_copy = next(copies, None)
 
         def copy_until(row: int) -> None:
-            """Copy the previous rows that come before ``row`` (all: ``row=len(items)``)."""
+            """Copy the previous rows that come before ``row`` (all: ``row=len(table)``)."""
             nonlocal pending_copy
             while pending_copy is not None and pending_copy[0] < row:
                 here, there, count = pending_copy
@@ -594,15 +797,15 @@ def _build_stacked(
         batches = runner.batches(compute, row_bytes)
         # Every row is computed (no copies): each batch is a run of consecutive rows.
         outs = None if kept is None else [kept[b[0] : b[-1] + 1] for b in batches]
-        results = runner.run([[items[r].path for r in b] for b in batches], shape, dtype, outs)
+        results = runner.run([table.paths_of(b) for b in batches], shape, dtype, outs)
         for rows, result in zip(batches, results, strict=True):
             if isinstance(result, _Mismatch):
                 bad = rows[result.position]
-                raise ItemShapeMismatchError(reference, shape, dtype.str, items[bad].relpath,
+                raise ItemShapeMismatchError(reference, shape, dtype.str, table.relpaths[bad],
                                              result.shape, result.dtype)  # fmt: skip
             write(rows, _noting_left_out(result, rows, left_out))
             advance(len(rows))
-        copy_until(len(items))
+        copy_until(len(table))
         size, checksum = out.finish()
     finally:
         out.close()
@@ -621,7 +824,7 @@ def _open_previous(plan: _Plan, previous: PreviousBuild | None) -> int:
 
 def _row_layout(
     runner: _Runner,
-    items: list[Item],
+    table: ItemTable,
     plan: _Plan,
     extent: serialize.ArrayExtent | None,
     left_out: dict[int, BaseException],
@@ -635,13 +838,14 @@ def _row_layout(
     if plan.copies:
         assert extent is not None
         shape, dtype = extent.shape[1:], _canonical(extent.dtype)
-        reference = items[plan.copies[0][0]].relpath  # a row of that shape, for the error
+        reference = table.relpaths[plan.copies[0][0]]  # a row of that shape, for the error
     else:
         # The first row fixes the shape and dtype (and so the batch size and the layout).
         for row in plan.compute:
-            found = _as_row(_load(runner.fn, items[row].path, runner.params))
+            found = _as_row(_load(runner.fn, table.path(row), runner.params))
             if not isinstance(found, _Skipped):
-                first, shape, dtype, reference = found, found.shape, found.dtype, items[row].relpath
+                first, shape, dtype = found, found.shape, found.dtype
+                reference = table.relpaths[row]
                 break
             left_out[row] = found.error
     if dtype.hasobject:
@@ -670,7 +874,7 @@ def _previous_list(previous: PreviousBuild | None) -> tuple[Any, str]:
 
 def _build_ragged(
     runner: _Runner,
-    items: list[Item],
+    table: ItemTable,
     plan: _Plan,
     old_rows: Any,
     path: str | os.PathLike[str],
@@ -679,13 +883,13 @@ def _build_ragged(
 ) -> tuple[int, str]:
     """Rows of any shape: a list, in memory (copied rows read from the previous build); the
     rows left out are added to ``left_out`` and not written."""
-    rows: list[Any] = [None] * len(items)
+    rows: list[Any] = [None] * len(table)
     for here, there, count in plan.copies:
         for k in range(count):
             old = old_rows[there + k]
             rows[here + k] = np.array(old, dtype=_canonical(old.dtype))
     batches = runner.batches(plan.compute, 1)
-    results = runner.run([[items[r].path for r in b] for b in batches], None, None)
+    results = runner.run([table.paths_of(b) for b in batches], None, None)
     for batch, result in zip(batches, results, strict=True):
         for row, array in zip(batch, result, strict=True):
             if isinstance(array, _Skipped):
@@ -693,9 +897,10 @@ def _build_ragged(
             else:
                 rows[row] = array
         advance(len(batch))
-    good = [row for row in range(len(items)) if row not in left_out]
-    value = ItemArray([rows[row] for row in good], tuple(items[row].relpath for row in good),
-                      tuple(items[row].relpath for row in sorted(left_out)))  # fmt: skip
+    relpaths = table.relpaths
+    good = [row for row in range(len(table)) if row not in left_out]
+    value = ItemArray([rows[row] for row in good], tuple(relpaths[row] for row in good),
+                      tuple(relpaths[row] for row in sorted(left_out)))  # fmt: skip
     return serialize.dump(value, path)
 
 
@@ -718,21 +923,14 @@ def _advancer(progress: Callable[[int, int], object] | None, total: int) -> Call
 
 
 def _leave_out(
-    items: list[Item], plan: _Plan, left_out: Mapping[int, BaseException]
-) -> tuple[list[int], tuple[str, ...], _Plan, dict[str, BaseException]]:
-    """The rows kept (numbers before), their paths, the plan with their records renumbered
-    (row -1 for those left out: the racy ones keep their content hash, which a hit checks),
-    and the items skipped, once the rows ``left_out`` are out."""
-    good: list[int] = []
-    records: dict[str, RowRecord] = {}
-    for relpath, record in plan.records.items():
-        if record.row in left_out:
-            records[relpath] = record._replace(row=-1)
-        else:
-            records[relpath] = record._replace(row=len(good))
-            good.append(record.row)
-    skipped = {items[row].relpath: left_out[row] for row in sorted(left_out)}
-    return good, tuple(items[row].relpath for row in good), plan._replace(records=records), skipped
+    table: ItemTable, left_out: Mapping[int, BaseException]
+) -> tuple[list[int], tuple[str, ...], dict[str, BaseException]]:
+    """The rows kept (their numbers before), their paths, and the items skipped, once the
+    rows ``left_out`` are out."""
+    relpaths = table.relpaths
+    good = [row for row in range(len(table)) if row not in left_out]
+    skipped = {relpaths[row]: left_out[row] for row in sorted(left_out)}
+    return good, tuple(relpaths[row] for row in good), skipped
 
 
 def _noting_left_out(

@@ -26,7 +26,7 @@ import stat
 import sys
 import time
 from array import array
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -89,6 +89,8 @@ class Fingerprint:
         newest_mtime_ns: the newest ``st_mtime_ns`` among them (0 for an empty tree).
         taken_ns: wall-clock time (``time.time_ns()``) just before the tree was walked.
         files: the per-file records, sorted by path (not part of equality).
+        contents: with ``mode="content"``, each file's hex xxh3-128 by relative path, as
+            hashed into the digest (not part of equality; empty in mode ``"mtime"``).
     """
 
     digest: str
@@ -97,6 +99,7 @@ class Fingerprint:
     newest_mtime_ns: int
     taken_ns: int
     files: tuple[FileRecord, ...] = field(default=(), compare=False, repr=False)
+    contents: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def racy_files(self, window_ns: int = RACY_WINDOW_NS) -> list[str]:
         """Relative paths of the files modified within ``window_ns`` of ``taken_ns``."""
@@ -188,6 +191,7 @@ class _Folder(NamedTuple):
     digest: bytes
     total_bytes: int
     newest_mtime_ns: int
+    contents: tuple[str, ...] = ()  # each file's content digest (hex), mode "content" only
 
 
 def _open_folder(directory: str) -> tuple[os._ScandirIterator[str], int] | None:
@@ -306,12 +310,15 @@ class _Walker:
         hasher = xxhash.xxh3_128(_pack((len(files),)))
         hasher.update("\0".join(paths).encode("utf-8", "surrogateescape"))
         hasher.update(_pack(sizes))
+        contents: tuple[str, ...] = ()
         if self.mode == "content":
-            for relpath in paths:
-                hasher.update(bytes.fromhex(hash_file(os.path.join(self.root, relpath))))
+            # Kept: a per-item build matches rows by them (the digest is of no use for that).
+            contents = tuple(hash_file(os.path.join(self.root, relpath)) for relpath in paths)
+            for content in contents:
+                hasher.update(bytes.fromhex(content))
         else:
             hasher.update(_pack(mtimes))
-        return _Folder(prefix, files, hasher.digest(), sum(sizes), max(mtimes))
+        return _Folder(prefix, files, hasher.digest(), sum(sizes), max(mtimes), contents)
 
     def walk(self, root_ident: tuple[int, int]) -> list[_Folder]:
         """Every folder below the root that holds counted files, in no particular order."""
@@ -467,6 +474,10 @@ def fingerprint_source(
         records += folder.files
     if not ordered:
         records.sort(key=_path)
+    contents: dict[str, str] = {}
+    if mode == "content":
+        for folder in folders:
+            contents.update(zip(map(_path, folder.files), folder.contents, strict=True))
     return Fingerprint(
         digest=hasher.hexdigest(),
         file_count=len(records),
@@ -474,6 +485,7 @@ def fingerprint_source(
         newest_mtime_ns=max((folder.newest_mtime_ns for folder in folders), default=0),
         taken_ns=taken_ns,
         files=tuple(records),
+        contents=contents,
     )
 
 

@@ -42,7 +42,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from cachedload import serialize
-from cachedload.builder import BuildReport, Item, ItemArray, PreviousBuild, build_items
+from cachedload.builder import BuildReport, Item, ItemArray, ItemTable, PreviousBuild, build_items
 from cachedload.entry import DATA_FILE, CorruptEntry, item_records
 from cachedload.errors import (
     ConfigurationError,
@@ -143,13 +143,15 @@ class _Source:
     fingerprint: Fingerprint
 
     @functools.cached_property
-    def items(self) -> list[Item]:
-        """The files as items, sorted (made on a miss only: a hit needs the fingerprint alone,
-        and 20,000 items cost a hit ~20 ms)."""
-        if self.given is not None:
-            return self.given
-        base = self.root.rstrip(os.sep) + os.sep  # one concatenation per file, not a join
-        return [Item(rel, base + rel, s, mtime) for rel, s, mtime in self.fingerprint.files]
+    def items(self) -> ItemTable:
+        """The files as items, sorted (made on a miss only: a hit needs the fingerprint alone)."""
+        contents = self.fingerprint.contents  # fingerprint="content": rows match by content
+        if self.given is None:
+            return ItemTable.from_files(self.root, self.fingerprint.files, contents)
+        table = ItemTable.of(self.given)
+        if contents:
+            table.contents = [contents[rel] for rel in table.relpaths]
+        return table
 
 
 @dataclass(frozen=True)
@@ -241,9 +243,8 @@ def _file_list(name: str, files: list[Any], mode: str) -> _Source:
     for before, after in itertools.pairwise(items):
         if before.relpath == after.relpath:
             raise ConfigurationError(name, f"lists {after.path!r} twice")
-    records = [
-        (i.relpath, i.size, hash_file(i.path) if mode == "content" else i.mtime_ns) for i in items
-    ]
+    contents = {i.relpath: hash_file(i.path) for i in items} if mode == "content" else {}
+    records = [(i.relpath, i.size, contents.get(i.relpath, i.mtime_ns)) for i in items]
     fp = Fingerprint(
         digest=value_digest(("files", mode, records)),
         file_count=len(items),
@@ -251,6 +252,7 @@ def _file_list(name: str, files: list[Any], mode: str) -> _Source:
         newest_mtime_ns=max(i.mtime_ns for i in items),
         taken_ns=taken_ns,
         files=tuple((i.relpath, i.size, i.mtime_ns) for i in items),
+        contents=contents,
     )
     return _Source(root, os.path.realpath(root), items, fp)
 
@@ -581,8 +583,6 @@ class _Build:
         the newest one in the bucket, downloaded into the local copy if not there yet (its
         rows copied beat decoding them again)."""
         call, root, local = self.prepared.call, self.root, self.root.local
-        if self.host._rules.mode == "content":
-            return None, "fingerprint='content': rows are not matched by size and mtime"
         group = call.group.digest
         best = None
         try:
@@ -594,12 +594,16 @@ class _Build:
             if best is None:
                 return None, "no previous entry of these parameters and folder"
             folder = root.local_entry(self.fdir, best.key, best.meta)
-            raw = item_records(local.manifest(self.fdir, best.key), best.meta, self.prepared.label)
+            manifest = local.manifest(self.fdir, best.key, columns=True)
+            raw = item_records(manifest, best.meta, self.prepared.label)
         except (OSError, CorruptEntry) as error:
             return None, f"previous entry unreadable ({error})"
         if raw is None or not local.has_data(self.fdir, best.key, best.meta):
             return None, f"previous entry {best.key[:12]} is incomplete"
-        return PreviousBuild(folder / DATA_FILE, raw), ""  # tuples in RowRecord's order
+        if self.prepared.source.items.contents is not None and raw.contents is None:
+            # fingerprint="content": a row is reused only if its file's content is known.
+            return None, f"previous entry {best.key[:12]} records no file contents"
+        return PreviousBuild(folder / DATA_FILE, raw), ""
 
     def build(self, data: Path, previous: PreviousBuild | None, why: str) -> Built | None:
         """Write the data file ``data``; the entry's metadata and manifest, or None if the
@@ -614,8 +618,7 @@ class _Build:
             host._identity, call.key[:12], report.computed, report.reused, report.seconds,
             f" (full build: {reason})" if reason else "",
         )  # fmt: skip
-        racy = {label: {rel: r.content_hash for rel, r in report.records.items()
-                        if r.content_hash is not None}}  # fmt: skip
+        racy = {label: dict(report.digests)}
         others = dataclasses.replace(call, sources=prepared.others)
         other_racy, newest = host._rules.racy_digests(others)
         # The items are not fingerprinted again: each row's record (size, mtime, and the
@@ -648,8 +651,9 @@ class _Build:
         }
         if report.skipped:  # every hit warns (the decorator's _lookup)
             meta["skipped"] = list(report.skipped)
-        manifest = {name: fp.files for name, (_, fp) in (others_after or {}).items()}
-        manifest[label] = prepared.source.fingerprint.files
+        others_files = (others_after or {}).items()
+        manifest: dict[str, Any] = {name: fp.files for name, (_, fp) in others_files}
+        manifest[label] = prepared.source.items.columns()  # the columns it stores: no copy
         return Built(report.size, report.checksum, meta, manifest)
 
     def load_stored(self) -> ItemArray:

@@ -217,8 +217,9 @@ class CacheRoot(abc.ABC):
         """True if the entry's data is there, of the size ``meta`` records."""
 
     @abc.abstractmethod
-    def manifest(self, fdir: str, key: str) -> dict[str, Any] | None:
-        """An entry's per-file manifest; None if it has none."""
+    def manifest(self, fdir: str, key: str, *, columns: bool = False) -> dict[str, Any] | None:
+        """An entry's per-file manifest (see :func:`~cachedload.entry.decode_manifest`, which
+        ``columns`` is passed to); None if it has none."""
 
     def local_entry(self, fdir: str, key: str, meta: dict[str, Any]) -> Path:
         """The entry's folder on this machine, its files in it (a remote entry is downloaded
@@ -301,7 +302,8 @@ class CacheRoot(abc.ABC):
     ) -> int | None:
         """Publish an entry whose data file ``build(path)`` writes at ``path`` (inside the
         temporary folder of the entry being written), atomically as :meth:`put` does; return
-        its data's size, or None if ``build`` returned None (nothing is published).
+        its data's size, or None if ``build`` returned None (nothing is published). Every
+        file of the entry is made durable before it is published: ``build`` need not fsync.
 
         Raises:
             OSError: the root cannot be written.

@@ -33,6 +33,7 @@ compressed or joblib-written file cannot be loaded without trusting its writer.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import io
 import os
@@ -74,6 +75,12 @@ _TAIL = b"tR."  # TUPLE, REDUCE, STOP
 _U64 = struct.Struct("<Q")
 _PROBE = 4096  # first read of a file: its head and, usually, the whole index
 _WRITE_CHUNK = 8 * 1024 * 1024  # hash then write a slice while it is in the CPU cache
+_KEPT_BYTES = 16 * 1024 * 1024  # at most this many bytes of pieces kept to hash later
+_HASH_CHUNK = 256 * 1024  # reading back to hash: fits L2 (measured 7.8 ms for 61 MB vs 11.7)
+#: A file being built is flushed to disk in the background after every this many bytes: the
+#: writeback runs while the next rows are computed, not all in the final fsync (a 61 MB
+#: result's took ~30 ms, all of it added to the build).
+_EARLY_SYNC_BYTES = 16 * 1024 * 1024
 _NDITER_BUFFER = 16 * 1024 * 1024  # non-contiguous arrays: joblib's chunk size
 _SPOOL_MAX = 64 * 1024 * 1024  # a larger skeleton is pickled into a temporary file
 _FOREIGN = ">" if sys.byteorder == "little" else "<"
@@ -516,12 +523,15 @@ class _SlotPickler(_SkeletonPickler):
         self.items: list[np.ndarray[Any, Any] | ArraySlot] = []
 
     def persistent_id(self, obj: Any) -> int | None:
-        if type(obj) is ArraySlot:
+        kind = type(obj)
+        if kind is str:  # most objects of a per-item result (its paths): 20,000 cost ~3 ms
+            return None
+        if kind is ArraySlot:
             number = self.numbers.get(id(obj))
             if number is None:
                 number = self.numbers[id(obj)] = len(self.items)
                 self.items.append(obj)
-                self.arrays.append(obj)  # type: ignore[arg-type]  # keeps it alive, like arrays
+                self.arrays.append(obj)  # keeps it alive, like arrays
             return number
         number = super().persistent_id(obj)
         if number is not None and number == len(self.items):
@@ -629,7 +639,9 @@ class SlottedFile:
     any thread (distinct ranges). The file's checksum is computed on the way when bytes arrive
     in file order (the usual case: rows written front to back), and by reading back only the
     ranges that were not (rows written out of order, copied with :func:`copy_range`, or
-    written through :meth:`memmap`).
+    written through :meth:`memmap`): in :meth:`finish`, while the file is flushed to disk.
+    Every 16 MiB written, a flush starts in the background, so that little is left to write
+    when the file is finished.
 
     Attributes:
         path: the file.
@@ -647,6 +659,9 @@ class SlottedFile:
         self._pending: list[tuple[int, int, bytes | None]] = []  # (start, end, data or unknown)
         self._lock = threading.Lock()
         self._mapped = False
+        self._unsynced = 0  # bytes written since the last background flush started
+        self._kept = 0  # bytes of the pending pieces kept in memory
+        self._syncing: _Background | None = None
 
     def __enter__(self) -> SlottedFile:
         return self
@@ -689,14 +704,22 @@ class SlottedFile:
         """Hash what is left, fsync and close; return ``(size, hex xxh3-128 of the file)``."""
         if self._mapped:
             self._pending = []  # a map may have changed any byte after the hashed ones
-        self._catch_up(self.size)
-        os.fsync(self.fd)
+        self._wait_sync()
+        # The writeback runs while the bytes not hashed on the way (copied rows) are read
+        # back: for a build that copied most rows, each takes about as long as the other.
+        syncing = _Background(os.fsync, self.fd)
+        try:
+            self._catch_up(self.size)
+        finally:
+            syncing.join()
         self.close()
         return self.size, self._hasher.hexdigest()
 
     def close(self) -> None:
         """Close the file (without finishing it: for a build given up)."""
         if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                self._wait_sync()  # not while a flush still uses the descriptor
             os.close(self.fd)
             self.fd = -1
 
@@ -712,33 +735,42 @@ class SlottedFile:
         if start == end:
             return
         with self._lock:
+            self._unsynced += end - start
+            if self._unsynced >= _EARLY_SYNC_BYTES and (
+                self._syncing is None or self._syncing.done
+            ):
+                self._wait_sync()
+                self._unsynced = 0
+                self._syncing = _Background(os.fdatasync, self.fd)
             if self._mapped:
                 return  # finish() reads back everything after the hashed bytes
-            if start == self._hashed:
-                if data is None:
-                    self._hash_from_disk(start, end)  # copied bytes: in the page cache now
-                else:
-                    self._hasher.update(data)
+            if start == self._hashed and data is not None:
+                self._hasher.update(data)
                 self._hashed = end
                 self._drain()
             else:
-                # Small pieces are kept to hash later; large ones are read back then.
-                keep = bytes(data) if data is not None and len(data) <= 65536 else None
+                # Small pieces are kept to hash later (a bounded total); large ones, and copied
+                # ones, are read back by finish(), while the file is flushed.
+                keep = None
+                if data is not None and len(data) <= 65536 and self._kept < _KEPT_BYTES:
+                    keep = bytes(data)
+                    self._kept += len(keep)
                 bisect.insort(self._pending, (start, end, keep))
                 if len(self._pending) > 4096:  # far out of order: finish() reads it all back
                     self._mapped = True
 
     def _drain(self) -> None:
+        """Hash the kept pieces that now follow the hashed bytes (up to one to read back)."""
         while self._pending and self._pending[0][0] == self._hashed:
-            start, end, data = self._pending.pop(0)
-            if data is None:
-                self._hash_from_disk(start, end)
-            else:
-                self._hasher.update(data)
+            if self._pending[0][2] is None:
+                return  # read back by finish()
+            _start, end, data = self._pending.pop(0)
+            self._hasher.update(data)  # type: ignore[arg-type]  # not None: checked above
             self._hashed = end
 
     def _catch_up(self, end: int) -> None:
         """Hash every byte up to ``end`` (reading from the file what is not pending in memory)."""
+        self._pending = [piece for piece in self._pending if piece[2] is not None]
         while self._hashed < end:
             if self._pending and self._pending[0][0] == self._hashed:
                 self._drain()
@@ -747,14 +779,47 @@ class SlottedFile:
             self._hash_from_disk(self._hashed, stop)
             self._hashed = stop
 
+    def _wait_sync(self) -> None:
+        """Wait for the background flush, if one runs (and raise its error)."""
+        if self._syncing is not None:
+            syncing, self._syncing = self._syncing, None
+            syncing.join()
+
     def _hash_from_disk(self, start: int, end: int) -> None:
-        buffer = bytearray(min(end - start, _WRITE_CHUNK))
+        buffer = bytearray(min(end - start, _HASH_CHUNK))
         view = memoryview(buffer)
         while start < end:
             part = view[: min(end - start, len(buffer))]
             read_exactly(self.fd, part, start)
             self._hasher.update(part)
             start += len(part)
+
+
+class _Background:
+    """``function(*arguments)`` on a thread of its own; :meth:`join` waits and raises its
+    error (an fsync's: the file is then not known to be on disk)."""
+
+    def __init__(self, function: Callable[..., Any], *arguments: Any) -> None:
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(
+            target=self._run, args=(function, arguments), name="cachedload-sync", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self, function: Callable[..., Any], arguments: tuple[Any, ...]) -> None:
+        try:
+            function(*arguments)
+        except BaseException as error:
+            self.error = error
+
+    @property
+    def done(self) -> bool:
+        return not self.thread.is_alive()
+
+    def join(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def dump_slotted(value: Any, path: str | os.PathLike[str]) -> SlottedFile:

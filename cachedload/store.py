@@ -19,6 +19,7 @@ import shutil
 import stat
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -86,13 +87,34 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_file(path: Path, data: bytes, mode: int = 0o666) -> None:
+def _write_file(path: Path, data: bytes, mode: int = 0o666, *, sync: bool = True) -> None:
     # A new file (O_EXCL), never through a symlink planted in its place.
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     with open(os.open(path, flags, mode), "wb") as handle:
         handle.write(data)
         handle.flush()
-        os.fsync(handle.fileno())
+        if sync:
+            os.fsync(handle.fileno())
+
+
+def _fsync_files(paths: list[Path]) -> None:
+    """fsync files at once, one thread each: the file system commits their metadata in one
+    journal transaction where it can, and the small files' writes overlap the large one's
+    (an entry's ~3 fsyncs, one after the other, took ~10 ms more than the data file's)."""
+
+    def sync(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    if len(paths) == 1:
+        sync(paths[0])
+        return
+    with ThreadPoolExecutor(len(paths), thread_name_prefix="cachedload-fsync") as pool:
+        for done in [pool.submit(sync, path) for path in paths]:
+            done.result()  # the first error, after every fsync has ended
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o666) -> None:
@@ -389,13 +411,14 @@ class LocalRoot(CacheRoot):
         finally:
             os.close(fd)
 
-    def manifest(self, fdir: str, key: str) -> dict[str, Any] | None:
-        """An entry's per-file manifest; None if it has none or it is unreadable."""
+    def manifest(self, fdir: str, key: str, *, columns: bool = False) -> dict[str, Any] | None:
+        """An entry's per-file manifest (``columns``: as
+        :class:`~cachedload.entry.FileColumns`); None if it has none or it is unreadable."""
         try:
             raw = (self.entry_path(fdir, key) / MANIFEST_FILE).read_bytes()
         except OSError:
             return None
-        return decode_manifest(raw)
+        return decode_manifest(raw, columns=columns)
 
     # -- writing -------------------------------------------------------------------------------
     def put_built(
@@ -407,7 +430,8 @@ class LocalRoot(CacheRoot):
         replace: bool = False,
     ) -> int | None:
         """Publish an entry whose data file ``build`` writes (into the temporary folder of
-        the entry); None, and nothing published, if ``build`` returns None.
+        the entry; it need not fsync it); None, and nothing published, if ``build`` returns
+        None.
 
         Raises:
             OSError: the cache directory cannot be written (the temporary folder is removed).
@@ -428,9 +452,17 @@ class LocalRoot(CacheRoot):
             meta["data"] = {"file": DATA_FILE, "size": built.size, "xxh3": built.checksum}
             if self.signing_key is not None:
                 meta[SIGNATURE_FIELD] = sign(meta, built.checksum, self.signing_key)
-            _write_file(tmp / META_FILE, json.dumps(meta, indent=1).encode(), self._file_mode)
+            files = [tmp / DATA_FILE, tmp / META_FILE]
+            meta_bytes = json.dumps(meta, indent=1).encode()
+            _write_file(tmp / META_FILE, meta_bytes, self._file_mode, sync=False)
             if built.manifest is not None:
-                _write_file(tmp / MANIFEST_FILE, encode_manifest(built.manifest), self._file_mode)
+                files.append(tmp / MANIFEST_FILE)
+                manifest = encode_manifest(built.manifest)
+                _write_file(tmp / MANIFEST_FILE, manifest, self._file_mode, sync=False)
+            # Every file on disk, then their names, before the entry is renamed into sight:
+            # a crash never publishes an entry whose files are not all there. The data file
+            # is synced here too (a build need not: a clean file's fsync costs nothing).
+            _fsync_files(files)
             _fsync_dir(tmp)
             replace_folder(tmp, self.entry_path(fdir, key), replace=replace)
         except BaseException:

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cachedload import builder, serialize
+from cachedload import builder, entry, serialize
 from cachedload.builder import BuildReport, ItemArray, PreviousBuild, build_items, scan_items
 from cachedload.errors import CachedloadError, ItemShapeMismatchError
 from cachedload.fingerprint import RACY_WINDOW_NS, hash_file
@@ -56,8 +56,18 @@ def write(root: Path, name: str, value: int, mtime_ns: int = OLD_NS) -> None:
 class Builds:
     """Builds one folder again and again, each build incremental on the one before."""
 
-    def __init__(self, root: Path, out: Path, counter: Path | None = None, **options: Any):
+    def __init__(
+        self,
+        root: Path,
+        out: Path,
+        counter: Path | None = None,
+        via_entry: bool = False,
+        **options: Any,
+    ):
+        """``via_entry``: the records go through an entry's manifest and metadata, as
+        ``.map`` stores them (else: ``BuildReport.records``, a dict)."""
         self.root, self.out, self.counter, self.options = root, out, counter, options
+        self.via_entry = via_entry
         out.mkdir(parents=True, exist_ok=True)
         self.previous: PreviousBuild | None = None
         self.number = 0
@@ -77,7 +87,14 @@ class Builds:
             **self.options,
         )
         if incremental:
-            self.previous = PreviousBuild(path, report.records)
+            records: Any = report.records
+            if self.via_entry:
+                raw = entry.encode_manifest({"items": report.table.columns()})
+                meta = {"racy": {"items": report.digests}}
+                records = entry.item_records(
+                    entry.decode_manifest(raw, columns=True), meta, "items"
+                )
+            self.previous = PreviousBuild(path, records)
         return path, report
 
     def scratch(self, taken_ns: int | None = None) -> Path:
@@ -139,13 +156,16 @@ def test_a_removed_file_costs_no_call(folder: Path, tmp_path: Path) -> None:
     assert path.read_bytes() == builds.scratch().read_bytes()
 
 
-def test_a_same_size_rewrite_in_the_same_mtime_tick_is_seen(tmp_path: Path) -> None:
+@pytest.mark.parametrize("via_entry", [False, True])
+def test_a_same_size_rewrite_in_the_same_mtime_tick_is_seen(
+    tmp_path: Path, via_entry: bool
+) -> None:
     root = tmp_path / "src"
     now = time.time_ns()
     write(root, "x.txt", 1, now)  # racy: written just now, its record carries a content hash
     write(root, "y.txt", 2)
     counter = tmp_path / "calls.txt"
-    builds = Builds(root, tmp_path, counter)
+    builds = Builds(root, tmp_path, counter, via_entry=via_entry)
     _, first = builds.build(taken_ns=now)
     assert first.records["x.txt"].content_hash is not None
     assert first.records["y.txt"].content_hash is None
@@ -305,9 +325,9 @@ EDITS = st.lists(
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(start=st.sets(st.sampled_from(NAMES), max_size=8), edits=EDITS)
+@given(start=st.sets(st.sampled_from(NAMES), max_size=8), edits=EDITS, via_entry=st.booleans())
 def test_incremental_builds_always_equal_a_build_from_scratch(
-    start: set[str], edits: list[tuple[str, str, str, int]]
+    start: set[str], edits: list[tuple[str, str, str, int]], via_entry: bool
 ) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root, out = Path(tmp) / "src", Path(tmp) / "out"
@@ -316,7 +336,7 @@ def test_incremental_builds_always_equal_a_build_from_scratch(
         clock = OLD_NS  # a fake clock, 10 s per step: racy only what this step wrote
         for index, name in enumerate(sorted(start)):
             write(root, name, index, clock)
-        builds = Builds(root, out, n_jobs=2, batch_bytes=48)
+        builds = Builds(root, out, via_entry=via_entry, n_jobs=2, batch_bytes=48)
         builds.build(taken_ns=clock)
         for kind, name, other, value in edits:
             previous_clock, clock = clock, clock + 10 * 10**9

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -124,9 +125,57 @@ def test_the_hashing_writer_counts_hashes_and_passes_on() -> None:
 
 
 def test_manifests_round_trip_and_garbage_is_none() -> None:
-    manifest = {"src": [["a.txt", 3, 1_600_000_000_000_000_000]]}
-    assert entry.decode_manifest(entry.encode_manifest(manifest)) == manifest
+    manifest = {"src": [["a.txt", 3, 1_600_000_000_000_000_000], ["b/\udcff", 0, -5]], "e": []}
+    raw = entry.encode_manifest(manifest)
+    assert entry.decode_manifest(raw) == manifest
+    columns = entry.decode_manifest(raw, columns=True)
+    assert columns is not None and columns["src"].paths == ["a.txt", "b/\udcff"]
+    assert columns["src"].sizes.tolist() == [3, 0] and columns["e"].paths == []
     assert entry.decode_manifest(b"not zlib") is None
+    # Every truncation, and any byte changed, is None or a manifest: never an exception.
+    assert all(entry.decode_manifest(raw[:end]) is None for end in range(len(raw)))
+    for position in range(len(raw)):
+        damaged = bytearray(raw)
+        damaged[position] ^= 0x5A
+        entry.decode_manifest(bytes(damaged), columns=True)
+
+
+def test_manifests_keep_the_content_digests_of_a_source_fingerprinted_by_content() -> None:
+    digests = ["0f" * 16, "a1" * 16]
+    files = entry.FileColumns(["a", "b"], np.array([1, 2]), np.array([3, 4]), digests)
+    raw = entry.encode_manifest({"items": files, "other": [["c", 5, 6]]})
+    decoded = entry.decode_manifest(raw, columns=True)
+    assert decoded is not None and decoded["items"].contents == digests
+    assert decoded["other"].contents is None
+    records = entry.item_records(decoded, {}, "items")
+    assert records is not None and records.contents == digests
+    assert entry.decode_manifest(raw) == {
+        "items": [["a", 1, 3], ["b", 2, 4]],
+        "other": [["c", 5, 6]],
+    }
+    with pytest.raises(ValueError):
+        entry.encode_manifest({"items": files._replace(contents=["0f" * 16])})
+
+
+def test_manifests_of_older_entries_are_read_and_checked() -> None:
+    manifest = {"src": [["a.txt", 3, 1_600_000_000_000_000_000]], "other": [["b", 1, 2]]}
+    legacy = zlib.compress(json.dumps(manifest).encode(), 3)  # entries written before 0.2
+    assert entry.decode_manifest(legacy) == manifest
+    columns = entry.decode_manifest(legacy, columns=True)
+    assert columns is not None and columns["src"].mtimes.tolist() == [1_600_000_000_000_000_000]
+    for bad in ([["a", True, 1]], [["a", 1.5, 1]], [["a", 1, 2**64]], [[1, 1, 1]], [["a", 1]]):
+        crafted = zlib.compress(json.dumps({"src": bad, "other": [["b", 1, 2]]}).encode())
+        assert entry.decode_manifest(crafted, columns=True) == {"other": columns["other"]}
+
+
+def test_item_records_come_from_the_manifest_and_the_racy_digests() -> None:
+    raw = entry.encode_manifest({"items": [["a", 1, 10], ["b", 2, 20]]})
+    meta = {"racy": {"items": {"b": "0f" * 16, "gone": "1e" * 16}}}
+    records = entry.item_records(entry.decode_manifest(raw, columns=True), meta, "items")
+    assert records is not None and records.paths == ["a", "b"]
+    assert records.mtimes.tolist() == [10, 20] and records.digests["b"] == "0f" * 16
+    assert entry.item_records(entry.decode_manifest(raw), meta, "items") is None  # not columns
+    assert entry.item_records(None, meta, "items") is None
 
 
 def test_function_folders_are_named_once() -> None:

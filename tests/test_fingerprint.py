@@ -148,6 +148,14 @@ def test_content_mode_ignores_mtime_but_sees_bytes(tmp_path: Path) -> None:
     assert digest(root, mode="content") != digest(root, mode="mtime")
 
 
+def test_content_mode_keeps_each_files_digest(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "t")
+    found = fingerprint_source(root, mode="content")
+    assert sorted(found.contents) == [record[0] for record in found.files]
+    assert found.contents["a/1.png"] == hash_file(root / "a" / "1.png")
+    assert not fingerprint_source(root).contents  # mode "mtime" hashes no file
+
+
 def test_content_mode_is_independent_of_location(tmp_path: Path) -> None:
     first = make_tree(tmp_path / "one")
     second = make_tree(tmp_path / "two")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from cachedload import (
     list_entries,
     load_image_folder,
 )
+from cachedload.entry import decode_manifest
 from cachedload.options import Options
 
 from .conftest import subprocess_env, write_images
@@ -113,6 +116,49 @@ def test_added_files_cost_one_call_each_and_a_removed_file_none(
     scratch.map(folder, counter=str(counter))
     assert data_file(row, folder, counter=str(counter)) == data_file(
         scratch, folder, counter=str(counter)
+    )
+
+
+def test_an_entry_with_a_manifest_of_an_older_version_still_saves_the_unchanged_rows(
+    folder: Path, tmp_path: Path
+) -> None:
+    counter = tmp_path / "calls.txt"
+    row.map(folder, counter=str(counter))
+    manifest_file = row.map.cache_path(folder, counter=str(counter)) / "manifest"
+    records = decode_manifest(manifest_file.read_bytes())
+    manifest_file.write_bytes(zlib.compress(json.dumps(records).encode(), 3))  # before 0.2
+    write(folder, "b/f0003.txt", 333, OLD_NS + 10)
+    assert "1 file modified (b/f0003.txt)" in str(
+        row.map.cache_explain(folder, counter=str(counter))
+    )
+    result = row.map(folder, counter=str(counter))
+    assert calls(counter) == 21 and int(result.array[11, 0, 0]) == 333
+    manifest_file = row.map.cache_path(folder, counter=str(counter)) / "manifest"
+    manifest_file.write_bytes(b"CLDMAN\x00\x02 damaged")  # a damaged one: a full build
+    write(folder, "b/f0005.txt", 555, OLD_NS + 10)
+    result = row.map(folder, counter=str(counter))
+    assert calls(counter) == 41 and int(result.array[12, 0, 0]) == 555
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_fingerprint_content_reuses_the_rows_whose_content_is_unchanged(
+    folder: Path, tmp_path: Path, as_list: bool
+) -> None:
+    by_content = loader(cache_dir=tmp_path / "c", fingerprint="content")
+    counter = tmp_path / "calls.txt"
+    source: Any = sorted(map(str, folder.rglob("*.txt"))) if as_list else folder
+    by_content.map(source, counter=str(counter))
+    assert calls(counter) == 20
+    write(folder, "a/f0002.txt", 2, OLD_NS + 10)  # touched: same content, another mtime
+    write(folder, "a/f0004.txt", 5, OLD_NS)  # same size, same mtime, other content
+    write(folder, "b/f0005.txt", 555, OLD_NS + 20)  # other size too
+    result = by_content.map(source, counter=str(counter))
+    assert calls(counter) == 22
+    assert counter.read_text().splitlines()[-2:] == ["f0004.txt", "f0005.txt"]
+    scratch = loader(cache_dir=tmp_path / "scratch", fingerprint="content")
+    assert np.array_equal(result.array, scratch.map(source, counter=str(counter)).array)
+    assert data_file(by_content, source, counter=str(counter)) == data_file(
+        scratch, source, counter=str(counter)
     )
 
 

@@ -173,3 +173,35 @@ def test_a_slotted_file_with_copied_ranges_hashes_like_the_file(tmp_path: Path) 
     rows = joblib.load(path)[0]
     assert (rows[:20] == np.arange(256)).all() and (rows[20:24] == 0).all()
     assert (rows[24:] == np.arange(256)).all()
+
+
+def test_a_slotted_file_flushed_while_written_in_any_order_hashes_like_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cachedload.fingerprint import hash_file
+
+    # Flushed in the background every few KiB, few pieces kept in memory: every path taken.
+    monkeypatch.setattr(serialize, "_EARLY_SYNC_BYTES", 4096)
+    monkeypatch.setattr(serialize, "_KEPT_BYTES", 8192)
+    source = tmp_path / "source.bin"
+    source.write_bytes(bytes(range(256)) * 256)
+    path = tmp_path / "slotted.joblib"
+    rng = np.random.default_rng(0)
+    expected = np.empty((256, 256), np.uint8)
+    with serialize.dump_slotted([serialize.ArraySlot((256, 256), np.uint8)], path) as out:
+        fd = os.open(source, os.O_RDONLY)
+        try:
+            for first in rng.permutation(range(0, 256, 16)).tolist():  # out of order
+                if first % 32:
+                    out.copy_from(fd, 0, 0, first * 256, 16 * 256)
+                    expected[first : first + 16] = np.arange(256)
+                else:
+                    rows = rng.integers(0, 256, (16, 256), dtype=np.uint8)
+                    for k in range(16):  # in order within, one row at a time
+                        out.write_rows(0, first + k, rows[k : k + 1])
+                    expected[first : first + 16] = rows
+        finally:
+            os.close(fd)
+        _size, checksum = out.finish()
+    assert checksum == hash_file(path)
+    np.testing.assert_array_equal(joblib.load(path)[0], expected)

@@ -254,13 +254,13 @@ class RemoteRoot(CacheRoot):
             size = -1 if found is None else found.size
         return size_problem(size, meta) is None
 
-    def manifest(self, fdir: str, key: str) -> dict[str, Any] | None:
+    def manifest(self, fdir: str, key: str, *, columns: bool = False) -> dict[str, Any] | None:
         """An entry's per-file manifest: from the local copy, else from the bucket."""
-        found = self.copy.manifest(fdir, key)
+        found = self.copy.manifest(fdir, key, columns=columns)
         if found is not None:
             return found
         raw = self.objects.get(self.object_key(fdir, key, MANIFEST_FILE))
-        return None if raw is None else decode_manifest(raw)
+        return None if raw is None else decode_manifest(raw, columns=columns)
 
     def local_entry(self, fdir: str, key: str, meta: dict[str, Any]) -> Path:
         """The entry in the local copy, downloaded first if it is not there (or differs)."""
