@@ -198,16 +198,29 @@ def _run_batch(
 ) -> np.ndarray[Any, Any] | _Mismatch | list[np.ndarray[Any, Any]]:
     """Compute one batch: stacked rows (checked against ``shape``/``dtype``; into ``out`` if
     given, a thread's share of the result), or a list if ragged (``shape is None``). One
-    array per batch crosses a process boundary, not N."""
+    array per batch crosses a process boundary, not N.
+
+    An item function with a batch form (``fn.rows_into``, see :func:`build_items`) fills the
+    rows itself; ``fn`` computes only the rows it stops at."""
     if shape is None or dtype is None:
         return [np.asarray(_load(fn, path, params)) for path in paths]
     if out is None:
         out = np.empty((len(paths), *shape), dtype)
-    for position, path in enumerate(paths):
-        row = np.asarray(_load(fn, path, params))
+    rows_into = getattr(fn, "rows_into", None)
+    position = 0
+    while position < len(paths):
+        if rows_into is not None:
+            done = rows_into(paths[position:], out[position:], **params)
+            if not 0 <= done <= len(paths) - position:
+                raise ValueError(f"{fn!r}.rows_into returned {done!r} for {len(paths)} rows")
+            position += done
+            if position == len(paths):
+                break
+        row = np.asarray(_load(fn, paths[position], params))
         if row.shape != shape or row.dtype != dtype:
             return _Mismatch(position, row.shape, row.dtype.str)
         out[position] = row
+        position += 1
     return out
 
 
@@ -282,6 +295,12 @@ def build_items(
 
     Args:
         fn: the item function; returns one row (an array, or anything ``np.asarray`` takes).
+            It may have a batch form, an attribute ``fn.rows_into(paths, out, **params)``
+            that fills ``out[k]`` with the row of ``paths[k]`` and returns how many leading
+            paths it did, stopping before one it cannot do (an error, or a row that does not
+            fit ``out``): one call per batch instead of one per item, rows written in place
+            (``cached_image_folder`` decodes small images in a third less time per image).
+            ``fn`` then computes the row it stopped at (and raises its error).
         items: the files, sorted by ``relpath`` (as :func:`scan_items` gives them).
         path: the data file to write (a new file; fsynced when this returns).
         params: keyword arguments for ``fn``.

@@ -116,6 +116,28 @@ class _Guarded:
                 error.add_note(f"while loading {path}")
             raise _ItemFailed(error) from None
 
+    @staticmethod
+    def of(host: Host) -> _Guarded:
+        """The host's loader, guarded, with its batch form if it has one (the ``rows_into``
+        attribute of an unbound loader: see :func:`cachedload.builder.build_items`)."""
+        batch = None if host._is_bound else getattr(host.__wrapped__, "rows_into", None)
+        if batch is None:
+            return _Guarded(host)  # type: ignore[arg-type]  # its direct call runs one item
+        return _GuardedBatch(host, batch)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class _GuardedBatch(_Guarded):
+    """A guarded loader with a batch form."""
+
+    batch: Callable[..., int]
+
+    def rows_into(self, paths: Sequence[str], out: Any, **params: Any) -> int:
+        try:
+            return self.batch(paths, out, **params)
+        except Exception as error:
+            raise _ItemFailed(error) from None
+
 
 # -- one .map call -------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -459,7 +481,7 @@ def _build_file(
     host: Host, prepared: _Prepared, request: _Request, path: Path, previous: PreviousBuild | None
 ) -> BuildReport:
     return build_items(
-        _Guarded(host),  # type: ignore[arg-type]  # the wrapper: its direct call runs one item
+        _Guarded.of(host),
         prepared.source.items,
         path,
         params=prepared.kwargs,
