@@ -435,21 +435,26 @@ class _Decoder:
         """
         dtype, n = out.dtype, 0 if self.size is None else 2
         row_shape = out.shape[1:]
-        if self.size is not None and row_shape[:2] != self.size:
+        if (self.size is not None and row_shape[:2] != self.size) or self.dtype not in (
+            None,
+            dtype,
+        ):
             return 0
+        any_dtype = self.dtype is not None  # converted to dtype; else decoded as dtype
         buffer = [np.empty(_READ_BUFFER, np.uint8)]
+        imread, write = self._imread, self._write
         guess = True  # a full decode is the right one
         for done, path in enumerate(paths):
-            img = self._imread(path) if guess and path.isascii() else None
-            try:
-                if img is None:
+            img = imread(path) if guess and path.isascii() else None
+            if img is None:
+                try:
                     img, factor = self._decode_data(path, _read(path, buffer))
-                    guess = factor == 1 and self._full_decode_is_right(img.shape)
-            except Exception:  # decode_image on it raises the error, named and explained
+                except Exception:  # decode_image on it raises the error, named and explained
+                    return done
+                guess = factor == 1 and self._full_decode_is_right(img.shape)
+            if img.shape[n:] != row_shape[n:] or not (any_dtype or img.dtype == dtype):
                 return done
-            if img.shape[n:] != row_shape[n:] or (self.dtype or img.dtype) != dtype:
-                return done
-            self._write(img, out[done])
+            write(img, out[done])
         return len(paths)
 
     def _imread(self, path: str) -> npt.NDArray[Any] | None:
@@ -468,7 +473,9 @@ class _Decoder:
         reduced JPEG decode for its sides, nor for them swapped (an EXIF rotation)."""
         if not self.reducible or self.size is None:
             return True
-        h, w = shape[:2]
+        (h, w), (height, width) = shape[:2], self.size
+        if (h < 4 * height or w < 4 * width) and (w < 4 * height or h < 4 * width):
+            return True  # less than 4 times the size (twice at a reduction of 2) either way
         return _factor(h, w, self.size) == _factor(w, h, self.size) == 1
 
     def place(self, path: str, img: npt.NDArray[Any], dst: npt.NDArray[Any]) -> None:
