@@ -68,6 +68,10 @@ _log = logging.getLogger("cachedload")
 #: is noise.
 BATCH_BYTES = 16 * 1024 * 1024
 _BATCHES_PER_WORKER = 4  # small builds: split so every worker gets several batches
+# On threads a batch costs ~50 µs: smaller ones even out the end of a build (the last batch
+# of one thread, then its write, ran while the other thread idled): 20,000 small images
+# built 7% faster with 16 than with 4.
+_BATCHES_PER_THREAD = 16
 
 
 class Item(NamedTuple):
@@ -411,7 +415,8 @@ class _Runner:
 
         workers = max(1, joblib.effective_n_jobs(self.n_jobs))
         by_bytes = max(1, self.batch_bytes // max(row_bytes, 1))
-        by_count = -(-len(rows) // (workers * _BATCHES_PER_WORKER))
+        per_worker = _BATCHES_PER_THREAD if self.threads() else _BATCHES_PER_WORKER
+        by_count = -(-len(rows) // (workers * per_worker))
         size = max(1, min(by_bytes, by_count))
         return [rows[i : i + size] for i in range(0, len(rows), size)]
 

@@ -227,8 +227,9 @@ class BatchForm:
 
 
 def test_a_batch_form_computes_the_rows_the_item_function_only_where_it_stops(
-    folder: Path, tmp_path: Path
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(builder, "_BATCHES_PER_THREAD", 1)  # batches of 8: it stops mid-batch
     items, _ = scan_items(folder)
     expected = build_items(row_of, items, tmp_path / "plain.joblib")
     fn = BatchForm(declined=("f0004.txt", "f0005.txt"))
