@@ -57,6 +57,7 @@ _REDUCED_BITS = {2: 16, 4: 32, 8: 64}  # OR-ed into a colour flag: IMREAD_REDUCE
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
 _READ_BUFFER = 1 << 16  # bytes; grown for a larger file
+_HAS_READV = hasattr(os, "readv")  # not on Windows
 
 
 class _ImageFolderFields(NamedTuple):
@@ -430,15 +431,14 @@ class _Decoder:
         GIL, so each image gets one ``cv2.imread`` (the file opened, read and decoded without
         the GIL) and one ``cv2.resize`` into its row, while the previous image had sides too
         small for a reduced JPEG decode: then a full decode is what :meth:`decode` does, which
-        the decoded sides prove. Other images are read into one reused buffer (two system
-        calls, no allocation), their JPEG header looked at, and decoded from it.
+        the decoded sides prove. Other images are read into one reused buffer (``os.open``,
+        ``os.readv``, no allocation), their JPEG header looked at, and decoded from it.
         """
         dtype, n = out.dtype, 0 if self.size is None else 2
         row_shape = out.shape[1:]
-        if (self.size is not None and row_shape[:2] != self.size) or self.dtype not in (
-            None,
-            dtype,
-        ):
+        if self.size is not None and row_shape[:2] != self.size:
+            return 0
+        if self.dtype not in (None, dtype):
             return 0
         any_dtype = self.dtype is not None  # converted to dtype; else decoded as dtype
         buffer = [np.empty(_READ_BUFFER, np.uint8)]
@@ -541,9 +541,6 @@ def _read_into(fd: int, view: npt.NDArray[np.uint8]) -> int:
     chunk = os.read(fd, len(view))  # Windows: no readv
     view[: len(chunk)] = np.frombuffer(chunk, np.uint8)
     return len(chunk)
-
-
-_HAS_READV = hasattr(os, "readv")
 
 
 def _imdecode(path: str, data: npt.NDArray[np.uint8], flags: int) -> npt.NDArray[Any]:
