@@ -78,7 +78,11 @@ _log = logging.getLogger("cachedload")
 #: for any large build; large enough that the per-task overhead (~50 µs threads, ~ms on Dask)
 #: is noise.
 BATCH_BYTES = 16 * 1024 * 1024
-_BATCHES_PER_WORKER = 8  # small builds: split so every worker gets several batches
+_BATCHES_PER_WORKER = 4  # small builds: split so every worker gets several batches
+# On threads a batch costs ~50 µs: smaller ones even out the end of a build (the last batch
+# of one thread, then its write, ran while the other thread idled): 20,000 small images
+# built 7% faster with 16 than with 4.
+_BATCHES_PER_THREAD = 16
 
 
 class Item(NamedTuple):
@@ -349,6 +353,12 @@ class _Skipping:
         except self.skip as error:
             return _Skipped(error.with_traceback(None))  # no frames (and their rows) kept
 
+    @property
+    def rows_into(self) -> Callable[..., int] | None:
+        """The function's batch form, if it has one: it stops before an item that fails,
+        which the builder then computes alone (and so leaves out if it must)."""
+        return getattr(self.fn, "rows_into", None)
+
 
 def _as_row(value: Any) -> np.ndarray[Any, Any] | _Skipped:
     return value if isinstance(value, _Skipped) else np.asarray(value)
@@ -374,28 +384,43 @@ def _run_batch(
     """Compute one batch: stacked rows (checked against ``shape``/``dtype``; into ``out`` if
     given, a thread's share of the result), or a list if ragged (``shape is None``). One
     array per batch crosses a process boundary, not N. Items left out (:class:`_Skipping`)
-    make it a :class:`_Partial`."""
+    make it a :class:`_Partial`.
+
+    An item function with a batch form (``fn.rows_into``, see :func:`build_items`) fills the
+    rows itself; ``fn`` computes only the rows it stops at."""
     if shape is None or dtype is None:
         return [_as_row(_load(fn, path, params)) for path in paths]
     if out is None:
         out = np.empty((len(paths), *shape), dtype)
-    # The loop runs once per item, holding the GIL: no call but fn's, no dtype comparison
-    # where the dtype is numpy's own instance (~0.5 µs an item, 10 ms of 20,000).
+    rows_into = getattr(fn, "rows_into", None)
     skipped: list[tuple[int, _Skipped]] = []
-    position, path = 0, ""
+    position, path, count = 0, "", len(paths)
     try:
-        for position, path in enumerate(paths):
+        while position < count:
+            if rows_into is not None:
+                path = ""  # not one file's error
+                done = rows_into(paths[position:], out[position:], **params)
+                if not 0 <= done <= count - position:
+                    raise ValueError(f"{fn!r}.rows_into returned {done!r} for {count} rows")
+                position += done
+                if position == count:
+                    break
+            # Once per item without a batch form, holding the GIL: no call but fn's, no dtype
+            # comparison where the dtype is numpy's own instance (~0.5 µs an item).
+            path = paths[position]
             row = fn(path, **params)
             if type(row) is not np.ndarray:
                 if isinstance(row, _Skipped):
                     skipped.append((position, row))
+                    position += 1
                     continue
                 row = np.asarray(row)
             if row.shape != shape or (row.dtype is not dtype and row.dtype != dtype):
                 return _Mismatch(position, row.shape, row.dtype.str)
             out[position] = row
+            position += 1
     except BaseException as exc:
-        if hasattr(exc, "add_note"):  # Python >= 3.11
+        if path and hasattr(exc, "add_note"):  # Python >= 3.11
             exc.add_note(f"while loading {path}")
         raise
     return _Partial(out, skipped) if skipped else out
@@ -537,6 +562,12 @@ def build_items(
 
     Args:
         fn: the item function; returns one row (an array, or anything ``np.asarray`` takes).
+            It may have a batch form, an attribute ``fn.rows_into(paths, out, **params)``
+            that fills ``out[k]`` with the row of ``paths[k]`` and returns how many leading
+            paths it did, stopping before one it cannot do (an error, or a row that does not
+            fit ``out``): one call per batch instead of one per item, rows written in place
+            (``cached_image_folder`` on 2 threads: ~40 µs per 64x64 JPEG instead of ~60).
+            ``fn`` then computes the row it stopped at (and raises its error).
         items: the files, sorted by ``relpath`` (as :func:`scan_items` gives them).
         path: the data file to write (a new file; fsynced when this returns).
         params: keyword arguments for ``fn``.
@@ -671,7 +702,8 @@ class _Runner:
 
         workers = max(1, joblib.effective_n_jobs(self.n_jobs))
         by_bytes = max(1, self.batch_bytes // max(row_bytes, 1))
-        by_count = -(-len(rows) // (workers * _BATCHES_PER_WORKER))
+        per_worker = _BATCHES_PER_THREAD if self.threads() else _BATCHES_PER_WORKER
+        by_count = -(-len(rows) // (workers * per_worker))
         size = max(1, min(by_bytes, by_count))
         return [rows[i : i + size] for i in range(0, len(rows), size)]
 

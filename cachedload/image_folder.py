@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -21,7 +21,13 @@ import numpy.typing as npt
 from cachedload._version import __version__
 from cachedload.decorator import CachedDataset
 from cachedload.errors import ImageReadError, NoImagesFoundError
-from cachedload.images import ImageFolderData, check_options, decode_image, opencv_threads_off
+from cachedload.images import (
+    ImageFolderData,
+    check_options,
+    decode_image,
+    decode_rows,
+    opencv_threads_off,
+)
 from cachedload.options import Options
 
 __all__ = ["cached_image_folder"]
@@ -36,6 +42,21 @@ def _image_row(
 ) -> npt.NDArray[Any]:
     """One image's row (the per-item loader behind :func:`cached_image_folder`)."""
     return decode_image(path, size=size, color=color, dtype=dtype)  # type: ignore[arg-type]
+
+
+def _image_rows(
+    paths: Sequence[str],
+    out: npt.NDArray[Any],
+    size: tuple[int, int] | None,
+    color: str,
+    dtype: str | None,
+) -> int:
+    """_image_row for a batch of images, into the rows of ``out`` (the builder's batch form)."""
+    return decode_rows(paths, out, size=size, color=color, dtype=dtype)  # type: ignore[arg-type]
+
+
+# Set here, not by a decorator: _image_row's source is part of the entries' key.
+_image_row.rows_into = _image_rows  # type: ignore[attr-defined]
 
 
 def _wrapper(options: dict[str, Any]) -> CachedDataset[..., Any]:

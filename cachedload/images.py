@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, NamedTuple
 
@@ -35,6 +35,7 @@ __all__ = [
     "NoImagesFoundError",
     "check_options",
     "decode_image",
+    "decode_rows",
     "load_image_folder",
     "opencv_threads_off",
 ]
@@ -54,6 +55,9 @@ _FLAGS = {
 }
 _REDUCED_BITS = {2: 16, 4: 32, 8: 64}  # OR-ed into a colour flag: IMREAD_REDUCED_*_<factor>
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+_READ_BUFFER = 1 << 16  # bytes; grown for a larger file
+_HAS_READV = hasattr(os, "readv")  # not on Windows
 
 
 class _ImageFolderFields(NamedTuple):
@@ -237,6 +241,26 @@ def decode_image(
     return out
 
 
+def decode_rows(
+    paths: Sequence[str],
+    out: npt.NDArray[Any],
+    *,
+    size: tuple[int, int] | None = None,
+    color: Literal["rgb", "bgr", "gray", "unchanged"] = "rgb",
+    dtype: npt.DTypeLike | None = None,
+) -> int:
+    """Decode images into the rows of ``out``, ``out[k]`` exactly as :func:`decode_image`
+    decodes ``paths[k]`` (options already checked), for a batch: one decoder and read buffer,
+    straight into the rows, the least Python per image (the GIL bounds threads on small ones).
+
+    Returns how many leading paths were done: it stops before the first image that fails or
+    does not fit a row of ``out`` (:func:`decode_image` on it raises, or gives that other
+    shape or dtype).
+    """
+    out_dtype = None if dtype is None else np.dtype(dtype)
+    return _Decoder(color, size, out_dtype, False, _ignore).rows_into(paths, out)
+
+
 def _ignore(count: int) -> None:
     return None
 
@@ -325,6 +349,7 @@ class _Decoder:
         self.color, self.size, self.dtype = color, size, dtype
         self.skip, self.advance = skip, advance
         self.to_rgb = color == "unchanged" or (color == "rgb" and _RGB_FLAG is None)
+        self.reducible = size is not None and color != "unchanged"  # a reduced JPEG decode
         self.first: tuple[str, tuple[int, ...]] = ("", ())  # path and decoded shape
         self.out = np.empty(0)
 
@@ -382,14 +407,76 @@ class _Decoder:
             raise ImageReadError(path, exc.strerror or str(exc)) from exc
         if not data:
             raise ImageReadError(path, "the file is empty")
+        return self._decode_data(path, np.frombuffer(data, np.uint8))[0]
+
+    def _decode_data(self, path: str, data: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[Any], int]:
+        """The image in data (a file's bytes), and the JPEG scale factor it was decoded at."""
         flags, size = _FLAGS[self.color], self.size
-        factor = 1 if size is None or self.color == "unchanged" else _reduction(data, size)
+        factor = _reduction(data.data, size) if self.reducible and size else 1
         img = _imdecode(path, data, flags | _REDUCED_BITS.get(factor, 0))
         if size is not None and (img.shape[0] < size[0] or img.shape[1] < size[1]) and factor > 1:
             img = _imdecode(path, data, flags)  # EXIF rotation swapped the sides: decode fully
+            factor = 1
+        return self._to_rgb(img), factor
+
+    def _to_rgb(self, img: npt.NDArray[Any]) -> npt.NDArray[Any]:
         if self.to_rgb and img.ndim == 3 and img.shape[2] in (3, 4):
             img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB if img.shape[2] == 3 else cv2.COLOR_BGRA2RGBA)
         return img
+
+    def rows_into(self, paths: Sequence[str], out: npt.NDArray[Any]) -> int:
+        """Decode paths into out's rows; return how many were done (see :func:`decode_rows`).
+
+        Small images spend more time around the decoder than in it, and two threads share one
+        GIL, so each image gets one ``cv2.imread`` (the file opened, read and decoded without
+        the GIL) and one ``cv2.resize`` into its row, while the previous image had sides too
+        small for a reduced JPEG decode: then a full decode is what :meth:`decode` does, which
+        the decoded sides prove. Other images are read into one reused buffer (``os.open``,
+        ``os.readv``, no allocation), their JPEG header looked at, and decoded from it.
+        """
+        dtype, n = out.dtype, 0 if self.size is None else 2
+        row_shape = out.shape[1:]
+        if self.size is not None and row_shape[:2] != self.size:
+            return 0
+        if self.dtype not in (None, dtype):
+            return 0
+        any_dtype = self.dtype is not None  # converted to dtype; else decoded as dtype
+        buffer = [np.empty(_READ_BUFFER, np.uint8)]
+        imread, write = self._imread, self._write
+        guess = True  # a full decode is the right one
+        for done, path in enumerate(paths):
+            img = imread(path) if guess and path.isascii() else None
+            if img is None:
+                try:
+                    img, factor = self._decode_data(path, _read(path, buffer))
+                except Exception:  # decode_image on it raises the error, named and explained
+                    return done
+                guess = factor == 1 and self._full_decode_is_right(img.shape)
+            if img.shape[n:] != row_shape[n:] or not (any_dtype or img.dtype == dtype):
+                return done
+            write(img, out[done])
+        return len(paths)
+
+    def _imread(self, path: str) -> npt.NDArray[Any] | None:
+        """The image by ``cv2.imread`` (str paths pass as UTF-8 bytes: ASCII ones only), if
+        :meth:`decode` decodes one of its sides at full size too; else ``None``."""
+        try:
+            img: npt.NDArray[Any] | None = cv2.imread(path, _FLAGS[self.color])
+        except cv2.error:
+            return None
+        if img is None or not img.size or not self._full_decode_is_right(img.shape):
+            return None
+        return self._to_rgb(img)
+
+    def _full_decode_is_right(self, shape: tuple[int, ...]) -> bool:
+        """Whether :meth:`decode` decodes an image of these (decoded) sides at full size: no
+        reduced JPEG decode for its sides, nor for them swapped (an EXIF rotation)."""
+        if not self.reducible or self.size is None:
+            return True
+        (h, w), (height, width) = shape[:2], self.size
+        if (h < 4 * height or w < 4 * width) and (w < 4 * height or h < 4 * width):
+            return True  # less than 4 times the size (twice at a reduction of 2) either way
+        return _factor(h, w, self.size) == _factor(w, h, self.size) == 1
 
     def place(self, path: str, img: npt.NDArray[Any], dst: npt.NDArray[Any]) -> None:
         """Resize and convert img straight into dst, a row of the output array."""
@@ -399,13 +486,17 @@ class _Decoder:
             raise ImageShapeMismatchError(
                 first_path, first_shape, path, img.shape, resized=self.size is not None
             )
+        self._write(img, dst)
+
+    def _write(self, img: npt.NDArray[Any], dst: npt.NDArray[Any]) -> None:
+        """Resize and convert img (of dst's channels) into dst."""
         if self.size is not None and img.shape[:2] != self.size:
             h, w = self.size
             shrink = img.shape[0] >= h and img.shape[1] >= w
             interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
             if img.dtype == dst.dtype:
                 out = cv2.resize(img, (w, h), dst=dst, interpolation=interpolation)
-                if not np.may_share_memory(out, dst):  # OpenCV reallocated: do not lose it
+                if out is not dst and not np.may_share_memory(out, dst):  # OpenCV reallocated
                     dst[...] = out
                 return
             img = cv2.resize(img, (w, h), interpolation=interpolation)
@@ -420,9 +511,41 @@ class _Decoder:
             np.copyto(dst, np.clip(np.rint(img * (top / src_max)), 0, top), casting="unsafe")
 
 
-def _imdecode(path: str, data: bytes, flags: int) -> npt.NDArray[Any]:
+def _read(path: str, buffer: list[npt.NDArray[np.uint8]]) -> npt.NDArray[np.uint8]:
+    """The file's bytes, read into ``buffer[0]`` (grown, and replaced there, for a larger
+    file): a view of it, valid until the next read."""
+    data, size = buffer[0], 0
     try:
-        img: npt.NDArray[Any] | None = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        fd = os.open(path, _OPEN_FLAGS)
+        try:
+            while True:
+                if size == len(data):
+                    data = buffer[0] = np.concatenate((data, np.empty_like(data)))
+                got = _read_into(fd, data[size:])
+                if not got:
+                    break
+                size += got
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise ImageReadError(path, exc.strerror or str(exc)) from exc
+    if not size:
+        raise ImageReadError(path, "the file is empty")
+    return data[:size]
+
+
+def _read_into(fd: int, view: npt.NDArray[np.uint8]) -> int:
+    """Read from fd into view; the byte count (0 at the end of the file)."""
+    if _HAS_READV:
+        return os.readv(fd, [view.data])
+    chunk = os.read(fd, len(view))  # Windows: no readv
+    view[: len(chunk)] = np.frombuffer(chunk, np.uint8)
+    return len(chunk)
+
+
+def _imdecode(path: str, data: npt.NDArray[np.uint8], flags: int) -> npt.NDArray[Any]:
+    try:
+        img: npt.NDArray[Any] | None = cv2.imdecode(data, flags)
     except cv2.error as exc:
         raise ImageReadError(path, f"OpenCV cannot decode it ({exc.err})") from exc
     if img is None or img.size == 0:
@@ -430,7 +553,7 @@ def _imdecode(path: str, data: bytes, flags: int) -> npt.NDArray[Any]:
     return img
 
 
-def _reduction(data: bytes, size: tuple[int, int]) -> int:
+def _reduction(data: bytes | memoryview, size: tuple[int, int]) -> int:
     """The JPEG scale-down factor to decode data at (1: full size) for a target size.
 
     The factor must divide both sides: a partial 8x8 block at the edge stretches the reduced
@@ -445,16 +568,21 @@ def _reduction(data: bytes, size: tuple[int, int]) -> int:
         marker = data[i + 1]
         if marker in _SOF_MARKERS:
             h, w = struct.unpack_from(">HH", data, i + 5)
-            for factor in (8, 4, 2):
-                if h % factor == w % factor == 0 and min(h // size[0], w // size[1]) >= 2 * factor:
-                    return factor
-            return 1
+            return _factor(h, w, size)
         if marker == 0xFF:
             i += 1  # a fill byte
         elif 0xD0 <= marker <= 0xD8 or marker == 0x01:
             i += 2  # a marker without a length field
         else:
             i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return 1
+
+
+def _factor(h: int, w: int, size: tuple[int, int]) -> int:
+    """The scale-down factor for a JPEG of h x w pixels (see :func:`_reduction`)."""
+    for factor in (8, 4, 2):
+        if h % factor == w % factor == 0 and min(h // size[0], w // size[1]) >= 2 * factor:
+            return factor
     return 1
 
 

@@ -119,7 +119,7 @@ class _Guarded:
     (but the ``skip`` ones, which the builder catches right away)."""
 
     fn: Callable[..., Any]
-    skip: tuple[type[BaseException], ...] = ()
+    skip: tuple[type[BaseException], ...]
 
     def __call__(self, path: str, **params: Any) -> Any:
         try:
@@ -129,6 +129,28 @@ class _Guarded:
         except Exception as error:
             if hasattr(error, "add_note"):  # Python >= 3.11
                 error.add_note(f"while loading {path}")
+            raise _ItemFailed(error) from None
+
+    @staticmethod
+    def of(host: Host, skip: tuple[type[BaseException], ...] = ()) -> _Guarded:
+        """The host's loader, guarded, with its batch form if it has one (the ``rows_into``
+        attribute of an unbound loader: see :func:`cachedload.builder.build_items`)."""
+        batch = None if host._is_bound else getattr(host.__wrapped__, "rows_into", None)
+        if batch is None:
+            return _Guarded(host, skip)  # type: ignore[arg-type]  # its direct call: one item
+        return _GuardedBatch(host, skip, batch)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class _GuardedBatch(_Guarded):
+    """A guarded loader with a batch form."""
+
+    batch: Callable[..., int]
+
+    def rows_into(self, paths: Sequence[str], out: Any, **params: Any) -> int:
+        try:
+            return self.batch(paths, out, **params)
+        except Exception as error:
             raise _ItemFailed(error) from None
 
 
@@ -484,7 +506,7 @@ def _build_file(
     the first one's error (wrapped in ``_ItemFailed``) when every item was."""
     with _progress_bar(request.progress) as progress:
         report = build_items(
-            _Guarded(host, request.skip),  # type: ignore[arg-type]  # its direct call: one item
+            _Guarded.of(host, request.skip),
             prepared.source.items,
             path,
             params=prepared.kwargs,

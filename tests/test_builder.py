@@ -224,6 +224,55 @@ def test_an_item_function_error_names_the_file(folder: Path, tmp_path: Path) -> 
     assert f"while loading {folder / 'b/f0011.txt'}" in getattr(caught.value, "__notes__", [])
 
 
+class BatchForm:
+    """An item function with a batch form (``rows_into``) that declines some files; both
+    count the rows they compute."""
+
+    def __init__(self, declined: tuple[str, ...]) -> None:
+        self.declined, self.by_item, self.by_batch = declined, 0, 0
+
+    def __call__(self, path: str) -> Any:
+        self.by_item += 1
+        if path.endswith("f0011.txt"):
+            raise KeyError("no label")
+        return row_of(path, shape=(3, 3) if path.endswith("f0013.txt") else (2, 3))
+
+    def rows_into(self, paths: list[str], out: np.ndarray) -> int:
+        for done, path in enumerate(paths):
+            if path.endswith(self.declined):
+                return done
+            out[done] = row_of(path)
+            self.by_batch += 1
+        return len(paths)
+
+
+def test_a_batch_form_computes_the_rows_the_item_function_only_where_it_stops(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(builder, "_BATCHES_PER_THREAD", 1)  # batches of 8: it stops mid-batch
+    items, _ = scan_items(folder)
+    expected = build_items(row_of, items, tmp_path / "plain.joblib")
+    fn = BatchForm(declined=("f0004.txt", "f0005.txt"))
+    report = build_items(fn, items, tmp_path / "batch.joblib", n_jobs=2, batch_bytes=48 * 8)
+    assert report.checksum == expected.checksum
+    assert (fn.by_item, fn.by_batch) == (3, 17)  # the first row (it fixes the shape), 4 and 5
+
+
+@pytest.mark.parametrize(("declined", "error"), [("f0011.txt", KeyError), ("f0013.txt", None)])
+def test_where_a_batch_form_stops_the_item_function_raises_or_reports(
+    folder: Path, tmp_path: Path, declined: str, error: type[Exception] | None
+) -> None:
+    items, _ = scan_items(folder)
+    fn = BatchForm(declined=(declined,))
+    with pytest.raises(error or ItemShapeMismatchError) as caught:
+        build_items(fn, items, tmp_path / "out.joblib", n_jobs=2, batch_bytes=48 * 8)
+    if error is None:
+        assert caught.value.second == "b/f0013.txt"  # type: ignore[attr-defined]
+    else:
+        notes = getattr(caught.value, "__notes__", [])
+        assert f"while loading {folder / 'b/f0011.txt'}" in notes
+
+
 def test_rows_are_copied_without_copy_file_range(
     folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

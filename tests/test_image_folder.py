@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from cachedload import (
 )
 from cachedload import image_folder as image_folder_module
 from cachedload.errors import ItemShapeMismatchError
-from cachedload.images import ImageFolderData, decode_image
+from cachedload.images import ImageFolderData, decode_image, decode_rows
 
 from .test_images import noise, write
 from .test_per_item import same
@@ -57,7 +58,13 @@ def decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         seen.append(os.path.basename(path))
         return decode_image(path, **options)
 
+    def counting_rows(paths: Sequence[str], out: Any, **options: Any) -> int:
+        done: int = decode_rows(paths, out, **options)  # the batch form: rows up to a failure
+        seen.extend(os.path.basename(path) for path in paths[:done])
+        return done
+
     monkeypatch.setattr(image_folder_module, "decode_image", counting)
+    monkeypatch.setattr(image_folder_module, "decode_rows", counting_rows)
     return seen
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -547,3 +548,83 @@ def test_image_folder_data_pickled_before_skipped_existed_still_loads(
     for restored in [*map(pickle.loads, stored), joblib.load(io.BytesIO(buffer.getvalue()))]:
         assert type(restored) is images_module.ImageFolderData
         assert restored.paths == ("a.png", "b.png") and restored.skipped == ()
+
+
+def with_orientation(jpeg: bytes, orientation: int) -> bytes:
+    """The JPEG with an EXIF segment holding only an Orientation tag (6: rotated 90°)."""
+    tiff = b"MM\0\x2a\0\0\0\x08" + b"\0\x01" + b"\x01\x12\0\x03\0\0\0\x01"
+    tiff += orientation.to_bytes(2, "big") + b"\0\0" + b"\0\0\0\0"
+    segment = b"Exif\0\0" + tiff
+    return jpeg[:2] + b"\xff\xe1" + (len(segment) + 2).to_bytes(2, "big") + segment + jpeg[2:]
+
+
+@pytest.fixture
+def mixed_folder(tmp_path: Path) -> list[str]:
+    """Images that take every path of decode_rows, interleaved: small JPEGs (a full decode),
+    large ones (reduced), rotated ones (EXIF; the large one, after a small one, is first
+    decoded in full, which its sides must reject), sides that are no multiple of 8, a file
+    larger than the read buffer, a non-ASCII name, a PNG."""
+    paths = []
+
+    def add(name: str, data: bytes) -> None:
+        (tmp_path / name).write_bytes(data)
+        paths.append(str(tmp_path / name))
+
+    def jpeg(img: np.ndarray) -> bytes:
+        return bytes(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1])
+
+    for i in range(3):
+        add(f"small{i}.jpg", jpeg(smooth(64, seed=i)))
+        add(f"large{i}.jpg", jpeg(smooth(256, seed=i)))
+    wide = np.ascontiguousarray(smooth(256)[:128])
+    add("rotated_small.jpg", with_orientation(jpeg(np.ascontiguousarray(wide[:40, :72])), 6))
+    add("rotated_large.jpg", with_orientation(jpeg(wide), 6))  # after a small one: see above
+    add("odd.jpg", jpeg(smooth(250)[:, :249]))
+    add("big.jpg", jpeg(noise(0, (400, 400, 3))))  # ~300 KB: more than one buffer's read
+    add("é-small.jpg", jpeg(smooth(64, seed=7)))
+    add("é-large.jpg", jpeg(smooth(256, seed=7)))
+    add("small.png", bytes(cv2.imencode(".png", smooth(48))[1]))
+    return paths
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"size": (32, 32)},
+        {"size": (20, 36), "color": "bgr"},
+        {"size": (16, 16), "color": "gray", "dtype": np.float32},
+        {"size": (32, 32), "color": "unchanged", "dtype": np.uint16},
+        {"size": (64, 64)},
+    ],
+)
+def test_decode_rows_gives_decode_image_rows(mixed_folder: list[str], options: Any) -> None:
+    expected = np.stack([images_module.decode_image(p, **options) for p in mixed_folder])
+    assert os.path.getsize(mixed_folder[-4]) > images_module._READ_BUFFER
+    out = np.zeros_like(expected)
+    assert images_module.decode_rows(mixed_folder, out, **options) == len(mixed_folder)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_decode_rows_without_a_size_and_a_shape_that_repeats(tmp_path: Path) -> None:
+    paths = [str(write(tmp_path / f"{i}.png", noise(i))) for i in range(3)]
+    out = np.zeros((3, 8, 12, 3), np.uint8)
+    assert images_module.decode_rows(paths, out) == 3
+    np.testing.assert_array_equal(out, [images_module.decode_image(p) for p in paths])
+
+
+@pytest.mark.parametrize("bad", ["corrupt", "missing", "gray", "other size"])
+def test_decode_rows_stops_before_an_image_that_fails_or_does_not_fit(
+    tmp_path: Path, bad: str
+) -> None:
+    paths = [str(write(tmp_path / f"{i}.png", noise(i))) for i in range(4)]
+    if bad == "corrupt":
+        Path(paths[2]).write_bytes(b"garbage")
+    elif bad == "missing":
+        Path(paths[2]).unlink()
+    else:
+        write(Path(paths[2]), noise(2, (8, 12)) if bad == "gray" else noise(2, (9, 12, 3)))
+    out = np.zeros((4, 8, 12, 3), np.uint8)
+    color: Any = "unchanged" if bad == "gray" else "rgb"
+    assert images_module.decode_rows(paths, out, color=color) == 2
+    np.testing.assert_array_equal(out[:2], [images_module.decode_image(p) for p in paths[:2]])
+    assert not out[2:].any()

@@ -154,7 +154,7 @@ def test_fingerprint_content_reuses_the_rows_whose_content_is_unchanged(
     write(folder, "b/f0005.txt", 555, OLD_NS + 20)  # other size too
     result = by_content.map(source, counter=str(counter))
     assert calls(counter) == 22
-    assert counter.read_text().splitlines()[-2:] == ["f0004.txt", "f0005.txt"]
+    assert sorted(counter.read_text().splitlines()[-2:]) == ["f0004.txt", "f0005.txt"]  # threads
     scratch = loader(cache_dir=tmp_path / "scratch", fingerprint="content")
     assert np.array_equal(result.array, scratch.map(source, counter=str(counter)).array)
     assert data_file(by_content, source, counter=str(counter)) == data_file(
