@@ -161,6 +161,18 @@ def write_old(path: Path, text: str, mtime: float | None = None) -> None:
 OLD = time.time() - 7200
 
 
+def another_users_cache(tmp_path: Path, how: str) -> Path:
+    """A new cache folder another user could write: owned by ``nobody`` (``how="other-owner"``,
+    needs root) or group-writable (``"group-writable"``)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    if how == "other-owner":
+        os.chown(cache, 65534, 65534)
+    else:
+        cache.chmod(0o775)
+    return cache
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment for a child interpreter: this checkout importable, no coverage noise."""
     env = dict(os.environ)

@@ -28,9 +28,10 @@ from cachedload import (
     load_image_folder,
 )
 from cachedload.entry import decode_manifest
+from cachedload.errors import UnsafeCacheWarning
 from cachedload.options import Options
 
-from .conftest import subprocess_env, write_images
+from .conftest import another_users_cache, subprocess_env, write_images
 from .test_builder import OLD_NS, calls, dask_backend, row_of, write
 
 
@@ -353,14 +354,7 @@ def test_cached_image_folder_of_jpegs_at_a_reduced_size(tmp_path: Path) -> None:
 def test_map_never_uses_a_cache_another_user_can_write(
     folder: Path, tmp_path: Path, how: str
 ) -> None:
-    from cachedload.errors import UnsafeCacheWarning
-
-    cache, counter = tmp_path / "cache", tmp_path / "calls.txt"
-    cache.mkdir()
-    if how == "other-owner":
-        os.chown(cache, 65534, 65534)
-    else:
-        cache.chmod(0o775)
+    cache, counter = another_users_cache(tmp_path, how), tmp_path / "calls.txt"
     wrapper = loader(cache_dir=cache)
     with pytest.warns(UnsafeCacheWarning, match=str(cache)):
         first = wrapper.map(folder, counter=str(counter))

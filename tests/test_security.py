@@ -24,7 +24,7 @@ from cachedload import (
 )
 from cachedload.cli import main
 from cachedload.errors import UnsafeCacheWarning
-from tests.conftest import write_old
+from tests.conftest import another_users_cache, write_old
 
 
 def _loader(cache: Path, counter: list[int], **options: Any) -> CachedDataset[..., Any]:
@@ -207,12 +207,7 @@ def test_inside_a_cache_an_unknown_folder_is_left_alone(
 @pytest.mark.parametrize("how", ["other-owner", "group-writable"])
 def test_a_cache_another_user_can_write_is_not_used(tmp_path: Path, how: str) -> None:
     counter: list[int] = []
-    cache, src = tmp_path / "cache", _source(tmp_path)
-    cache.mkdir()
-    if how == "other-owner":
-        os.chown(cache, 65534, 65534)
-    else:
-        cache.chmod(0o775)
+    cache, src = another_users_cache(tmp_path, how), _source(tmp_path)
     load = _loader(cache, counter)
     with pytest.warns(UnsafeCacheWarning, match=str(cache)):
         assert load(src)["n"] == 1
