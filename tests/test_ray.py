@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,11 @@ def ray_backend() -> Iterator[None]:
 
     saved = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"  # a local instance: no token written to ~/.ray
+    # Its session files (logs, sockets) in a folder of ours, removed after: not /tmp/ray. Short
+    # (a Unix socket path must fit in 107 bytes), hence not pytest's tmp_path.
+    temp_dir = tempfile.mkdtemp(prefix="cl-ray-")
     ray.init(
+        _temp_dir=temp_dir,
         num_cpus=2,
         address="local",
         include_dashboard=False,
@@ -36,6 +42,7 @@ def ray_backend() -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
         if saved is None:
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
