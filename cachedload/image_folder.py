@@ -10,7 +10,6 @@ the same layout rules; ``on_error="skip"`` is the per-item loader's ``skip=(Imag
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
@@ -174,14 +173,45 @@ def cached_image_folder(
         images, paths = np.asarray(images)[order], tuple(paths[i] for i in order)
     labels = None
     classes: tuple[str, ...] = ()
+    blocks = _class_blocks(paths)
     # The layout (flat or classes) and the classes count the skipped images too, as
     # load_image_folder's do: they come from the folder, not from what was readable.
-    if all("/" in p for p in itertools.chain(paths, skipped)):
-        tops = [p.split("/", 1)[0] for p in paths]
+    if blocks is not None and all("/" in p for p in skipped):
+        tops = [name for name, _ in blocks]
         classes = tuple(sorted({*tops, *(p.split("/", 1)[0] for p in skipped)}))
         index = {name: i for i, name in enumerate(classes)}
-        labels = np.fromiter(map(index.__getitem__, tops), dtype=np.int64, count=len(tops))
+        labels = np.repeat(
+            np.array([index[name] for name in tops], np.int64),
+            np.diff([start for _, start in blocks] + [len(paths)]),
+        )
     return ImageFolderData(images, labels, classes, paths, skipped)
+
+
+def _class_blocks(paths: Sequence[str]) -> list[tuple[str, int]] | None:
+    """Each class folder's name and first row, in row order; ``None`` if an image lies in the
+    folder itself (a flat folder: no classes).
+
+    The rows are in path-component order, so each class folder's images are one run of rows:
+    a binary search finds where each run ends (a hit does this; it costs per class, not per
+    image).
+    """
+    blocks: list[tuple[str, int]] = []
+    start = 0
+    while start < len(paths):
+        top, slash, _ = paths[start].partition("/")
+        if not slash:
+            return None
+        prefix = top + "/"
+        low, high = start + 1, len(paths)
+        while low < high:  # the first row past the run of paths under prefix
+            middle = (low + high) // 2
+            if paths[middle].startswith(prefix):
+                low = middle + 1
+            else:
+                high = middle
+        blocks.append((top, start))
+        start = low
+    return blocks
 
 
 def _skipped(found: Any) -> tuple[str, ...]:

@@ -361,3 +361,28 @@ def test_map_never_uses_a_cache_another_user_can_write(
     again = wrapper.map(folder, counter=str(counter))
     assert calls(counter) == 40 and np.array_equal(first.array, again.array)  # never stored
     assert not any(cache.iterdir())
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        # Names that sort before "/" ("a-b", "a.b") beside "a": string order is not
+        # load_image_folder's order, nor are its class runs contiguous in it.
+        ["a/1.png", "a/x/2.png", "a-b/3.png", "a.b/4.png", "b/5.png", "b/a/6.png"],
+        ["one/1.png"],  # one class
+        ["a/1.png", "b.png", "c/2.png"],  # an image in the folder itself: flat, no labels
+        ["0.png", "1.png"],  # flat
+    ],
+)
+def test_cached_image_folder_labels_and_classes_follow_load_image_folder_s_layout(
+    tmp_path: Path, layout: list[str]
+) -> None:
+    import cv2
+
+    folder = tmp_path / "images"
+    for index, relpath in enumerate(layout):
+        (folder / relpath).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(folder / relpath), np.full((4, 4, 3), index * 10, np.uint8))
+    expected = load_image_folder(folder)
+    same(cached_image_folder(folder, cache_dir=tmp_path / "cache"), expected)
+    same(cached_image_folder(folder, cache_dir=tmp_path / "cache"), expected)  # a hit
