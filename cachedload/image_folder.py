@@ -29,6 +29,7 @@ from cachedload.images import (
     opencv_threads_off,
 )
 from cachedload.options import Options
+from cachedload.per_item import ItemMap
 
 __all__ = ["cached_image_folder"]
 
@@ -143,7 +144,7 @@ def cached_image_folder(
     skip = (ImageReadError,) if on_error == "skip" else ()
     try:
         with opencv_threads_off():  # it serialises concurrent callers (see images.py)
-            found = loader.map(
+            found = ItemMap(loader, "cached_image_folder")(
                 folder,
                 pattern=_extension_globs(exts),
                 n_jobs=n_jobs,
