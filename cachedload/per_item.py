@@ -347,9 +347,9 @@ def _shown_as(name: str, source: _Source) -> str:
     """A ``.map`` call as warnings name it: ``name('/data')``, or ``name([3 files in '/data'])``."""
     if not name:
         return ""
-    if source.items is None:
+    if source.given is None:  # a folder (not .items: a hit does not make them)
         return f"{name}({source.root!r})"
-    return f"{name}([{len(source.items)} file(s) in {source.root!r}])"
+    return f"{name}([{len(source.given)} file(s) in {source.root!r}])"
 
 
 class ItemMap:
