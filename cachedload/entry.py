@@ -726,10 +726,16 @@ def skipped_fields(skipped: Mapping[str, str | None]) -> dict[str, Any]:
     every version wrote it: older readers keep reading it), and ``skipped_reasons``,
     path -> reason, for those with one."""
     fields: dict[str, Any] = {"skipped": list(skipped)}
-    reasons = {path: why[:_SKIPPED_REASON_CHARS] for path, why in skipped.items() if why}
+    reasons = {path: _cut(why) for path, why in skipped.items() if why}
     if reasons:
         fields["skipped_reasons"] = reasons
     return fields
+
+
+def _cut(reason: str) -> str:
+    if len(reason) <= _SKIPPED_REASON_CHARS:
+        return reason
+    return reason[: _SKIPPED_REASON_CHARS - 1] + "…"
 
 
 def skipped_items(meta: dict[str, Any]) -> list[tuple[str, str | None]]:

@@ -113,7 +113,8 @@ def cached_image_folder(
         size, color, dtype, extensions: as for ``load_image_folder``.
         on_error: ``"raise"`` at an unreadable image, or ``"skip"`` them: they are left out,
             ``skipped`` lists them, and the call warns with an ``ImagesSkippedWarning``
-            naming them, as every later hit does; they are tried again on the next miss.
+            naming them with their reasons (the first ten), as every later hit does; they are
+            tried again on the next miss.
         n_jobs, backend: workers (``None`` or an int >= 1) and joblib backend of a build
             (default: threads on every CPU, or the active ``joblib.parallel_config``, e.g. a
             Dask cluster).

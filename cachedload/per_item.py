@@ -394,8 +394,9 @@ class ItemMap:
             skip: exception class(es) that leave a file out instead of failing the call
                 (e.g. ``ImageReadError`` for unreadable images): it gets no row, the
                 result's ``skipped`` names it, and the call and every later hit warn with an
-                ``ImagesSkippedWarning``. A file left out is tried again on the next miss.
-                Part of the key. Every file left out: its error is raised, nothing stored.
+                ``ImagesSkippedWarning`` naming it and why (the first ten files). A file left
+                out is tried again on the next miss. Part of the key. Every file left out:
+                its error is raised, nothing stored.
             progress: a tqdm bar on stderr during a build (never on a hit); ``None``: if
                 stderr is a terminal and the build is slow. Not part of the key.
             params: the loader's other arguments, part of the key.

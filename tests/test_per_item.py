@@ -244,6 +244,27 @@ def test_a_map_hit_names_the_loader_each_skipped_file_and_its_reason(
     assert "leaves out 14 unreadable file(s)" in message and "; and 4 more " in message
 
 
+def test_a_long_reason_is_stored_and_shown_cut_short(folder: Path, tmp_path: Path) -> None:
+    @cached_dataset(per_item="path", cache_dir=tmp_path / "cache")
+    def picky(path: str) -> Any:
+        if path.endswith("f0003.txt"):
+            raise ValueError("x" * 100_000)
+        return row_of(path)
+
+    with pytest.warns(ImagesSkippedWarning) as miss:
+        picky.map(folder, skip=ValueError)
+    with pytest.warns(ImagesSkippedWarning) as hit:
+        picky.map(folder, skip=ValueError)
+    meta = json.loads((picky.map.cache_path(folder, skip=ValueError) / "meta.json").read_text())
+    assert meta["skipped"] == ["b/f0003.txt"]  # the paths, as older versions read them
+    (reason,) = meta["skipped_reasons"].values()
+    assert reason == "x" * 199 + "…"
+    for caught in (miss, hit):
+        message = str(caught[0].message)
+        assert message.startswith(f"cachedload: picky.map({str(folder)!r}) ")
+        assert message.endswith(f"b/f0003.txt ({'x' * 199}…)")
+
+
 def test_an_oserror_of_the_loader_is_not_a_store_failure(folder: Path) -> None:
     @cached_dataset(per_item="path")
     def broken(path: str) -> Any:
