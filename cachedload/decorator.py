@@ -24,16 +24,16 @@ from typing import Any, Generic, Literal, NamedTuple, ParamSpec, TypeVar, overlo
 
 from cachedload import config
 from cachedload.backends import open_root
-from cachedload.entry import function_dir_name, function_dir_prefix
+from cachedload.entry import function_dir_name, function_dir_prefix, skipped_fields, skipped_items
 from cachedload.errors import (
     CacheStoreWarning,
     ConfigurationError,
     CorruptEntryWarning,
-    ImagesSkippedWarning,
     SourceChangedWarning,
     UnsafeCacheWarning,
     UnsafePickleError,
     warn_at_caller,
+    warn_skipped,
 )
 from cachedload.explain import Explanation, explain_against_closest
 from cachedload.hashing import code_digest, function_identity, value_digest
@@ -70,7 +70,6 @@ logger = logging.getLogger("cachedload")
 _READ_AHEAD_MIN_BYTES = 8 * 1024 * 1024
 _READ_AHEAD_MIN_SECONDS = 0.5e-3
 _RECENT_GROUPS = 32
-_SKIPPED_SHOWN = 5  # skipped images named again by a hit
 
 
 class CacheInfo(NamedTuple):
@@ -326,7 +325,7 @@ class CachedDataset(Generic[P, R]):
             self._report_miss(call, found)
             return found
         self._remember(call, found.size)
-        self._warn_skipped(found.meta)
+        self._warn_skipped(found.meta, call)
         logger.info(
             "hit %s [%s] in %.1f ms (%s bytes%s)",
             self._identity,
@@ -351,20 +350,13 @@ class CachedDataset(Generic[P, R]):
                 CorruptEntryWarning,
             )
 
-    def _warn_skipped(self, meta: dict[str, Any]) -> None:
-        skipped = meta.get("skipped")
-        if isinstance(skipped, list) and skipped:
-            shown = ", ".join(map(str, skipped[:_SKIPPED_SHOWN]))
-            more = (
-                f" and {len(skipped) - _SKIPPED_SHOWN} more"
-                if len(skipped) > _SKIPPED_SHOWN
-                else ""
-            )
-            warn_at_caller(
-                f"cachedload: the cached result of {self._identity} leaves out {len(skipped)} "
-                f"unreadable image(s), skipped when it was computed: {shown}{more}",
-                ImagesSkippedWarning,
-            )
+    def _warn_skipped(self, meta: dict[str, Any], call: Call) -> None:
+        """Warn, as the miss did, about the files the entry's result leaves out (a hit)."""
+        if "skipped" not in meta:  # first: every hit comes here
+            return
+        skipped = skipped_items(meta)
+        if skipped:
+            warn_skipped(call.shown_as or self._identity, skipped, cached=True)
 
     def _racy_files_unchanged(
         self, root: CacheRoot, fdir: str, call: Call, meta: dict[str, Any]
@@ -411,8 +403,8 @@ class CachedDataset(Generic[P, R]):
             return result
         meta = entry_meta(self._call_meta(call), result, compute_seconds, racy_before, newest_racy)
         skipped = _skipped_images(result)
-        if skipped:
-            meta["skipped"] = skipped
+        if skipped:  # load_image_folder warned (its reasons are not kept in the result)
+            meta.update(skipped_fields(dict.fromkeys(skipped)))
         manifest = {name: fp.files for name, (_, fp) in after.items()}
         _warn_if_unsafe(root, result, self._identity)
         started = time.perf_counter()

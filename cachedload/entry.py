@@ -47,7 +47,8 @@ A remote cache, under its URL (``s3://bucket/prefix``)::
 An entry of a per-item loader (``loader.map(folder)``, see :mod:`cachedload.per_item`) has the
 same files. Its data file holds an ``ItemArray`` whose row ``i`` comes from the ``i``-th file
 of its items source in ``manifest`` (sorted relative paths) that ``meta.json``'s ``skipped``
-does not list (files left out by ``.map(skip=...)``: no row); with the content digests that
+does not list (files left out by ``.map(skip=...)``: no row; ``skipped_reasons`` says why,
+path -> reason, in entries written since it exists); with the content digests that
 ``meta.json``'s ``racy`` records for files modified just before the build, that list is every
 row's source record (:func:`item_records`), from which the next build of the same call group
 (``meta["group"]``) copies its unchanged rows (with ``fingerprint="content"``, the manifest
@@ -72,7 +73,7 @@ import socket
 import stat
 import uuid
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
@@ -123,6 +124,8 @@ __all__ = [
     "record_key",
     "scan_entry_dirs",
     "size_problem",
+    "skipped_fields",
+    "skipped_items",
     "temporary_name",
     "write_new_file",
 ]
@@ -711,6 +714,46 @@ def item_records(
     contents = None if files.contents is None else [files.contents[row] for row in keep]
     return ItemRecords([files.paths[row] for row in keep], files.sizes[keep],
                        files.mtimes[keep], digests, contents)  # fmt: skip
+
+
+#: A skipped file's reason is stored cut to this length (an exception's text may be long).
+_SKIPPED_REASON_CHARS = 200
+
+
+def skipped_fields(skipped: Mapping[str, str | None]) -> dict[str, Any]:
+    """The metadata fields naming the files a result left out (``on_error="skip"``,
+    ``.map(skip=...)``), relative path -> why (or None): ``skipped``, the list of paths (as
+    every version wrote it: older readers keep reading it), and ``skipped_reasons``,
+    path -> reason, for those with one."""
+    fields: dict[str, Any] = {"skipped": list(skipped)}
+    reasons = {path: _cut(why) for path, why in skipped.items() if why}
+    if reasons:
+        fields["skipped_reasons"] = reasons
+    return fields
+
+
+def _cut(reason: str) -> str:
+    if len(reason) <= _SKIPPED_REASON_CHARS:
+        return reason
+    return reason[: _SKIPPED_REASON_CHARS - 1] + "…"
+
+
+def skipped_items(meta: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """The files ``meta`` names as left out (:func:`skipped_fields`), each with its reason,
+    or None (entries written before reasons were stored have none). Read from the cache
+    directory, so checked: what is not a string is ignored, never shown or trusted."""
+    skipped = meta.get("skipped")
+    if not isinstance(skipped, list):
+        return []
+    reasons = meta.get("skipped_reasons")
+    if not isinstance(reasons, dict):
+        reasons = {}
+    found: list[tuple[str, str | None]] = []
+    for path in skipped:
+        if isinstance(path, str):
+            why = reasons.get(path)
+            found.append((path, why if isinstance(why, str) else None))
+    return found
 
 
 # -- scanning ----------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import os
 import pickle
 import sys
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
@@ -32,9 +33,12 @@ __all__ = [
     "UnhashableArgumentError",
     "UnsafeCacheWarning",
     "warn_at_caller",
+    "warn_skipped",
 ]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_SKIPPED_SHOWN = 10  # files named by a skip warning (the result's .skipped has them all)
+_SKIPPED_CHARS = 200  # of each name and reason shown (read back from an entry: untrusted)
 
 
 def warn_at_caller(message: str, category: type[Warning]) -> None:
@@ -45,6 +49,36 @@ def warn_at_caller(message: str, category: type[Warning]) -> None:
         frame = frame.f_back  # type: ignore[assignment]
         level += 1
     warnings.warn(message, category, stacklevel=level)
+
+
+def warn_skipped(called: str, skipped: Sequence[tuple[str, str | None]], *, cached: bool) -> None:
+    """Warn (:class:`ImagesSkippedWarning`, at the user's call) that ``called`` (what the user
+    called: ``cached_image_folder('/data')``) left out the files ``skipped`` (relative path,
+    reason or None), as its miss does (``cached=False``) and every later hit (``cached=True``):
+    both read alike. Names the first ``_SKIPPED_SHOWN``, each cut to ``_SKIPPED_CHARS``."""
+    listing = "; ".join(
+        _shown(path) if reason is None else f"{_shown(path)} ({_shown(reason)})"
+        for path, reason in skipped[:_SKIPPED_SHOWN]
+    )
+    if len(skipped) > _SKIPPED_SHOWN:
+        listing += f"; and {len(skipped) - _SKIPPED_SHOWN} more (the result's .skipped names all)"
+    count = f"{len(skipped)} unreadable file(s)"
+    if cached:
+        message = (
+            f"cachedload: {called} returns a cached result that leaves out {count}, "
+            f"skipped when it was computed: {listing}"
+        )
+    else:
+        message = f"cachedload: {called} skipped {count}: {listing}"
+    warn_at_caller(message, ImagesSkippedWarning)
+
+
+def _shown(text: str) -> str:
+    """``text`` for a warning: control characters escaped (it may come from a crafted entry,
+    and a terminal would obey them), cut to ``_SKIPPED_CHARS``."""
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= _SKIPPED_CHARS else text[: _SKIPPED_CHARS - 1] + "…"
 
 
 class CachedloadError(Exception):

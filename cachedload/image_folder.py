@@ -28,6 +28,7 @@ from cachedload.images import (
     opencv_threads_off,
 )
 from cachedload.options import Options
+from cachedload.per_item import ItemMap
 
 __all__ = ["cached_image_folder"]
 
@@ -111,7 +112,8 @@ def cached_image_folder(
         size, color, dtype, extensions: as for ``load_image_folder``.
         on_error: ``"raise"`` at an unreadable image, or ``"skip"`` them: they are left out,
             ``skipped`` lists them, and the call warns with an ``ImagesSkippedWarning``
-            naming them, as every later hit does; they are tried again on the next miss.
+            naming them with their reasons (the first ten), as every later hit does; they are
+            tried again on the next miss.
         n_jobs, backend: workers (``None`` or an int >= 1) and joblib backend of a build
             (default: threads on every CPU, or the active ``joblib.parallel_config``, e.g. a
             Dask cluster).
@@ -142,7 +144,7 @@ def cached_image_folder(
     skip = (ImageReadError,) if on_error == "skip" else ()
     try:
         with opencv_threads_off():  # it serialises concurrent callers (see images.py)
-            found = loader.map(
+            found = ItemMap(loader, "cached_image_folder")(
                 folder,
                 pattern=_extension_globs(exts),
                 n_jobs=n_jobs,

@@ -105,6 +105,9 @@ class Call:
     # the loader's state (cachedload.state): label -> (digest, readable text)
     state: dict[str, tuple[str, str]] = field(default_factory=dict)
     warned: set[str] = field(default_factory=set)
+    # what the user called, as warnings name it (``cached_image_folder('/data')``); empty:
+    # the loader's identity
+    shown_as: str = ""
 
 
 class Prepared(NamedTuple):

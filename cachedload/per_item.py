@@ -15,8 +15,9 @@ stored as one entry like any cached result. What this module adds to the decorat
   (:func:`cachedload.entry.item_records`) and its data file, so only added and changed files
   are computed; the rows are written straight into the entry being published
   (:meth:`cachedload.root.CacheRoot.put_built`), never held in memory as a whole. Items
-  left out by ``skip=`` are named in ``meta["skipped"]``, so that every hit warns about them
-  as the decorator's hits do for ``load_image_folder(on_error="skip")``.
+  left out by ``skip=`` are named in ``meta["skipped"]`` with their reasons
+  (:func:`cachedload.entry.skipped_fields`), so that every hit warns about them as the miss
+  did, naming what the user called (``loader.map('/data')``, ``cached_image_folder('/data')``).
 
 Everything else is the decorator's: single flight, healing, ``keep=``, ``max_size=``, warnings,
 the log. The decorator's wrapper is the :class:`Host` here (this module does not import it).
@@ -43,13 +44,13 @@ import numpy as np
 
 from cachedload import serialize
 from cachedload.builder import BuildReport, Item, ItemArray, ItemTable, PreviousBuild, build_items
-from cachedload.entry import DATA_FILE, CorruptEntry, item_records
+from cachedload.entry import DATA_FILE, CorruptEntry, item_records, skipped_fields
 from cachedload.errors import (
     ConfigurationError,
-    ImagesSkippedWarning,
     SourceChangedWarning,
     SourceNotFoundError,
     warn_at_caller,
+    warn_skipped,
 )
 from cachedload.explain import Explanation, explain_against_closest
 from cachedload.fingerprint import Fingerprint, fingerprint_source, hash_file
@@ -188,6 +189,7 @@ class _Request:
     ragged: bool
     skip: tuple[type[BaseException], ...] = ()
     progress: bool | None = None
+    name: str = ""  # what the user called, for warnings (``loader.map``)
 
 
 @dataclass
@@ -336,8 +338,18 @@ def _prepare(host: Host, request: _Request) -> _Prepared:
         sources={**base.sources, label: (source.real, fp)},
         given_paths={**base.given_paths, label: source.root},
         warned=set(),
+        shown_as=_shown_as(request.name, source),
     )
     return _Prepared(call, source, label, kwargs, dict(base.sources))
+
+
+def _shown_as(name: str, source: _Source) -> str:
+    """A ``.map`` call as warnings name it: ``name('/data')``, or ``name([3 files in '/data'])``."""
+    if not name:
+        return ""
+    if source.given is None:  # a folder (not .items: a hit does not make them)
+        return f"{name}({source.root!r})"
+    return f"{name}([{len(source.given)} file(s) in {source.root!r}])"
 
 
 class ItemMap:
@@ -348,8 +360,11 @@ class ItemMap:
     ``cache_path``, ``recompute`` and ``cache_explain`` take the same arguments.
     """
 
-    def __init__(self, host: Host) -> None:
+    def __init__(self, host: Host, name: str | None = None) -> None:
+        """``host.map``; ``name``: what the user calls, as warnings name it (default:
+        ``<the loader's name>.map``)."""
         self._host = host
+        self._name = name or f"{getattr(host, '__name__', host._identity)}.map"
 
     def __repr__(self) -> str:
         return f"<map of {self._host._identity}>"
@@ -379,8 +394,9 @@ class ItemMap:
             skip: exception class(es) that leave a file out instead of failing the call
                 (e.g. ``ImageReadError`` for unreadable images): it gets no row, the
                 result's ``skipped`` names it, and the call and every later hit warn with an
-                ``ImagesSkippedWarning``. A file left out is tried again on the next miss.
-                Part of the key. Every file left out: its error is raised, nothing stored.
+                ``ImagesSkippedWarning`` naming it and why (the first ten files). A file left
+                out is tried again on the next miss. Part of the key. Every file left out:
+                its error is raised, nothing stored.
             progress: a tqdm bar on stderr during a build (never on a hit); ``None``: if
                 stderr is a terminal and the build is slow. Not part of the key.
             params: the loader's other arguments, part of the key.
@@ -397,14 +413,14 @@ class ItemMap:
         if progress not in (None, True, False):
             raise ConfigurationError("progress", f"must be None, True or False, not {progress!r}")
         request = _Request(source, _patterns(pattern), params, n_jobs, backend, bool(ragged),
-                           _skip_types(skip), progress)  # fmt: skip
+                           _skip_types(skip), progress, self._name)  # fmt: skip
         return self._run(request, force=False)
 
     def recompute(
         self, source: Any, pattern: str | Sequence[str] | None = None, **params: Any
     ) -> ItemArray:
         """Build every row again (no previous entry used) and overwrite the stored entry."""
-        request = _request(source, pattern, params)
+        request = dataclasses.replace(_request(source, pattern, params), name=self._name)
         return self._run(request, force=True)
 
     def is_cached(self, source: Any, pattern: str | Sequence[str] | None = None,
@@ -525,14 +541,11 @@ def _build_file(
         if hasattr(error, "add_note"):  # Python >= 3.11
             error.add_note(f"(every one of the {len(report.skipped)} files was skipped)")
         raise _ItemFailed(error)  # type: ignore[arg-type]  # skip= holds Exception classes
-    if report.skipped and "skipped" not in prepared.call.warned:
-        prepared.call.warned.add("skipped")  # once, even if the call builds twice
-        listing = "; ".join(f"{rel} ({_reason(error)})" for rel, error in report.skipped.items())
-        warn_at_caller(
-            f"cachedload: skipped {len(report.skipped)} unreadable item(s) in "
-            f"{prepared.source.root!r}: {listing}",
-            ImagesSkippedWarning,
-        )
+    call = prepared.call
+    if report.skipped and "skipped" not in call.warned:
+        call.warned.add("skipped")  # once, even if the call builds twice
+        skipped = [(rel, _reason(error)) for rel, error in report.skipped.items()]
+        warn_skipped(call.shown_as or repr(prepared.source.root), skipped, cached=False)
     return report
 
 
@@ -672,7 +685,7 @@ class _Build:
             "full_build_reason": reason,
         }
         if report.skipped:  # every hit warns (the decorator's _lookup)
-            meta["skipped"] = list(report.skipped)
+            meta.update(skipped_fields({rel: _reason(e) for rel, e in report.skipped.items()}))
         others_files = (others_after or {}).items()
         manifest: dict[str, Any] = {name: fp.files for name, (_, fp) in others_files}
         manifest[label] = prepared.source.items.columns()  # the columns it stores: no copy

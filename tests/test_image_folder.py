@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,95 @@ def test_skip_leaves_unreadable_images_out_as_load_image_folder_does_and_every_h
         assert again.skipped == expected.skipped
     # The hit maps the entry's rows array, which holds the readable images alone.
     assert isinstance(again.images, np.memmap) and again.images.shape == (4, 8, 12, 3)
+
+
+def test_a_hit_names_each_skipped_image_its_reason_and_the_call_as_the_miss_did(
+    folder: Path, tmp_path: Path
+) -> None:
+    put(folder, "a/img_2.png", b"")
+    put(folder, "b/img_5.png", b"garbage")
+    cache = tmp_path / "cache"
+    with pytest.warns(ImagesSkippedWarning) as miss:
+        cached_image_folder(folder, on_error="skip", cache_dir=cache)
+    with pytest.warns(ImagesSkippedWarning) as hit:
+        cached_image_folder(folder, on_error="skip", cache_dir=cache, mmap_mode="r")
+    (missed,), (hitting,) = miss, hit
+    listing = "a/img_2.png (the file is empty); b/img_5.png (corrupt"
+    for warning in (missed, hitting):
+        message = str(warning.message)
+        # What the user called and the folder, not the internal per-item loader.
+        assert message.startswith(f"cachedload: cached_image_folder({str(folder)!r}) ")
+        assert listing in message and "_image_row" not in message
+        assert warning.filename == __file__  # at the user's call line, miss and hit alike
+    assert "returns a cached result that leaves out 2 " in str(hitting.message)
+    # The hit names the files and reasons exactly as the miss did.
+    named = str(missed.message).split("skipped 2 unreadable file(s): ", 1)[1]
+    assert str(hitting.message).endswith(f": {named}")
+
+
+def edit_meta(cache: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    """Change the one entry's meta.json in place (an older version's, or a crafted one)."""
+    (path,) = cache.rglob("meta.json")
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.write_text(json.dumps(meta))
+
+
+def test_an_entry_written_before_reasons_were_stored_still_warns_naming_its_files(
+    folder: Path, tmp_path: Path
+) -> None:
+    put(folder, "a/img_2.png", b"")
+    put(folder, "b/img_5.png", b"garbage")
+    cache = tmp_path / "cache"
+    with pytest.warns(ImagesSkippedWarning):
+        data = cached_image_folder(folder, on_error="skip", cache_dir=cache)
+    edit_meta(cache, lambda meta: meta.pop("skipped_reasons"))  # as versions before wrote it
+    with pytest.warns(ImagesSkippedWarning) as hit:
+        again = cached_image_folder(folder, on_error="skip", cache_dir=cache)
+    message = str(hit[0].message)
+    assert message.startswith(f"cachedload: cached_image_folder({str(folder)!r}) returns")
+    assert message.endswith("leaves out 2 unreadable file(s), skipped when it was computed: "
+                            "a/img_2.png; b/img_5.png")  # fmt: skip
+    assert len(hit) == 1 and hit[0].filename == __file__
+    same(again, data)
+
+
+def _crafted(meta: dict[str, Any], skipped: Any, reasons: Any) -> None:
+    meta["skipped"], meta["skipped_reasons"] = skipped, reasons
+
+
+@pytest.mark.parametrize(
+    ("skipped", "reasons", "expected"),
+    [
+        # Not strings: ignored, never shown or counted.
+        ([1, None, ["a"], {"b": 1}, "a/img_2.png"], {"a/img_2.png": ["x"]}, "out 1 unreadable"),
+        (["a/img_2.png"], ["not", "a", "dict"], "computed: a/img_2.png"),
+        ([], {"a/img_2.png": "why"}, None),  # nothing left out: no warning
+        # Huge: counted, ten named, each cut short.
+        ([f"x{i}.png" for i in range(100_000)], {"x0.png": "r" * 10**6}, "and 99990 more"),
+        (["y" * 10**6], {}, "out 1 unreadable"),
+        # Control characters (a terminal would obey them): escaped.
+        (["a\x1b[2J.png"], {"a\x1b[2J.png": "\x07\r"}, "a\\x1b[2J.png (\\x07\\r)"),
+    ],
+)
+def test_a_crafted_skipped_list_is_checked_not_trusted(
+    folder: Path, tmp_path: Path, skipped: Any, reasons: Any, expected: str | None
+) -> None:
+    put(folder, "a/img_2.png", b"")
+    cache = tmp_path / "cache"
+    with pytest.warns(ImagesSkippedWarning):
+        data = cached_image_folder(folder, on_error="skip", cache_dir=cache)
+    edit_meta(cache, lambda meta: _crafted(meta, skipped, reasons))
+    if expected is None:  # warnings are errors: any warning fails
+        again = cached_image_folder(folder, on_error="skip", cache_dir=cache)
+    else:
+        with pytest.warns(ImagesSkippedWarning) as hit:
+            again = cached_image_folder(folder, on_error="skip", cache_dir=cache)
+        message = str(hit[0].message)
+        assert expected in message and len(message) < 5_000
+        assert message.isprintable() and hit[0].filename == __file__
+    same(again, data)  # the rows are the entry's: what meta says is only reported
+    assert again.skipped == ("a/img_2.png",)
 
 
 def test_a_fixed_image_is_the_only_one_decoded_again(

@@ -519,7 +519,8 @@ def test_a_cached_skip_warns_again_on_every_hit(tmp_path: Path) -> None:
         assert len(hit) == 1 and len(calls) == 1
         message = str(hit[0].message)
         assert "left out" in message or "leaves out" in message
-        assert "6 unreadable" in message and "01.png" in message and "and 1 more" in message
+        assert "6 unreadable" in message and "01.png; 03.png" in message and "07.png" in message
+        assert "load returns a cached result" in message and "more" not in message
         assert hit[0].filename == __file__
         assert again.skipped == data.skipped
     meta = json.loads((load.cache_path(tmp_path / "data") / "meta.json").read_text())

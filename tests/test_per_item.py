@@ -213,6 +213,58 @@ def test_skip_leaves_files_out_every_hit_warns_and_it_is_part_of_the_key(
         assert caught.value.option == "skip"
 
 
+def test_a_map_hit_names_the_loader_each_skipped_file_and_its_reason(
+    folder: Path, tmp_path: Path
+) -> None:
+    for index in range(0, 20, 3):  # 7 unreadable files: each named, with its reason
+        (folder / ("a", "b")[index % 2] / f"f{index:04d}.txt").write_text("not a number")
+    skipping = loader(cache_dir=tmp_path / "cache")
+    with pytest.warns(ImagesSkippedWarning) as miss:
+        skipping.map(folder, skip=ValueError)
+    with pytest.warns(ImagesSkippedWarning) as hit:
+        result = skipping.map(folder, skip=ValueError)
+    assert skipping.cache_info().hits == 1 and len(result.skipped) == 7
+    message = str(hit[0].message)
+    assert message.startswith(f"cachedload: row.map({str(folder)!r}) returns a cached result")
+    assert "leaves out 7 unreadable file(s)" in message and "more" not in message
+    for path in result.skipped:
+        assert f"{path} (invalid literal for int()" in message
+    assert message.endswith(str(miss[0].message).split("file(s): ", 1)[1])
+    assert len(hit) == 1 and hit[0].filename == __file__
+    # A list of files: named by its count and folder; past ten files, how many more.
+    files = sorted(str(p) for p in folder.rglob("*.txt"))
+    for index in range(1, 20, 3):
+        Path(files[index]).write_text("bad")
+    with pytest.warns(ImagesSkippedWarning):
+        skipping.map(files, skip=ValueError)
+    with pytest.warns(ImagesSkippedWarning) as hit:
+        skipping.map(files, skip=ValueError)
+    message = str(hit[0].message)
+    assert message.startswith(f"cachedload: row.map([20 file(s) in {str(folder)!r}]) returns")
+    assert "leaves out 14 unreadable file(s)" in message and "; and 4 more " in message
+
+
+def test_a_long_reason_is_stored_and_shown_cut_short(folder: Path, tmp_path: Path) -> None:
+    @cached_dataset(per_item="path", cache_dir=tmp_path / "cache")
+    def picky(path: str) -> Any:
+        if path.endswith("f0003.txt"):
+            raise ValueError("x" * 100_000)
+        return row_of(path)
+
+    with pytest.warns(ImagesSkippedWarning) as miss:
+        picky.map(folder, skip=ValueError)
+    with pytest.warns(ImagesSkippedWarning) as hit:
+        picky.map(folder, skip=ValueError)
+    meta = json.loads((picky.map.cache_path(folder, skip=ValueError) / "meta.json").read_text())
+    assert meta["skipped"] == ["b/f0003.txt"]  # the paths, as older versions read them
+    (reason,) = meta["skipped_reasons"].values()
+    assert reason == "x" * 199 + "…"
+    for caught in (miss, hit):
+        message = str(caught[0].message)
+        assert message.startswith(f"cachedload: picky.map({str(folder)!r}) ")
+        assert message.endswith(f"b/f0003.txt ({'x' * 199}…)")
+
+
 def test_an_oserror_of_the_loader_is_not_a_store_failure(folder: Path) -> None:
     @cached_dataset(per_item="path")
     def broken(path: str) -> Any:
