@@ -143,9 +143,11 @@ def load_image_folder(
         ImageShapeMismatchError: images differ in shape (no ``size``) or in channel count.
         ConfigurationError: an option has an invalid value.
 
-    Speed: files are read with ``open()`` (so non-ASCII paths work) and decoded by
-    ``cv2.imdecode`` straight into the output array from ``n_jobs`` threads; OpenCV's own
-    thread pool is switched off meanwhile, as it serialises concurrent callers. A JPEG is
+    Speed: ``n_jobs`` threads decode straight into the output array with the least Python
+    per image (on small images the GIL, not the decoder, bounds a second thread): one
+    ``cv2.imread`` where a full decode is the right one and the path is ASCII, else the file
+    read into a reused buffer and decoded by ``cv2.imdecode`` (non-ASCII paths work); OpenCV's
+    own thread pool is switched off meanwhile, as it serialises concurrent callers. A JPEG is
     decoded at 1/2, 1/4 or 1/8 scale (``IMREAD_REDUCED_*``) when the factor divides both
     sides and leaves at least twice ``size``, then ``INTER_AREA`` does the rest. Decoding
     gets 1.3x (1/2) to 2.4x (1/8) faster; against full decode + ``INTER_AREA`` the mean
@@ -358,7 +360,7 @@ class _Decoder:
         skipped = []
         for first, path in enumerate(files):  # serially, until one image decodes
             try:
-                img = self.decode(path)
+                img, factor = self._decode_file(path)
                 break
             except ImageReadError as err:
                 if not self.skip:
@@ -372,17 +374,11 @@ class _Decoder:
         self.first = (path, img.shape)
         self.place(path, img, self.out[first])
         self.advance(1)
+        # The first image predicts the others' decode: rows_into tries cv2.imread first if full.
+        guess = factor == 1 and self._full_decode_is_right(img.shape)
 
         def work(rows: range) -> list[tuple[int, ImageReadError]]:
-            errors = []
-            for i in rows:
-                try:
-                    self.place(files[i], self.decode(files[i]), self.out[i])
-                except ImageReadError as err:
-                    errors.append((i, err))
-                    if not self.skip:
-                        break
-            return errors
+            return self._fill(files, rows, guess)
 
         step = max(1, min(32, (len(files) - first) // (4 * n_jobs)))  # amortise pool overhead
         chunks = [range(i, min(i + step, len(files))) for i in range(first + 1, len(files), step)]
@@ -399,7 +395,38 @@ class _Decoder:
                 self.out[row] = self.out[i]
         return self.out[: len(good)], skipped
 
+    def _fill(self, files: list[str], rows: range, guess: bool) -> list[tuple[int, ImageReadError]]:
+        """Decode files[i] into self.out[i] for i in rows; return the (index, error) pairs of
+        the unreadable ones, stopping at the first unless skipping.
+
+        The batch path (:meth:`rows_into`, the least Python per image: small images are bound
+        by the GIL, not by the decoder) does each run of images that decode into a row; the
+        image it stops before goes through :meth:`decode` and :meth:`place`, which raise the
+        named error (unreadable, shape mismatch) or convert it (another depth) as they always
+        have, then the batch path goes on after it. Measured on 20,000 64x64 JPEGs to 32x32:
+        2 threads 1.6x-1.9x faster than 1, from 1.4x-1.5x with the per-image path alone.
+        """
+        errors = []
+        i, stop = rows.start, rows.stop
+        while i < stop:
+            i += self.rows_into(files[i:stop], self.out[i:stop], guess=guess)
+            if i == stop:
+                break
+            try:
+                self.place(files[i], self.decode(files[i]), self.out[i])
+            except ImageReadError as err:
+                errors.append((i, err))
+                if not self.skip:
+                    break
+            i += 1
+        return errors
+
     def decode(self, path: str) -> npt.NDArray[Any]:
+        """The file's image, decoded as it goes into a row (before resizing and conversion)."""
+        return self._decode_file(path)[0]
+
+    def _decode_file(self, path: str) -> tuple[npt.NDArray[Any], int]:
+        """The file's image, and the JPEG scale factor it was decoded at (1: full size)."""
         try:
             with open(path, "rb") as f:
                 data = f.read()
@@ -407,7 +434,7 @@ class _Decoder:
             raise ImageReadError(path, exc.strerror or str(exc)) from exc
         if not data:
             raise ImageReadError(path, "the file is empty")
-        return self._decode_data(path, np.frombuffer(data, np.uint8))[0]
+        return self._decode_data(path, np.frombuffer(data, np.uint8))
 
     def _decode_data(self, path: str, data: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[Any], int]:
         """The image in data (a file's bytes), and the JPEG scale factor it was decoded at."""
@@ -424,7 +451,7 @@ class _Decoder:
             img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB if img.shape[2] == 3 else cv2.COLOR_BGRA2RGBA)
         return img
 
-    def rows_into(self, paths: Sequence[str], out: npt.NDArray[Any]) -> int:
+    def rows_into(self, paths: Sequence[str], out: npt.NDArray[Any], guess: bool = True) -> int:
         """Decode paths into out's rows; return how many were done (see :func:`decode_rows`).
 
         Small images spend more time around the decoder than in it, and two threads share one
@@ -433,6 +460,8 @@ class _Decoder:
         small for a reduced JPEG decode: then a full decode is what :meth:`decode` does, which
         the decoded sides prove. Other images are read into one reused buffer (``os.open``,
         ``os.readv``, no allocation), their JPEG header looked at, and decoded from it.
+        ``guess=False``: the first image is read into the buffer too (a reduced decode is
+        expected: a full one would be wasted).
         """
         dtype, n = out.dtype, 0 if self.size is None else 2
         row_shape = out.shape[1:]
@@ -443,7 +472,6 @@ class _Decoder:
         any_dtype = self.dtype is not None  # converted to dtype; else decoded as dtype
         buffer = [np.empty(_READ_BUFFER, np.uint8)]
         imread, write = self._imread, self._write
-        guess = True  # a full decode is the right one
         for done, path in enumerate(paths):
             img = imread(path) if guess and path.isascii() else None
             if img is None:

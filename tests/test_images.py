@@ -264,19 +264,37 @@ def test_corrupt_or_empty_file_raises_naming_it(
     assert isinstance(info.value, OSError)
 
 
-def test_unreadable_file_raises_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write(tmp_path / "a.png", noise(0))
-    write(tmp_path / "b.png", noise(1))
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_unreadable_file_raises_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n_jobs: int
+) -> None:
+    for i in range(40):  # the denied file in the middle of a chunk of rows
+        write(tmp_path / f"{i:02d}.png", noise(i))
+    real_open, real_os_open, real_imread = open, os.open, cv2.imread
 
-    def deny(file: str, mode: str = "r") -> Any:
-        if file.endswith("b.png"):  # chmod cannot lock out root, so fail the open() itself
+    def denied(file: Any) -> bool:  # chmod cannot lock out root, so fail the opening itself
+        return os.fsdecode(file).endswith("17.png")
+
+    def deny_open(file: str, mode: str = "r") -> Any:
+        if denied(file):
             raise PermissionError(13, "Permission denied", file)
-        return open(file, mode)
+        return real_open(file, mode)
 
-    monkeypatch.setattr(images_module, "open", deny, raising=False)
+    def deny_os_open(file: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if denied(file):
+            raise PermissionError(13, "Permission denied", file)
+        return real_os_open(file, flags, *args, **kwargs)
+
+    def deny_imread(file: str, *args: Any) -> Any:
+        return None if denied(file) else real_imread(file, *args)  # as OpenCV answers
+
+    # every way the module opens a file: open(), os.open() (the reused buffer), cv2.imread
+    monkeypatch.setattr(images_module, "open", deny_open, raising=False)
+    monkeypatch.setattr(os, "open", deny_os_open)
+    monkeypatch.setattr(cv2, "imread", deny_imread)
     with pytest.raises(ImageReadError, match="Permission denied") as info:
-        load_image_folder(tmp_path)
-    assert info.value.path == str(tmp_path / "b.png")
+        load_image_folder(tmp_path, n_jobs=n_jobs)
+    assert info.value.path == str(tmp_path / "17.png")
 
 
 @pytest.mark.parametrize("n_jobs", [1, 2])
@@ -368,13 +386,19 @@ def test_opencv_threads_are_off_during_a_parallel_load_then_restored(
     for i in range(10):
         write(tmp_path / f"{i}.png", noise(i))
     seen: list[int] = []
-    real = cv2.imdecode
+    real_imdecode, real_imread = cv2.imdecode, cv2.imread
 
-    def spy(buf: Any, flags: int) -> Any:
+    def spy_imdecode(buf: Any, flags: int) -> Any:
         seen.append(cv2.getNumThreads())
-        return real(buf, flags)
+        return real_imdecode(buf, flags)
 
-    monkeypatch.setattr(cv2, "imdecode", spy)  # the module images.py calls into
+    def spy_imread(path: str, flags: int) -> Any:
+        seen.append(cv2.getNumThreads())
+        return real_imread(path, flags)
+
+    # the modules images.py calls into, at both of its entry points into a decoder
+    monkeypatch.setattr(cv2, "imdecode", spy_imdecode)
+    monkeypatch.setattr(cv2, "imread", spy_imread)
     before = cv2.getNumThreads()
     cv2.setNumThreads(3)
     try:
@@ -389,15 +413,21 @@ def test_opencv_threads_are_off_during_a_parallel_load_then_restored(
         cv2.setNumThreads(before)
 
 
-def spy_on_imdecode(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def spy_on_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The flags of every decode, by cv2.imdecode (bytes) or cv2.imread (a path)."""
     flags_seen: list[int] = []
-    real = cv2.imdecode
+    real_imdecode, real_imread = cv2.imdecode, cv2.imread
 
-    def spy(buf: Any, flags: int) -> Any:
+    def spy_imdecode(buf: Any, flags: int) -> Any:
         flags_seen.append(flags)
-        return real(buf, flags)
+        return real_imdecode(buf, flags)
 
-    monkeypatch.setattr(cv2, "imdecode", spy)  # the module images.py calls into
+    def spy_imread(path: str, flags: int) -> Any:
+        flags_seen.append(flags)
+        return real_imread(path, flags)
+
+    monkeypatch.setattr(cv2, "imdecode", spy_imdecode)  # the module images.py calls into
+    monkeypatch.setattr(cv2, "imread", spy_imread)
     return flags_seen
 
 
@@ -407,27 +437,33 @@ def test_reduced_jpeg_decode_is_close_to_full_decode(
 ) -> None:
     img = smooth(256)
     path = write(tmp_path / "a.jpg", img, cv2.IMWRITE_JPEG_QUALITY, 90)
-    flags_seen = spy_on_imdecode(monkeypatch)
-    data = load_image_folder(tmp_path, size=(side, side), color="bgr")
+    for name in ("b.jpg", "c.jpg", "d.jpg"):  # the first image alone, then the batch path
+        (tmp_path / name).write_bytes(path.read_bytes())
+    flags_seen = spy_on_decodes(monkeypatch)
+    data = load_image_folder(tmp_path, size=(side, side), color="bgr", n_jobs=1)
     reduced = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
                8: cv2.IMREAD_REDUCED_COLOR_8, 1: cv2.IMREAD_COLOR}  # fmt: skip
-    assert flags_seen == [reduced[factor]]
+    assert flags_seen == [reduced[factor]] * 4  # one decode each, reduced where the rule allows
     full = cv2.resize(read(path), (side, side), interpolation=cv2.INTER_AREA)
-    assert np.abs(data.images[0].astype(int) - full).mean() < 1.0
+    for row in data.images:
+        np.testing.assert_array_equal(row, data.images[0])
+        assert np.abs(row.astype(int) - full).mean() < 1.0
 
 
 def test_no_reduced_decode_when_a_side_is_not_a_multiple(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    write(tmp_path / "a.jpg", smooth(250))  # 250 is not a multiple of 4
-    flags_seen = spy_on_imdecode(monkeypatch)
-    data = load_image_folder(tmp_path, size=(30, 30), color="gray")
-    assert flags_seen == [cv2.IMREAD_REDUCED_GRAYSCALE_2]
-    write(tmp_path / "a.jpg", smooth(250)[:, :249])  # 249 is odd: no reduction at all
+    for name in ("a.jpg", "b.jpg"):  # the first image alone, then the batch path
+        write(tmp_path / name, smooth(250))  # 250 is not a multiple of 4
+    flags_seen = spy_on_decodes(monkeypatch)
+    data = load_image_folder(tmp_path, size=(30, 30), color="gray", n_jobs=1)
+    assert flags_seen == [cv2.IMREAD_REDUCED_GRAYSCALE_2] * 2
+    for name in ("a.jpg", "b.jpg"):
+        write(tmp_path / name, smooth(250)[:, :249])  # 249 is odd: no reduction at all
     flags_seen.clear()
-    load_image_folder(tmp_path, size=(30, 30), color="gray")
-    assert flags_seen == [cv2.IMREAD_GRAYSCALE]
-    assert data.images.shape == (1, 30, 30)
+    load_image_folder(tmp_path, size=(30, 30), color="gray", n_jobs=1)
+    assert flags_seen == [cv2.IMREAD_GRAYSCALE] * 2
+    assert data.images.shape == (2, 30, 30)
 
 
 def test_round_trips_through_joblib_with_mmap(class_folder: Path, tmp_path: Path) -> None:
@@ -629,3 +665,152 @@ def test_decode_rows_stops_before_an_image_that_fails_or_does_not_fit(
     assert images_module.decode_rows(paths, out, color=color) == 2
     np.testing.assert_array_equal(out[:2], [images_module.decode_image(p) for p in paths[:2]])
     assert not out[2:].any()
+
+
+def fill_around(folder: Path, specials: dict[str, bytes], side: int | None = None) -> None:
+    """40 JPEGs m00..m39 (side x side, or 64x64 and 256x256 alternating: a full and a reduced
+    decode), with specials (name: content) written among them: more than one row to a chunk,
+    so the batch path stops in the middle of one and goes on after it."""
+    for i in range(40):
+        sides = side or (256 if i % 2 else 64)
+        write(folder / f"m{i:02d}.jpg", smooth(sides, seed=i), cv2.IMWRITE_JPEG_QUALITY, 90)
+    for name, content in specials.items():
+        (folder / name).write_bytes(content)
+
+
+def png(img: np.ndarray) -> bytes:
+    return bytes(cv2.imencode(".png", img)[1])
+
+
+def expected_rows(
+    folder: Path, data: ImageFolderData, options: dict[str, Any]
+) -> tuple[list[str], np.ndarray]:
+    """The per-image path: decode_image on each file (load_image_folder's order), converted to
+    the array's dtype as a row is; and the files it cannot read."""
+    readable, rows, unreadable = [], [], []
+    for rel in data.paths + data.skipped:
+        try:
+            row = images_module.decode_image(
+                str(folder / rel), **{**options, "dtype": data.images.dtype}
+            )
+        except ImageReadError:
+            unreadable.append(rel)
+            continue
+        readable.append(rel)
+        rows.append(row)
+    assert readable == list(data.paths)
+    return unreadable, np.stack(rows)
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"size": (32, 32)},
+        {"size": (20, 36), "color": "bgr"},
+        {"size": (16, 16), "color": "gray", "dtype": np.float32},
+        {"size": (32, 32), "color": "unchanged"},  # the 16-bit PNG converted to the first's 8
+        {"size": (32, 32), "color": "unchanged", "dtype": np.uint16},
+        {"size": (24, 24), "color": "rgb", "dtype": np.float64},
+        {"size": (64, 64)},
+    ],
+)
+def test_load_image_folder_rows_are_decode_image_rows(
+    mixed_folder: list[str], options: dict[str, Any], n_jobs: int
+) -> None:
+    folder = Path(mixed_folder[0]).parent
+    deep = np.random.default_rng(0).integers(0, 65536, (48, 40, 3), dtype=np.uint16)
+    specials = {"m10_corrupt.jpg": b"\xff\xd8\xff" + bytes(50), "m20_deep.png": png(deep),
+                "m30_empty.png": b"", "m31_garbage.png": b"garbage"}  # fmt: skip
+    fill_around(folder, specials)
+    with pytest.warns(ImagesSkippedWarning):
+        data = load_image_folder(folder, on_error="skip", n_jobs=n_jobs, **options)
+    unreadable, rows = expected_rows(folder, data, options)
+    assert sorted(data.skipped) == unreadable == ["m10_corrupt.jpg", "m30_empty.png",
+                                                  "m31_garbage.png"]  # fmt: skip
+    assert len(data.paths) == len(mixed_folder) + 41
+    np.testing.assert_array_equal(data.images, rows)  # bit-identical, row by row
+    assert data.images.dtype == options.get("dtype", np.uint8)
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"color": "bgr"},
+        {"color": "gray", "dtype": np.float32},
+        {"color": "unchanged"},  # the 16-bit PNG converted to the first's 8 bits
+        {"color": "unchanged", "dtype": np.uint16},
+    ],
+)
+def test_without_a_size_rows_are_decode_image_rows(
+    tmp_path: Path, options: dict[str, Any], n_jobs: int
+) -> None:
+    def jpeg(img: np.ndarray) -> bytes:
+        return bytes(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1])
+
+    deep = np.random.default_rng(0).integers(0, 65536, (64, 64, 3), dtype=np.uint16)
+    specials = {"m05_rotated.jpg": with_orientation(jpeg(smooth(64, seed=99)), 6),
+                "m11_garbage.jpg": b"garbage", "m20_deep.png": png(deep),
+                "m20_é.jpg": jpeg(smooth(64, seed=98)), "m29_é_empty.png": b""}  # fmt: skip
+    fill_around(tmp_path, specials, side=64)
+    with pytest.warns(ImagesSkippedWarning):
+        data = load_image_folder(tmp_path, on_error="skip", n_jobs=n_jobs, **options)
+    unreadable, rows = expected_rows(tmp_path, data, options)
+    assert sorted(data.skipped) == unreadable == ["m11_garbage.jpg", "m29_é_empty.png"]
+    np.testing.assert_array_equal(data.images, rows)
+    rotated = data.images[data.paths.index("m05_rotated.jpg")]
+    plain = images_module.decode_image(str(tmp_path / "m05_rotated.jpg"), **options)
+    np.testing.assert_array_equal(rotated, plain)
+
+
+@pytest.mark.parametrize("size", [None, (16, 16)])
+@pytest.mark.parametrize("dtype", [None, np.float32])
+def test_rgba_and_16_bit_rows_are_decode_image_rows(
+    tmp_path: Path, size: tuple[int, int] | None, dtype: Any
+) -> None:
+    rng = np.random.default_rng(1)
+    for i in range(40):
+        deep = i in (13, 14, 27)  # 16-bit among 8-bit: the row is converted to the first's depth
+        top = 65536 if deep else 256
+        img = rng.integers(0, top, (32, 32, 4), dtype=np.uint16 if deep else np.uint8)
+        write(tmp_path / f"{i:02d}.png", img)
+    options = {"size": size, "color": "unchanged", "dtype": dtype}
+    data = load_image_folder(tmp_path, n_jobs=2, **options)
+    assert data.images.shape[1:] == (*(size or (32, 32)), 4)
+    _, rows = expected_rows(tmp_path, data, options)
+    np.testing.assert_array_equal(data.images, rows)
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+@pytest.mark.parametrize(
+    ("size", "color", "offending"),
+    [
+        (None, "rgb", noise(7, (64, 48, 3))),  # other sides
+        ((16, 16), "unchanged", noise(7, (64, 64))),  # one channel, not three
+    ],
+)
+def test_a_mismatch_in_the_middle_names_the_first_and_the_offending_image(
+    tmp_path: Path, n_jobs: int, size: Any, color: Any, offending: np.ndarray
+) -> None:
+    specials = {"m17_other.png": png(offending), "m25_other.png": png(offending)}
+    fill_around(tmp_path, specials, side=64)
+    with pytest.raises(ImageShapeMismatchError) as info:
+        load_image_folder(tmp_path, size=size, color=color, n_jobs=n_jobs, on_error="skip")
+    first = images_module.decode_image(str(tmp_path / "m00.jpg"), color=color)
+    assert (info.value.first, info.value.first_shape) == (str(tmp_path / "m00.jpg"), first.shape)
+    assert info.value.second == str(tmp_path / "m17_other.png")
+    assert info.value.second_shape == offending.shape
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_progress_counts_every_image_skipped_or_not(
+    tmp_path: Path, n_jobs: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill_around(tmp_path, {"m00_bad.jpg": b"garbage", "m17_bad.jpg": b"", "m39z.png": b"x"})
+    with pytest.warns(ImagesSkippedWarning):
+        data = load_image_folder(tmp_path, size=(8, 8), on_error="skip", n_jobs=n_jobs,
+                                 progress=True)  # fmt: skip
+    assert len(data.paths) == 40
+    assert "43/43" in capsys.readouterr().err
