@@ -108,17 +108,25 @@ def test_skip_leaves_unreadable_images_out_as_load_image_folder_does_and_every_h
     assert isinstance(again.images, np.memmap) and again.images.shape == (4, 8, 12, 3)
 
 
+def build_skipping_two(folder: Path, cache: Path) -> tuple[Any, Any]:
+    """A first call that skips two unreadable images (an empty one, a garbage one): its one
+    warning and its result."""
+    put(folder, "a/img_2.png", b"")
+    put(folder, "b/img_5.png", b"garbage")
+    with pytest.warns(ImagesSkippedWarning) as miss:
+        data = cached_image_folder(folder, on_error="skip", cache_dir=cache)
+    (warning,) = miss
+    return warning, data
+
+
 def test_a_hit_names_each_skipped_image_its_reason_and_the_call_as_the_miss_did(
     folder: Path, tmp_path: Path
 ) -> None:
-    put(folder, "a/img_2.png", b"")
-    put(folder, "b/img_5.png", b"garbage")
     cache = tmp_path / "cache"
-    with pytest.warns(ImagesSkippedWarning) as miss:
-        cached_image_folder(folder, on_error="skip", cache_dir=cache)
+    missed, _ = build_skipping_two(folder, cache)
     with pytest.warns(ImagesSkippedWarning) as hit:
         cached_image_folder(folder, on_error="skip", cache_dir=cache, mmap_mode="r")
-    (missed,), (hitting,) = miss, hit
+    (hitting,) = hit
     listing = "a/img_2.png (the file is empty); b/img_5.png (corrupt"
     for warning in (missed, hitting):
         message = str(warning.message)
@@ -143,11 +151,8 @@ def edit_meta(cache: Path, change: Callable[[dict[str, Any]], None]) -> None:
 def test_an_entry_written_before_reasons_were_stored_still_warns_naming_its_files(
     folder: Path, tmp_path: Path
 ) -> None:
-    put(folder, "a/img_2.png", b"")
-    put(folder, "b/img_5.png", b"garbage")
     cache = tmp_path / "cache"
-    with pytest.warns(ImagesSkippedWarning):
-        data = cached_image_folder(folder, on_error="skip", cache_dir=cache)
+    _, data = build_skipping_two(folder, cache)
     edit_meta(cache, lambda meta: meta.pop("skipped_reasons"))  # as versions before wrote it
     with pytest.warns(ImagesSkippedWarning) as hit:
         again = cached_image_folder(folder, on_error="skip", cache_dir=cache)
