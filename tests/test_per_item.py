@@ -50,6 +50,17 @@ def data_file(wrapper: CachedDataset[..., Any], *args: Any, **kwargs: Any) -> by
     return (wrapper.map.cache_path(*args, **kwargs) / "result.joblib").read_bytes()
 
 
+def built_from_scratch(tmp_path: Path, folder: Path, counter: Path) -> Any:
+    """``row.map(folder)`` built again from scratch in another cache directory; asserts that
+    its data file is byte for byte ``row``'s (an incremental build equals a full one)."""
+    scratch = loader(cache_dir=tmp_path / "scratch")
+    result = scratch.map(folder, counter=str(counter))
+    assert data_file(row, folder, counter=str(counter)) == data_file(
+        scratch, folder, counter=str(counter)
+    )
+    return result
+
+
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
     root = tmp_path / "src"
@@ -91,11 +102,7 @@ def test_one_changed_file_costs_exactly_one_call_in_another_process(
     assert calls(counter) == 21
     assert counter.read_text().splitlines()[-1] == "f0003.txt"
     # Bit-identical to a build from scratch in another cache directory.
-    scratch = loader(cache_dir=tmp_path / "scratch")
-    scratch.map(folder, counter=str(counter))
-    assert data_file(row, folder, counter=str(counter)) == data_file(
-        scratch, folder, counter=str(counter)
-    )
+    built_from_scratch(tmp_path, folder, counter)
 
 
 def test_added_files_cost_one_call_each_and_a_removed_file_none(
@@ -113,11 +120,7 @@ def test_added_files_cost_one_call_each_and_a_removed_file_none(
     result = row.map(folder, counter=str(counter))
     assert calls(counter) == before and result.array.shape[0] == 1019
     assert "a/f0000.txt" not in result.paths
-    scratch = loader(cache_dir=tmp_path / "scratch")
-    scratch.map(folder, counter=str(counter))
-    assert data_file(row, folder, counter=str(counter)) == data_file(
-        scratch, folder, counter=str(counter)
-    )
+    built_from_scratch(tmp_path, folder, counter)
 
 
 def test_an_entry_with_a_manifest_of_an_older_version_still_saves_the_unchanged_rows(
@@ -354,12 +357,8 @@ def test_a_dask_cluster_builds_through_map(folder: Path, tmp_path: Path) -> None
         result = row.map(folder, counter=str(counter))
     assert calls(counter) == 20
     assert sorted(counter.read_text().split()) == sorted(p.name for p in folder.rglob("*.txt"))
-    scratch = loader(cache_dir=tmp_path / "scratch")
-    local = scratch.map(folder, counter=str(counter))
+    local = built_from_scratch(tmp_path, folder, counter)
     assert np.array_equal(result.array, local.array)
-    assert data_file(row, folder, counter=str(counter)) == data_file(
-        scratch, folder, counter=str(counter)
-    )
 
 
 # -- cached_image_folder --------------------------------------------------------------------------

@@ -218,14 +218,19 @@ def test_a_cache_another_user_can_write_is_not_used(tmp_path: Path, how: str) ->
     assert shared(src)["n"] == 1 and len(counter) == 3  # declared shared: used
 
 
-def test_planted_symlinks_are_never_followed(tmp_path: Path) -> None:
-    counter: list[int] = []
-    cache, src = tmp_path / "cache", _source(tmp_path)
-    load = _loader(cache, counter)
+def _stored_and_a_target(tmp_path: Path) -> tuple[CachedDataset[..., Any], str, Path, Path]:
+    """A loader with one stored entry: the loader, its source, the entry's folder, and a file
+    of the user's ("mine") that a planted symlink will point at."""
+    load = _loader(tmp_path / "cache", [])
+    src = _source(tmp_path)
     load(src)
-    path = load.cache_path(src)
     target = tmp_path / "target.txt"
     target.write_text("mine")
+    return load, src, load.cache_path(src), target
+
+
+def test_planted_symlinks_are_never_followed(tmp_path: Path) -> None:
+    load, src, path, target = _stored_and_a_target(tmp_path)
     for suffix in (entry.USED_SUFFIX, entry.OWNER_SUFFIX):
         beside = path.with_name(path.name + suffix)
         beside.unlink(missing_ok=True)
@@ -326,13 +331,7 @@ def test_a_private_cache_is_0700_and_its_files_0600_under_umask_022(tmp_path: Pa
 
 
 def test_a_planted_lock_symlink_is_never_followed(tmp_path: Path) -> None:
-    counter: list[int] = []
-    cache, src = tmp_path / "cache", _source(tmp_path)
-    load = _loader(cache, counter)
-    load(src)
-    path = load.cache_path(src)
-    target = tmp_path / "target.txt"
-    target.write_text("mine")
+    load, src, path, target = _stored_and_a_target(tmp_path)
     lock = path.with_name(path.name + entry.LOCK_SUFFIX)
     lock.unlink(missing_ok=True)
     lock.symlink_to(target)
