@@ -15,7 +15,10 @@ functions behind ``cachedload ls / prune / verify``; ``verify`` here is that fun
 decorator's ``verify=`` option); :func:`fingerprint_source`; the image loaders
 (:func:`load_image_folder`, and :func:`cached_image_folder` built on per-item loaders, whose
 result is an :class:`ItemArray`); and the errors and
-warnings any cached call can raise. The image loader's own errors (``ImageReadError``,
+warnings any cached call or management function can raise (a per-item loader's
+:class:`ItemShapeMismatchError`, :class:`UnsafeCacheWarning` for a cache directory another user
+can write, :class:`NotACacheDirectoryError` from ``prune`` pointed at a folder that is not a
+cache). The image loader's own errors (``ImageReadError``,
 ``ImageShapeMismatchError``, ``NoImagesFoundError``, ``ImagesSkippedWarning``) belong to
 :mod:`cachedload.images`; they stay importable from here, outside ``__all__``.
 """
@@ -35,9 +38,12 @@ from cachedload.errors import (
     ConditionalWritesWarning,
     ConfigurationError,
     CorruptEntryWarning,
+    ItemShapeMismatchError,
+    NotACacheDirectoryError,
     SourceChangedWarning,
     SourceNotFoundError,
     UnhashableArgumentError,
+    UnsafeCacheWarning,
 )
 from cachedload.explain import Explanation
 from cachedload.fingerprint import Fingerprint, fingerprint_source
@@ -65,10 +71,13 @@ __all__ = [
     "Fingerprint",
     "ImageFolderData",
     "ItemArray",
+    "ItemShapeMismatchError",
+    "NotACacheDirectoryError",
     "PruneReport",
     "SourceChangedWarning",
     "SourceNotFoundError",
     "UnhashableArgumentError",
+    "UnsafeCacheWarning",
     "VerifyResult",
     "__version__",
     "cached_dataset",

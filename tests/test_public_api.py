@@ -28,10 +28,13 @@ PUBLIC_API = [
     "Fingerprint",
     "ImageFolderData",
     "ItemArray",
+    "ItemShapeMismatchError",
+    "NotACacheDirectoryError",
     "PruneReport",
     "SourceChangedWarning",
     "SourceNotFoundError",
     "UnhashableArgumentError",
+    "UnsafeCacheWarning",
     "VerifyResult",
     "__version__",
     "cached_dataset",
@@ -50,6 +53,13 @@ def test_all_is_pinned_and_sorted() -> None:
     assert cachedload.__all__ == sorted(cachedload.__all__)
     for name in cachedload.__all__:
         assert getattr(cachedload, name) is not None, name
+
+
+def test_every_error_and_warning_class_is_importable_from_the_package() -> None:
+    # A user filters a warning or catches an error by its class: none is reachable only
+    # through cachedload.errors.
+    classes = [n for n in errors.__all__ if isinstance(getattr(errors, n), type)]
+    assert classes and all(getattr(cachedload, name) is getattr(errors, name) for name in classes)
 
 
 IMAGE_ERRORS = [
