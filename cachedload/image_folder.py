@@ -37,26 +37,27 @@ _EXCLUDE = (".*", "__pycache__", "__MACOSX", "Thumbs.db", "desktop.ini")
 _WRAPPERS: dict[str, CachedDataset[..., Any]] = {}  # options -> wrapper: a hit makes none
 
 
-def _image_row(
+def _cached_image_folder_row(
     path: str, size: tuple[int, int] | None, color: str, dtype: str | None
 ) -> npt.NDArray[Any]:
-    """One image's row (the per-item loader behind :func:`cached_image_folder`)."""
+    """One image's row: the per-item loader behind :func:`cached_image_folder` (named after it:
+    logs and ``cachedload ls --function cached_image_folder`` find its entries by this name)."""
     return decode_image(path, size=size, color=color, dtype=dtype)  # type: ignore[arg-type]
 
 
-def _image_rows(
+def _cached_image_folder_rows(
     paths: Sequence[str],
     out: npt.NDArray[Any],
     size: tuple[int, int] | None,
     color: str,
     dtype: str | None,
 ) -> int:
-    """_image_row for a batch of images, into the rows of ``out`` (the builder's batch form)."""
+    """The row function for a batch of images, into the rows of ``out`` (its batch form)."""
     return decode_rows(paths, out, size=size, color=color, dtype=dtype)  # type: ignore[arg-type]
 
 
-# Set here, not by a decorator: _image_row's source is part of the entries' key.
-_image_row.rows_into = _image_rows  # type: ignore[attr-defined]
+# Set here, not by a decorator: _cached_image_folder_row's source is part of the entries' key.
+_cached_image_folder_row.rows_into = _cached_image_folder_rows  # type: ignore[attr-defined]
 
 
 def _wrapper(options: dict[str, Any]) -> CachedDataset[..., Any]:
@@ -64,13 +65,13 @@ def _wrapper(options: dict[str, Any]) -> CachedDataset[..., Any]:
     token = repr(sorted(options.items(), key=lambda item: item[0]))
     found = _WRAPPERS.get(token)
     if found is None:
-        # The decoding code lives in images.py, not in _image_row: a new version of
+        # The decoding code lives in images.py, not in the row function: a new version of
         # cachedload makes new entries.
         version = ("cached_image_folder", __version__, options.pop("version", None))
         checked = Options(per_item="path", exclude=_EXCLUDE, version=version, **options)
         if len(_WRAPPERS) > 16:
             _WRAPPERS.clear()
-        found = _WRAPPERS[token] = CachedDataset(_image_row, checked)
+        found = _WRAPPERS[token] = CachedDataset(_cached_image_folder_row, checked)
     return found
 
 

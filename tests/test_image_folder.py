@@ -132,7 +132,7 @@ def test_a_hit_names_each_skipped_image_its_reason_and_the_call_as_the_miss_did(
         message = str(warning.message)
         # What the user called and the folder, not the internal per-item loader.
         assert message.startswith(f"cachedload: cached_image_folder({str(folder)!r}) ")
-        assert listing in message and "_image_row" not in message
+        assert listing in message and "_row" not in message
         assert warning.filename == __file__  # at the user's call line, miss and hit alike
     assert "returns a cached result that leaves out 2 " in str(hitting.message)
     # The hit names the files and reasons exactly as the miss did.
@@ -319,3 +319,17 @@ def test_n_jobs_and_progress_are_not_part_of_the_key(
     assert len(decodes) == 6
     same(cached_image_folder(folder, cache_dir=tmp_path, n_jobs=2, progress=True), data)
     assert len(decodes) == 6  # a hit
+
+
+def test_its_entries_are_found_and_logged_under_the_name_cached_image_folder(
+    folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from .test_cli import ls_json
+
+    cache = tmp_path / "cache"
+    with caplog.at_level("INFO", logger="cachedload"):
+        cached_image_folder(folder, cache_dir=cache)
+    assert any("cached_image_folder" in r.getMessage() for r in caplog.records if "miss" in r.msg)
+    (listed,) = ls_json(cache, "--function", "cached_image_folder")
+    assert "cached_image_folder" in listed["function"]
+    assert listed["sources"]["path"]["file_count"] == 6
