@@ -295,7 +295,9 @@ def section_dask(args: Any, folder: Folder, rounds: int) -> None:
     n = len(folder.paths)
     with (
         distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
-                                 dashboard_address=None, host="127.0.0.1") as cluster,
+                                 dashboard_address=None, host="127.0.0.1",
+                                 # its HTTP server on a free port (8787 may be taken)
+                                 scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}) as cluster,
         distributed.Client(cluster),
     ):  # fmt: skip
 

@@ -340,6 +340,9 @@ def dask_backend(distributed: Any) -> Iterator[None]:
             processes=True,
             threads_per_worker=1,
             dashboard_address=None,
+            # Its HTTP server (no dashboard) on a free loopback port: the default, 8787, may be
+            # taken, and the "already in use" warning is an error under filterwarnings=error.
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
             host="127.0.0.1",
         ) as cluster,
         distributed.Client(cluster),
