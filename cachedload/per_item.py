@@ -325,11 +325,12 @@ def _prepare(host: Host, request: _Request) -> _Prepared:
     group = CallGroup((*base.group.token, ("per_item", label, request.patterns, source.real,
                                            *extra)))  # fmt: skip
     parameters_of_call = dict(base.parameters)
-    if request.patterns:
-        parameters_of_call[_PATTERN] = (
-            value_digest(list(request.patterns)),
-            readable(list(request.patterns)),
-        )
+    # What .map takes besides the loader's parameters, shown (ls, why, cache_explain) as the
+    # parameters they are; each part of the key already (patterns, and extra), so no key moves.
+    shown = {_PATTERN: list(request.patterns)} if request.patterns else {}
+    shown.update((f"({name})", value) for name, value in _named(extra))
+    for name, value in shown.items():
+        parameters_of_call[name] = (value_digest(value), readable(value))
     call = dataclasses.replace(
         base,
         key=key,
@@ -341,6 +342,11 @@ def _prepare(host: Host, request: _Request) -> _Prepared:
         shown_as=_shown_as(request.name, source),
     )
     return _Prepared(call, source, label, kwargs, dict(base.sources))
+
+
+def _named(extra: tuple[Any, ...]) -> list[tuple[str, Any]]:
+    """``.map``'s own options in the key (``"ragged"``, ``("skip", names)``) as name, value."""
+    return [(part, True) if isinstance(part, str) else part for part in extra]
 
 
 def _shown_as(name: str, source: _Source) -> str:
@@ -710,11 +716,14 @@ class _Build:
 
 
 def _summary(report: BuildReport, count: int) -> Any:
-    """A stand-in of the result for its summary in the metadata: no memory, same shape."""
+    """A stand-in of the result for its summary in the metadata: no memory for the rows, the
+    result's shape (a row per item not skipped) and as many paths."""
+    rows = count - len(report.skipped)
+    paths = ("",) * rows
     if report.row_shape is None or report.dtype is None:
-        return ItemArray([None] * 0, ())
+        return ItemArray([None] * rows, paths)
     stand_in = np.lib.stride_tricks.as_strided(
-        np.zeros(1, report.dtype), shape=(count, *report.row_shape),
+        np.zeros(1, report.dtype), shape=(rows, *report.row_shape),
         strides=(0,) * (1 + len(report.row_shape)),
     )  # fmt: skip
-    return ItemArray(stand_in, ())
+    return ItemArray(stand_in, paths)

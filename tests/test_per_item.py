@@ -216,6 +216,25 @@ def test_skip_leaves_files_out_every_hit_warns_and_it_is_part_of_the_key(
         assert caught.value.option == "skip"
 
 
+def test_skip_and_ragged_are_shown_as_parameters_and_the_summary_counts_the_rows(
+    folder: Path, tmp_path: Path
+) -> None:
+    (folder / "a/f0002.txt").write_text("not a number")
+    skipping = loader(cache_dir=tmp_path / "cache")
+    with pytest.warns(ImagesSkippedWarning):
+        skipping.map(folder, skip=ValueError)
+    (entry,) = skipping.entries()
+    assert entry.parameters["(skip)"] == "('builtins.ValueError',)"
+    assert "shape=(19, 2, 3)" in entry.result  # the rows stored: the skipped file has none
+    # A call without skip= differs from that entry by it, and says so.
+    explained = skipping.map.cache_explain(folder)
+    assert "parameter (skip) removed" in str(explained)
+    (folder / "a/f0002.txt").write_text("2")
+    skipping.map(folder, ragged=True)
+    shown = {record.parameters.get("(ragged)") for record in skipping.entries()}
+    assert shown == {None, "True"}
+
+
 def test_a_map_hit_names_the_loader_each_skipped_file_and_its_reason(
     folder: Path, tmp_path: Path
 ) -> None:
