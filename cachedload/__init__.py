@@ -95,6 +95,7 @@ _LAZY = {
     "cached_image_folder": "cachedload.image_folder",
     "ImageFolderData": "cachedload.images",
     # The image loader's errors, outside __all__: errors.py is loaded already, OpenCV is not.
+    "FolderImagesMismatchError": "cachedload.errors",
     "ImageReadError": "cachedload.errors",
     "ImageShapeMismatchError": "cachedload.errors",
     "ImagesSkippedWarning": "cachedload.errors",

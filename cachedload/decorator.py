@@ -48,7 +48,7 @@ from cachedload.keys import (
     racy_records_expired,
 )
 from cachedload.manage import EntryRecord, enforce_after_store, records_of
-from cachedload.options import Options
+from cachedload.options import Options, options_for
 from cachedload.per_item import ItemMap
 from cachedload.pickling import reduce_loader
 from cachedload.reading import ReadAhead
@@ -142,7 +142,7 @@ class CachedDataset(Generic[P, R]):
             ConfigurationError: an option is invalid.
         """
         if options is None:
-            options = Options(**given)
+            options = options_for("CachedDataset", given)
         elif given:
             options = dataclasses.replace(options, **given)
         functools.update_wrapper(self, func)
@@ -923,7 +923,7 @@ def cached_dataset(
 
         X, y = load_images("data/train")   # slow the first time, milliseconds afterwards
     """
-    checked = Options(**options)  # once, however many loaders it decorates
+    checked = options_for("cached_dataset", options)  # once, however many loaders it decorates
     if func is None:
         return lambda f: CachedDataset(f, checked)
     if not callable(func):

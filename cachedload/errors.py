@@ -22,6 +22,7 @@ __all__ = [
     "ConditionalWritesWarning",
     "ConfigurationError",
     "CorruptEntryWarning",
+    "FolderImagesMismatchError",
     "ImageReadError",
     "ImageShapeMismatchError",
     "ImagesSkippedWarning",
@@ -278,6 +279,48 @@ class ItemShapeMismatchError(CachedloadError, ValueError):
     def __reduce__(self) -> tuple[Any, ...]:
         args = (self.first, self.first_shape, self.first_dtype)
         return (type(self), (*args, self.second, self.second_shape, self.second_dtype))
+
+
+class FolderImagesMismatchError(ImageShapeMismatchError, ItemShapeMismatchError):
+    """What :func:`~cachedload.cached_image_folder` raises when images cannot be stacked: the
+    error :func:`~cachedload.load_image_folder` raises (naming the option that fixes it) and the
+    per-item loader's (``ItemShapeMismatchError``, of which it has the dtypes), so that either
+    ``except`` catches it.
+
+    Unlike ``load_image_folder``, which converts every image to the first one's bit depth, a
+    cached folder's rows are decoded one image at a time (so that one changed image costs one
+    decode): images of several bit depths (``color="unchanged"``) need ``dtype=``.
+    """
+
+    def __init__(
+        self,
+        first: str,
+        first_shape: tuple[int, ...],
+        first_dtype: str,
+        second: str,
+        second_shape: tuple[int, ...],
+        second_dtype: str,
+        resized: bool,
+    ) -> None:
+        # Not super().__init__: the two bases take different arguments.
+        as_image = ImageShapeMismatchError(first, first_shape, second, second_shape, resized)
+        self.first, self.first_shape = as_image.first, as_image.first_shape
+        self.second, self.second_shape = as_image.second, as_image.second_shape
+        self.first_dtype, self.second_dtype, self.resized = first_dtype, second_dtype, resized
+        n = 2 if resized else 0  # with a size, only the channels must agree
+        if self.first_shape[n:] == self.second_shape[n:]:
+            message = (
+                f"images differ in bit depth: {first!r} decodes to {first_dtype}, {second!r} "
+                f"to {second_dtype}; pass dtype= (e.g. dtype=np.float32) to convert every "
+                "image to one type"
+            )
+        else:
+            message = str(as_image)
+        Exception.__init__(self, message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.first, self.first_shape, self.first_dtype, self.second,
+                             self.second_shape, self.second_dtype, self.resized))  # fmt: skip
 
 
 class CacheWarning(UserWarning):

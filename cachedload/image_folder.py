@@ -19,7 +19,12 @@ import numpy.typing as npt
 
 from cachedload._version import __version__
 from cachedload.decorator import CachedDataset
-from cachedload.errors import ImageReadError, NoImagesFoundError
+from cachedload.errors import (
+    FolderImagesMismatchError,
+    ImageReadError,
+    ItemShapeMismatchError,
+    NoImagesFoundError,
+)
 from cachedload.images import (
     ImageFolderData,
     check_options,
@@ -27,7 +32,7 @@ from cachedload.images import (
     decode_rows,
     opencv_threads_off,
 )
-from cachedload.options import Options
+from cachedload.options import options_for
 from cachedload.per_item import ItemMap
 
 __all__ = ["cached_image_folder"]
@@ -68,7 +73,8 @@ def _wrapper(options: dict[str, Any]) -> CachedDataset[..., Any]:
         # The decoding code lives in images.py, not in the row function: a new version of
         # cachedload makes new entries.
         version = ("cached_image_folder", __version__, options.pop("version", None))
-        checked = Options(per_item="path", exclude=_EXCLUDE, version=version, **options)
+        checked = options_for("cached_image_folder", {**options, "version": version},
+                              per_item="path", exclude=_EXCLUDE)  # fmt: skip
         if len(_WRAPPERS) > 16:
             _WRAPPERS.clear()
         found = _WRAPPERS[token] = CachedDataset(_cached_image_folder_row, checked)
@@ -161,6 +167,8 @@ def cached_image_folder(
             raise
         # Skipping, .map raises only when every image was skipped (there is no row).
         raise NoImagesFoundError(folder, "none of its image files is readable") from error
+    except ItemShapeMismatchError as error:
+        raise _mismatch(error, resized=out_size is not None) from None
     paths: tuple[str, ...] = found.paths
     if not paths:
         raise NoImagesFoundError(folder, f"no {', '.join(sorted(exts))} file in it or below")
@@ -215,6 +223,23 @@ def _class_blocks(paths: Sequence[str]) -> list[tuple[str, int]] | None:
         blocks.append((top, start))
         start = low
     return blocks
+
+
+def _mismatch(error: ItemShapeMismatchError, resized: bool) -> Exception:
+    """The per-item loader's mismatch as load_image_folder words it (the option that fixes
+    it), still an ``ItemShapeMismatchError`` (paths relative to the folder, as rows' are)."""
+    return FolderImagesMismatchError(
+        error.first, error.first_shape, _dtype_name(error.first_dtype),
+        error.second, error.second_shape, _dtype_name(error.second_dtype), resized,
+    )  # fmt: skip
+
+
+def _dtype_name(dtype: str) -> str:
+    try:
+        name: str = np.dtype(dtype).name
+        return name
+    except TypeError:
+        return dtype
 
 
 def _skipped(found: Any) -> tuple[str, ...]:

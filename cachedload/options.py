@@ -24,7 +24,7 @@ from cachedload import config
 from cachedload.errors import ConfigurationError
 from cachedload.fingerprint import check_mode
 
-__all__ = ["Options", "check_keep", "parse_names"]
+__all__ = ["Options", "check_keep", "options_for", "parse_names"]
 
 
 def parse_names(option: str, value: str | Iterable[str] | None) -> tuple[str, ...]:
@@ -188,6 +188,25 @@ class Options:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_options, (self.given(),))
+
+
+def options_for(caller: str, given: dict[str, Any], **fixed: Any) -> Options:
+    """:class:`Options` from the keyword arguments a user passed to ``caller`` (plus the
+    ``fixed`` ones ``caller`` sets itself).
+
+    Raises:
+        TypeError: a name is not an option of ``caller`` (the error names ``caller`` and its
+            options, not ``Options.__init__``).
+        ConfigurationError: an option is invalid.
+    """
+    names = {f.name for f in dataclasses.fields(Options) if f.init} - set(fixed)
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise TypeError(
+            f"{caller}() got an unexpected keyword argument {unknown[0]!r}; its cache "
+            f"options are: {', '.join(sorted(names))}"
+        )
+    return Options(**fixed, **given)
 
 
 def _options(given: dict[str, Any]) -> Options:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,10 @@ import pytest
 from cachedload import (
     ConfigurationError,
     ImageReadError,
+    ImageShapeMismatchError,
     ImagesSkippedWarning,
     NoImagesFoundError,
+    cached_dataset,
     cached_image_folder,
     load_image_folder,
 )
@@ -270,6 +273,48 @@ def test_mixed_shapes_are_an_error_not_a_skip(folder: Path, tmp_path: Path) -> N
     with pytest.raises(ItemShapeMismatchError) as caught:
         cached_image_folder(folder, on_error="skip", cache_dir=tmp_path)
     assert caught.value.second == "b/img_9.png"
+
+
+def test_mixed_shapes_raise_load_image_folder_s_error_with_the_option_that_fixes_them(
+    folder: Path, tmp_path: Path
+) -> None:
+    put(folder, "b/img_9.png", noise(9, (4, 4, 3)))
+    with pytest.raises(ImageShapeMismatchError) as caught:  # as load_image_folder raises
+        cached_image_folder(folder, cache_dir=tmp_path)
+    assert isinstance(caught.value, ItemShapeMismatchError)  # and the per-item loader's
+    message = str(caught.value)
+    assert "'a/img_0.png'" in message and "'b/img_9.png'" in message
+    assert "pass size=(height, width)" in message and "ragged" not in message
+    data = cached_image_folder(folder, size=(4, 4), cache_dir=tmp_path)  # the advice works
+    assert data.images.shape == (7, 4, 4, 3)
+    clone = pickle.loads(pickle.dumps(caught.value))
+    assert type(clone) is type(caught.value) and str(clone) == message
+
+
+def test_images_of_two_bit_depths_need_dtype_and_say_so(tmp_path: Path) -> None:
+    # load_image_folder converts every image to the first one's depth; a cached folder decodes
+    # each image on its own (one changed image, one decode), so it asks for dtype= instead.
+    root = tmp_path / "images"
+    write(root / "a/0.png", np.full((4, 4, 3), 100, np.uint8))
+    write(root / "a/1.png", np.full((4, 4, 3), 30000, np.uint16))
+    with pytest.raises(ImageShapeMismatchError, match=r"bit depth: 'a/0.png' decodes to uint8, "
+                       r"'a/1.png' to uint16; pass dtype=") as caught:  # fmt: skip
+        cached_image_folder(root, color="unchanged", cache_dir=tmp_path / "cache")
+    error = caught.value
+    assert isinstance(error, ItemShapeMismatchError)
+    assert (error.first_dtype, error.second_dtype) == ("uint8", "uint16")
+    data = cached_image_folder(root, color="unchanged", dtype=np.float32, cache_dir=tmp_path / "c")
+    same(data, load_image_folder(root, color="unchanged", dtype=np.float32))
+
+
+def test_an_option_it_does_not_take_is_a_type_error_naming_it(folder: Path) -> None:
+    for option in ("ragged", "per_item", "exclude", "nonsense"):
+        expected = rf"cached_image_folder\(\) got an unexpected keyword argument '{option}'; "
+        with pytest.raises(TypeError, match=expected + "its cache options are: cache_dir, "):
+            given: dict[str, Any] = {option: True}
+            cached_image_folder(folder, **given)
+    with pytest.raises(TypeError, match=r"^cached_dataset\(\) got an unexpected keyword"):
+        cached_dataset(nonsense=True)  # type: ignore[call-overload]
 
 
 def test_a_progress_bar_is_drawn_on_a_build_and_not_on_a_hit(

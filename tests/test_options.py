@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 import cachedload.decorator
+import cachedload.options
 from cachedload import ConfigurationError, cached_dataset
 from cachedload.fingerprint import fingerprint_source
 from cachedload.manage import prune
@@ -118,13 +119,13 @@ def test_a_cache_dir_is_expanded_where_the_options_are_unpickled(
 
 def test_one_decorator_checks_its_options_once(monkeypatch: pytest.MonkeyPatch) -> None:
     made: list[Options] = []
-    real = Options
+    real = cachedload.options.options_for
 
-    def counting(**given: Any) -> Options:
-        made.append(real(**given))
+    def counting(caller: str, given: dict[str, Any], **fixed: Any) -> Options:
+        made.append(real(caller, given, **fixed))
         return made[-1]
 
-    monkeypatch.setattr(cachedload.decorator, "Options", counting)
+    monkeypatch.setattr(cachedload.decorator, "options_for", counting)
     decorate = cached_dataset(keep=2)
     decorate(lambda a: a)
     decorate(lambda b: b)
