@@ -871,7 +871,7 @@ def cached_dataset(
             returns the same kind of arrays. ``"r+"`` is rejected: an in-place edit would
             rewrite the stored entry.
         compress: passed to ``joblib.dump`` (off by default; compressed entries cannot be
-            memory-mapped).
+            memory-mapped: with ``mmap_mode`` it is a ``ConfigurationError``).
         fingerprint: ``"mtime"`` (one stat per file) or ``"content"`` (hash every file's bytes).
         include: glob patterns; only matching files count as part of a source.
         exclude: glob patterns of files and folders that never count (default: OS junk such

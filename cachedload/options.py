@@ -119,6 +119,14 @@ class Options:
                 f"must be None, 'r' (read-only maps) or 'c' (copy-on-write maps), "
                 f"not {self.mmap_mode!r}",
             )
+        if self.mmap_mode is not None and _compressed(self.compress):
+            # joblib would load such an entry into memory, warning at every call: the arrays
+            # would be writable copies, not the read-only maps mmap_mode promises.
+            raise ConfigurationError(
+                "compress",
+                f"cannot be combined with mmap_mode={self.mmap_mode!r}: a compressed result "
+                f"cannot be memory-mapped (drop compress=, or mmap_mode=), not {self.compress!r}",
+            )
         check_mode(self.fingerprint, "fingerprint")
         if self.verify not in ("size", "always"):
             raise ConfigurationError("verify", f"must be 'size' or 'always', not {self.verify!r}")
@@ -212,6 +220,13 @@ def options_for(caller: str, given: dict[str, Any], **fixed: Any) -> Options:
 def _options(given: dict[str, Any]) -> Options:
     """Rebuild pickled :class:`Options` (checked again)."""
     return Options(**given)
+
+
+def _compressed(compress: object) -> bool:
+    """Whether joblib compresses with this ``compress=`` (0, False and level 0 do not)."""
+    if isinstance(compress, tuple) and len(compress) == 2:
+        return bool(compress[1])
+    return bool(compress)
 
 
 def _names_or_none(option: str, value: str | Iterable[str] | None) -> tuple[str, ...] | None:

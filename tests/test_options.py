@@ -174,3 +174,17 @@ def test_every_option_is_documented_by_cached_dataset() -> None:
     doc = inspect.getdoc(cached_dataset) or ""
     for option in OPTIONS:
         assert f"\n    {option.name}: " in doc, option.name
+
+
+@pytest.mark.parametrize("compress", [3, True, "zlib", ("lz4", 3)])
+def test_compress_with_mmap_mode_is_refused_at_decoration(compress: Any) -> None:
+    # joblib would load a compressed entry into memory and warn at every call: the arrays would
+    # not be the read-only maps mmap_mode promises.
+    with pytest.raises(ConfigurationError, match="cannot be combined with mmap_mode='r'") as caught:
+        cached_dataset(compress=compress, mmap_mode="r")
+    assert caught.value.option == "compress"
+
+
+@pytest.mark.parametrize("compress", [0, False, ("zlib", 0)])
+def test_no_compression_with_mmap_mode_is_fine(compress: Any) -> None:
+    cached_dataset(compress=compress, mmap_mode="r")
