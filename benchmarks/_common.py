@@ -316,7 +316,7 @@ def stat_floor(scratch: Path, root: Path, repeats: int) -> float | None:
 class ChildResult:
     stdout: str
     wall_seconds: float
-    peak_rss: int  # bytes (ru_maxrss of the child alone)
+    peak_rss: int  # bytes (VmHWM of the child; ru_maxrss where there is no /proc)
 
 
 def run_child(code: str, env: dict[str, str] | None = None, timeout: float = 600) -> ChildResult:

@@ -685,7 +685,7 @@ def section_peak_memory(args: Any, scratch: Path) -> None:
     body_joblib = C.run_child(setup + "\nimport joblib\n" + dump).peak_rss
     C.drop_file(scratch / "m.joblib")
     table = C.Table(
-        f"peak memory (ru_maxrss of a child process), {C.fmt_bytes(size)} result",
+        f"peak memory (VmHWM of a child process), {C.fmt_bytes(size)} result",
         ["child", "peak RSS", "peak / (result + interpreter)"],
     )
     table.add("interpreter + cachedload + numpy, no call", C.fmt_bytes(baseline), "")

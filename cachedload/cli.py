@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -462,7 +463,8 @@ def _demo(args: argparse.Namespace) -> int:
     from cachedload.demo import run_demo
 
     run_demo(cache_dir=args.cache_dir, n_images=args.images)
-    print("now try: cachedload ls" + (f" --cache-dir {args.cache_dir}" if args.cache_dir else ""))
+    where = f" --cache-dir {shlex.quote(args.cache_dir)}" if args.cache_dir else ""
+    print(f"now try: cachedload ls{where}")
     return 0
 
 

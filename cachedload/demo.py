@@ -8,6 +8,7 @@ the command's implementation, so it prints; the library never does.
 from __future__ import annotations
 
 import os
+import shlex
 import tempfile
 import time
 from pathlib import Path
@@ -91,8 +92,10 @@ def run_demo(
     )
     print(f"second load (from the cache):               {warm * 1e3:9.1f} ms", file=stream)
     print(f"speed-up: {cold / warm:.0f}x   cache entry: {entry}", file=stream)
+    where = "" if cache_dir is None else f" --cache-dir {shlex.quote(os.fspath(cache_dir))}"
     print(
-        f"to clean up: rm -r {folder.parent}; cachedload clear --function load_demo_images",
+        f"to clean up: rm -r {shlex.quote(str(folder.parent))}; "
+        f"cachedload clear --function load_demo_images{where}",
         file=stream,
     )
     return cold / warm

@@ -414,7 +414,7 @@ class ItemMap:
         Raises:
             SourceNotFoundError: ``source`` does not exist.
             ItemShapeMismatchError: two files gave rows of different shapes or dtypes.
-            Whatever the loader raises, unchanged (with a note naming the file).
+            Exception: whatever the loader raises, unchanged (with a note naming the file).
         """
         if progress not in (None, True, False):
             raise ConfigurationError("progress", f"must be None, True or False, not {progress!r}")
@@ -594,7 +594,7 @@ class _Build:
     def run(self, *, replace: bool, use_previous: bool, skip_own: bool) -> ItemArray:
         host, call = self.host, self.prepared.call
         host._stats.misses += 1
-        logger.info("miss %s [%s]: building %s items", host._identity, call.key[:12],
+        logger.info("miss %s [%s]: building %s item(s)", host._identity, call.key[:12],
                     len(self.prepared.source.items))  # fmt: skip
         if not replace:
             host._log_miss_reason(call)
@@ -655,7 +655,7 @@ class _Build:
         self.built = report.value
         reason = report.full_build_reason or (why if previous is None else None)
         logger.info(
-            "built %s [%s]: %s items computed, %s reused in %.2f s%s",
+            "built %s [%s]: %s item(s) computed, %s reused in %.2f s%s",
             host._identity, call.key[:12], report.computed, report.reused, report.seconds,
             f" (full build: {reason})" if reason else "",
         )  # fmt: skip

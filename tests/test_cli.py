@@ -235,6 +235,10 @@ def test_demo(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "speed-up" in result.stdout
     assert len(list_entries(tmp_path / "demo")) == 1
+    # Its hints name the cache it used: as printed, they act on it.
+    where = f"--cache-dir {tmp_path / 'demo'}"
+    assert f"cachedload clear --function load_demo_images {where}" in result.stdout
+    assert f"cachedload ls {where}" in result.stdout
 
 
 def test_the_demo_writes_its_images_to_a_fresh_temporary_directory_it_names(
