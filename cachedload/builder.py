@@ -234,11 +234,15 @@ class PreviousBuild:
             :func:`~cachedload.entry.item_records`), or ``relpath -> RowRecord``
             (``BuildReport.records``; plain tuples in the same order do too).
         extent: where its rows array sits in the file; ``None``: read from the file's index.
+        safe_types: as for :func:`cachedload.serialize.load`: the file comes from a cache
+            others can write (its index and a ragged build's rows are read with the
+            restricted unpickler); ``None``: trusted.
     """
 
     path: str | os.PathLike[str]
     records: ItemRecords | Mapping[str, tuple[int, int, int, str | None]]
     extent: serialize.ArrayExtent | None = None
+    safe_types: tuple[type, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -480,7 +484,7 @@ def _classify(
     """
     racy_limit = taken_ns - RACY_WINDOW_NS
     relpaths, contents = table.relpaths, table.contents
-    digests = {relpaths[row]: hash_file(table.path(row)) if contents is None else contents[row]
+    digests = {relpaths[row]: _digest(table.path(row)) if contents is None else contents[row]
                for row in np.flatnonzero(table.mtimes >= racy_limit).tolist()}  # fmt: skip
     if previous is None or not previous_rows or not len(table):
         return _Plan(list(range(len(table))), [], digests)
@@ -495,7 +499,7 @@ def _classify(
             # the same mtime tick would not show in its record; its content must match too.
             row = bisect.bisect_left(relpaths, rel)
             if row < len(relpaths) and relpaths[row] == rel and same[row]:
-                same[row] = (digests.get(rel) or hash_file(table.path(row))) == old_digest
+                same[row] = (digests.get(rel) or _digest(table.path(row))) == old_digest
     kept = np.flatnonzero(same)
     copies: list[tuple[int, int, int]] = []
     if kept.size:
@@ -507,6 +511,21 @@ def _classify(
         copies = list(zip(kept[starts].tolist(), there[starts].tolist(), counts.tolist(),
                           strict=True))  # fmt: skip
     return _Plan(np.flatnonzero(~same).tolist(), copies, digests)
+
+
+#: The content digest of a file that could not be read when hashed (removed meanwhile): no
+#: file's (a hex digest), so its row is computed, not copied, and the next call hashes it anew.
+_UNREADABLE = "unreadable"
+
+
+def _digest(path: str) -> str:
+    """The file's content digest, or :data:`_UNREADABLE`: a file removed while a build runs
+    is a change to the source (its row is computed: the item function says what is wrong,
+    or ``skip=`` leaves it out), not a failure of the build."""
+    try:
+        return hash_file(path)
+    except OSError:
+        return _UNREADABLE
 
 
 def _same_contents(
@@ -533,13 +552,24 @@ def _previous_rows(previous: PreviousBuild | None) -> tuple[serialize.ArrayExten
     if previous is None:
         return None, "no previous build"
     try:
-        extent = previous.extent or serialize.array_extents(previous.path)[0]
+        extent = previous.extent or serialize.array_extents(previous.path, previous.safe_types)[0]
         size = os.stat(previous.path).st_size
-    except (OSError, ValueError, IndexError, EOFError) as exc:
-        return None, f"previous build unreadable ({exc})"
+    except Exception as exc:  # a damaged or crafted file: a full build, whatever it raises
+        return None, f"previous build unreadable ({type(exc).__name__}: {exc})"
     if not extent.shape or extent.order != "C" or extent.offset + extent.nbytes > size:
         return None, "previous build holds no rows array"
+    if not _rows_match(previous.records, extent.shape[0]):
+        # Row i came from the i-th file of its records: a count that differs (a damaged or
+        # crafted entry) would shift every row after the difference.
+        return None, f"previous build's records do not match its {extent.shape[0]} rows"
     return extent, ""
+
+
+def _rows_match(records: ItemRecords | Mapping[str, Any], rows: int) -> bool:
+    """Whether ``records`` describe ``rows`` rows. Columns (an entry's) give row ``i`` to the
+    ``i``-th path: their count must be the rows'; a mapping (a report's) names each record's
+    row, which :func:`_classify` bounds."""
+    return not isinstance(records, ItemRecords) or len(records.paths) == rows
 
 
 def build_items(
@@ -896,11 +926,13 @@ def _previous_list(previous: PreviousBuild | None) -> tuple[Any, str]:
     if previous is None:
         return None, "no previous build"
     try:
-        value = serialize.load(previous.path, mmap_mode="r")
+        value = serialize.load(previous.path, mmap_mode="r", safe_types=previous.safe_types)
     except Exception as exc:  # a damaged file is a reason for a full build, whatever it raises
         return None, f"previous build unreadable ({exc})"
     if not isinstance(value, ItemArray) or not isinstance(value.array, list):
         return None, "previous build holds no list of rows"
+    if not _rows_match(previous.records, len(value.array)):
+        return None, f"previous build's records do not match its {len(value.array)} rows"
     return value.array, ""
 
 

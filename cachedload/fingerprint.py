@@ -44,6 +44,7 @@ __all__ = [
     "fingerprint_source",
     "hash_file",
     "hash_regular_file",
+    "matches",
 ]
 
 #: The fingerprint modes: ``fingerprint_source(mode=…)``, ``cached_dataset(fingerprint=…)``.
@@ -409,6 +410,12 @@ def _pack(values: Sequence[int]) -> array[int]:
     if sys.byteorder == "big":  # digests must not depend on the machine (portable=True)
         packed.byteswap()
     return packed
+
+
+def matches(relpath: str, patterns: Sequence[str]) -> bool:
+    """Whether a file's ``/``-separated relative path matches one of the glob ``patterns``, as
+    ``include=`` matches it in a walk (no ``/``: the name; with ``/``: the relative path)."""
+    return _patterns(tuple(patterns))(relpath, relpath.rpartition("/")[2])
 
 
 def check_mode(mode: object, option: str = "mode") -> None:

@@ -32,6 +32,7 @@ import inspect
 import itertools
 import logging
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -53,7 +54,7 @@ from cachedload.errors import (
     warn_skipped,
 )
 from cachedload.explain import Explanation, explain_against_closest
-from cachedload.fingerprint import Fingerprint, fingerprint_source, hash_file
+from cachedload.fingerprint import Fingerprint, fingerprint_source, hash_file, matches
 from cachedload.hashing import value_digest
 from cachedload.keys import Call, CallGroup, KeyRules, call_manifest, entry_meta, readable
 from cachedload.options import Options
@@ -244,14 +245,15 @@ def _scan(name: str, source: Any, patterns: tuple[str, ...], rules: KeyRules) ->
             except FileNotFoundError:
                 raise SourceNotFoundError(name, source) from None
             return _Source(path, os.path.realpath(path), None, fp)
-        return _file_list(name, [source], rules.mode)
+        return _file_list(name, [source], patterns, rules.mode)
     if isinstance(source, (list, tuple)) and source:
-        return _file_list(name, list(source), rules.mode)
+        return _file_list(name, list(source), patterns, rules.mode)
     raise ConfigurationError(name, f"must be a folder or a non-empty list of files, not {source!r}")
 
 
-def _file_list(name: str, files: list[Any], mode: str) -> _Source:
-    """A list of files, relative to their closest common folder."""
+def _file_list(name: str, files: list[Any], patterns: tuple[str, ...], mode: str) -> _Source:
+    """A list of files, relative to their closest common folder; those matching ``patterns``
+    (relative to it), if any, as in a folder."""
     taken_ns = time.time_ns()
     paths = [os.path.abspath(os.fspath(f)) for f in files]
     root = os.path.commonpath([os.path.dirname(p) for p in paths])
@@ -261,8 +263,15 @@ def _file_list(name: str, files: list[Any], mode: str) -> _Source:
             info = os.stat(path)
         except FileNotFoundError:
             raise SourceNotFoundError(name, given) from None
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigurationError(
+                name, f"lists {given!r}, which is not a file (pass a folder on its own)"
+            )
         rel = os.path.relpath(path, root).replace(os.sep, "/")
-        items.append(Item(rel, path, info.st_size, info.st_mtime_ns))
+        if not patterns or matches(rel, patterns):
+            items.append(Item(rel, path, info.st_size, info.st_mtime_ns))
+    if not items:
+        raise ConfigurationError("pattern", f"matches none of the {len(files)} files listed")
     items.sort()
     for before, after in itertools.pairwise(items):
         if before.relpath == after.relpath:
@@ -418,6 +427,11 @@ class ItemMap:
         """
         if progress not in (None, True, False):
             raise ConfigurationError("progress", f"must be None, True or False, not {progress!r}")
+        if n_jobs is not None and (not _is_int(n_jobs) or n_jobs == 0):
+            raise ConfigurationError(
+                "n_jobs",
+                f"must be None or a whole number other than 0 (-1: every CPU), not {n_jobs!r}",
+            )
         request = _Request(source, _patterns(pattern), params, n_jobs, backend, bool(ragged),
                            _skip_types(skip), progress, self._name)  # fmt: skip
         return self._run(request, force=False)
@@ -637,14 +651,18 @@ class _Build:
             folder = root.local_entry(self.fdir, best.key, best.meta)
             manifest = local.manifest(self.fdir, best.key, columns=True)
             raw = item_records(manifest, best.meta, self.prepared.label)
+            if raw is None or not local.has_data(self.fdir, best.key, best.meta):
+                return None, f"previous entry {best.key[:12]} is incomplete"
+            # Checked as a hit checks it (checksum with verify="always", signature): copying
+            # its rows must not launder a damaged or unsigned entry into a new, valid one.
+            verify = self.host._options.verify == "always"
+            safe_types = local.reusable(self.fdir, best.key, best.meta, verify=verify)
         except (OSError, CorruptEntry) as error:
             return None, f"previous entry unreadable ({error})"
-        if raw is None or not local.has_data(self.fdir, best.key, best.meta):
-            return None, f"previous entry {best.key[:12]} is incomplete"
         if self.prepared.source.items.contents is not None and raw.contents is None:
             # fingerprint="content": a row is reused only if its file's content is known.
             return None, f"previous entry {best.key[:12]} records no file contents"
-        return PreviousBuild(folder / DATA_FILE, raw), ""
+        return PreviousBuild(folder / DATA_FILE, raw, safe_types=safe_types), ""
 
     def build(self, data: Path, previous: PreviousBuild | None, why: str) -> Built | None:
         """Write the data file ``data``; the entry's metadata and manifest, or None if the
@@ -727,3 +745,7 @@ def _summary(report: BuildReport, count: int) -> Any:
         strides=(0,) * (1 + len(report.row_shape)),
     )  # fmt: skip
     return ItemArray(stand_in, paths)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)

@@ -217,6 +217,19 @@ class CacheRoot(abc.ABC):
         """True if the entry's data is there, of the size ``meta`` records."""
 
     @abc.abstractmethod
+    def reusable(
+        self, fdir: str, key: str, meta: dict[str, Any], *, verify: bool
+    ) -> tuple[type, ...] | None:
+        """Check an entry on this machine whose rows a per-item build will copy, as a hit
+        checks it (size; checksum with ``verify``; signature); return the ``safe_types`` to
+        read its data file's index with (None: unrestricted).
+
+        Raises:
+            CorruptEntry: a check failed.
+            OSError: its data file cannot be read.
+        """
+
+    @abc.abstractmethod
     def manifest(self, fdir: str, key: str, *, columns: bool = False) -> dict[str, Any] | None:
         """An entry's per-file manifest (see :func:`~cachedload.entry.decode_manifest`, which
         ``columns`` is passed to); None if it has none."""

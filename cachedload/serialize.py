@@ -410,16 +410,7 @@ def _read_layout(
     index = head[start : start + index_len]
     if len(index) < index_len:
         index = _pread(fd, index_len, start)
-    if safe_types is None:
-        version, skeleton_len, table, packed = pickle.loads(index[len(_MAGIC) :])
-    else:
-        version, skeleton_len, table, packed = restricted_loads(index[len(_MAGIC) :])
-        for dtype, _shape, _order in table:  # raw bytes become these arrays: no pointers
-            if not isinstance(dtype, np.dtype) or dtype.hasobject:
-                raise UnsafePickleError(repr(dtype), "not a plain array dtype")
-    if version != _VERSION:
-        raise ValueError(f"unknown cachedload file version {version!r}")
-    offsets = struct.unpack(f"<{len(table) + 1}Q", packed)
+    skeleton_len, table, offsets = _parse_index(index[len(_MAGIC) :], safe_types)
     if offsets[0] + skeleton_len > size:
         raise ValueError("skeleton runs past the end of the file")
     if reader is not None:
@@ -429,6 +420,44 @@ def _read_layout(
     else:
         skeleton = _pread(fd, skeleton_len, offsets[0])
     return skeleton, table, offsets
+
+
+def _parse_index(
+    data: bytes, safe_types: Iterable[type] | None
+) -> tuple[int, _Table, tuple[int, ...]]:
+    """A data file's index: ``(skeleton length, table, offsets)``, checked. With
+    ``safe_types`` (a cache others can write), unpickled by the restricted unpickler, and only
+    plain array dtypes allowed (raw bytes become those arrays: no pointers).
+
+    Raises:
+        ValueError: it is not an index of this version (a damaged or crafted file).
+        UnsafePickleError: with ``safe_types``, it holds what the restricted unpickler refuses.
+    """
+    found = pickle.loads(data) if safe_types is None else restricted_loads(data)
+    if not (isinstance(found, tuple) and len(found) == 4):
+        raise ValueError("the index is not a cachedload index")
+    version, skeleton_len, table, packed = found
+    if version != _VERSION:
+        raise ValueError(f"unknown cachedload file version {version!r}")
+    if not (_is_count(skeleton_len) and isinstance(table, list) and isinstance(packed, bytes)):
+        raise ValueError("the index is not a cachedload index")
+    for entry in table:
+        if not (isinstance(entry, tuple) and len(entry) == 3):
+            raise ValueError("the index's table is damaged")
+        dtype, shape, order = entry
+        if not (isinstance(dtype, np.dtype) and isinstance(shape, tuple)):
+            raise ValueError("the index's table is damaged")
+        if not (all(map(_is_count, shape)) and order in ("C", "F")):
+            raise ValueError("the index's table is damaged")
+        if safe_types is not None and dtype.hasobject:
+            raise UnsafePickleError(repr(dtype), "not a plain array dtype")
+    if len(packed) != 8 * (len(table) + 1):
+        raise ValueError("the index's offsets are damaged")
+    return skeleton_len, table, struct.unpack(f"<{len(table) + 1}Q", packed)
+
+
+def _is_count(value: object) -> bool:
+    return type(value) is int and value >= 0
 
 
 def _read_arrays(
@@ -555,11 +584,16 @@ class ArrayExtent(NamedTuple):
         return count
 
 
-def array_extents(path: str | os.PathLike[str]) -> list[ArrayExtent]:
+def array_extents(
+    path: str | os.PathLike[str], safe_types: Iterable[type] | None = None
+) -> list[ArrayExtent]:
     """Every array of an indexed data file (as :func:`dump` writes it), in pickling order.
+    ``safe_types``: as for :func:`load` (a file from a cache others can write: its index is
+    read with the restricted unpickler).
 
     Raises:
         ValueError: the file is not an indexed cachedload file (compressed, joblib's own, damaged).
+        UnsafePickleError: with ``safe_types``, its index holds what is not allowed.
     """
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
@@ -576,10 +610,7 @@ def array_extents(path: str | os.PathLike[str]) -> list[ArrayExtent]:
             index = _pread(fd, index_len, start)
     finally:
         os.close(fd)
-    version, _skeleton_len, table, packed = pickle.loads(index[len(_MAGIC) :])
-    if version != _VERSION:
-        raise ValueError(f"unknown cachedload file version {version!r}")
-    offsets = struct.unpack(f"<{len(table) + 1}Q", packed)
+    _skeleton_len, table, offsets = _parse_index(index[len(_MAGIC) :], safe_types)
     return [
         ArrayExtent(offset, tuple(shape), dtype, order)
         for (dtype, shape, order), offset in zip(table, offsets[1:], strict=True)

@@ -357,17 +357,7 @@ class LocalRoot(CacheRoot):
         verify: bool,
         ahead: ReadAhead | None,
     ) -> Any:
-        safe_types = self.safe_types
-        if self.signing_key is not None:
-            if not verify_signature(meta, meta["data"]["xxh3"], self.signing_key):
-                raise CorruptEntry(entry, "entry is not signed with the signing key")
-            # The signature covers the data's checksum only: check it on every hit.
-            verify, safe_types = True, None
-        problem = size_problem(info.st_size, meta)
-        if problem is None and verify and hash_file(data_path) != meta["data"]["xxh3"]:
-            problem = "data file checksum does not match"
-        if problem is not None:
-            raise CorruptEntry(entry, problem)
+        safe_types = self._checked(entry, data_path, info.st_size, meta, verify)
         if ahead is not None:
             value = ahead.take(info)
             if value is not NOTHING:
@@ -378,6 +368,43 @@ class LocalRoot(CacheRoot):
             raise CorruptEntry(
                 entry, f"cannot load data ({type(error).__name__}: {error})"
             ) from error
+
+    def _checked(
+        self, entry: Path, data_path: Path, size: int, meta: dict[str, Any], verify: bool
+    ) -> tuple[type, ...] | None:
+        """Check an entry's data file as a load does: its size; with ``verify`` its checksum;
+        with a signing key the signature, then the checksum (it covers the checksum only).
+        Return the ``safe_types`` to read it with (None: unrestricted: private, or signed).
+
+        Raises:
+            CorruptEntry: a check failed.
+        """
+        safe_types = self.safe_types
+        if self.signing_key is not None:
+            if not verify_signature(meta, meta["data"]["xxh3"], self.signing_key):
+                raise CorruptEntry(entry, "entry is not signed with the signing key")
+            verify, safe_types = True, None
+        problem = size_problem(size, meta)
+        if problem is None and verify and hash_file(data_path) != meta["data"]["xxh3"]:
+            problem = "data file checksum does not match"
+        if problem is not None:
+            raise CorruptEntry(entry, problem)
+        return safe_types
+
+    def reusable(
+        self, fdir: str, key: str, meta: dict[str, Any], *, verify: bool
+    ) -> tuple[type, ...] | None:
+        """Check an entry whose rows a per-item build copies, as a hit checks it (see
+        :meth:`load`): a build must not launder a damaged or unsigned entry into a new one.
+        Return the ``safe_types`` to read its index with.
+
+        Raises:
+            CorruptEntry: a check failed.
+            OSError: its data file cannot be read.
+        """
+        entry = self.entry_path(fdir, key)
+        data_path = entry / DATA_FILE
+        return self._checked(entry, data_path, os.stat(data_path).st_size, meta, verify)
 
     def read_ahead(self, fdir: str, key: str) -> ReadAhead:
         """Start loading an entry's data (``mmap_mode=None``) in a background thread, before

@@ -245,6 +245,12 @@ class RemoteRoot(CacheRoot):
         """Start reading the local copy's data (see :meth:`LocalRoot.read_ahead`)."""
         return self.copy.read_ahead(fdir, key)
 
+    def reusable(
+        self, fdir: str, key: str, meta: dict[str, Any], *, verify: bool
+    ) -> tuple[type, ...] | None:
+        """Checked in the local copy (:meth:`local_entry` downloads the entry there first)."""
+        return self.copy.reusable(fdir, key, meta, verify=verify)
+
     def has_data(self, fdir: str, key: str, meta: dict[str, Any]) -> bool:
         """True if the entry's data is here or in the bucket with the size ``meta`` says."""
         try:
