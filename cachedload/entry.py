@@ -65,6 +65,7 @@ cache directory is not ours, reported "unknown, left alone". A ``meta.json`` of 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import operator
 import os
@@ -90,6 +91,7 @@ __all__ = [
     "LEFTOVER_MAX_AGE",
     "LOCAL_COPIES_DIR",
     "LOCK_SUFFIX",
+    "MANIFEST_FIELD",
     "MANIFEST_FILE",
     "MAX_META_DEPTH",
     "META_FILE",
@@ -109,6 +111,7 @@ __all__ = [
     "ScannedEntry",
     "decode_manifest",
     "encode_manifest",
+    "encoded_manifest",
     "function_dir_name",
     "function_dir_prefix",
     "is_entry_name",
@@ -118,7 +121,10 @@ __all__ = [
     "is_tagged",
     "item_records",
     "leftover_is_dead",
+    "manifest_problem",
+    "parse_manifest",
     "parse_meta",
+    "read_entry_manifest",
     "read_local_meta",
     "read_regular_file",
     "record_key",
@@ -315,6 +321,19 @@ def _described_ok(described: Any, fields: dict[str, Any]) -> bool:
 
 
 _STR = lambda value: isinstance(value, str)  # noqa: E731
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _manifest_record_ok(record: Any) -> bool:
+    return (
+        isinstance(record, dict)
+        and _is_count(record.get("size"))
+        and _is_count(record.get("inflated"))
+        and isinstance(record.get("sha256"), str)
+        and _SHA256_RE.match(record["sha256"]) is not None
+    )
+
+
 #: The optional fields' checks (each applies when the field is present).
 _FIELDS: dict[str, Any] = {
     "key": _STR,
@@ -330,6 +349,7 @@ _FIELDS: dict[str, Any] = {
     "skipped": lambda value: isinstance(value, list),
     "versions": lambda value: isinstance(value, dict),
     "signature": _STR,
+    "manifest": _manifest_record_ok,
     "code_parts": lambda value: isinstance(value, dict),
     "parameters": lambda value: _described_ok(value, {"digest": _STR, "value": _STR}),
     "state": lambda value: _described_ok(value, {"digest": _STR, "value": _STR}),
@@ -579,8 +599,16 @@ class ItemRecords(NamedTuple):
 _MANIFEST_MAGIC = b"CLDMAN\x00\x02"
 _U32 = np.dtype("<u4")
 _I64 = np.dtype("<i8")
-#: Longest relative path a manifest may hold, in bytes (bounds a crafted file's paths blob).
-_MAX_PATH_BYTES = 65536
+#: Longest relative path a manifest may hold, in bytes: the system's PATH_MAX (a walk cannot
+#: open a longer one), which bounds what a manifest not described by its metadata inflates to.
+_MAX_PATH_BYTES = 4096
+#: Longest record of a manifest written before 0.2 (a JSON list): a path escaped as JSON
+#: (``\\uXXXX``: six characters per byte at worst), then two integers.
+_MAX_JSON_RECORD = 6 * _MAX_PATH_BYTES + 64
+#: The manifest's record in ``meta.json``: its size and SHA-256 (so that the signature of a
+#: signed entry covers it, and ``verify`` checks it), and how many bytes its paths inflate to
+#: (the bound of decoding it).
+MANIFEST_FIELD = "manifest"
 
 
 def encode_manifest(manifest: dict[str, Any]) -> bytes:
@@ -590,12 +618,20 @@ def encode_manifest(manifest: dict[str, Any]) -> bytes:
     Raises:
         ValueError, TypeError, IndexError: a source's files are not such records.
     """
+    return encoded_manifest(manifest)[0]
+
+
+def encoded_manifest(manifest: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    """:func:`encode_manifest`'s bytes, and their record for ``meta.json``'s
+    :data:`MANIFEST_FIELD`."""
     header: list[list[Any]] = []
     body: list[bytes] = []
+    inflated = 0
     for name, files in manifest.items():
         columns = FileColumns.of(files)
         # surrogatepass: any str round-trips (names undecodable in UTF-8 come as surrogates)
         joined = "\0".join(columns.paths).encode("utf-8", "surrogatepass")
+        inflated += len(joined)
         paths = zlib.compress(joined, 1)  # level 1: as small as 3 here, half the time
         contents = bytes.fromhex("".join(columns.contents or ()))
         if columns.contents is not None and len(contents) != 16 * len(columns.paths):
@@ -604,20 +640,111 @@ def encode_manifest(manifest: dict[str, Any]) -> bytes:
         sizes, mtimes = columns.sizes.astype(_I64), columns.mtimes.astype(_I64)
         body += [sizes.tobytes(), mtimes.tobytes(), paths, contents]
     head = json.dumps(header).encode()
-    return b"".join([_MANIFEST_MAGIC, np.array([len(head)], _U32).tobytes(), head, *body])
+    raw = b"".join([_MANIFEST_MAGIC, np.array([len(head)], _U32).tobytes(), head, *body])
+    record = {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest(), "inflated": inflated}
+    return raw, record
 
 
-def decode_manifest(raw: bytes, *, columns: bool = False) -> dict[str, Any] | None:
-    """A ``manifest`` file's contents: ``{source: [[relpath, size, mtime_ns], ...]}``, or with
-    ``columns`` ``{source: FileColumns}``; None if it is unreadable (any format, any damage)."""
+def manifest_problem(raw: bytes, meta: Mapping[str, Any]) -> str | None:
+    """What is wrong with an entry's manifest bytes, judged by its metadata's record of them;
+    None if they match, or if the metadata has no record (entries written before it)."""
+    record = meta.get(MANIFEST_FIELD)
+    if not isinstance(record, dict):
+        return None
+    if len(raw) != record.get("size"):
+        return f"manifest is {len(raw)} bytes, metadata says {record.get('size')}"
+    if hashlib.sha256(raw).hexdigest() != record.get("sha256"):
+        return "manifest does not match its digest in the metadata"
+    return None
+
+
+def _inflate_limit(meta: Mapping[str, Any] | None, raw: bytes) -> int | None:
+    """How many bytes a manifest may inflate to, by its metadata: the recorded number, else
+    what the files its sources count allow; None: no metadata (the manifest's own counts)."""
+    if meta is None:
+        return None
+    record = meta.get(MANIFEST_FIELD)
+    if isinstance(record, dict) and _is_count(record.get("inflated")):
+        return int(record["inflated"])
+    sources = meta.get("sources")
+    counts = [
+        source.get("file_count", 0)
+        for source in (sources.values() if isinstance(sources, dict) else ())
+        if isinstance(source, dict)
+    ]
+    files = sum(int(count) for count in counts if _is_count(count))
     if raw.startswith(_MANIFEST_MAGIC):
-        found = _decode_columns(raw)
+        return files * (_MAX_PATH_BYTES + 1)
+    return files * _MAX_JSON_RECORD + 2 + 16 * len(counts)  # the object and its keys
+
+
+def parse_manifest(
+    raw: bytes,
+    meta: Mapping[str, Any],
+    where: Path,
+    *,
+    signed: bool = False,
+    columns: bool = False,
+) -> dict[str, Any]:
+    """An entry's manifest bytes decoded (see :func:`decode_manifest`), once checked against
+    its metadata's record (:func:`manifest_problem`), never inflated beyond what the metadata
+    allows. ``signed``: the metadata's signature was checked, and must cover the manifest.
+
+    Raises:
+        CorruptEntry: it does not match the record, ``signed`` and there is none (an entry
+            written before: its signature does not cover the manifest), or it is unreadable.
+    """
+    if signed and not isinstance(meta.get(MANIFEST_FIELD), dict):
+        raise CorruptEntry(where, "the signature does not cover the manifest (an older entry)")
+    problem = manifest_problem(raw, meta)
+    if problem is not None:
+        raise CorruptEntry(where, problem)
+    found = decode_manifest(raw, columns=columns, limit=_inflate_limit(meta, raw))
+    if found is None:
+        raise CorruptEntry(where, "manifest is unreadable")
+    return found
+
+
+def read_entry_manifest(
+    entry: Path, meta: Mapping[str, Any], *, signed: bool = False, columns: bool = False
+) -> dict[str, Any] | None:
+    """The manifest in the entry folder ``entry``, checked (:func:`parse_manifest`); None if
+    the entry has none (and its metadata records none).
+
+    Raises:
+        CorruptEntry: as :func:`parse_manifest`; or it is missing though recorded, or is not
+            a regular file.
+    """
+    try:
+        raw = read_regular_file(entry / MANIFEST_FILE)
+    except FileNotFoundError:
+        if MANIFEST_FIELD in meta:
+            raise CorruptEntry(entry, "manifest is missing") from None
+        return None
+    except OSError as error:
+        raise CorruptEntry(entry, f"cannot read the manifest ({error})") from None
+    return parse_manifest(raw, meta, entry, signed=signed, columns=columns)
+
+
+def decode_manifest(
+    raw: bytes, *, columns: bool = False, limit: int | None = None
+) -> dict[str, Any] | None:
+    """A ``manifest`` file's contents: ``{source: [[relpath, size, mtime_ns], ...]}``, or with
+    ``columns`` ``{source: FileColumns}``; None if it is unreadable (any format, any damage),
+    or would inflate to more than ``limit`` bytes (default: what its counts of files allow).
+    The file comes from a cache directory: read it with :func:`parse_manifest`."""
+    if raw.startswith(_MANIFEST_MAGIC):
+        found = _decode_columns(raw, limit)
         if found is None or columns:
             return found
         return {name: files.rows() for name, files in found.items()}
-    try:  # the format of entries written before 0.2: zlib'd JSON records
-        manifest = json.loads(zlib.decompress(raw))
-    except (ValueError, zlib.error, RecursionError):
+    # The format of entries written before 0.2: zlib'd JSON records.
+    inflated = _inflate(raw, _LEGACY_LIMIT if limit is None else limit)
+    if inflated is None:
+        return None
+    try:
+        manifest = json.loads(inflated)
+    except (ValueError, RecursionError):
         return None
     if not isinstance(manifest, dict):
         return None
@@ -628,8 +755,26 @@ def decode_manifest(raw: bytes, *, columns: bool = False) -> dict[str, Any] | No
     return {name: files for name, files in converted.items() if files is not None}
 
 
-def _decode_columns(raw: bytes) -> dict[str, FileColumns] | None:
-    """A columns manifest, every length checked against the bytes; None if damaged."""
+#: Without metadata, what a manifest of the format before 0.2 may inflate to.
+_LEGACY_LIMIT = 64 * 1024 * 1024
+
+
+def _inflate(compressed: bytes, limit: int) -> bytes | None:
+    """A whole zlib stream inflated, if it is at most ``limit`` bytes (never more held in
+    memory: a crafted stream inflates a thousandfold); else None."""
+    inflate = zlib.decompressobj()
+    try:
+        inflated = inflate.decompress(compressed, limit + 1)
+    except zlib.error:
+        return None
+    if len(inflated) > limit or not inflate.eof or inflate.unconsumed_tail:
+        return None
+    return None if inflate.unused_data else inflated
+
+
+def _decode_columns(raw: bytes, limit: int | None) -> dict[str, FileColumns] | None:
+    """A columns manifest, every length checked against the bytes; None if damaged, or if
+    its paths inflate to more than ``limit`` bytes in all."""
     start = len(_MANIFEST_MAGIC) + 4
     if len(raw) < start:
         return None
@@ -656,11 +801,17 @@ def _decode_columns(raw: bytes) -> dict[str, FileColumns] | None:
         end = paths_end + contents_len
         if end > len(raw):
             return None
+        most = count * (_MAX_PATH_BYTES + 1)
+        if limit is not None:
+            most = min(most, limit)
+        decoded = _decode_paths(raw[offset + 16 * count : paths_end], count, most)
+        if decoded is None:
+            return None
+        paths, inflated = decoded
+        if limit is not None:
+            limit -= inflated
         sizes = np.frombuffer(raw, _I64, count, offset).astype(np.int64)
         mtimes = np.frombuffer(raw, _I64, count, offset + 8 * count).astype(np.int64)
-        paths = _decode_paths(raw[offset + 16 * count : paths_end], count)
-        if paths is None:
-            return None
         contents = None
         if contents_len:
             hexed = raw[paths_end:end].hex()
@@ -670,23 +821,19 @@ def _decode_columns(raw: bytes) -> dict[str, FileColumns] | None:
     return found if offset == len(raw) else None
 
 
-def _decode_paths(compressed: bytes, count: int) -> list[str] | None:
-    """``count`` paths from their zlib'd NUL-joined bytes; None if they are not that."""
-    inflate = zlib.decompressobj()
-    limit = count * (_MAX_PATH_BYTES + 1)  # a crafted blob cannot inflate without bound
-    try:
-        joined = inflate.decompress(compressed, limit)
-    except zlib.error:
-        return None
-    if not inflate.eof or inflate.unconsumed_tail or inflate.unused_data:
+def _decode_paths(compressed: bytes, count: int, limit: int) -> tuple[list[str], int] | None:
+    """``count`` paths from their zlib'd NUL-joined bytes (at most ``limit`` of them), and how
+    many bytes those were; None if they are not that."""
+    joined = _inflate(compressed, limit)
+    if joined is None:
         return None
     if count == 0:
-        return [] if not joined else None
+        return ([], 0) if not joined else None
     try:
         paths = joined.decode("utf-8", "surrogatepass").split("\0")
     except UnicodeDecodeError:
         return None
-    return paths if len(paths) == count else None
+    return (paths, len(joined)) if len(paths) == count else None
 
 
 def item_records(

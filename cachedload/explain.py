@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from cachedload.entry import (
-    MANIFEST_FILE,
     CorruptEntry,
-    decode_manifest,
+    read_entry_manifest,
     read_local_meta,
     scan_entry_dirs,
 )
@@ -151,12 +150,17 @@ def read_meta(entry_path: str | os.PathLike[str]) -> dict[str, Any] | None:
         return None
 
 
-def read_manifest(entry_path: str | os.PathLike[str]) -> Manifest | None:
-    """An entry's per-file manifest ``{source: [[relpath, size, mtime_ns], ...]}``; None if the
-    entry has none (older entries) or it is unreadable."""
+def read_manifest(
+    entry_path: str | os.PathLike[str], meta: dict[str, Any] | None = None
+) -> Manifest | None:
+    """An entry's per-file manifest ``{source: [[relpath, size, mtime_ns], ...]}``, checked
+    against its metadata ``meta`` (default: read from the entry) as a rebuild checks it; None
+    if the entry has none (older entries), or it is unreadable or does not match."""
+    path = Path(entry_path)
     try:
-        return decode_manifest((Path(entry_path) / MANIFEST_FILE).read_bytes())
-    except OSError:
+        found = meta if meta is not None else read_meta(path)
+        return None if found is None else read_entry_manifest(path, found)
+    except CorruptEntry:
         return None
 
 
@@ -423,4 +427,4 @@ def explain_against_closest(
     if found is None:
         return None
     path, stored = found
-    return compare(stored, read_manifest(path), meta, manifest)
+    return compare(stored, read_manifest(path, stored), meta, manifest)

@@ -25,6 +25,7 @@ from typing import Any
 
 from cachedload.backends import open_root
 from cachedload.config import parse_size
+from cachedload.entry import CorruptEntry
 from cachedload.errors import ConfigurationError
 from cachedload.options import check_keep
 from cachedload.root import CacheRoot, Checked, EntryInfo, Leftover
@@ -375,8 +376,12 @@ def leftovers(cache_dir: str | os.PathLike[str] | None = None) -> list[Leftover]
 
 def manifest_of(record: EntryRecord) -> dict[str, Any] | None:
     """An entry's per-file manifest (for a remote cache: the local copy's, else the bucket's);
-    None if it has none."""
-    return _root_of(record.root, record.path).manifest(record.function_dir, record.id)
+    None if it has none, or it does not match the entry's metadata."""
+    root = _root_of(record.root, record.path)
+    try:
+        return root.manifest(record.function_dir, record.id, record.meta)
+    except CorruptEntry:
+        return None
 
 
 # -- removing ----------------------------------------------------------------------------------

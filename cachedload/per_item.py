@@ -649,14 +649,17 @@ class _Build:
             if best is None:
                 return None, "no previous entry of these parameters and folder"
             folder = root.local_entry(self.fdir, best.key, best.meta)
-            manifest = local.manifest(self.fdir, best.key, columns=True)
-            raw = item_records(manifest, best.meta, self.prepared.label)
-            if raw is None or not local.has_data(self.fdir, best.key, best.meta):
+            if not local.has_data(self.fdir, best.key, best.meta):
                 return None, f"previous entry {best.key[:12]} is incomplete"
-            # Checked as a hit checks it (checksum with verify="always", signature): copying
-            # its rows must not launder a damaged or unsigned entry into a new, valid one.
-            verify = self.host._options.verify == "always"
-            safe_types = local.reusable(self.fdir, best.key, best.meta, verify=verify)
+            # Checked as strictly as `cachedload verify` checks it (the data file's checksum,
+            # whatever verify= says; the signature), and its manifest against the metadata's
+            # record: copying rows must not launder a damaged or tampered entry into a new,
+            # valid one, nor put rows on the wrong files.
+            safe_types = local.reusable(self.fdir, best.key, best.meta, verify=True)
+            manifest = local.manifest(self.fdir, best.key, best.meta, columns=True)
+            raw = item_records(manifest, best.meta, self.prepared.label)
+            if raw is None:
+                return None, f"previous entry {best.key[:12]} is incomplete"
         except (OSError, CorruptEntry) as error:
             return None, f"previous entry unreadable ({error})"
         if self.prepared.source.items.contents is not None and raw.contents is None:

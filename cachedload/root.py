@@ -230,9 +230,16 @@ class CacheRoot(abc.ABC):
         """
 
     @abc.abstractmethod
-    def manifest(self, fdir: str, key: str, *, columns: bool = False) -> dict[str, Any] | None:
+    def manifest(
+        self, fdir: str, key: str, meta: dict[str, Any], *, columns: bool = False
+    ) -> dict[str, Any] | None:
         """An entry's per-file manifest (see :func:`~cachedload.entry.decode_manifest`, which
-        ``columns`` is passed to); None if it has none."""
+        ``columns`` is passed to), checked against the entry's metadata ``meta``
+        (:func:`~cachedload.entry.parse_manifest`); None if it has none.
+
+        Raises:
+            CorruptEntry: it does not match ``meta``, or is unreadable.
+        """
 
     def local_entry(self, fdir: str, key: str, meta: dict[str, Any]) -> Path:
         """The entry's folder on this machine, its files in it (a remote entry is downloaded

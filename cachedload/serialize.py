@@ -59,9 +59,11 @@ __all__ = [
     "SlottedFile",
     "UnpicklableResult",
     "array_extents",
+    "check_layout",
     "check_safe",
     "dump",
     "dump_slotted",
+    "layout_problem",
     "load",
 ]
 
@@ -587,21 +589,23 @@ class ArrayExtent(NamedTuple):
 def array_extents(
     path: str | os.PathLike[str], safe_types: Iterable[type] | None = None
 ) -> list[ArrayExtent]:
-    """Every array of an indexed data file (as :func:`dump` writes it), in pickling order.
-    ``safe_types``: as for :func:`load` (a file from a cache others can write: its index is
-    read with the restricted unpickler).
+    """Every array of an indexed data file (as :func:`dump` writes it), in pickling order,
+    each checked to lie in the file's data area (:func:`check_layout`). ``safe_types``: as
+    for :func:`load` (a file from a cache others can write: its index is read with the
+    restricted unpickler).
 
     Raises:
-        ValueError: the file is not an indexed cachedload file (compressed, joblib's own, damaged).
+        ValueError: the file is not an indexed cachedload file (compressed, joblib's own,
+            damaged), or its index places an array outside its data area.
         UnsafePickleError: with ``safe_types``, its index holds what is not allowed.
     """
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         size = os.fstat(fd).st_size
         head = os.pread(fd, _PROBE, 0)
-        start = len(_HEAD) + _U64.size
-        if head[: len(_HEAD)] != _HEAD or head[start : start + len(_MAGIC)] != _MAGIC:
+        if not _indexed(head):
             raise ValueError(f"{os.fspath(path)!r} is not an indexed cachedload data file")
+        start = len(_HEAD) + _U64.size
         index_len = _U64.unpack_from(head, len(_HEAD))[0]
         if start + index_len > size:
             raise ValueError("index runs past the end of the file")
@@ -610,11 +614,60 @@ def array_extents(
             index = _pread(fd, index_len, start)
     finally:
         os.close(fd)
-    _skeleton_len, table, offsets = _parse_index(index[len(_MAGIC) :], safe_types)
+    skeleton_len, table, offsets = _parse_index(index[len(_MAGIC) :], safe_types)
+    check_layout(index_len, skeleton_len, table, offsets, size)
     return [
         ArrayExtent(offset, tuple(shape), dtype, order)
         for (dtype, shape, order), offset in zip(table, offsets[1:], strict=True)
     ]
+
+
+def _indexed(head: bytes) -> bool:
+    start = len(_HEAD) + _U64.size
+    return head[: len(_HEAD)] == _HEAD and head[start : start + len(_MAGIC)] == _MAGIC
+
+
+def check_layout(
+    index_len: int, skeleton_len: int, table: _Table, offsets: tuple[int, ...], size: int
+) -> None:
+    """Check that a parsed index describes the file :func:`dump` writes: the skeleton right
+    after the index, then each array after the previous one, the last before the file's end.
+    An index whose offsets point elsewhere (at the header, the index, the skeleton, or one
+    array into another) is damaged or crafted: its arrays would be other bytes of the file.
+
+    Raises:
+        ValueError: it does not.
+    """
+    skeleton_at = len(_HEAD) + _U64.size + index_len + 1 + len(_RESTORE) + 1 + _U64.size
+    if offsets[0] != skeleton_at:
+        raise ValueError("the index's skeleton offset is not where the skeleton starts")
+    end = skeleton_at + skeleton_len
+    for (dtype, shape, _), offset in zip(table, offsets[1:], strict=True):
+        count = dtype.itemsize
+        for dim in shape:
+            count *= dim
+        if offset < end:
+            raise ValueError("the index places an array over the file's header or another array")
+        end = offset + count
+    if end > size - len(_TAIL):
+        raise ValueError("an array runs past the end of the file's data")
+
+
+def layout_problem(path: str | os.PathLike[str]) -> str | None:
+    """What is wrong with an indexed data file's index (read with the restricted unpickler:
+    never runs what it holds), or None; None for a file that is not indexed (compressed)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        head = os.pread(fd, _PROBE, 0)
+    finally:
+        os.close(fd)
+    if not _indexed(head):
+        return None
+    try:
+        array_extents(path, safe_types=())
+    except Exception as error:  # a damaged or crafted index raises many types
+        return f"data file's index is damaged ({type(error).__name__}: {error})"
+    return None
 
 
 _COPY_FALLBACK_ERRNOS = frozenset(

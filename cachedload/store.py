@@ -29,6 +29,7 @@ from cachedload.entry import (
     FORMAT_VERSION,
     LOCAL_COPIES_DIR,
     LOCK_SUFFIX,
+    MANIFEST_FIELD,
     MANIFEST_FILE,
     META_FILE,
     OWNER_SUFFIX,
@@ -39,14 +40,16 @@ from cachedload.entry import (
     URL_FILE,
     USED_SUFFIX,
     CorruptEntry,
-    decode_manifest,
-    encode_manifest,
+    encoded_manifest,
     is_entry_shaped,
     is_function_dir_name,
     is_leftover_name,
     is_tagged,
     leftover_is_dead,
+    manifest_problem,
+    read_entry_manifest,
     read_local_meta,
+    read_regular_file,
     record_key,
     scan_entry_dirs,
     size_problem,
@@ -438,14 +441,21 @@ class LocalRoot(CacheRoot):
         finally:
             os.close(fd)
 
-    def manifest(self, fdir: str, key: str, *, columns: bool = False) -> dict[str, Any] | None:
+    def manifest(
+        self, fdir: str, key: str, meta: dict[str, Any], *, columns: bool = False
+    ) -> dict[str, Any] | None:
         """An entry's per-file manifest (``columns``: as
-        :class:`~cachedload.entry.FileColumns`); None if it has none or it is unreadable."""
-        try:
-            raw = (self.entry_path(fdir, key) / MANIFEST_FILE).read_bytes()
-        except OSError:
-            return None
-        return decode_manifest(raw, columns=columns)
+        :class:`~cachedload.entry.FileColumns`), checked against ``meta``'s record of it; with
+        a signing key, one ``meta`` does not record is refused (see
+        :func:`~cachedload.entry.parse_manifest`). None if it has none.
+
+        Raises:
+            CorruptEntry: it does not match ``meta``, or is unreadable.
+        """
+        entry = self.entry_path(fdir, key)
+        return read_entry_manifest(
+            entry, meta, signed=self.signing_key is not None, columns=columns
+        )
 
     # -- writing -------------------------------------------------------------------------------
     def put_built(
@@ -477,15 +487,17 @@ class LocalRoot(CacheRoot):
                 os.chmod(tmp / DATA_FILE, self._file_mode)
             meta = {**built.meta, "format": FORMAT_VERSION, "key": key}
             meta["data"] = {"file": DATA_FILE, "size": built.size, "xxh3": built.checksum}
+            files = [tmp / DATA_FILE, tmp / META_FILE]
+            if built.manifest is not None:
+                # Recorded in the metadata: verify and the signature cover it as they cover
+                # the data (which row is which file depends on it).
+                files.append(tmp / MANIFEST_FILE)
+                manifest, meta[MANIFEST_FIELD] = encoded_manifest(built.manifest)
+                _write_file(tmp / MANIFEST_FILE, manifest, self._file_mode, sync=False)
             if self.signing_key is not None:
                 meta[SIGNATURE_FIELD] = sign(meta, built.checksum, self.signing_key)
-            files = [tmp / DATA_FILE, tmp / META_FILE]
             meta_bytes = json.dumps(meta, indent=1).encode()
             _write_file(tmp / META_FILE, meta_bytes, self._file_mode, sync=False)
-            if built.manifest is not None:
-                files.append(tmp / MANIFEST_FILE)
-                manifest = encode_manifest(built.manifest)
-                _write_file(tmp / MANIFEST_FILE, manifest, self._file_mode, sync=False)
             # Every file on disk, then their names, before the entry is renamed into sight:
             # a crash never publishes an entry whose files are not all there. The data file
             # is synced here too (a build need not: a clean file's fsync costs nothing).
@@ -735,6 +747,7 @@ class LocalRoot(CacheRoot):
                 if found.meta is not None:
                     function = str(found.meta.get("function", fdir))
                     problem = self._data_problem(found.path / DATA_FILE, found.meta, checksums)
+                    problem = problem or _manifest_file_problem(found.path, found.meta)
                 elif not is_entry_shaped(found.path):
                     problem, unknown = (
                         f"{problem}; not shaped as an entry: unknown, left alone",
@@ -749,8 +762,22 @@ class LocalRoot(CacheRoot):
             problem = size_problem(os.stat(data).st_size, meta)
             if problem is None and checksums and hash_file(data) != meta["data"]["xxh3"]:
                 problem = "data file checksum does not match"
+            if problem is None:
+                problem = serialize.layout_problem(data)
         except FileNotFoundError:
             return "data file is missing"
         except OSError as error:
             return f"cannot read the entry ({error})"
         return problem
+
+
+def _manifest_file_problem(entry: Path, meta: dict[str, Any]) -> str | None:
+    """What is wrong with an entry's manifest by its metadata's record (none: not checked)."""
+    if MANIFEST_FIELD not in meta:
+        return None  # written before manifests were recorded
+    try:
+        return manifest_problem(read_regular_file(entry / MANIFEST_FILE), meta)
+    except FileNotFoundError:
+        return "manifest is missing"
+    except OSError as error:
+        return f"cannot read the manifest ({error})"

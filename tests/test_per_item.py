@@ -131,6 +131,10 @@ def test_an_entry_with_a_manifest_of_an_older_version_still_saves_the_unchanged_
     manifest_file = row.map.cache_path(folder, counter=str(counter)) / "manifest"
     records = decode_manifest(manifest_file.read_bytes())
     manifest_file.write_bytes(zlib.compress(json.dumps(records).encode(), 3))  # before 0.2
+    meta_file = manifest_file.with_name("meta.json")  # which did not record the manifest
+    meta = json.loads(meta_file.read_text())
+    del meta["manifest"]
+    meta_file.write_text(json.dumps(meta))
     write(folder, "b/f0003.txt", 333, OLD_NS + 10)
     assert "1 file modified (b/f0003.txt)" in str(
         row.map.cache_explain(folder, counter=str(counter))

@@ -19,9 +19,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import xxhash
 
+import cachedload
 from cachedload import CachedDataset, ConfigurationError, cached_dataset
 from cachedload.builder import Item, ItemTable, _classify
+from cachedload.entry import decode_manifest, encode_manifest
 from cachedload.options import Options
 
 ROWS = 5
@@ -145,21 +148,104 @@ def _flip_row_1(cache: Path) -> None:
     data.write_bytes(bytes(raw))
 
 
-@pytest.mark.parametrize("options", [{"verify": "always"}, {"shared": True, "signing_key": "k"}])
-def test_a_damaged_or_tampered_previous_entry_is_not_copied_into_a_new_one(
-    tmp_path: Path, options: dict[str, Any]
-) -> None:
+def _index_offsets(raw: bytes) -> tuple[int, tuple[int, ...], bytes]:
+    """A data file's index: the skeleton length, the offsets, and the offsets' packed bytes."""
+    head, magic = b"\x80\x04\x8e", b"cachedload-index\0"
+    index_len = struct.unpack_from("<Q", raw, len(head))[0]
+    index = raw[len(head) + 8 + len(magic) : len(head) + 8 + index_len]
+    _version, skeleton_len, table, packed = pickle.loads(index)
+    return skeleton_len, struct.unpack(f"<{len(table) + 1}Q", packed), packed
+
+
+def _point_index_at_header(cache: Path) -> None:
+    data = data_file(cache)
+    raw = bytearray(data.read_bytes())
+    _skeleton_len, offsets, packed = _index_offsets(bytes(raw))
+    forged = struct.pack(f"<{len(offsets)}Q", offsets[0], 0, *offsets[2:])  # rows = the header
+    at = raw.find(packed)
+    raw[at : at + len(packed)] = forged
+    data.write_bytes(bytes(raw))
+
+
+def _swap_two_paths(cache: Path) -> None:
+    (path,) = cache.glob("*/*/manifest")
+    manifest = decode_manifest(path.read_bytes(), columns=True)
+    assert manifest is not None
+    files = manifest["path"]
+    paths = list(files.paths)
+    paths[1], paths[2] = paths[2], paths[1]  # same sizes and mtimes: rows 1 and 2 trade files
+    manifest["path"] = files._replace(paths=paths)
+    path.write_bytes(encode_manifest(manifest))
+
+
+TAMPERS = {
+    "a flipped byte in a row": _flip_row_1,
+    "an index pointing at the header": _point_index_at_header,
+    "two paths swapped in the manifest": _swap_two_paths,
+}
+OPTIONS: dict[str, dict[str, Any]] = {
+    "verify-size": {},
+    "verify-always": {"verify": "always"},
+    "signed": {"shared": True, "signing_key": "k"},
+}
+
+
+def _tampered(tmp_path: Path, tamper: str, options: str) -> tuple[Path, Path, CachedDataset[..., Any]]:
     root = folder_of_rows(tmp_path)
-    cache = shared_cache(tmp_path) if options.get("shared") else tmp_path / "cache"
-    load = loader(cache, **options)
+    given = OPTIONS[options]
+    cache = shared_cache(tmp_path) if given.get("shared") else tmp_path / "cache"
+    load = loader(cache, **given)
     load.map(root)
-    _flip_row_1(cache)  # same size: only a checksum (or the signature over it) tells
+    TAMPERS[tamper](cache)  # same size: only a checksum (or the signature over it) tells
+    (checked,) = cachedload.verify(cache)
+    assert checked.problem, f"cachedload verify does not report {tamper}"
+    return root, cache, load
+
+
+@pytest.mark.parametrize("options", list(OPTIONS))
+@pytest.mark.parametrize("tamper", list(TAMPERS))
+def test_a_damaged_or_tampered_previous_entry_is_reported_and_never_copied(
+    tmp_path: Path, tamper: str, options: str
+) -> None:
+    root, cache, load = _tampered(tmp_path, tamper, options)
     change_one(root)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rebuilt = load.map(root)
-        again = load.map(root)  # the new entry, as a verified hit reads it
+        again = load.map(root)  # the new entry, as a hit reads it
     assert rows_text(rebuilt) == expected(root) and rows_text(again) == expected(root)
+    (new,) = (found for found in cachedload.verify(cache) if found.problem is None)
+    items = json.loads((new.path / "meta.json").read_text())["items"]
+    assert items["reused"] == 0, "rows of the tampered entry were copied"
+
+
+@pytest.mark.parametrize("options", list(OPTIONS))
+@pytest.mark.parametrize("tamper", list(TAMPERS))
+def test_a_damaged_or_tampered_entry_is_never_served(
+    tmp_path: Path, tamper: str, options: str
+) -> None:
+    if options == "verify-size" and "manifest" not in tamper:
+        pytest.skip('verify="size" checks the data file\'s size only, by design')
+    root, _cache, load = _tampered(tmp_path, tamper, options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert rows_text(load.map(root)) == expected(root)
+
+
+def test_a_crafted_index_with_a_matching_checksum_is_not_copied(tmp_path: Path) -> None:
+    root, cache = folder_of_rows(tmp_path), shared_cache(tmp_path)
+    load = loader(cache, shared=True)  # unsigned: anyone in the group rewrites meta.json too
+    load.map(root)
+    _point_index_at_header(cache)
+    checksum = xxhash.xxh3_128(data_file(cache).read_bytes()).hexdigest()
+    edit_meta(cache, lambda meta: meta["data"].update(xxh3=checksum))
+    (checked,) = cachedload.verify(cache)
+    assert checked.problem and "index" in checked.problem
+    change_one(root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = load.map(root)
+    assert rows_text(result) == expected(root)
 
 
 def test_a_shared_cache_s_previous_index_is_never_unpickled_unrestricted(

@@ -49,7 +49,7 @@ def test_put_then_get_is_a_hit_that_is_recorded(tmp_path: Path) -> None:
     np.testing.assert_array_equal(found.value, np.arange(10))
     (info,) = root.entries(FDIR)
     assert (info.key, info.hits, info.url) == (KEY, 1, None)
-    assert root.manifest(FDIR, KEY) == {"src": [["a", 1, 2]]}
+    assert root.manifest(FDIR, KEY, info.meta) == {"src": [["a", 1, 2]]}
     assert root.has_data(FDIR, KEY, found.meta)
     assert root.function_dirs() == [FDIR]
 

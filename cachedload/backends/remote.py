@@ -55,6 +55,7 @@ from cachedload.entry import (
     FETCH_SUFFIX,
     LEASE_SUFFIX,
     LEFTOVER_MAX_AGE,
+    MANIFEST_FIELD,
     MANIFEST_FILE,
     META_FILE,
     SYNCED_SUFFIX,
@@ -62,7 +63,8 @@ from cachedload.entry import (
     USED_SUFFIX,
     CorruptEntry,
     HashingWriter,
-    decode_manifest,
+    manifest_problem,
+    parse_manifest,
     parse_meta,
     size_problem,
     temporary_name,
@@ -260,13 +262,22 @@ class RemoteRoot(CacheRoot):
             size = -1 if found is None else found.size
         return size_problem(size, meta) is None
 
-    def manifest(self, fdir: str, key: str, *, columns: bool = False) -> dict[str, Any] | None:
-        """An entry's per-file manifest: from the local copy, else from the bucket."""
-        found = self.copy.manifest(fdir, key, columns=columns)
+    def manifest(
+        self, fdir: str, key: str, meta: dict[str, Any], *, columns: bool = False
+    ) -> dict[str, Any] | None:
+        """An entry's per-file manifest: from the local copy, else from the bucket; checked
+        against ``meta`` either way (see :meth:`LocalRoot.manifest`)."""
+        found = self.copy.manifest(fdir, key, meta, columns=columns)
         if found is not None:
             return found
         raw = self.objects.get(self.object_key(fdir, key, MANIFEST_FILE))
-        return None if raw is None else decode_manifest(raw, columns=columns)
+        if raw is None:
+            if MANIFEST_FIELD in meta:
+                raise CorruptEntry(self.entry_path(fdir, key), "manifest is missing")
+            return None
+        signed = self.copy.signing_key is not None
+        where = self.entry_path(fdir, key)
+        return parse_manifest(raw, meta, where, signed=signed, columns=columns)
 
     def local_entry(self, fdir: str, key: str, meta: dict[str, Any]) -> Path:
         """The entry in the local copy, downloaded first if it is not there (or differs)."""
@@ -641,6 +652,7 @@ class RemoteRoot(CacheRoot):
                         continue
                     function = str(meta.get("function", function))
                     problem = self._data_problem(fdir, key, meta, checksums)
+                    problem = problem or self._manifest_problem(fdir, key, meta)
                 except CorruptEntry as error:
                     problem = error.reason
                 except OSError as error:
@@ -669,3 +681,12 @@ class RemoteRoot(CacheRoot):
         if problem is None and sink.hexdigest() != meta["data"]["xxh3"]:
             problem = "data object checksum does not match"
         return problem
+
+    def _manifest_problem(self, fdir: str, key: str, meta: dict[str, Any]) -> str | None:
+        """What is wrong with an entry's manifest object by its metadata's record."""
+        if MANIFEST_FIELD not in meta:
+            return None  # written before manifests were recorded
+        raw = self.objects.get(self.object_key(fdir, key, MANIFEST_FILE))
+        if raw is None:
+            return "manifest object is missing"
+        return manifest_problem(raw, meta)
