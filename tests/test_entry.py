@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -18,8 +19,10 @@ import numpy as np
 import pytest
 import xxhash
 
+import cachedload
 from cachedload import entry
-from tests import fixture_loader
+from cachedload.per_item import _prepare, _request
+from tests import fixture_items, fixture_loader
 
 
 def test_an_entry_written_by_the_previous_version_is_a_hit(
@@ -40,6 +43,47 @@ def test_an_entry_written_by_the_previous_version_is_a_hit(
     assert sorted(value) == ["a", "b"]
     np.testing.assert_array_equal(value["a"], [6, 2, 8, 2, 10])
     np.testing.assert_array_equal(value["b"], [18, 4, 12])
+
+
+def _unrecorded_items_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The checked-in per-item entry whose metadata does not record its manifest (written
+    before it did), and its source folder, copied into ``tmp_path``; the folder is returned."""
+    cache = tmp_path / "cache"
+    shutil.copytree(fixture_items.CACHE, cache)
+    source = tmp_path / "source"
+    shutil.copytree(fixture_items.SOURCE, source)
+    for path in source.iterdir():
+        os.utime(path, (fixture_items.SOURCE_MTIME, fixture_items.SOURCE_MTIME))
+    monkeypatch.setenv("CACHEDLOAD_DIR", str(cache))
+    return source
+
+
+def test_a_per_item_entry_written_before_manifests_were_recorded_is_a_hit_and_verifies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = _unrecorded_items_entry(tmp_path, monkeypatch)
+    before = fixture_items.CALLS[0]
+    result = fixture_items.read_item.map(source)
+    assert fixture_items.CALLS[0] == before, "the item function ran: the entry was not a hit"
+    assert result.paths == ("f0.txt", "f1.txt", "f2.txt")
+    assert bytes(result.array[2]).rstrip(b"\0") == b"item 2"
+    assert [found.problem for found in cachedload.verify(tmp_path / "cache")] == [None]
+
+
+def test_a_private_entry_s_unrecorded_manifest_still_gives_its_unchanged_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = _unrecorded_items_entry(tmp_path, monkeypatch)
+    # The call group names the folder's real path: as if the entry had been written here.
+    group = _prepare(fixture_items.read_item, _request(source, None, {})).call.group.digest
+    (meta_file,) = (tmp_path / "cache").glob(f"*/*/{entry.META_FILE}")
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "group": group}))
+    (source / "f1.txt").write_bytes(b"changed")
+    before = fixture_items.CALLS[0]
+    result = fixture_items.read_item.map(source)
+    assert fixture_items.CALLS[0] == before + 1, "the unchanged rows were computed again"
+    rows = [bytes(row).rstrip(b"\0") for row in result.array]
+    assert rows == [b"item 0", b"changed", b"item 2"]
 
 
 # -- parse_meta --------------------------------------------------------------------------------
@@ -84,6 +128,15 @@ MALFORMED: list[tuple[str, Any]] = [
     ("racy a list", lambda m: _with(m, [], "racy")),
     ("racy digest a number", lambda m: _with(m, {"src": {"a.txt": 1}}, "racy")),
     ("racy mtime a string", lambda m: _with(m, "0", "racy_newest_mtime_ns")),
+    ("manifest record a string", lambda m: _with(m, "x", "manifest")),
+    (
+        "manifest digest short",
+        lambda m: _with(m, {"size": 1, "sha256": "ab", "inflated": 0}, "manifest"),
+    ),
+    (
+        "manifest size negative",
+        lambda m: _with(m, {"size": -1, "sha256": "a" * 64, "inflated": 0}, "manifest"),
+    ),
 ]
 
 
@@ -166,6 +219,55 @@ def test_manifests_of_older_entries_are_read_and_checked() -> None:
     for bad in ([["a", True, 1]], [["a", 1.5, 1]], [["a", 1, 2**64]], [[1, 1, 1]], [["a", 1]]):
         crafted = zlib.compress(json.dumps({"src": bad, "other": [["b", 1, 2]]}).encode())
         assert entry.decode_manifest(crafted, columns=True) == {"other": columns["other"]}
+
+
+def test_a_manifest_is_read_only_if_it_matches_its_record_in_the_metadata(
+    tmp_path: Path,
+) -> None:
+    files = [["a", 1, 2], ["b", 1, 2]]
+    raw, record = entry.encoded_manifest({"src": files})
+    meta = {entry.MANIFEST_FIELD: record}
+    assert entry.parse_manifest(raw, meta, tmp_path, signed=True) == {"src": files}
+    swapped = entry.encode_manifest({"src": files[::-1]})  # same size, rows on other files
+    assert len(swapped) == len(raw)
+    with pytest.raises(entry.CorruptEntry, match="digest"):
+        entry.parse_manifest(swapped, meta, tmp_path)
+    with pytest.raises(entry.CorruptEntry, match="bytes, metadata says"):
+        entry.parse_manifest(raw + b"x", meta, tmp_path)
+    # Not recorded (written before): read, unless a signature must cover it.
+    before = {"sources": {"src": {"file_count": 2}}}
+    assert entry.parse_manifest(swapped, before, tmp_path) == {"src": files[::-1]}
+    with pytest.raises(entry.CorruptEntry, match="signature does not cover"):
+        entry.parse_manifest(raw, before, tmp_path, signed=True)
+    folder = tmp_path / "entry"
+    folder.mkdir()
+    assert entry.read_entry_manifest(folder, {}) is None
+    with pytest.raises(entry.CorruptEntry, match="manifest is missing"):
+        entry.read_entry_manifest(folder, meta)
+    (folder / entry.MANIFEST_FILE).write_bytes(raw)
+    assert entry.read_entry_manifest(folder, meta) == {"src": files}
+    assert entry.manifest_problem(swapped, meta) and entry.manifest_problem(raw, meta) is None
+
+
+def test_a_manifest_never_inflates_beyond_what_its_metadata_allows(tmp_path: Path) -> None:
+    files = [[f"f{i:03d}", 1, 2] for i in range(100)]
+    raw, record = entry.encoded_manifest({"src": files})
+    assert entry.decode_manifest(raw, limit=record["inflated"]) == {"src": files}
+    assert entry.decode_manifest(raw, limit=record["inflated"] - 1) is None
+    legacy = json.dumps({"src": files}).encode()
+    assert entry.decode_manifest(zlib.compress(legacy), limit=len(legacy)) == {"src": files}
+    assert entry.decode_manifest(zlib.compress(legacy), limit=len(legacy) - 1) is None
+    # Unrecorded (written before): what the files its sources count allow.
+    counted = {"sources": {"src": {"file_count": 100}}}
+    assert entry.parse_manifest(raw, counted, tmp_path) == {"src": files}
+    bomb = zlib.compress(b"\0" * (64 << 20))  # 64 MB of paths in a few kB
+    head = json.dumps([["src", 100, len(bomb), 0]]).encode()
+    crafted = raw[:8] + struct.pack("<I", len(head)) + head + bytes(1600) + bomb
+    with pytest.raises(entry.CorruptEntry, match="unreadable"):
+        entry.parse_manifest(crafted, counted, tmp_path)
+    with pytest.raises(entry.CorruptEntry, match="unreadable"):
+        entry.parse_manifest(bomb, counted, tmp_path)  # as a JSON manifest of before 0.2
+    assert entry.decode_manifest(crafted) is None  # no metadata: 100 paths' worth at most
 
 
 def test_item_records_come_from_the_manifest_and_the_racy_digests() -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import xxhash
 
 import cachedload.decorator
 from cachedload import CachedDataset, ConfigurationError, EntryRecord, list_entries
@@ -300,3 +301,50 @@ def test_prune_older_than_keep_and_dry_run(tmp_path: Path, data: Path) -> None:
 
     prune(cache, older_than=0)
     assert [p.name for p in cache.iterdir()] == ["CACHEDIR.TAG"]  # empty function folders go too
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reported"),
+    [
+        ("a flipped byte in a row", "checksum does not match"),
+        ("an index pointing at the header", "checksum does not match"),
+        ("two paths swapped in the manifest", "manifest does not match its digest"),
+    ],
+)
+def test_verify_reports_every_damage_to_what_an_entry_s_rows_mean(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tamper: str, reported: str
+) -> None:
+    from cachedload.cli import main
+    from tests import test_previous_entry as items
+
+    cache = tmp_path / "cache"
+    items.loader(cache).map(items.folder_of_rows(tmp_path))
+    items.TAMPERS[tamper](cache)
+    assert main(["verify", "--cache-dir", str(cache)]) == 1
+    assert reported in capsys.readouterr().out
+    assert main(["verify", "--fix", "--cache-dir", str(cache)]) == 1
+    assert not list(cache.glob("*/*/meta.json")), "the damaged entry was not removed"
+
+
+def test_verify_reports_a_missing_manifest_and_a_crafted_index(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cachedload.cli import main
+    from tests import test_previous_entry as items
+
+    cache = tmp_path / "cache"
+    items.loader(cache).map(items.folder_of_rows(tmp_path))
+    (manifest,) = cache.glob("*/*/manifest")
+    manifest.unlink()
+    assert main(["verify", "--cache-dir", str(cache)]) == 1
+    assert "manifest is missing" in capsys.readouterr().out
+    # An index pointing at the header, the checksum recomputed (a cache others can write).
+    cache = tmp_path / "other"
+    items.loader(cache).map(tmp_path / "data")
+    items._point_index_at_header(cache)
+    checksum = xxhash.xxh3_128(items.data_file(cache).read_bytes()).hexdigest()
+    items.edit_meta(cache, lambda meta: meta["data"].update(xxh3=checksum))
+    assert main(["verify", "--cache-dir", str(cache)]) == 1
+    assert "index is damaged" in capsys.readouterr().out
+    (size_only,) = cachedload.verify(cache, checksums=False)
+    assert size_only.problem and "index is damaged" in size_only.problem

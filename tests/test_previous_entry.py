@@ -12,8 +12,11 @@ import json
 import os
 import pickle
 import struct
+import subprocess
+import sys
 import time
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ from cachedload import CachedDataset, ConfigurationError, cached_dataset
 from cachedload.builder import Item, ItemTable, _classify
 from cachedload.entry import decode_manifest, encode_manifest
 from cachedload.options import Options
+from tests.conftest import subprocess_env
 
 ROWS = 5
 
@@ -172,9 +176,12 @@ def _swap_two_paths(cache: Path) -> None:
     manifest = decode_manifest(path.read_bytes(), columns=True)
     assert manifest is not None
     files = manifest["path"]
-    paths = list(files.paths)
-    paths[1], paths[2] = paths[2], paths[1]  # same sizes and mtimes: rows 1 and 2 trade files
-    manifest["path"] = files._replace(paths=paths)
+    # Rows 1 and 2 trade files: each record still matches its file (size, mtime), so only
+    # the manifest's checksum or signature can tell.
+    order = [0, 2, 1, *range(3, len(files.paths))]
+    manifest["path"] = files._replace(
+        paths=[files.paths[i] for i in order], sizes=files.sizes[order], mtimes=files.mtimes[order]
+    )
     path.write_bytes(encode_manifest(manifest))
 
 
@@ -190,7 +197,11 @@ OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-def _tampered(tmp_path: Path, tamper: str, options: str) -> tuple[Path, Path, CachedDataset[..., Any]]:
+def _tampered(
+    tmp_path: Path, tamper: str, options: str
+) -> tuple[Path, Path, CachedDataset[..., Any], str | None]:
+    """A folder, its cache, the loader, and what `cachedload verify` says of the entry once
+    tampered with."""
     root = folder_of_rows(tmp_path)
     given = OPTIONS[options]
     cache = shared_cache(tmp_path) if given.get("shared") else tmp_path / "cache"
@@ -198,8 +209,7 @@ def _tampered(tmp_path: Path, tamper: str, options: str) -> tuple[Path, Path, Ca
     load.map(root)
     TAMPERS[tamper](cache)  # same size: only a checksum (or the signature over it) tells
     (checked,) = cachedload.verify(cache)
-    assert checked.problem, f"cachedload verify does not report {tamper}"
-    return root, cache, load
+    return root, cache, load, checked.problem
 
 
 @pytest.mark.parametrize("options", list(OPTIONS))
@@ -207,7 +217,7 @@ def _tampered(tmp_path: Path, tamper: str, options: str) -> tuple[Path, Path, Ca
 def test_a_damaged_or_tampered_previous_entry_is_reported_and_never_copied(
     tmp_path: Path, tamper: str, options: str
 ) -> None:
-    root, cache, load = _tampered(tmp_path, tamper, options)
+    root, cache, load, problem = _tampered(tmp_path, tamper, options)
     change_one(root)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -217,6 +227,7 @@ def test_a_damaged_or_tampered_previous_entry_is_reported_and_never_copied(
     (new,) = (found for found in cachedload.verify(cache) if found.problem is None)
     items = json.loads((new.path / "meta.json").read_text())["items"]
     assert items["reused"] == 0, "rows of the tampered entry were copied"
+    assert problem, f"cachedload verify does not report {tamper}"
 
 
 @pytest.mark.parametrize("options", list(OPTIONS))
@@ -226,10 +237,11 @@ def test_a_damaged_or_tampered_entry_is_never_served(
 ) -> None:
     if options == "verify-size" and "manifest" not in tamper:
         pytest.skip('verify="size" checks the data file\'s size only, by design')
-    root, _cache, load = _tampered(tmp_path, tamper, options)
+    root, _cache, load, problem = _tampered(tmp_path, tamper, options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert rows_text(load.map(root)) == expected(root)
+    assert problem, f"cachedload verify does not report {tamper}"
 
 
 def test_a_crafted_index_with_a_matching_checksum_is_not_copied(tmp_path: Path) -> None:
@@ -333,3 +345,56 @@ def test_map_checks_n_jobs_and_the_files_it_is_given(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigurationError, match="matches none of the 1 files listed"):
         load.map([root / "note.md"], pattern="*.txt")
+
+
+def _zlib_bomb(inflated: int = 256 << 20) -> bytes:
+    """A zlib stream of ``inflated`` NUL bytes (about a thousandth of that on disk)."""
+    deflate, zeros = zlib.compressobj(1), bytes(16 << 20)
+    return b"".join([*(deflate.compress(zeros) for _ in range(inflated // len(zeros))),
+                     deflate.flush()])  # fmt: skip
+
+
+def _bomb_manifest(manifest_format: str) -> bytes:
+    blob = _zlib_bomb()
+    if manifest_format == "json (before 0.2)":
+        return blob
+    count = 4096  # paths the header claims: a count that lets the blob inflate 256 MB
+    head = json.dumps([["path", count, len(blob), 0]]).encode()
+    return b"CLDMAN\x00\x02" + struct.pack("<I", len(head)) + head + bytes(16 * count) + blob
+
+
+_REBUILD_MEASURED = """
+import resource, sys, warnings
+from pathlib import Path
+from tests.test_previous_entry import expected, loader, rows_text
+root, cache = Path(sys.argv[1]), Path(sys.argv[2])
+load = loader(cache)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    result = load.map(root)
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+assert rows_text(result) == expected(root), rows_text(result)
+print(grown)
+"""
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "written-before"])
+@pytest.mark.parametrize("manifest_format", ["columns", "json (before 0.2)"])
+def test_a_zlib_bomb_in_a_manifest_never_inflates_beyond_what_the_metadata_allows(
+    tmp_path: Path, manifest_format: str, recorded: bool
+) -> None:
+    root, cache = folder_of_rows(tmp_path), tmp_path / "cache"
+    loader(cache).map(root)
+    (manifest,) = cache.glob("*/*/manifest")
+    manifest.write_bytes(_bomb_manifest(manifest_format))
+    if not recorded:  # an entry written before the metadata recorded its manifest
+        edit_meta(cache, lambda meta: meta.pop("manifest"))
+    change_one(root)
+    child = subprocess.run(
+        [sys.executable, "-c", _REBUILD_MEASURED, str(root), str(cache)],
+        capture_output=True, text=True, env=subprocess_env(), timeout=300, check=False,
+    )  # fmt: skip
+    assert child.returncode == 0, child.stderr
+    grown_mb = int(child.stdout.split()[-1]) / 1024  # ru_maxrss: KiB on Linux
+    assert grown_mb < 64, f"the rebuild grew by {grown_mb:.0f} MB reading a 1 MB manifest"

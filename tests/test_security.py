@@ -361,3 +361,28 @@ def test_a_shared_cache_keeps_the_setgid_group_of_its_root(tmp_path: Path) -> No
     assert folders and all(p.stat().st_mode & stat.S_ISGID for p in folders)
     assert all(p.stat().st_mode & stat.S_IRGRP for p in made)
     assert load(_source(tmp_path))["n"] == 1 and len(counter) == 1  # and it is used
+
+
+def test_a_signed_entry_whose_signature_does_not_cover_its_manifest_gives_no_rows(
+    tmp_path: Path,
+) -> None:
+    from cachedload.store import LocalRoot
+    from tests import test_previous_entry as items
+
+    root, cache = items.folder_of_rows(tmp_path), items.shared_cache(tmp_path)
+    load = items.loader(cache, shared=True, signing_key="k")
+    load.map(root)
+    # Signed as an entry written before the metadata recorded its manifest: the signature
+    # covers everything but the manifest, which anyone in the group can then rewrite.
+    (path,) = cache.glob(f"*/*/{entry.META_FILE}")
+    meta = json.loads(path.read_text())
+    del meta[entry.MANIFEST_FIELD]
+    signer = LocalRoot(cache, shared=True, signing_key=b"k")
+    signer.rewrite_meta(path.parent.parent.name, path.parent.name, meta)
+    items._swap_two_paths(cache)
+    assert items.rows_text(load.map(root)) == items.expected(root)  # the data is signed
+    items.change_one(root)
+    rebuilt = load.map(root)
+    assert items.rows_text(rebuilt) == items.expected(root)
+    (newest,) = (p for p in cache.glob(f"*/*/{entry.META_FILE}") if p != path)
+    assert json.loads(newest.read_text())["items"]["reused"] == 0
