@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
+import functools
 import itertools
 import logging
 import operator
@@ -68,6 +70,7 @@ __all__ = [
     "PreviousBuild",
     "RowRecord",
     "build_items",
+    "file_identity",
     "scan_items",
 ]
 
@@ -237,12 +240,32 @@ class PreviousBuild:
         safe_types: as for :func:`cachedload.serialize.load`: the file comes from a cache
             others can write (its index and a ragged build's rows are read with the
             restricted unpickler); ``None``: trusted.
+        identity: :func:`file_identity` of the file when its checksum was checked: its rows
+            are copied only while it is still that file, unchanged (a file replaced or
+            written meanwhile gives a full build); ``None``: not checked.
     """
 
     path: str | os.PathLike[str]
     records: ItemRecords | Mapping[str, tuple[int, int, int, str | None]]
     extent: serialize.ArrayExtent | None = None
     safe_types: tuple[type, ...] | None = None
+    identity: tuple[int, ...] | None = None
+
+
+def file_identity(info: os.stat_result) -> tuple[int, ...]:
+    """Which file this is, and whether it changed: device, inode, size, mtime and ctime (a
+    write, a rename or a new link changes the ctime, which no user can set back)."""
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
+class _PreviousChanged(Exception):
+    """The previous build's file is not the one that was checked any more."""
+
+
+def _still_checked(previous: PreviousBuild, info: os.stat_result) -> None:
+    """Raise :class:`_PreviousChanged` unless ``info`` is of the file that was checked."""
+    if previous.identity is not None and file_identity(info) != previous.identity:
+        raise _PreviousChanged("previous build's file changed after it was checked")
 
 
 @dataclass(frozen=True)
@@ -552,8 +575,11 @@ def _previous_rows(previous: PreviousBuild | None) -> tuple[serialize.ArrayExten
     if previous is None:
         return None, "no previous build"
     try:
+        _still_checked(previous, os.stat(previous.path))
         extent = previous.extent or serialize.array_extents(previous.path, previous.safe_types)[0]
-        size = os.stat(previous.path).st_size
+        info = os.stat(previous.path)
+        _still_checked(previous, info)
+        size = info.st_size
     except Exception as exc:  # a damaged or crafted file: a full build, whatever it raises
         return None, f"previous build unreadable ({type(exc).__name__}: {exc})"
     if not extent.shape or extent.order != "C" or extent.offset + extent.nbytes > size:
@@ -628,6 +654,34 @@ def build_items(
         ValueError: ``items`` are not sorted by ``relpath`` or repeat one.
         Whatever ``fn`` raises, with a note naming the file.
     """
+    run = functools.partial(
+        _build_items, fn, items, path, params=params, taken_ns=taken_ns, n_jobs=n_jobs,
+        backend=backend, ragged=ragged, batch_bytes=batch_bytes, in_memory=in_memory,
+        skip=skip, progress=progress,
+    )  # fmt: skip
+    try:
+        return run(previous=previous)
+    except _PreviousChanged as changed:  # its rows may not be what was checked: compute them
+        _log.info("full build of %s items: %s", len(items), changed)
+        return dataclasses.replace(run(previous=None), full_build_reason=str(changed))
+
+
+def _build_items(
+    fn: Callable[..., Any],
+    items: Sequence[Item],
+    path: str | os.PathLike[str],
+    *,
+    params: Mapping[str, Any] | None,
+    previous: PreviousBuild | None,
+    taken_ns: int | None,
+    n_jobs: int | None,
+    backend: Any,
+    ragged: bool,
+    batch_bytes: int,
+    in_memory: bool,
+    skip: tuple[type[BaseException], ...],
+    progress: Callable[[int, int], object] | None,
+) -> BuildReport:
     started = time.perf_counter()
     table = ItemTable.of(items)
     _check_sorted(table.relpaths)
@@ -651,6 +705,9 @@ def build_items(
     advance = _advancer(progress, len(plan.compute))
     if ragged:
         size, checksum = _build_ragged(runner, table, plan, old_rows, path, left_out, advance)
+        if plan.copies:  # written or replaced while its rows were copied: not those rows
+            assert previous is not None
+            _still_checked(previous, os.stat(previous.path))
         shape = dtype = None
         kept = None
     else:
@@ -868,6 +925,8 @@ def _build_stacked(
             write(rows, _noting_left_out(result, rows, left_out))
             advance(len(rows))
         copy_until(len(table))
+        copied_from, source_fd = source_fd, -1
+        _close_previous(previous, copied_from)
         size, checksum = out.finish()
     finally:
         out.close()
@@ -881,7 +940,25 @@ def _open_previous(plan: _Plan, previous: PreviousBuild | None) -> int:
     if not plan.copies:
         return -1
     assert previous is not None
-    return os.open(previous.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    fd = os.open(previous.path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    try:
+        _still_checked(previous, os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _close_previous(previous: PreviousBuild | None, fd: int) -> None:
+    """Close the previous build's file once its rows are copied: raise
+    :class:`_PreviousChanged` if it was written or replaced meanwhile (not those rows)."""
+    if fd < 0:
+        return
+    try:
+        assert previous is not None
+        _still_checked(previous, os.fstat(fd))
+    finally:
+        os.close(fd)
 
 
 def _row_layout(
@@ -926,7 +1003,9 @@ def _previous_list(previous: PreviousBuild | None) -> tuple[Any, str]:
     if previous is None:
         return None, "no previous build"
     try:
+        _still_checked(previous, os.stat(previous.path))
         value = serialize.load(previous.path, mmap_mode="r", safe_types=previous.safe_types)
+        _still_checked(previous, os.stat(previous.path))
     except Exception as exc:  # a damaged file is a reason for a full build, whatever it raises
         return None, f"previous build unreadable ({exc})"
     if not isinstance(value, ItemArray) or not isinstance(value.array, list):

@@ -44,7 +44,15 @@ from typing import Any, Protocol
 import numpy as np
 
 from cachedload import serialize
-from cachedload.builder import BuildReport, Item, ItemArray, ItemTable, PreviousBuild, build_items
+from cachedload.builder import (
+    BuildReport,
+    Item,
+    ItemArray,
+    ItemTable,
+    PreviousBuild,
+    build_items,
+    file_identity,
+)
 from cachedload.entry import DATA_FILE, CorruptEntry, item_records, skipped_fields
 from cachedload.errors import (
     ConfigurationError,
@@ -655,7 +663,11 @@ class _Build:
             # whatever verify= says; the signature), and its manifest against the metadata's
             # record: copying rows must not launder a damaged or tampered entry into a new,
             # valid one, nor put rows on the wrong files.
+            data = folder / DATA_FILE
+            checked = file_identity(os.stat(data))
             safe_types = local.reusable(self.fdir, best.key, best.meta, verify=True)
+            if file_identity(os.stat(data)) != checked:  # what was hashed may not be it
+                return None, f"previous entry {best.key[:12]} changed while it was checked"
             manifest = local.manifest(self.fdir, best.key, best.meta, columns=True)
             raw = item_records(manifest, best.meta, self.prepared.label)
             if raw is None:
@@ -665,7 +677,7 @@ class _Build:
         if self.prepared.source.items.contents is not None and raw.contents is None:
             # fingerprint="content": a row is reused only if its file's content is known.
             return None, f"previous entry {best.key[:12]} records no file contents"
-        return PreviousBuild(folder / DATA_FILE, raw, safe_types=safe_types), ""
+        return PreviousBuild(data, raw, safe_types=safe_types, identity=checked), ""
 
     def build(self, data: Path, previous: PreviousBuild | None, why: str) -> Built | None:
         """Write the data file ``data``; the entry's metadata and manifest, or None if the

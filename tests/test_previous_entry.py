@@ -244,6 +244,34 @@ def test_a_damaged_or_tampered_entry_is_never_served(
     assert problem, f"cachedload verify does not report {tamper}"
 
 
+@pytest.mark.parametrize("ragged", [False, True])
+def test_a_previous_entry_written_while_its_rows_are_copied_gives_a_full_build(
+    tmp_path: Path, ragged: bool
+) -> None:
+    root, cache = folder_of_rows(tmp_path), shared_cache(tmp_path)
+    previous: list[Path] = []  # the entry to tamper with, once it is checked
+
+    def read_and_tamper(path: str) -> Any:
+        # Another member of the group writes the previous entry's rows in place.
+        if path.endswith("x3.txt") and previous:
+            data = previous.pop()
+            raw = bytearray(data.read_bytes())
+            at = raw.find(b"row 1")
+            raw[at : at + 5] = b"EVIL!"
+            with open(data, "r+b") as handle:
+                handle.write(raw)
+        return read_row(path)
+
+    options = Options(per_item="path", cache_dir=cache, shared=True, signing_key="k")
+    load = CachedDataset(read_and_tamper, options)
+    load.map(root, ragged=ragged)
+    previous.append(data_file(cache))
+    change_one(root)
+    result = load.map(root, ragged=ragged)
+    assert not previous, "the item function did not run"
+    assert [bytes(row).rstrip(b"\0") for row in result.array] == expected(root)
+
+
 def test_a_crafted_index_with_a_matching_checksum_is_not_copied(tmp_path: Path) -> None:
     root, cache = folder_of_rows(tmp_path), shared_cache(tmp_path)
     load = loader(cache, shared=True)  # unsigned: anyone in the group rewrites meta.json too
