@@ -577,6 +577,7 @@ def _previous_rows(previous: PreviousBuild | None) -> tuple[serialize.ArrayExten
     try:
         _still_checked(previous, os.stat(previous.path))
         extent = previous.extent or serialize.array_extents(previous.path, previous.safe_types)[0]
+        paths = _row_paths(previous)
         info = os.stat(previous.path)
         _still_checked(previous, info)
         size = info.st_size
@@ -584,18 +585,35 @@ def _previous_rows(previous: PreviousBuild | None) -> tuple[serialize.ArrayExten
         return None, f"previous build unreadable ({type(exc).__name__}: {exc})"
     if not extent.shape or extent.order != "C" or extent.offset + extent.nbytes > size:
         return None, "previous build holds no rows array"
-    if not _rows_match(previous.records, extent.shape[0]):
+    if not _rows_match(previous.records, extent.shape[0], paths):
         # Row i came from the i-th file of its records: a count that differs (a damaged or
         # crafted entry) would shift every row after the difference.
         return None, f"previous build's records do not match its {extent.shape[0]} rows"
     return extent, ""
 
 
-def _rows_match(records: ItemRecords | Mapping[str, Any], rows: int) -> bool:
-    """Whether ``records`` describe ``rows`` rows. Columns (an entry's) give row ``i`` to the
-    ``i``-th path: their count must be the rows'; a mapping (a report's) names each record's
-    row, which :func:`_classify` bounds."""
-    return not isinstance(records, ItemRecords) or len(records.paths) == rows
+def _row_paths(previous: PreviousBuild) -> tuple[str, ...] | None:
+    """The file of each row, as the previous build's data file names them (covered by its
+    checksum, unlike its manifest in entries written before the manifest was recorded); None
+    if its records are not an entry's (they name their rows themselves)."""
+    if not isinstance(previous.records, ItemRecords):
+        return None
+    value = serialize.load(previous.path, mmap_mode="r", safe_types=previous.safe_types)
+    if not isinstance(value, ItemArray):
+        raise ValueError("it holds no ItemArray")
+    return tuple(value.paths)
+
+
+def _rows_match(
+    records: ItemRecords | Mapping[str, Any], rows: int, paths: Sequence[str] | None = None
+) -> bool:
+    """Whether ``records`` describe ``rows`` rows (of the files ``paths``, if given). Columns
+    (an entry's) give row ``i`` to the ``i``-th path: their count must be the rows', their
+    paths the rows' files; a mapping (a report's) names each record's row, which
+    :func:`_classify` bounds."""
+    if not isinstance(records, ItemRecords):
+        return True
+    return len(records.paths) == rows and (paths is None or records.paths == list(paths))
 
 
 def build_items(
@@ -1010,7 +1028,7 @@ def _previous_list(previous: PreviousBuild | None) -> tuple[Any, str]:
         return None, f"previous build unreadable ({exc})"
     if not isinstance(value, ItemArray) or not isinstance(value.array, list):
         return None, "previous build holds no list of rows"
-    if not _rows_match(previous.records, len(value.array)):
+    if not _rows_match(previous.records, len(value.array), value.paths):
         return None, f"previous build's records do not match its {len(value.array)} rows"
     return value.array, ""
 

@@ -53,6 +53,7 @@ from cachedload.entry import (
     record_key,
     scan_entry_dirs,
     size_problem,
+    skipped_items,
     temporary_name,
     write_new_file,
 )
@@ -748,6 +749,7 @@ class LocalRoot(CacheRoot):
                     function = str(found.meta.get("function", fdir))
                     problem = self._data_problem(found.path / DATA_FILE, found.meta, checksums)
                     problem = problem or _manifest_file_problem(found.path, found.meta)
+                    problem = problem or _rows_problem(found.path, found.meta)
                 elif not is_entry_shaped(found.path):
                     problem, unknown = (
                         f"{problem}; not shaped as an entry: unknown, left alone",
@@ -769,6 +771,31 @@ class LocalRoot(CacheRoot):
         except OSError as error:
             return f"cannot read the entry ({error})"
         return problem
+
+
+def _rows_problem(entry: Path, meta: dict[str, Any]) -> str | None:
+    """A per-item entry's rows' files, as its data file names them (covered by its checksum),
+    must be its manifest's files less those its metadata lists as skipped (a rebuild reads
+    them so): else the problem."""
+    if not isinstance(meta.get("items"), dict):
+        return None
+    try:
+        manifest = read_entry_manifest(entry, meta)
+        value = serialize.load(entry / DATA_FILE, mmap_mode="r", safe_types=())
+    except CorruptEntry:
+        return None  # reported as a manifest problem
+    except Exception as error:  # a damaged or crafted file raises many types
+        return f"cannot read the rows' files ({type(error).__name__}: {error})"
+    paths, left_out = getattr(value, "paths", None), getattr(value, "skipped", ())
+    skipped = [path for path, _ in skipped_items(meta)]
+    if not isinstance(paths, tuple) or sorted(skipped) != sorted(left_out):
+        return "the skipped files in the metadata are not those the data file left out"
+    files = sorted([*paths, *skipped])
+    if manifest is not None and not any(
+        [record[0] for record in records] == files for records in manifest.values()
+    ):
+        return "the manifest does not list the files of the data file's rows"
+    return None
 
 
 def _manifest_file_problem(entry: Path, meta: dict[str, Any]) -> str | None:

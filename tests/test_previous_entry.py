@@ -119,7 +119,9 @@ class _Touch:
         return (open, (self.marker, "w"))
 
 
-@pytest.mark.parametrize("how", ["named-but-has-a-row", "has-no-row-but-not-named"])
+@pytest.mark.parametrize(
+    "how", ["named-but-has-a-row", "has-no-row-but-not-named", "another-file-named"]
+)
 def test_skipped_files_that_do_not_match_the_rows_give_a_full_build(
     tmp_path: Path, how: str
 ) -> None:
@@ -131,12 +133,20 @@ def test_skipped_files_that_do_not_match_the_rows_give_a_full_build(
     if how == "named-but-has-a-row":
         load.map(root, skip=skip)
         edit_meta(cache, lambda meta: meta.update(skipped=["x0.txt"]))
+    elif how == "another-file-named":  # as many rows: x1 would get the row of x2
+        (root / "x1.txt").write_text("unreadable")
+        with pytest.warns(Warning):
+            load.map(root, skip=_Unreadable)
+        edit_meta(cache, lambda meta: meta.update(skipped=["x2.txt"]))
+        skip = _Unreadable
     else:
         (root / "x1.txt").write_text("unreadable")
         with pytest.warns(Warning):
             load.map(root, skip=_Unreadable)
         edit_meta(cache, lambda meta: meta.pop("skipped"))
         skip = _Unreadable
+    (checked,) = cachedload.verify(cache)
+    assert checked.problem and "skipped files" in checked.problem
     change_one(root)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -270,6 +280,22 @@ def test_a_previous_entry_written_while_its_rows_are_copied_gives_a_full_build(
     result = load.map(root, ragged=ragged)
     assert not previous, "the item function did not run"
     assert [bytes(row).rstrip(b"\0") for row in result.array] == expected(root)
+
+
+def test_the_unrecorded_manifest_of_an_older_entry_must_name_the_rows_files(
+    tmp_path: Path,
+) -> None:
+    root, cache = folder_of_rows(tmp_path), tmp_path / "cache"
+    load = loader(cache)
+    load.map(root)
+    edit_meta(cache, lambda meta: meta.pop("manifest", None))  # written before it was
+    _swap_two_paths(cache)  # recorded: covered only by the data file's list of paths
+    (checked,) = cachedload.verify(cache)
+    assert checked.problem and "manifest does not list" in checked.problem
+    change_one(root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert rows_text(load.map(root)) == expected(root)
 
 
 def test_a_crafted_index_with_a_matching_checksum_is_not_copied(tmp_path: Path) -> None:

@@ -671,3 +671,21 @@ def test_a_per_item_build_on_another_node_reuses_the_rows_in_the_bucket(
     assert second.array[5][0, 0] == 555 and np.array_equal(second.array[6:], first.array[6:])
     expected = CachedDataset(row_of, Options(per_item="path", cache_dir=tmp_path / "scratch"))
     assert np.array_equal(second.array, expected.map(folder).array)
+
+
+def test_verify_reports_a_manifest_object_that_does_not_match_its_metadata(
+    seaweed: str, url: str, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cachedload import verify
+    from cachedload.entry import encode_manifest
+
+    for name, value in aws_env(seaweed).items():
+        monkeypatch.setenv(name, value)
+    make_loader(url, seaweed, tmp_path / "a", [])(str(data_dir))
+    prefix = url.split(f"s3://{BUCKET}/", 1)[1]
+    listed = s3_client(seaweed).list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]
+    (manifest,) = (found["Key"] for found in listed if found["Key"].endswith("/manifest"))
+    forged = encode_manifest({"data_dir": [["forged.bin", 1, 2]]})  # which file is which
+    s3_client(seaweed).put_object(Bucket=BUCKET, Key=manifest, Body=forged)
+    problems = [found.problem for found in verify(url) if found.url and found.problem]
+    assert problems and "manifest" in problems[0]
