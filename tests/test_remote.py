@@ -676,12 +676,15 @@ def test_a_per_item_build_on_another_node_reuses_the_rows_in_the_bucket(
 def test_verify_reports_a_manifest_object_that_does_not_match_its_metadata(
     seaweed: str, url: str, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cachedload import verify
+    from cachedload import list_entries, verify
     from cachedload.entry import encode_manifest
+    from cachedload.manage import manifest_of
 
     for name, value in aws_env(seaweed).items():
         monkeypatch.setenv(name, value)
     make_loader(url, seaweed, tmp_path / "a", [])(str(data_dir))
+    (record,) = list_entries(url)  # from a node without the local copy: the bucket's
+    assert len((manifest_of(record) or {})["data_dir"]) == 4
     prefix = url.split(f"s3://{BUCKET}/", 1)[1]
     listed = s3_client(seaweed).list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]
     (manifest,) = (found["Key"] for found in listed if found["Key"].endswith("/manifest"))
@@ -689,3 +692,4 @@ def test_verify_reports_a_manifest_object_that_does_not_match_its_metadata(
     s3_client(seaweed).put_object(Bucket=BUCKET, Key=manifest, Body=forged)
     problems = [found.problem for found in verify(url) if found.url and found.problem]
     assert problems and "manifest" in problems[0]
+    assert manifest_of(record) is None  # not shown as the entry's files

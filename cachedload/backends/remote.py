@@ -267,9 +267,11 @@ class RemoteRoot(CacheRoot):
     ) -> dict[str, Any] | None:
         """An entry's per-file manifest: from the local copy, else from the bucket; checked
         against ``meta`` either way (see :meth:`LocalRoot.manifest`)."""
-        found = self.copy.manifest(fdir, key, meta, columns=columns)
-        if found is not None:
-            return found
+        if (self.entry_path(fdir, key) / MANIFEST_FILE).exists():
+            with contextlib.suppress(CorruptEntry):  # an older copy: the bucket's is checked
+                found = self.copy.manifest(fdir, key, meta, columns=columns)
+                if found is not None:
+                    return found
         raw = self.objects.get(self.object_key(fdir, key, MANIFEST_FILE))
         if raw is None:
             if MANIFEST_FIELD in meta:
