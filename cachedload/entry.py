@@ -81,6 +81,8 @@ from typing import Any, BinaryIO, NamedTuple
 import numpy as np
 import xxhash
 
+from cachedload.verified import open_regular
+
 __all__ = [
     "DATA_FILE",
     "FETCH_SUFFIX",
@@ -227,10 +229,14 @@ def write_new_file(path: Path, data: bytes, mode: int = 0o600, *, replace: bool 
     Raises:
         OSError: ``ELOOP`` for a symlink, ``EEXIST`` if it exists and not ``replace``.
     """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    # Non-blocking, then only a regular file is written: a FIFO planted at ``path`` must
+    # neither hang the writer nor be fed.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     flags |= os.O_TRUNC if replace else os.O_EXCL
     fd = os.open(path, flags, mode)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
@@ -299,6 +305,7 @@ def _data_ok(data: Any) -> bool:
         isinstance(data, dict)
         and _is_count(data.get("size"))
         and isinstance(data.get("xxh3"), str)
+        and isinstance(data.get("sha256", ""), str)
         and isinstance(data.get("file"), str)
         and "/" not in data["file"]
         and not data["file"].startswith(".")
@@ -404,23 +411,23 @@ def parse_meta(
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
 
-def read_regular_file(name: str | Path, *, dir_fd: int | None = None) -> bytes:
-    """A regular file's bytes, never following a symlink at its last component, never
-    blocking on a FIFO or device (opened non-blocking, read only if ``fstat`` says regular).
+def read_regular_file(
+    name: str | Path, *, dir_fd: int | None = None, limit: int | None = None
+) -> bytes:
+    """A regular file's bytes (at most ``limit`` of them), never following a symlink at its
+    last component, never blocking on a FIFO or device (see
+    :func:`~cachedload.verified.open_regular`).
 
     Raises:
         OSError: it cannot be opened (``ELOOP``: a symlink), or is not a regular file
             (``EISDIR`` for a folder, ``EINVAL`` for anything else).
     """
-    fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    fd, info = open_regular(name, dir_fd=dir_fd)
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            code = errno.EISDIR if stat.S_ISDIR(info.st_mode) else errno.EINVAL
-            raise OSError(code, "not a regular file", os.fspath(name))
+        if limit is not None:
+            return os.read(fd, limit)
         chunks = []
         while chunk := os.read(fd, max(info.st_size, 4096) + 1):
             chunks.append(chunk)
