@@ -59,6 +59,7 @@ from cachedload.fingerprint import (
     fingerprint_source,
     hash_file,
 )
+from cachedload.verified import open_regular
 
 __all__ = [
     "BuildReport",
@@ -881,7 +882,8 @@ def _open_previous(plan: _Plan, previous: PreviousBuild | None) -> int:
     if not plan.copies:
         return -1
     assert previous is not None
-    return os.open(previous.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    fd, _ = open_regular(previous.path)  # a planted FIFO fails here instead of hanging
+    return fd
 
 
 def _row_layout(

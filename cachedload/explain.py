@@ -26,6 +26,7 @@ from cachedload.entry import (
     CorruptEntry,
     decode_manifest,
     read_local_meta,
+    read_regular_file,
     scan_entry_dirs,
 )
 
@@ -155,7 +156,7 @@ def read_manifest(entry_path: str | os.PathLike[str]) -> Manifest | None:
     """An entry's per-file manifest ``{source: [[relpath, size, mtime_ns], ...]}``; None if the
     entry has none (older entries) or it is unreadable."""
     try:
-        return decode_manifest((Path(entry_path) / MANIFEST_FILE).read_bytes())
+        return decode_manifest(read_regular_file(Path(entry_path) / MANIFEST_FILE))
     except OSError:
         return None
 

@@ -47,6 +47,7 @@ from cachedload.entry import (
     is_tagged,
     leftover_is_dead,
     read_local_meta,
+    read_regular_file,
     record_key,
     scan_entry_dirs,
     size_problem,
@@ -54,11 +55,19 @@ from cachedload.entry import (
     write_new_file,
 )
 from cachedload.errors import NotACacheDirectoryError
-from cachedload.fingerprint import hash_file
 from cachedload.mount import entry_lock, uses_lease
-from cachedload.reading import NOTHING, ReadAhead
+from cachedload.reading import NOTHING, ReadAhead, SharedReader
 from cachedload.root import Built, CacheRoot, Checked, EntryInfo, Leftover
 from cachedload.signing import SIGNATURE_FIELD, sign, verify_signature
+from cachedload.verified import (
+    DigestMismatch,
+    hash_descriptor,
+    open_regular,
+    private_copy,
+    read_verified,
+    sha256_of,
+    writable_by_others,
+)
 
 __all__ = ["LocalRoot", "atomic_write_bytes"]
 
@@ -77,6 +86,11 @@ def _lstat(path: Path) -> os.stat_result | None:
         return os.lstat(path)
     except OSError:
         return None
+
+
+def _identity(info: os.stat_result) -> tuple[int, ...]:
+    """What tells a folder from one put in its place: device, inode, owner and mode."""
+    return (info.st_dev, info.st_ino, info.st_uid, info.st_mode)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -228,8 +242,9 @@ class LocalRoot(CacheRoot):
         self.signing_key = signing_key
         # Function folder name -> its path: a hit then joins one name, not two.
         self._folders: dict[str, Path] = {}
-        # Function folders found owned by this user and not writable by others (see untrusted).
-        self._trusted: set[str] = set()
+        # Function folder -> the identities of the cache directory and of that folder when
+        # they were found owned by this user and not writable by others (see untrusted).
+        self._trusted: dict[str, tuple[tuple[int, ...], tuple[int, ...] | None]] = {}
         self._tagged = False
         self._dir_mode, self._file_mode = (0o777, 0o666) if shared else (0o700, 0o600)
         self._lock_mode = -1 if shared else 0o600
@@ -279,7 +294,8 @@ class LocalRoot(CacheRoot):
             if child.name.startswith(".") or not child.is_dir(follow_symlinks=False):
                 continue
             try:
-                url = (Path(child.path) / URL_FILE).read_text().strip()
+                raw = read_regular_file(Path(child.path) / URL_FILE, limit=4096)
+                url = raw.decode().strip()
             except (OSError, UnicodeDecodeError):
                 url = ""
             copy = LocalRoot(child.path, safe_types=self.safe_types or ())
@@ -327,21 +343,17 @@ class LocalRoot(CacheRoot):
         verify: bool,
         ahead: ReadAhead | None = None,
     ) -> Any:
-        """Load an entry: checks its data file's size (and checksum when ``verify``); uses
-        ``ahead`` if it read the same file.
+        """Load an entry: checks its data file's size (and checksum when ``verify``, and
+        signature with a signing key) on the very bytes it then uses; uses ``ahead`` if it
+        read the same file.
 
         Raises:
-            CorruptEntry: the data file is missing, of the wrong size or checksum, or cannot be
-                loaded.
+            CorruptEntry: the data file is missing, not a regular file, not this user's own
+                in a private cache, of the wrong size or checksum, or cannot be loaded.
         """
         entry = self.entry_path(fdir, key)
-        data_path = entry / DATA_FILE
         try:
-            try:
-                info = os.stat(data_path)
-            except FileNotFoundError:
-                raise CorruptEntry(entry, "data file is missing") from None
-            return self._load(entry, data_path, info, meta, mmap_mode, verify, ahead)
+            return self._load(entry, meta, mmap_mode, verify, ahead)
         except CorruptEntry:
             if _vanished(entry, meta):  # removed or replaced while read: a plain miss
                 raise FileNotFoundError(errno.ENOENT, "entry vanished while read", entry) from None
@@ -350,46 +362,100 @@ class LocalRoot(CacheRoot):
     def _load(
         self,
         entry: Path,
-        data_path: Path,
-        info: os.stat_result,
         meta: dict[str, Any],
         mmap_mode: str | None,
         verify: bool,
         ahead: ReadAhead | None,
     ) -> Any:
-        safe_types = self._checked(entry, data_path, info.st_size, meta, verify)
-        if ahead is not None:
-            value = ahead.take(info)
-            if value is not NOTHING:
-                return value
+        expected = self._expected_digests(entry, meta, verify)  # the signature, before a read
+        safe_types = None if self.signing_key is not None else self.safe_types
+        fd, info = self._open_data(entry)
         try:
-            return serialize.load(data_path, mmap_mode=mmap_mode, safe_types=safe_types)
+            problem = size_problem(info.st_size, meta)
+            if problem is not None:
+                raise CorruptEntry(entry, problem)
+            path = entry / DATA_FILE
+            return self._read_data(fd, info, path, expected, mmap_mode, safe_types, ahead)
+        except CorruptEntry:
+            raise
+        except DigestMismatch as error:
+            raise CorruptEntry(entry, str(error)) from None
         except Exception as error:  # joblib/pickle raise many types on a garbled file
             raise CorruptEntry(
                 entry, f"cannot load data ({type(error).__name__}: {error})"
             ) from error
+        finally:
+            os.close(fd)
 
-    def _checked(
-        self, entry: Path, data_path: Path, size: int, meta: dict[str, Any], verify: bool
-    ) -> tuple[type, ...] | None:
-        """Check an entry's data file as a load does: its size; with ``verify`` its checksum;
-        with a signing key the signature, then the checksum (it covers the checksum only).
-        Return the ``safe_types`` to read it with (None: unrestricted: private, or signed).
+    def _open_data(self, entry: Path) -> tuple[int, os.stat_result]:
+        """The entry's data file, opened once for every check and read of a load.
 
         Raises:
-            CorruptEntry: a check failed.
+            CorruptEntry: it is missing, a symlink, not a regular file, or (in a private
+                cache) not this user's own file.
         """
-        safe_types = self.safe_types
+        try:
+            fd, info = open_regular(entry / DATA_FILE)
+        except FileNotFoundError:
+            raise CorruptEntry(entry, "data file is missing") from None
+        except OSError as error:
+            if error.errno in (errno.ELOOP, errno.EISDIR, errno.EINVAL):
+                raise CorruptEntry(entry, "data file is a symlink or not a regular file") from None
+            raise
+        if not self.shared and writable_by_others(info):
+            os.close(fd)
+            raise CorruptEntry(
+                entry, "data file is not this user's own (another owner, or writable by others)"
+            )
+        return fd, info
+
+    def _expected_digests(self, entry: Path, meta: dict[str, Any], verify: bool) -> dict[str, str]:
+        """The digests the data must have before it is used: with a signing key the signed
+        SHA-256 (after checking the signature), with ``verify`` the xxh3, else none.
+
+        Raises:
+            CorruptEntry: the entry is not signed with the signing key.
+        """
         if self.signing_key is not None:
-            if not verify_signature(meta, meta["data"]["xxh3"], self.signing_key):
+            digest = meta["data"].get("sha256")
+            if not isinstance(digest, str) or not verify_signature(meta, digest, self.signing_key):
                 raise CorruptEntry(entry, "entry is not signed with the signing key")
-            verify, safe_types = True, None
-        problem = size_problem(size, meta)
-        if problem is None and verify and hash_file(data_path) != meta["data"]["xxh3"]:
-            problem = "data file checksum does not match"
-        if problem is not None:
-            raise CorruptEntry(entry, problem)
-        return safe_types
+            return {"sha256": digest}
+        return {"xxh3": meta["data"]["xxh3"]} if verify else {}
+
+    @staticmethod
+    def _read_data(
+        fd: int,
+        info: os.stat_result,
+        path: Path,
+        expected: dict[str, str],
+        mmap_mode: str | None,
+        safe_types: tuple[type, ...] | None,
+        ahead: ReadAhead | None,
+    ) -> Any:
+        """The value in the open data file: used where it lies only if nobody else can write
+        it, else from a private copy; checked against ``expected`` in either case first."""
+        size = info.st_size
+        if writable_by_others(info) or (expected and mmap_mode is None):
+            # In memory (one read, then hashed), or for a map a private copy hashed on the
+            # way: the bytes used are the bytes verified, whatever the writer does meanwhile.
+            if mmap_mode is None:
+                buffer = read_verified(fd, size, expected)
+                return serialize.load_buffer(buffer, mmap_mode=None, safe_types=safe_types)
+            copy = private_copy(fd, size, expected)
+            try:
+                return serialize.load_open(
+                    copy, size, path=None, mmap_mode=mmap_mode, safe_types=safe_types
+                )
+            finally:
+                os.close(copy)
+        if expected:  # a map of a file only this user can write: hash it, then map it
+            hash_descriptor(fd, size, expected)
+        elif ahead is not None:
+            value = ahead.take(info)
+            if value is not NOTHING:
+                return value
+        return serialize.load_open(fd, size, path=path, mmap_mode=mmap_mode, safe_types=safe_types)
 
     def reusable(
         self, fdir: str, key: str, meta: dict[str, Any], *, verify: bool
@@ -403,36 +469,73 @@ class LocalRoot(CacheRoot):
             OSError: its data file cannot be read.
         """
         entry = self.entry_path(fdir, key)
-        data_path = entry / DATA_FILE
-        return self._checked(entry, data_path, os.stat(data_path).st_size, meta, verify)
+        expected = self._expected_digests(entry, meta, verify)
+        fd, info = self._open_data(entry)
+        try:
+            problem = size_problem(info.st_size, meta)
+            if problem is None and expected:
+                try:
+                    hash_descriptor(fd, info.st_size, expected)
+                except DigestMismatch as error:
+                    problem = str(error)
+            if problem is not None:
+                raise CorruptEntry(entry, problem)
+        finally:
+            os.close(fd)
+        return None if self.signing_key is not None else self.safe_types
 
     def read_ahead(self, fdir: str, key: str) -> ReadAhead:
         """Start loading an entry's data (``mmap_mode=None``) in a background thread, before
-        it is known whether the call will ask for it; see :meth:`load`."""
+        it is known whether the call will ask for it; see :meth:`load`. Only in a private,
+        unsigned cache, and only a file this user owns and nobody else can write: nothing is
+        unpickled before it is checked.
+
+        Raises:
+            OSError: the cache is shared or signed (its entries are verified first).
+        """
+        if self.shared or self.signing_key is not None:
+            raise OSError(errno.EPERM, "entries of a shared or signed cache are not read ahead")
         data_path = self.entry_path(fdir, key) / DATA_FILE
-        safe_types = None if self.signing_key is not None else self.safe_types
-        return ReadAhead(
-            lambda reader, opened: serialize.load(
-                data_path, mmap_mode=None, reader=reader, on_open=opened, safe_types=safe_types
-            )
-        )
+        safe_types = self.safe_types
+
+        def load(reader: SharedReader, opened: Callable[[int], None]) -> Any:
+            fd, info = open_regular(data_path)
+            try:
+                if writable_by_others(info):
+                    return NOTHING  # the caller's own load refuses it
+                opened(fd)
+                return serialize.load_open(
+                    fd,
+                    info.st_size,
+                    path=data_path,
+                    mmap_mode=None,
+                    reader=reader,
+                    safe_types=safe_types,
+                )
+            finally:
+                os.close(fd)
+
+        return ReadAhead(load)
 
     def record_hit(self, fdir: str, key: str) -> None:
         """Note one use of an entry (appends one byte beside it; never rewrites the entry)."""
         try:
+            # Non-blocking: a FIFO planted here must not hang the hit (ENXIO without a reader).
             fd = os.open(
                 self._beside(fdir, key, USED_SUFFIX),
                 os.O_WRONLY
                 | os.O_APPEND
                 | os.O_CREAT
                 | os.O_NOFOLLOW
+                | os.O_NONBLOCK
                 | getattr(os, "O_CLOEXEC", 0),
                 self._file_mode,
             )
         except OSError:
             return  # a read-only cache still serves hits
         try:
-            os.write(fd, b".")
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.write(fd, b".")
         except OSError:
             pass
         finally:
@@ -442,7 +545,7 @@ class LocalRoot(CacheRoot):
         """An entry's per-file manifest (``columns``: as
         :class:`~cachedload.entry.FileColumns`); None if it has none or it is unreadable."""
         try:
-            raw = (self.entry_path(fdir, key) / MANIFEST_FILE).read_bytes()
+            raw = read_regular_file(self.entry_path(fdir, key) / MANIFEST_FILE)
         except OSError:
             return None
         return decode_manifest(raw, columns=columns)
@@ -478,7 +581,10 @@ class LocalRoot(CacheRoot):
             meta = {**built.meta, "format": FORMAT_VERSION, "key": key}
             meta["data"] = {"file": DATA_FILE, "size": built.size, "xxh3": built.checksum}
             if self.signing_key is not None:
-                meta[SIGNATURE_FIELD] = sign(meta, built.checksum, self.signing_key)
+                # Signed over a cryptographic digest: xxh3 is no defence against a writer
+                # crafting other bytes with the same checksum.
+                meta["data"]["sha256"] = digest = sha256_of(tmp / DATA_FILE)
+                meta[SIGNATURE_FIELD] = sign(meta, digest, self.signing_key)
             files = [tmp / DATA_FILE, tmp / META_FILE]
             meta_bytes = json.dumps(meta, indent=1).encode()
             _write_file(tmp / META_FILE, meta_bytes, self._file_mode, sync=False)
@@ -501,7 +607,8 @@ class LocalRoot(CacheRoot):
     def rewrite_meta(self, fdir: str, key: str, meta: dict[str, Any]) -> None:
         """Atomically replace an entry's metadata (used to clear verified racy-file records)."""
         if self.signing_key is not None:  # the signature covers every field
-            meta = {**meta, SIGNATURE_FIELD: sign(meta, meta["data"]["xxh3"], self.signing_key)}
+            digest = str(meta["data"].get("sha256", ""))  # set: the entry was loaded signed
+            meta = {**meta, SIGNATURE_FIELD: sign(meta, digest, self.signing_key)}
         atomic_write_bytes(
             self.entry_path(fdir, key) / META_FILE,
             json.dumps(meta, indent=1).encode(),
@@ -555,17 +662,28 @@ class LocalRoot(CacheRoot):
             raise NotACacheDirectoryError(self.path)
 
     def untrusted(self, fdir: str) -> str | None:
-        """Why this private cache must not be used (owned by another user, or writable by
-        group or others), or None. Checked once per function folder and process once both
-        exist: another user cannot change the owner or mode of this user's folders."""
-        if self.shared or fdir in self._trusted:
+        """Why this private cache must not be used (owned by another user, a symlinked
+        function folder, or writable by group or others), or None.
+
+        Checked on every call, cheaply: the cache directory and the function folder are
+        stat'ed (two system calls) and compared with what was found trustworthy before; only
+        when either changed (another user with write access to a parent folder can rename the
+        cache away and put a folder of their own in its place) are they checked again. Files
+        are checked once more when opened (:meth:`load`), so a swap between this check and a
+        read is refused too.
+        """
+        if self.shared:
             return None
-        for path, info in (
-            (self.path, _stat(self.path)),
-            (self.folder(fdir), _lstat(self.folder(fdir))),
-        ):
+        folder = self.folder(fdir)
+        root_info, folder_info = _stat(self.path), _lstat(folder)
+        if root_info is None:
+            return None  # created by this process when storing, then checked again
+        identity = (_identity(root_info), None if folder_info is None else _identity(folder_info))
+        if self._trusted.get(fdir) == identity:
+            return None
+        for path, info in ((self.path, root_info), (folder, folder_info)):
             if info is None:
-                return None  # created by this process when storing, then checked again
+                return None  # the function folder: made when storing, checked next call
             if stat.S_ISLNK(info.st_mode):
                 return f"{path} is a symlink"
             if info.st_uid != os.geteuid():
@@ -574,7 +692,9 @@ class LocalRoot(CacheRoot):
                 )
             if info.st_mode & 0o022:
                 return f"{path} is writable by group or others (mode {stat.filemode(info.st_mode)})"
-        self._trusted.add(fdir)
+        if len(self._trusted) > 64:
+            self._trusted.clear()
+        self._trusted[fdir] = identity
         return None
 
     # -- removing ------------------------------------------------------------------------------
@@ -746,11 +866,22 @@ class LocalRoot(CacheRoot):
     @staticmethod
     def _data_problem(data: Path, meta: dict[str, Any], checksums: bool) -> str | None:
         try:
-            problem = size_problem(os.stat(data).st_size, meta)
-            if problem is None and checksums and hash_file(data) != meta["data"]["xxh3"]:
-                problem = "data file checksum does not match"
+            fd, info = open_regular(data)  # never a FIFO, a device or through a symlink
         except FileNotFoundError:
             return "data file is missing"
         except OSError as error:
             return f"cannot read the entry ({error})"
+        try:
+            problem = size_problem(info.st_size, meta)
+            if problem is None and checksums:
+                expected = {"xxh3": meta["data"]["xxh3"]}
+                if isinstance(meta["data"].get("sha256"), str):
+                    expected["sha256"] = meta["data"]["sha256"]
+                hash_descriptor(fd, info.st_size, expected)
+        except DigestMismatch:
+            return "data file checksum does not match"
+        except (OSError, EOFError) as error:
+            return f"cannot read the entry ({error})"
+        finally:
+            os.close(fd)
         return problem
