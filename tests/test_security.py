@@ -361,3 +361,113 @@ def test_a_shared_cache_keeps_the_setgid_group_of_its_root(tmp_path: Path) -> No
     assert folders and all(p.stat().st_mode & stat.S_ISGID for p in folders)
     assert all(p.stat().st_mode & stat.S_IRGRP for p in made)
     assert load(_source(tmp_path))["n"] == 1 and len(counter) == 1  # and it is used
+
+
+# -- FIFOs and devices planted in an entry: every operation ends ---------------------------------
+_FIFO_SCRIPT = """
+import faulthandler, json, os, signal, sys, time, warnings
+import numpy as np
+from cachedload import cached_dataset
+from cachedload.cli import main
+
+warnings.simplefilter("ignore")
+faulthandler.dump_traceback_later(100, exit=True)  # a hang beyond the alarms below
+CACHE, SRC, WHAT, VERIFY = sys.argv[1:5]
+
+def read_row(path):
+    with open(path, "rb") as handle:
+        return np.frombuffer(handle.read().ljust(8, b"0")[:8], np.uint8).copy()
+
+whole = cached_dataset(cache_dir=CACHE, source="folder", verify=VERIFY)(
+    lambda folder: {"n": len(os.listdir(folder))})
+rows = cached_dataset(cache_dir=CACHE, per_item="path", verify=VERIFY)(read_row)
+whole(SRC)
+rows.map(SRC)
+
+def plant(entry):
+    target = entry / WHAT if not WHAT.startswith(".") else entry.with_name(entry.name + WHAT)
+    if target.exists():
+        target.unlink()
+    if WHAT == "result.joblib->/dev/zero":
+        os.unlink(entry / "result.joblib")
+        os.symlink("/dev/zero", entry / "result.joblib")
+    else:
+        os.mkfifo(target)
+    if WHAT.startswith("result.joblib"):  # the metadata fixed up to match its size, 0
+        meta = json.loads((entry / "meta.json").read_text())
+        meta["data"]["size"] = 0
+        (entry / "meta.json").write_text(json.dumps(meta))
+
+for entry in (whole.cache_path(SRC), rows.map.cache_path(SRC)):
+    plant(entry)
+
+class Hung(Exception):
+    pass
+
+def alarm(signum, frame):
+    raise Hung
+
+signal.signal(signal.SIGALRM, alarm)
+hung = []
+def run(name, operation):
+    signal.alarm(15)
+    try:
+        operation()
+    except Hung:
+        hung.append(name)
+    except (Exception, SystemExit):
+        pass  # an error is an answer; only a hang is not
+    finally:
+        signal.alarm(0)
+
+def change_one_file():
+    path = os.path.join(SRC, "f0.txt")
+    with open(path, "w") as handle:
+        handle.write("changed")
+    os.utime(path, (time.time() - 50,) * 2)
+
+run("hit", lambda: whole(SRC))
+run("map hit", lambda: rows.map(SRC))
+run("recompute", lambda: whole.recompute(SRC))
+run("info", lambda: main(["info", "--cache-dir", CACHE, whole.cache_path(SRC).name]))
+run("verify", lambda: main(["verify", "--cache-dir", CACHE]))
+for entry in (whole.cache_path(SRC), rows.map.cache_path(SRC)):
+    if entry.exists():
+        plant(entry)
+change_one_file()
+run("rebuild", lambda: rows.map(SRC))
+run("verify again", lambda: main(["verify", "--cache-dir", CACHE]))
+print(json.dumps(hung))
+"""
+
+
+@pytest.mark.parametrize(
+    ("what", "verify"),
+    [
+        (entry.USED_SUFFIX, "size"),
+        (entry.OWNER_SUFFIX, "size"),
+        (entry.MANIFEST_FILE, "size"),
+        (entry.DATA_FILE, "size"),
+        ("result.joblib->/dev/zero", "always"),
+    ],
+)
+def test_a_planted_fifo_or_device_hangs_no_operation(
+    tmp_path: Path, what: str, verify: str
+) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import subprocess_env
+
+    src = tmp_path / "src"
+    for index in range(3):
+        write_old(src / f"f{index}.txt", f"row {index}")
+    result = subprocess.run(
+        [sys.executable, "-c", _FIFO_SCRIPT, str(tmp_path / "cache"), str(src), what, verify],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=200,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == [], result.stderr[-3000:]
