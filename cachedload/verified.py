@@ -86,7 +86,7 @@ def _hashers(expected: Mapping[str, str]) -> dict[str, Any]:
 def _check(hashers: Mapping[str, Any], expected: Mapping[str, str]) -> None:
     for name, hasher in hashers.items():
         if not hmac.compare_digest(hasher.hexdigest(), expected[name]):
-            raise DigestMismatch(f"data file {name} digest does not match the metadata's")
+            raise DigestMismatch(f"data file checksum ({name}) does not match the metadata's")
 
 
 def _stream(fd: int, size: int, hashers: Mapping[str, Any], out_fd: int | None = None) -> None:
