@@ -525,7 +525,7 @@ class LocalRoot(CacheRoot):
                 with contextlib.suppress(FileExistsError):
                     folder.mkdir(self._dir_mode)
             with contextlib.suppress(FileExistsError):  # an old cache is tagged on first write
-                write_new_file(self.path / TAG_FILE, TAG_CONTENT, self._file_mode | 0o444)
+                write_new_file(self.path / TAG_FILE, TAG_CONTENT, self._file_mode)
             self._tagged = True
         function_dir = self.folder(fdir)
         try:

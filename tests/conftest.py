@@ -260,7 +260,10 @@ def _interpreter_for(uid: int) -> tuple[str, str]:
     site = next(p for p in sys.path if p.endswith("site-packages"))
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     for candidate in (sys.executable, f"/usr/bin/{version}", f"/usr/local/bin/{version}"):
-        probe = subprocess.run([candidate, "-c", ""], user=uid, group=uid, capture_output=True)
+        try:
+            probe = subprocess.run([candidate, "-c", ""], user=uid, group=uid, capture_output=True)
+        except OSError:  # not executable by that user (e.g. under root's home)
+            continue
         if probe.returncode == 0:
             return candidate, site
     pytest.skip(f"no {version} that uid {uid} can run")

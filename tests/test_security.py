@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,9 @@ from cachedload import (
 )
 from cachedload.cli import main
 from cachedload.errors import UnsafeCacheWarning
-from tests.conftest import another_users_cache, write_old
+from tests.conftest import another_users_cache, run_as, write_old
+
+VICTIM = 65533  # a real user other than root (whose permissions would hide the bug)
 
 
 def _loader(cache: Path, counter: list[int], **options: Any) -> CachedDataset[..., Any]:
@@ -322,12 +325,22 @@ def test_a_private_cache_is_0700_and_its_files_0600_under_umask_022(tmp_path: Pa
         _loader(cache, counter)(src)
     finally:
         os.umask(old)
+    assert (cache / entry.TAG_FILE).is_file()
     for path in [cache.parent, *cache.rglob("*")]:
         mode = path.lstat().st_mode & 0o777
-        if path.name == entry.TAG_FILE:
-            assert mode == 0o644  # read by backup tools; says nothing
-        else:
-            assert mode == (0o700 if path.is_dir() else 0o600), path
+        assert mode == (0o700 if path.is_dir() else 0o600), path
+
+
+def test_a_shared_cache_s_tag_keeps_the_mode_of_its_files_under_umask_022(
+    tmp_path: Path,
+) -> None:
+    cache, src = tmp_path / "cache", _source(tmp_path)
+    old = os.umask(0o022)
+    try:
+        _loader(cache, [], shared=True)(src)
+    finally:
+        os.umask(old)
+    assert (cache / entry.TAG_FILE).stat().st_mode & 0o777 == 0o644
 
 
 def test_a_planted_lock_symlink_is_never_followed(tmp_path: Path) -> None:
@@ -361,3 +374,39 @@ def test_a_shared_cache_keeps_the_setgid_group_of_its_root(tmp_path: Path) -> No
     assert folders and all(p.stat().st_mode & stat.S_ISGID for p in folders)
     assert all(p.stat().st_mode & stat.S_IRGRP for p in made)
     assert load(_source(tmp_path))["n"] == 1 and len(counter) == 1  # and it is used
+
+
+def test_cache_info_and_entries_of_a_cache_another_user_owns_warn_and_report_nothing(
+    tmp_path: Path,
+) -> None:
+    # A folder the victim (a real non-root uid) can reach, a source in it, and her cache dir
+    # that another user (nobody) created first, 0700: she cannot even list it.
+    shared = Path(tempfile.mkdtemp(prefix="cachedload-victim-"))
+    try:
+        shared.chmod(0o755)
+        write_old(shared / "src" / "x.txt", "x")
+        cache = shared / "cache"
+        cache.mkdir(0o700)
+        os.chown(cache, 65534, 65534)
+        done = run_as(VICTIM, f"""
+            import warnings
+            from cachedload import cached_dataset
+            from cachedload.errors import UnsafeCacheWarning
+
+            @cached_dataset(cache_dir={str(cache)!r}, source="folder")
+            def load(folder):
+                return 42
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                info = load.cache_info()  # first: it warns as a call would
+                assert (info.entries, info.size_bytes) == (0, 0), info
+                assert load.entries() == []
+                assert load({str(shared / "src")!r}) == 42
+                assert load.cache_info().misses == 1 and load.entries() == []
+            assert caught and all(w.category is UnsafeCacheWarning for w in caught), caught
+            assert str(caught[0].message).count("owned by uid 65534"), caught[0].message
+            """)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+    finally:
+        shutil.rmtree(shared)
