@@ -53,7 +53,7 @@ from cachedload.entry import (
     temporary_name,
     write_new_file,
 )
-from cachedload.errors import NotACacheDirectoryError
+from cachedload.errors import NotACacheDirectoryError, ReadOnlyCacheError
 from cachedload.fingerprint import hash_file
 from cachedload.mount import entry_lock, uses_lease
 from cachedload.reading import NOTHING, ReadAhead
@@ -544,15 +544,21 @@ class LocalRoot(CacheRoot):
     def check_deletable(self) -> None:
         """Raise unless this folder is a cache cachedload made (``CACHEDIR.TAG``), or does not
         exist: nothing is deleted elsewhere (a typo in ``--cache-dir``, ``$CACHEDLOAD_DIR``
-        one level too high…).
+        one level too high…); and unless it can be written (checked before the first
+        deletion, not found out halfway through one).
 
         Raises:
             NotACacheDirectoryError: it exists without the tag.
+            ReadOnlyCacheError: it cannot be written (a read-only mount, permissions).
         """
         if self._tagged or is_tagged(self.path):
             self._tagged = True
         elif os.path.lexists(self.path):
             raise NotACacheDirectoryError(self.path)
+        else:
+            return
+        if not os.access(self.path, os.W_OK, effective_ids=os.access in os.supports_effective_ids):
+            raise ReadOnlyCacheError(self.path)
 
     def untrusted(self, fdir: str) -> str | None:
         """Why this private cache must not be used (owned by another user, or writable by
@@ -607,6 +613,7 @@ class LocalRoot(CacheRoot):
         """
         from filelock import Timeout
 
+        self.check_deletable()  # no lock can be made in a read-only cache: say that
         lock_path = self._beside(fdir, key, LOCK_SUFFIX)
         lock = entry_lock(lock_path, 0, self._lock_mode)
         try:

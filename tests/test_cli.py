@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cachedload import cached_dataset, list_entries
+from cachedload import ReadOnlyCacheError, cached_dataset, list_entries, prune
 from cachedload.cli import main
-from tests.conftest import subprocess_env
+from tests.conftest import read_only, subprocess_env
 
 OLD = time.time() - 7200
 
@@ -447,3 +447,36 @@ def test_why_says_whose_code_changed(cache: Path, data: Path) -> None:
     result = cli("why", "_other", cache=cache)
     assert result.returncode == 0, result.stderr
     assert f"code changed in the loader ({__name__}._other)" in result.stdout
+
+
+def _tree(folder: Path) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["clear", "--all", "--yes"],
+        ["clear", "--function", "_body"],
+        ["prune", "--max-size", "0"],
+        ["prune", "--keep", "1"],
+    ],
+)
+def test_clear_and_prune_on_a_read_only_cache_say_so_and_delete_nothing(
+    cache: Path, command: list[str]
+) -> None:
+    before = _tree(cache)
+    with read_only(cache):
+        result = cli(*command, cache=cache)
+        assert _tree(cache) == before
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"{cache} is read-only: nothing is deleted" in result.stderr
+
+
+def test_prune_of_a_read_only_cache_raises_read_only_cache_error(cache: Path) -> None:
+    before = _tree(cache)
+    with read_only(cache), pytest.raises(ReadOnlyCacheError, match="read-only") as raised:
+        prune(cache, max_size=0)
+    assert isinstance(raised.value, OSError) and raised.value.path == str(cache)
+    assert _tree(cache) == before
