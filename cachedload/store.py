@@ -555,9 +555,12 @@ class LocalRoot(CacheRoot):
             self._tagged = True
         elif os.path.lexists(self.path):
             raise NotACacheDirectoryError(self.path)
-        else:
-            return
-        if not os.access(self.path, os.W_OK, effective_ids=os.access in os.supports_effective_ids):
+        self._check_writable()
+
+    def _check_writable(self) -> None:
+        """Raise ``ReadOnlyCacheError`` if the cache directory exists and cannot be written."""
+        effective = os.access in os.supports_effective_ids
+        if not os.access(self.path, os.W_OK, effective_ids=effective) and self.path.exists():
             raise ReadOnlyCacheError(self.path)
 
     def untrusted(self, fdir: str) -> str | None:
@@ -613,7 +616,7 @@ class LocalRoot(CacheRoot):
         """
         from filelock import Timeout
 
-        self.check_deletable()  # no lock can be made in a read-only cache: say that
+        self._check_writable()  # no lock can be made in a read-only cache: say that
         lock_path = self._beside(fdir, key, LOCK_SUFFIX)
         lock = entry_lock(lock_path, 0, self._lock_mode)
         try:
