@@ -206,6 +206,38 @@ def test_inside_a_cache_an_unknown_folder_is_left_alone(
     assert stranger.read_text() == "precious"
 
 
+def _forged_cache_with_folders_named_like_ours(home: Path) -> list[Path]:
+    """A user's folder with a forged ``CACHEDIR.TAG`` whose "entries" hold folders (and a
+    symlink) with the names of an entry's files: theirs, not ours."""
+    home.mkdir()
+    (home / entry.TAG_FILE).write_bytes(entry.TAG_CONTENT)
+    fdir = home / "proj.mod-0123abcd"
+    files = [
+        fdir / ("1" * 32) / "result.joblib" / "chapter1.tex",
+        fdir / ("2" * 32) / "manifest" / "notes.txt",
+        fdir / ("3" * 32) / "meta.json" / "draft.md",
+        fdir / ("4" * 32) / "result.joblib" / "deep" / "data.csv",
+        home / "elsewhere" / "thesis.tex",
+    ]
+    for path in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("precious")
+    (fdir / ("4" * 32) / "meta.json").write_text("{}")  # a file: the folder beside it is not
+    (fdir / ("5" * 32)).mkdir()
+    (fdir / ("5" * 32) / "result.joblib").symlink_to(home / "elsewhere" / "thesis.tex")
+    return [*files, fdir / ("5" * 32) / "result.joblib"]
+
+
+@pytest.mark.parametrize("command", [["verify", "--fix"], ["clear", "--all", "--yes"]])
+def test_folders_named_like_an_entry_s_files_are_never_deleted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    mine = _forged_cache_with_folders_named_like_ours(tmp_path / "home")
+    main([*command, "--cache-dir", str(tmp_path / "home")])
+    assert [path for path in mine if not os.path.lexists(path)] == []
+    assert all(path.read_text() == "precious" for path in mine)
+
+
 # -- item 2: other users ------------------------------------------------------------------------
 @pytest.mark.parametrize("how", ["other-owner", "group-writable"])
 def test_a_cache_another_user_can_write_is_not_used(tmp_path: Path, how: str) -> None:
