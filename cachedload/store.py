@@ -41,6 +41,7 @@ from cachedload.entry import (
     CorruptEntry,
     decode_manifest,
     encode_manifest,
+    is_entry_name,
     is_entry_shaped,
     is_function_dir_name,
     is_leftover_name,
@@ -278,6 +279,8 @@ class LocalRoot(CacheRoot):
         for child in children:
             if child.name.startswith(".") or not child.is_dir(follow_symlinks=False):
                 continue
+            if not is_tagged(Path(child.path)):
+                continue  # not a copy cachedload made: verify names it, nothing touches it
             try:
                 url = (Path(child.path) / URL_FILE).read_text().strip()
             except (OSError, UnicodeDecodeError):
@@ -738,20 +741,69 @@ class LocalRoot(CacheRoot):
                 (self.path / LOCAL_COPIES_DIR).rmdir()
 
     def verify(self, *, checksums: bool = True) -> Iterator[Checked]:
-        """Check every entry folder: metadata, data file size and (``checksums``) checksum."""
+        """Check every entry folder: metadata, data file size and (``checksums``) checksum.
+        Every other folder met (not an entry, a leftover or a local copy) is named too, as
+        ``unknown``: not ours, left alone."""
         for fdir in self.function_dirs():
             for found in scan_entry_dirs(self.path / fdir):
-                function, problem, unknown = fdir, found.problem, False
+                function, problem = fdir, found.problem
                 if found.meta is not None:
                     function = str(found.meta.get("function", fdir))
                     problem = self._data_problem(found.path / DATA_FILE, found.meta, checksums)
-                elif not is_entry_shaped(found.path):
-                    problem, unknown = (
-                        f"{problem}; not shaped as an entry: unknown, left alone",
-                        True,
-                    )
+                unknown = problem is not None and not is_entry_shaped(found.path)
+                if unknown:
+                    problem = f"{problem}; not shaped as an entry: unknown, left alone"
                 size = _folder_size(found.path)
                 yield Checked(found.path, function, size, problem, unknown=unknown)
+            yield from self._strays(self.path / fdir, fdir)
+        yield from self._strays(self.path, "")
+
+    def _strays(self, folder: Path, fdir: str) -> Iterator[Checked]:
+        """The folders (and symlinks to one) in ``folder`` (the cache directory, or one of
+        its function folders: ``fdir``) that are not cachedload's, as unknown."""
+        try:
+            with os.scandir(folder) as found:
+                children = sorted(found, key=lambda child: child.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for child in children:
+            name, path = child.name, Path(child.path)
+            if fdir:  # in a function folder: entries (real folders) and leftovers are ours
+                if is_leftover_name(name) or (
+                    is_entry_name(name) and child.is_dir(follow_symlinks=False)
+                ):
+                    continue
+            elif is_leftover_name(name):
+                continue
+            elif name == LOCAL_COPIES_DIR and child.is_dir(follow_symlinks=False):
+                yield from self._stray_copies(path)
+                continue
+            elif is_function_dir_name(name) and child.is_dir(follow_symlinks=False):
+                continue
+            if child.is_dir(follow_symlinks=False) or (child.is_symlink() and path.is_dir()):
+                yield self._unknown(path, fdir, "not a cachedload folder")
+
+    def _stray_copies(self, remote: Path) -> Iterator[Checked]:
+        """The folders under ``remote/`` that are not local copies (no ``CACHEDIR.TAG``)."""
+        copies = {Path(copy.location) for copy, _ in self.local_copies()}
+        try:
+            with os.scandir(remote) as found:
+                children = sorted(found, key=lambda child: child.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for child in children:
+            path = Path(child.path)
+            if (
+                path not in copies
+                and not is_leftover_name(child.name)
+                and (child.is_dir(follow_symlinks=False) or child.is_symlink())
+            ):
+                yield self._unknown(path, LOCAL_COPIES_DIR, "not a local copy (no CACHEDIR.TAG)")
+
+    @staticmethod
+    def _unknown(path: Path, function: str, why: str) -> Checked:
+        return Checked(path, function, _tree_size(str(path)), f"{why}: unknown, left alone",
+                       unknown=True)  # fmt: skip
 
     @staticmethod
     def _data_problem(data: Path, meta: dict[str, Any], checksums: bool) -> str | None:
