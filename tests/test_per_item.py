@@ -377,6 +377,36 @@ def test_a_full_disk_returns_the_rows_computed_with_a_warning(
         assert full.map.is_cached(folder, shape=(2,))
 
 
+@pytest.mark.parametrize("mmap_mode", [None, "r"])
+def test_an_incremental_build_on_a_full_disk_returns_its_rows_computing_only_the_changed(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mmap_mode: str | None
+) -> None:
+    # Room for one entry (640 KB), not for the next one.
+    with full_tmpfs(tmp_path / "disk", "1m") as disk:
+        (disk / "tmp").mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(disk / "tmp"))
+        counter = tmp_path / "calls.txt"
+        full = loader(cache_dir=disk / "cache", mmap_mode=mmap_mode, keep=2)
+        full.map(folder, shape=(64, 64), counter=str(counter))
+        write(folder, "b/f0019.txt", 1000, mtime_ns=OLD_NS + 10**9)
+        with pytest.warns(CacheStoreWarning, match="No space left"):
+            result = full.map(folder, shape=(64, 64), counter=str(counter))
+        assert np.array_equal(result.array, expected_rows(folder, (64, 64)))
+        assert calls(counter) == 21  # the 19 others copied from the previous entry
+
+
+def test_a_ragged_build_on_a_full_disk_returns_its_rows_with_a_warning(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with full_tmpfs(tmp_path / "disk", "256k") as disk:
+        (disk / "tmp").mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(disk / "tmp"))
+        full = loader(cache_dir=disk / "cache")
+        with pytest.warns(CacheStoreWarning):
+            result = full.map(folder, shape=(64, 64), ragged=True)
+        assert np.array_equal(np.stack(result.array), expected_rows(folder, (64, 64)))
+
+
 def test_a_file_size_limit_returns_the_rows_computed_with_a_warning(
     folder: Path, tmp_path: Path
 ) -> None:
