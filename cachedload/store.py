@@ -544,11 +544,11 @@ class LocalRoot(CacheRoot):
             return self.make_folder(fdir)
         return function_dir
 
-    def check_deletable(self) -> None:
+    def check_deletable(self, fdir: str = "") -> None:
         """Raise unless this folder is a cache cachedload made (``CACHEDIR.TAG``), or does not
         exist: nothing is deleted elsewhere (a typo in ``--cache-dir``, ``$CACHEDLOAD_DIR``
-        one level too high…); and unless it can be written (checked before the first
-        deletion, not found out halfway through one).
+        one level too high…); and unless it (the function folder ``fdir``, if given and
+        there) can be written: checked before the first deletion, not found halfway through.
 
         Raises:
             NotACacheDirectoryError: it exists without the tag.
@@ -558,13 +558,17 @@ class LocalRoot(CacheRoot):
             self._tagged = True
         elif os.path.lexists(self.path):
             raise NotACacheDirectoryError(self.path)
-        self._check_writable()
+        self._check_writable(fdir)
 
-    def _check_writable(self) -> None:
-        """Raise ``ReadOnlyCacheError`` if the cache directory exists and cannot be written."""
+    def _check_writable(self, fdir: str = "") -> None:
+        """Raise ``ReadOnlyCacheError`` if the cache directory (its function folder ``fdir``,
+        if given and there) exists and cannot be written."""
         effective = os.access in os.supports_effective_ids
-        if not os.access(self.path, os.W_OK, effective_ids=effective) and self.path.exists():
-            raise ReadOnlyCacheError(self.path)
+        for folder in (self.path / fdir, self.path) if fdir else (self.path,):
+            if os.access(folder, os.W_OK, effective_ids=effective):
+                return
+            if folder.exists():
+                raise ReadOnlyCacheError(self.path)
 
     def untrusted(self, fdir: str) -> str | None:
         """Why this private cache must not be used (owned by another user, or writable by
@@ -593,7 +597,7 @@ class LocalRoot(CacheRoot):
     def remove(self, fdir: str, key: str) -> None:
         """Delete an entry: first move it out of sight atomically, then delete its files (and
         its records of uses)."""
-        self.check_deletable()
+        self.check_deletable(fdir)
         entry = self.entry_path(fdir, key)
         if os.path.lexists(entry) and not is_entry_shaped(entry):
             logger.warning("%s is not a cachedload entry: unknown, left alone", entry)
@@ -619,7 +623,7 @@ class LocalRoot(CacheRoot):
         """
         from filelock import Timeout
 
-        self._check_writable()  # no lock can be made in a read-only cache: say that
+        self._check_writable(fdir)  # no lock can be made in a read-only cache: say that
         lock_path = self._beside(fdir, key, LOCK_SUFFIX)
         lock = entry_lock(lock_path, 0, self._lock_mode)
         try:
@@ -653,7 +657,7 @@ class LocalRoot(CacheRoot):
     def remove_leftovers(self, fdir: str) -> int:
         """Delete temporary files of dead writers (same host, pid gone) or older than an hour;
         return how many."""
-        self.check_deletable()
+        self.check_deletable(fdir)
         now, removed = time.time(), 0
         try:
             with os.scandir(self.path / fdir) as found:
@@ -677,7 +681,7 @@ class LocalRoot(CacheRoot):
         """Delete the lock, owner and usage records of entries that no longer exist; return
         how many keys were tidied. A key whose lock another process holds is skipped: its
         entry is being computed (it has no folder yet) or removed."""
-        self.check_deletable()
+        self.check_deletable(fdir)
         folder = self.path / fdir
         try:
             with os.scandir(folder) as found:
