@@ -26,6 +26,7 @@ from cachedload.explain import compare
 from cachedload.manage import (
     EntryRecord,
     PruneReport,
+    VerifyResult,
     format_age,
     format_size,
     is_busy,
@@ -50,7 +51,8 @@ exit status:
   0  success
   1  `verify` found damaged entries (even when --fix deleted them), or a deletion was
      declined or could not be confirmed
-  2  invalid usage: a bad option, or an ID or FUNCTION that matches no entry or several
+  2  invalid usage: a bad option, or an ID or FUNCTION that matches no entry or several,
+     or a cache directory to delete from that is not cachedload's, or is read-only
 """
 
 
@@ -353,6 +355,18 @@ def _report(report: PruneReport, cache_dir: Path | str) -> None:
     print(text)
 
 
+def _damaged_and_strays(cache_dir: Path | str) -> tuple[list[VerifyResult], list[VerifyResult]]:
+    """The damaged entries (deleted by ``clear --all``), and the folders that are not
+    cachedload's (never deleted, named)."""
+    damaged, strays = [], []
+    for result in verify(cache_dir, checksums=False):
+        if result.unknown:
+            strays.append(result)
+        elif not result.ok:
+            damaged.append(result)
+    return damaged, strays
+
+
 def _clear(args: argparse.Namespace) -> int:
     cache_dir = _cache_dir(args)
     if args.all and (args.function or args.older_than is not None):
@@ -362,15 +376,15 @@ def _clear(args: argparse.Namespace) -> int:
     # The local copies of remote caches kept here are listed by `ls`: cleared like entries
     # (only this machine's copy goes; the next hit downloads it again).
     records = list_entries(cache_dir) + local_copies(cache_dir)
-    damaged = []
-    if args.all:
-        damaged = [result for result in verify(cache_dir, checksums=False) if not result.ok]
+    damaged, strays = _damaged_and_strays(cache_dir) if args.all else ([], [])
     if args.function:
         function = _match_function(records, args.function)
         records = [record for record in records if record.function == function]
     if args.older_than is not None:
         cutoff = time.time() - args.older_than
         records = [record for record in records if record.last_used < cutoff]
+    for stray in strays:
+        print(f"left alone: {stray.path} ({stray.problem})")
     if not records and not damaged:
         print("nothing to clear: no entry matches")
         _tidy(cache_dir, args.dry_run)
@@ -430,9 +444,13 @@ def _why(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    checked = copies = damaged = 0
+    checked = copies = damaged = unknown = 0
     total = 0
     for result in verify(_cache_dir(args)):
+        if result.unknown:  # not an entry, not cachedload's: named, never deleted
+            unknown += 1
+            print(f"UNKNOWN  {result.path}  {result.problem}")
+            continue
         checked += 1
         copies += result.copy_of is not None
         total += result.size_bytes
@@ -444,17 +462,16 @@ def _verify(args: argparse.Namespace) -> int:
         damaged += 1
         line = f"CORRUPT  {result.id[:12]}  {result.function}  {result.problem}{copy}"
         if args.fix:
-            if result.unknown:
-                line += "  (left alone)"
-            else:
-                line += "  (deleted)" if remove_damaged(result) else "  (in use: not deleted)"
+            line += "  (deleted)" if remove_damaged(result) else "  (in use: not deleted)"
         print(line)
     if args.fix:
         _tidy(_cache_dir(args), dry_run=False)
     what = _entries_text(checked - copies) + (f" and {_copies_text(copies)}" if copies else "")
+    strays = f"; {_plural(unknown, 'folder', 'folders')} not cachedload's left alone"
     print(
         f"checked {what} ({format_size(total)}): {damaged} damaged"
         + ("" if damaged == 0 or args.fix else "; run with --fix to delete")
+        + (strays if unknown else "")
     )
     return 1 if damaged else 0
 

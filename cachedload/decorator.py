@@ -623,6 +623,20 @@ class CachedDataset(Generic[P, R]):
         prefix = function_dir_prefix(self._identity)
         return [fdir for fdir in root.function_dirs() if fdir.startswith(prefix)]
 
+    def _listed(self) -> tuple[CacheRoot, list[str]]:
+        """This machine's part of the cache and this loader's function folders in it; none
+        (warned as a call warns) in a cache another user could write, or cannot be listed."""
+        root = self._root()
+        problem = root.untrusted(self._fdir())
+        if problem is not None:
+            _warn_untrusted(problem)
+            return root.local, []
+        try:
+            return root.local, self._function_dirs(root.local)
+        except OSError as error:  # e.g. a shared cache this user cannot read
+            logger.info("cannot list %s: %s", root.local.location, error)
+            return root.local, []
+
     def _local_function_dirs(self) -> list[Path]:
         """This loader's function folders on this machine (a remote cache's: its copy's)."""
         local = self._root().local
@@ -635,8 +649,8 @@ class CachedDataset(Generic[P, R]):
         with their file counts, the result summary, size on disk, created, last used and hits
         (see :func:`cachedload.list_entries`).
         """
-        local = self._root().local
-        return records_of(local, self._function_dirs(local))
+        local, fdirs = self._listed()
+        return records_of(local, fdirs)
 
     def cache_explain(self, *args: P.args, **kwargs: P.kwargs) -> Explanation:
         """Why a call with these arguments would miss: how its key differs from the closest
@@ -672,8 +686,8 @@ class CachedDataset(Generic[P, R]):
     def cache_info(self) -> CacheInfo:
         """Hits, misses and stores in this process; entries and bytes on disk (all code
         versions of this loader)."""
-        local = self._root().local
-        entries = [entry for d in self._function_dirs(local) for entry in local.entries(d)]
+        local, fdirs = self._listed()
+        entries = [entry for d in fdirs for entry in local.entries(d)]
         return CacheInfo(
             hits=self._stats.hits,
             misses=self._stats.misses,

@@ -210,16 +210,21 @@ def is_tagged(cache_dir: Path) -> bool:
 
 
 def is_entry_shaped(entry: Path) -> bool:
-    """True if ``entry`` is a real folder holding only names an entry holds (a data file,
-    metadata, a manifest): safe to delete as a damaged entry. Anything else is not ours."""
+    """True if ``entry`` is a real folder (not a symlink) holding only what an entry holds,
+    by name *and* type: regular files named as a data file, metadata or a manifest. Only
+    such a folder is safe to delete as a damaged entry; anything else (a folder named
+    ``result.joblib``, a symlink…) is not ours."""
     try:
+        if not stat.S_ISDIR(os.lstat(entry).st_mode):
+            return False
         with os.scandir(entry) as children:
-            names = [child.name for child in children]
+            return all(
+                (child.name in (META_FILE, MANIFEST_FILE) or _DATA_NAME_RE.match(child.name))
+                and child.is_file(follow_symlinks=False)
+                for child in children
+            )
     except OSError:
         return False
-    return not entry.is_symlink() and all(
-        name in (META_FILE, MANIFEST_FILE) or _DATA_NAME_RE.match(name) for name in names
-    )
 
 
 def write_new_file(path: Path, data: bytes, mode: int = 0o600, *, replace: bool = False) -> None:

@@ -124,6 +124,24 @@ class NotACacheDirectoryError(ConfigurationError):
         return (type(self), (self.path,))
 
 
+class ReadOnlyCacheError(ConfigurationError, OSError):
+    """A management command or function was asked to delete from a cache directory that
+    cannot be written (a read-only mount, or no write permission): nothing is deleted.
+
+    ``except OSError`` catches it too.
+
+    Attributes:
+        path: the cache directory.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        super().__init__("cache_dir", f"{self.path} is read-only: nothing is deleted")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path,))
+
+
 class SourceNotFoundError(CachedloadError, FileNotFoundError):
     """A source path given to a cached loader does not exist.
 

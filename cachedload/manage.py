@@ -210,8 +210,9 @@ class VerifyResult:
         function: the loader's ``module.qualname`` (the folder name if the metadata is unreadable).
         size_bytes: the entry's size on disk.
         problem: what is wrong, or None if the entry is intact.
-        unknown: damaged, and not shaped as an entry (it holds other files): not cachedload's,
-            so never deleted.
+        unknown: not an entry: a folder that is not cachedload's (in the cache directory, a
+            function folder or ``remote/``), or one named as an entry but damaged and not
+            shaped as one (it holds other things than an entry's files). Never deleted.
         url: for a remote cache, the entry in the bucket.
         copy_of: for a local copy of a remote entry, the remote cache (see
             :attr:`EntryRecord.copy_of`).
@@ -576,7 +577,8 @@ def verify(
     the data file's checksum (reads every byte). Entries whose metadata is unreadable, or from
     another format version, count as damaged. Entries still being written are not visible here
     (they live in temporary folders). The local copies of remote caches kept in the directory
-    are checked too (their results' ``copy_of`` says so).
+    are checked too (their results' ``copy_of`` says so). Folders that are not
+    cachedload's are named too (``unknown``: never deleted).
     """
     root = open_root(cache_dir)
     for checked in root.verify(checksums=checksums):

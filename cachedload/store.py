@@ -41,6 +41,7 @@ from cachedload.entry import (
     CorruptEntry,
     decode_manifest,
     encode_manifest,
+    is_entry_name,
     is_entry_shaped,
     is_function_dir_name,
     is_leftover_name,
@@ -54,7 +55,7 @@ from cachedload.entry import (
     temporary_name,
     write_new_file,
 )
-from cachedload.errors import NotACacheDirectoryError
+from cachedload.errors import NotACacheDirectoryError, ReadOnlyCacheError
 from cachedload.mount import entry_lock, uses_lease
 from cachedload.reading import NOTHING, ReadAhead, SharedReader
 from cachedload.root import Built, CacheRoot, Checked, EntryInfo, Leftover
@@ -293,6 +294,8 @@ class LocalRoot(CacheRoot):
         for child in children:
             if child.name.startswith(".") or not child.is_dir(follow_symlinks=False):
                 continue
+            if not is_tagged(Path(child.path)):
+                continue  # not a copy cachedload made: verify names it, nothing touches it
             try:
                 raw = read_regular_file(Path(child.path) / URL_FILE, limit=4096)
                 url = raw.decode().strip()
@@ -632,7 +635,7 @@ class LocalRoot(CacheRoot):
                 with contextlib.suppress(FileExistsError):
                     folder.mkdir(self._dir_mode)
             with contextlib.suppress(FileExistsError):  # an old cache is tagged on first write
-                write_new_file(self.path / TAG_FILE, TAG_CONTENT, self._file_mode | 0o444)
+                write_new_file(self.path / TAG_FILE, TAG_CONTENT, self._file_mode)
             self._tagged = True
         function_dir = self.folder(fdir)
         try:
@@ -648,18 +651,31 @@ class LocalRoot(CacheRoot):
             return self.make_folder(fdir)
         return function_dir
 
-    def check_deletable(self) -> None:
+    def check_deletable(self, fdir: str = "") -> None:
         """Raise unless this folder is a cache cachedload made (``CACHEDIR.TAG``), or does not
         exist: nothing is deleted elsewhere (a typo in ``--cache-dir``, ``$CACHEDLOAD_DIR``
-        one level too high…).
+        one level too high…); and unless it (the function folder ``fdir``, if given and
+        there) can be written: checked before the first deletion, not found halfway through.
 
         Raises:
             NotACacheDirectoryError: it exists without the tag.
+            ReadOnlyCacheError: it cannot be written (a read-only mount, permissions).
         """
         if self._tagged or is_tagged(self.path):
             self._tagged = True
         elif os.path.lexists(self.path):
             raise NotACacheDirectoryError(self.path)
+        self._check_writable(fdir)
+
+    def _check_writable(self, fdir: str = "") -> None:
+        """Raise ``ReadOnlyCacheError`` if the cache directory (its function folder ``fdir``,
+        if given and there) exists and cannot be written."""
+        effective = os.access in os.supports_effective_ids
+        for folder in (self.path / fdir, self.path) if fdir else (self.path,):
+            if os.access(folder, os.W_OK, effective_ids=effective):
+                return
+            if folder.exists():
+                raise ReadOnlyCacheError(self.path)
 
     def untrusted(self, fdir: str) -> str | None:
         """Why this private cache must not be used (owned by another user, a symlinked
@@ -701,7 +717,7 @@ class LocalRoot(CacheRoot):
     def remove(self, fdir: str, key: str) -> None:
         """Delete an entry: first move it out of sight atomically, then delete its files (and
         its records of uses)."""
-        self.check_deletable()
+        self.check_deletable(fdir)
         entry = self.entry_path(fdir, key)
         if os.path.lexists(entry) and not is_entry_shaped(entry):
             logger.warning("%s is not a cachedload entry: unknown, left alone", entry)
@@ -727,6 +743,7 @@ class LocalRoot(CacheRoot):
         """
         from filelock import Timeout
 
+        self._check_writable(fdir)  # no lock can be made in a read-only cache: say that
         lock_path = self._beside(fdir, key, LOCK_SUFFIX)
         lock = entry_lock(lock_path, 0, self._lock_mode)
         try:
@@ -760,7 +777,7 @@ class LocalRoot(CacheRoot):
     def remove_leftovers(self, fdir: str) -> int:
         """Delete temporary files of dead writers (same host, pid gone) or older than an hour;
         return how many."""
-        self.check_deletable()
+        self.check_deletable(fdir)
         now, removed = time.time(), 0
         try:
             with os.scandir(self.path / fdir) as found:
@@ -784,7 +801,7 @@ class LocalRoot(CacheRoot):
         """Delete the lock, owner and usage records of entries that no longer exist; return
         how many keys were tidied. A key whose lock another process holds is skipped: its
         entry is being computed (it has no folder yet) or removed."""
-        self.check_deletable()
+        self.check_deletable(fdir)
         folder = self.path / fdir
         try:
             with os.scandir(folder) as found:
@@ -848,20 +865,69 @@ class LocalRoot(CacheRoot):
                 (self.path / LOCAL_COPIES_DIR).rmdir()
 
     def verify(self, *, checksums: bool = True) -> Iterator[Checked]:
-        """Check every entry folder: metadata, data file size and (``checksums``) checksum."""
+        """Check every entry folder: metadata, data file size and (``checksums``) checksum.
+        Every other folder met (not an entry, a leftover or a local copy) is named too, as
+        ``unknown``: not ours, left alone."""
         for fdir in self.function_dirs():
             for found in scan_entry_dirs(self.path / fdir):
-                function, problem, unknown = fdir, found.problem, False
+                function, problem = fdir, found.problem
                 if found.meta is not None:
                     function = str(found.meta.get("function", fdir))
                     problem = self._data_problem(found.path / DATA_FILE, found.meta, checksums)
-                elif not is_entry_shaped(found.path):
-                    problem, unknown = (
-                        f"{problem}; not shaped as an entry: unknown, left alone",
-                        True,
-                    )
+                unknown = problem is not None and not is_entry_shaped(found.path)
+                if unknown:
+                    problem = f"{problem}; not shaped as an entry: unknown, left alone"
                 size = _folder_size(found.path)
                 yield Checked(found.path, function, size, problem, unknown=unknown)
+            yield from self._strays(self.path / fdir, fdir)
+        yield from self._strays(self.path, "")
+
+    def _strays(self, folder: Path, fdir: str) -> Iterator[Checked]:
+        """The folders (and symlinks to one) in ``folder`` (the cache directory, or one of
+        its function folders: ``fdir``) that are not cachedload's, as unknown."""
+        try:
+            with os.scandir(folder) as found:
+                children = sorted(found, key=lambda child: child.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for child in children:
+            name, path = child.name, Path(child.path)
+            if fdir:  # in a function folder: entries (real folders) and leftovers are ours
+                if is_leftover_name(name) or (
+                    is_entry_name(name) and child.is_dir(follow_symlinks=False)
+                ):
+                    continue
+            elif is_leftover_name(name):
+                continue
+            elif name == LOCAL_COPIES_DIR and child.is_dir(follow_symlinks=False):
+                yield from self._stray_copies(path)
+                continue
+            elif is_function_dir_name(name) and child.is_dir(follow_symlinks=False):
+                continue
+            if child.is_dir(follow_symlinks=False) or (child.is_symlink() and path.is_dir()):
+                yield self._unknown(path, fdir, "not a cachedload folder")
+
+    def _stray_copies(self, remote: Path) -> Iterator[Checked]:
+        """The folders under ``remote/`` that are not local copies (no ``CACHEDIR.TAG``)."""
+        copies = {Path(copy.location) for copy, _ in self.local_copies()}
+        try:
+            with os.scandir(remote) as found:
+                children = sorted(found, key=lambda child: child.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for child in children:
+            path = Path(child.path)
+            if (
+                path not in copies
+                and not is_leftover_name(child.name)
+                and (child.is_dir(follow_symlinks=False) or child.is_symlink())
+            ):
+                yield self._unknown(path, LOCAL_COPIES_DIR, "not a local copy (no CACHEDIR.TAG)")
+
+    @staticmethod
+    def _unknown(path: Path, function: str, why: str) -> Checked:
+        return Checked(path, function, _tree_size(str(path)), f"{why}: unknown, left alone",
+                       unknown=True)  # fmt: skip
 
     @staticmethod
     def _data_problem(data: Path, meta: dict[str, Any], checksums: bool) -> str | None:

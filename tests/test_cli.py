@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cachedload import cached_dataset, list_entries
+from cachedload import ReadOnlyCacheError, cached_dataset, list_entries, prune
 from cachedload.cli import main
-from tests.conftest import subprocess_env
+from tests.conftest import read_only, subprocess_env
 
 OLD = time.time() - 7200
 
@@ -447,3 +447,87 @@ def test_why_says_whose_code_changed(cache: Path, data: Path) -> None:
     result = cli("why", "_other", cache=cache)
     assert result.returncode == 0, result.stderr
     assert f"code changed in the loader ({__name__}._other)" in result.stdout
+
+
+def _tree(folder: Path) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["clear", "--all", "--yes"],
+        ["clear", "--function", "_body"],
+        ["prune", "--max-size", "0"],
+        ["prune", "--keep", "1"],
+    ],
+)
+def test_clear_and_prune_on_a_read_only_cache_say_so_and_delete_nothing(
+    cache: Path, command: list[str]
+) -> None:
+    before = _tree(cache)
+    with read_only(cache):
+        result = cli(*command, cache=cache)
+        assert _tree(cache) == before
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"{cache} is read-only: nothing is deleted" in result.stderr
+
+
+def test_prune_of_a_read_only_cache_raises_read_only_cache_error(cache: Path) -> None:
+    before = _tree(cache)
+    with read_only(cache), pytest.raises(ReadOnlyCacheError, match="read-only") as raised:
+        prune(cache, max_size=0)
+    assert isinstance(raised.value, OSError) and raised.value.path == str(cache)
+    assert _tree(cache) == before
+
+
+def _strays(cache: Path, tmp_path: Path) -> list[Path]:
+    """Folders of the user's in a real cache, none of them an entry: at the top, in a
+    function folder (named as an entry or not, a symlink to one), and under ``remote/``."""
+    fdir = next(cache.glob("tests.test_cli._body-*"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    folders = [
+        cache / "photos",
+        fdir / "thesis",
+        fdir / ("e" * 32),  # named as an entry, holding the user's file
+        cache / "remote" / "stray",
+        cache / "remote" / "empty",
+    ]
+    for folder in folders:
+        folder.mkdir(parents=True)
+        if folder.name != "empty":
+            (folder / "mine.txt").write_text("precious")
+    (fdir / ("f" * 32)).symlink_to(elsewhere, target_is_directory=True)
+    return [*folders, fdir / ("f" * 32)]
+
+
+def test_verify_names_every_folder_it_leaves_alone(cache: Path, tmp_path: Path) -> None:
+    strays = _strays(cache, tmp_path)
+    for fix in ([], ["--fix"]):
+        result = cli("verify", *fix, cache=cache)
+        assert result.returncode == 0, result.stdout + result.stderr  # nothing is damaged
+        for folder in strays:
+            [line] = [line for line in result.stdout.splitlines() if str(folder) in line]
+            assert "unknown, left alone" in line, line
+        assert "3 entries" in result.stdout
+    assert all(os.path.lexists(folder) for folder in strays)
+    kept = [f for f in strays if f.name != "empty" and not f.is_symlink()]
+    assert all((f / "mine.txt").read_text() == "precious" for f in kept)
+
+
+def test_a_stray_folder_under_remote_is_left_alone_and_the_rest_processed(
+    cache: Path, tmp_path: Path
+) -> None:
+    strays = _strays(cache, tmp_path)
+    data = next(cache.glob("tests.test_cli._other-*/*/result.joblib"))
+    data.write_bytes(b"damaged")
+    fixed = cli("verify", "--fix", cache=cache)
+    assert fixed.returncode == 1, fixed.stdout + fixed.stderr  # damage found (and deleted)
+    assert "(deleted)" in fixed.stdout and not data.exists()
+    cleared = cli("clear", "--all", "--yes", cache=cache)
+    assert cleared.returncode == 0, cleared.stdout + cleared.stderr
+    assert f"left alone: {cache / 'remote' / 'stray'}" in cleared.stdout
+    assert ls_json(cache) == []
+    assert all(os.path.lexists(folder) for folder in strays)
