@@ -384,6 +384,29 @@ class CachedDataset(Generic[P, R]):
             CacheStoreWarning,
         )
 
+    def _cannot_lock(self, root: CacheRoot, fdir: str, call: Call, error: OSError) -> None:
+        """Say that a call is not cached because no lock could be made: once per process if
+        the cache directory can never be one (it, or a folder above it, is a file), naming
+        where its path came from; else as any failure to store, once per call."""
+        local = Path(root.local.location)
+        problem = config.not_a_folder(local)
+        if problem is None:
+            self._store_failed(call, root.entry_path(fdir, call.key).parent, error)
+            return
+        if local in _WARNED_UNUSABLE:
+            logger.debug("not caching %s: %s", self._identity, problem)
+            return
+        _WARNED_UNUSABLE.add(local)
+        if root.local is root:
+            origin = config.cache_dir_origin(self._options.cache_location)
+        else:  # a remote cache's local copy
+            origin = "local_cache_dir" if self._options.local_cache_dir else "its local copy"
+        warn_at_caller(
+            f"cachedload: not caching {self._identity}: the cache directory {local} ({origin}) "
+            f"cannot be used: {problem}. The loader runs uncached (said once per process).",
+            CacheStoreWarning,
+        )
+
     def _compute_and_store(self, root: CacheRoot, fdir: str, call: Call, *, replace: bool) -> R:
         racy_before, newest_racy = self._rules.racy_digests(call)
         self._stats.misses += 1
@@ -537,7 +560,7 @@ class CachedDataset(Generic[P, R]):
                 )
             except OSError as error:
                 # No lock, so no store either (the directory is unwritable): compute and return.
-                self._store_failed(call, root.entry_path(fdir, call.key).parent, error)
+                self._cannot_lock(root, fdir, call, error)
                 self._stats.misses += 1
                 return uncached()
             if not force:
@@ -743,6 +766,8 @@ class _PerItemDataset(CachedDataset[P, R]):
 
 
 _WARNED_UNTRUSTED: set[str] = set()
+#: Cache directories found unusable (a file in the way), warned about once per process.
+_WARNED_UNUSABLE: set[Path] = set()
 
 
 def _warn_untrusted(problem: str) -> None:

@@ -248,6 +248,21 @@ class VerifyResult:
         """The entry's key."""
         return self.path.name
 
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the result (``cachedload verify --json``), keyed as
+        :meth:`EntryRecord.to_dict` is."""
+        return {
+            "id": self.id,
+            "function": self.function,
+            "path": str(self.path),
+            "size_bytes": self.size_bytes,
+            "ok": self.ok,
+            "problem": self.problem,
+            "unknown": self.unknown,
+            **({"url": self.url} if self.url is not None else {}),
+            **({"copy_of": self.copy_of} if self.copy_of is not None else {}),
+        }
+
     @property
     def ok(self) -> bool:
         """True if the entry is intact."""

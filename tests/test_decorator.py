@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 import threading
@@ -823,3 +824,48 @@ def test_load_entry_refuses_what_is_not_an_entry_of_this_loader(
     (path / "meta.json").write_text("{")
     with pytest.raises(OSError, match="damaged"):
         load.load_entry(path)
+
+
+def test_a_cache_dir_variable_naming_a_file_warns_once_naming_it(
+    image_dir: Path, tmp_path: Path
+) -> None:
+    file = tmp_path / "a-file"
+    file.write_text("not a cache")
+    result = run_python(
+        f"""
+        import json, warnings
+        from cachedload import cached_dataset
+
+        @cached_dataset
+        def load(image_dir):
+            return 7
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results = [load({str(image_dir)!r}) for _ in range(3)]
+        print(json.dumps([results, [str(w.message) for w in caught]]))
+        """,
+        CACHEDLOAD_DIR=str(file),
+    )
+    results, messages = json.loads(result.stdout)
+    assert results == [7, 7, 7]
+    assert len(messages) == 1, messages
+    assert f"{file} ($CACHEDLOAD_DIR)" in messages[0]
+    assert f"{file} is a file, not a folder" in messages[0]
+    assert "CACHEDIR.TAG" not in messages[0]
+    assert file.read_text() == "not a cache"
+
+
+def test_a_cache_dir_below_a_file_warns_once_per_location(image_dir: Path, tmp_path: Path) -> None:
+    file = tmp_path / "a-file"
+    file.write_text("not a cache")
+    counter: list[int] = []
+    load = counting_loader(counter, cache_dir=file / "cache")
+    with pytest.warns(CacheStoreWarning) as caught:
+        load(image_dir)
+        load(image_dir)
+        counting_loader(counter, cache_dir=file / "cache")(image_dir)  # same place: said
+    assert len(counter) == 3
+    (warned,) = caught
+    assert f"{file / 'cache'} (cache_dir)" in str(warned.message)
+    assert f"{file} is a file, not a folder" in str(warned.message)
