@@ -265,7 +265,10 @@ class CachedDataset(Generic[P, R]):
         )
 
     def _prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
-        return self._rules.finish(self._bind(args, kwargs))
+        started = time.perf_counter()
+        call = self._rules.finish(self._bind(args, kwargs))
+        call.started = started
+        return call
 
     def _reads_ahead(self) -> bool:
         # Memory maps are instant; compressed entries are read by joblib.
@@ -326,11 +329,14 @@ class CachedDataset(Generic[P, R]):
             return found
         self._remember(call, found.size)
         self._warn_skipped(found.meta, call)
+        now = time.perf_counter()
         logger.info(
-            "hit %s [%s] in %.1f ms (%s bytes%s)",
+            "hit %s [%s] in %.1f ms (fingerprint %.1f ms, load %.1f ms; %s bytes%s)",
             self._identity,
             call.key[:12],
-            (time.perf_counter() - started) * 1e3,
+            (now - call.started) * 1e3,  # the whole call: binding, fingerprint, lookup, load
+            call.fingerprint_seconds * 1e3,
+            (now - started) * 1e3,
             found.size,
             ", read ahead" if ahead is not None and ahead.used else "",
         )
@@ -446,13 +452,17 @@ class CachedDataset(Generic[P, R]):
             return result
         self._stats.stores += 1
         self._remember(call, size)
+        now = time.perf_counter()
         logger.info(
-            "stored %s [%s]: %s bytes in %.1f ms (computed in %.2f s)",
+            "stored %s [%s]: %s bytes in %.1f ms (computed in %.2f s, fingerprint %.1f ms; "
+            "%.2f s in all)",
             self._identity,
             call.key[:12],
             size,
-            (time.perf_counter() - started) * 1e3,
+            (now - started) * 1e3,
             compute_seconds,
+            call.fingerprint_seconds * 1e3,
+            now - call.started,
         )
         if self._options.mmap_mode is not None:
             result = self._load_stored(root, fdir, call, result)
@@ -578,10 +588,12 @@ class CachedDataset(Generic[P, R]):
         if not self.enabled:
             self._stats.misses += 1
             return self.__wrapped__(*self._with_self(args), **kwargs)
+        started = time.perf_counter()
         prepared = self._bind(args, kwargs)
         guess = self._read_ahead(prepared.group)  # overlaps the fingerprinting below
         try:
             call = self._rules.finish(prepared)
+            call.started = started
             ahead = None
             if guess is not None:
                 key, reading = guess

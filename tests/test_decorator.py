@@ -7,7 +7,9 @@ import functools
 import json
 import logging
 import os
+import re
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -869,3 +871,34 @@ def test_a_cache_dir_below_a_file_warns_once_per_location(image_dir: Path, tmp_p
     (warned,) = caught
     assert f"{file / 'cache'} (cache_dir)" in str(warned.message)
     assert f"{file} is a file, not a folder" in str(warned.message)
+
+
+def _milliseconds(pattern: str, messages: list[str]) -> list[float]:
+    (found,) = [match for m in messages if (match := re.search(pattern, m))]
+    return [float(value) for value in found.groups()]
+
+
+def test_the_hit_and_store_lines_time_the_whole_call(
+    tmp_path: Path, cache_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for index in range(3000):  # fingerprinted by content: the slow part of a hit
+        (folder / f"{index:05d}.txt").write_bytes(b"x" * 64)
+    age(folder)
+    load = cached_dataset(cache_dir=cache_dir, fingerprint="content")(lambda data_dir: 1)
+    with caplog.at_level(logging.INFO, logger="cachedload"):
+        started = time.perf_counter()
+        load(str(folder))
+        miss_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        load(str(folder))
+        hit_ms = (time.perf_counter() - started) * 1e3
+    messages = [r.getMessage() for r in caplog.records if r.name == "cachedload"]
+    total, fingerprint, lookup = _milliseconds(
+        r"^hit .* in ([\d.]+) ms \(fingerprint ([\d.]+) ms, load ([\d.]+) ms", messages
+    )
+    assert fingerprint > lookup and total >= fingerprint + lookup
+    assert 0.7 * hit_ms <= total <= hit_ms
+    (in_all,) = _milliseconds(r"^stored .*; ([\d.]+) s in all\)$", messages)
+    assert 0.7 * miss_seconds <= in_all <= miss_seconds
