@@ -30,7 +30,7 @@ from cachedload.config import (
     platform_cache_dir,
 )
 from cachedload.errors import ConfigurationError
-from cachedload.explain import compare
+from cachedload.explain import compare, compare_with_superseded, last_superseded
 from cachedload.manage import (
     EntryRecord,
     PruneReport,
@@ -438,10 +438,16 @@ def _why(args: argparse.Namespace) -> int:
     if function is None:
         raise _no_function(records, args.function)
     mine = [record for record in records if record.function == function]
-    if len(mine) < 2:
-        print(f"{function}: only one entry is stored ({mine[0].id[:12]}), nothing to compare")
+    newer = mine[0]
+    # The entry it replaced, if keep= deleted it: that says why it was rebuilt.
+    replaced = last_superseded(newer.path.parent, newer.group)
+    if replaced is not None:
+        print(compare_with_superseded(replaced, newer.meta, manifest_of(newer)))
         return 0
-    newer, older = mine[0], mine[1]
+    if len(mine) < 2:
+        print(f"{function}: only one entry is stored ({newer.id[:12]}), nothing to compare")
+        return 0
+    older = mine[1]
     print(compare(older.meta, manifest_of(older), newer.meta, manifest_of(newer)))
     return 0
 
@@ -661,7 +667,9 @@ def _parser() -> argparse.ArgumentParser:
     why = command(
         "why",
         _why,
-        "explain how the two newest entries of a function differ (code, parameters, files)",
+        "explain why a function's newest entry was made: how it differs (code, parameters, "
+        "files) from the entry it replaced (recorded when keep= deleted it), else from the "
+        "next newest entry",
         "cachedload why load_images",
     )
     why.add_argument(

@@ -35,7 +35,12 @@ from cachedload.errors import (
     warn_at_caller,
     warn_skipped,
 )
-from cachedload.explain import Explanation, explain_against_closest
+from cachedload.explain import (
+    Explanation,
+    compare_with_superseded,
+    explain_against_closest,
+    last_superseded,
+)
 from cachedload.hashing import code_digest, function_identity, value_digest
 from cachedload.keys import (
     Call,
@@ -692,7 +697,8 @@ class CachedDataset(Generic[P, R]):
             stored = root.read_meta(fdir, call.key)
             if stored is not None and self._racy_files_unchanged(root, fdir, call, stored):
                 note = "an entry for these arguments is stored: the call would be a hit"
-                return Explanation(self._identity, new_key=call.key, note=note)
+                rebuilt = self._why_rebuilt(root, fdir, call.key, stored)
+                return Explanation(self._identity, new_key=call.key, note=note + rebuilt)
         except CorruptEntry as error:
             note = f"the entry for these arguments is damaged ({error.reason}); will recompute"
             return Explanation(self._identity, new_key=call.key, note=note)
@@ -703,6 +709,16 @@ class CachedDataset(Generic[P, R]):
             note = "no entry of this loader is stored yet"
             return Explanation(self._identity, new_key=call.key, note=note)
         return found
+
+    def _why_rebuilt(self, root: CacheRoot, fdir: str, key: str, meta: dict[str, Any]) -> str:
+        """``"; it replaced entry …: <differences>"`` if the entry stored at ``key`` replaced
+        one that ``keep=`` deleted (its record says how they differ), else ``""``."""
+        local = root.local
+        replaced = last_superseded(local.folder(fdir), meta.get("group"))
+        if replaced is None:
+            return ""
+        found = compare_with_superseded(replaced, meta, local.manifest(fdir, key))
+        return f"; it replaced entry {replaced.key[:12]} (deleted by keep=): {found.summary()}"
 
     def cache_info(self) -> CacheInfo:
         """Hits, misses and stores in this process; entries and bytes on disk (all code

@@ -562,3 +562,33 @@ def test_clear_and_prune_of_a_missing_cache_say_there_is_nothing(
         f"nothing to {command[0]}: no cache directory at {missing} (from --cache-dir)"
     )
     assert not missing.exists()
+
+
+def test_why_after_a_data_change_compares_with_the_entry_keep_deleted(
+    tmp_path: Path, data: Path
+) -> None:
+    cache = tmp_path / "cache"
+    load = cached_dataset(cache_dir=cache)(_body)
+    load(str(data))
+    (data / "a.txt").write_text("longer than before")
+    os.utime(data / "a.txt", (OLD + 60, OLD + 60))
+    load(str(data))
+    assert len(list_entries(cache)) == 1  # keep=1 deleted the entry of the old contents
+
+    result = cli("why", "_body", cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert "vs. superseded entry" in result.stdout and "deleted by keep=" in result.stdout
+    assert f"source data_dir ({data.resolve()}): 1 file modified (a.txt)" in result.stdout
+    explained = load.cache_explain(str(data))
+    assert not explained and "would be a hit" in explained.summary()
+    assert "it replaced entry" in explained.summary()
+    assert "1 file modified (a.txt)" in explained.summary()
+    listed = cli("ls", cache=cache)  # the record is neither an entry nor a leftover
+    assert listed.returncode == 0 and "leftover" not in listed.stdout
+    assert "1 entry, " in listed.stdout
+    checked = cli("verify", cache=cache)
+    assert checked.returncode == 0 and "unknown" not in checked.stdout
+
+    cleared = cli("clear", "--all", "--yes", cache=cache)
+    assert cleared.returncode == 0, cleared.stderr
+    assert [p.name for p in cache.iterdir()] == ["CACHEDIR.TAG"]  # the record went too
