@@ -530,14 +530,12 @@ def _check_cache_dir(args: argparse.Namespace) -> int | None:
 
 
 def _missing_cache(args: argparse.Namespace) -> str | None:
-    """ "no cache directory at DIR (from ORIGIN)" if the local cache directory the command
-    would use does not exist, else None.
+    """What to say if the local cache directory the command would use does not exist ("no
+    cache directory at DIR (from ORIGIN)"), else None.
 
     Raises:
         ConfigurationError: it is a file (or below one), named with where it came from.
     """
-    if args.command == "demo":
-        return None  # it makes the cache
     origin = cache_dir_origin(args.cache_dir, "--cache-dir")
     location = _cache_dir(args)
     if isinstance(location, str):
@@ -545,10 +543,16 @@ def _missing_cache(args: argparse.Namespace) -> str | None:
     problem = not_a_folder(location)
     if problem is not None:
         raise ConfigurationError(origin, problem)
-    if location.is_dir():
-        return None
-    where = origin if origin.startswith("the ") else f"from {origin}"
-    return f"no cache directory at {location} ({where})"
+    if args.command == "demo":
+        return None  # it makes the cache
+    try:
+        os.stat(location)
+    except FileNotFoundError:  # (or a dangling symlink)
+        where = origin if origin.startswith("the ") else f"from {origin}"
+        return f"no cache directory at {location} ({where})"
+    except OSError:
+        pass  # e.g. a folder above it that cannot be read: the command says so
+    return None
 
 
 # -- the parser --------------------------------------------------------------------------------

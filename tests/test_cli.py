@@ -535,7 +535,9 @@ def test_a_read_only_command_on_a_missing_cache_fails_with_one_line(
 
 
 @pytest.mark.parametrize(
-    "command", [*READ_ONLY, ["clear", "--all", "--yes"], ["prune", "--keep", "1"]], ids=" ".join
+    "command",
+    [*READ_ONLY, ["clear", "--all", "--yes"], ["prune", "--keep", "1"], ["demo", "--images", "2"]],
+    ids=" ".join,
 )
 def test_a_cache_dir_that_is_a_file_is_an_error_naming_it(
     command: list[str], tmp_path: Path
