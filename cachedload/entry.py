@@ -20,6 +20,9 @@ A local cache directory (``cache_dir=``, ``$CACHEDLOAD_DIR`` or the user cache d
         <key>.owner                             "pid N on host": who holds the lock (for the log)
         <key>.used                              one byte appended per hit: size = hits,
                                                 mtime = last use; the entry is never rewritten
+        superseded.json                         the last few entries deleted as superseded
+                                                (keep=): their key components and small file
+                                                lists, for ``cachedload why`` (superseded.py)
         .tmp-<host>-<pid>-<random>/             an entry (or a file) being written
         .trash-<host>-<pid>-<random>/           an entry being deleted (renamed away first)
 
@@ -27,7 +30,8 @@ A writer killed mid-write leaves its ``.tmp-*`` (or ``.trash-*``) folder; a kill
 lock its ``<key>.lock`` and ``<key>.owner``; a removed entry may leave its ``<key>.used``. These
 leftovers are listed by ``cachedload ls``; those of dead writers, and records beside entries that
 no longer exist (only when the entry's lock is free), are removed by ``prune``, ``clear`` and
-``verify --fix`` (a store removes the dead writers' temporary folders of its function folder).
+``verify --fix`` (a store removes the dead writers' temporary folders of its function folder);
+so is ``superseded.json`` once its function folder holds no entry.
       remote/                                   read-through copies of remote caches
         <bucket-prefix>-<sha256(url)[:8]>/      one per remote cache URL
           .url                                  the remote cache's URL (``cachedload ls``)
@@ -97,6 +101,7 @@ __all__ = [
     "META_FILE",
     "OWNER_SUFFIX",
     "RECORD_SUFFIXES",
+    "SUPERSEDED_FILE",
     "SYNCED_SUFFIX",
     "TAG_CONTENT",
     "TAG_FILE",
@@ -153,6 +158,9 @@ USED_SUFFIX = ".used"
 FETCH_SUFFIX = ".fetch"
 SYNCED_SUFFIX = ".synced"
 LEASE_SUFFIX = ".lease"
+#: In a function folder: records of the entries deleted as superseded (superseded.py). Not an
+#: entry's name, a record's (``<key>.<suffix>``) nor a leftover's.
+SUPERSEDED_FILE = "superseded.json"
 #: The folder of a local cache directory holding the read-through copies of remote caches.
 LOCAL_COPIES_DIR = "remote"
 #: In a local copy's root: the URL of the remote cache it copies.

@@ -102,6 +102,8 @@ class Call:
     # name -> the absolute path as given, before symlinks were resolved into ``sources``
     given_paths: dict[str, str] = field(default_factory=dict)
     fingerprint_seconds: float = 0.0  # how long fingerprinting the sources took
+    # time.perf_counter() when the call began (its binding), so that logs time all of it
+    started: float = 0.0
     # the loader's state (cachedload.state): label -> (digest, readable text)
     state: dict[str, tuple[str, str]] = field(default_factory=dict)
     warned: set[str] = field(default_factory=set)
@@ -414,6 +416,7 @@ class KeyRules:
             sources=sources,
             given_paths={label: source.paths[0] for label, source in prepared.pending.items()},
             fingerprint_seconds=fingerprint_seconds,
+            started=started,  # the caller may know an earlier start
             state={
                 label: (digest, readable(value))
                 for label, (digest, value) in prepared.state.items()

@@ -317,6 +317,7 @@ def _item_kwargs(signature: inspect.Signature, call: Call) -> dict[str, Any]:
 def _prepare(host: Host, request: _Request) -> _Prepared:
     """Bind a ``.map`` call: the decorator's key rules on the loader's other parameters, then
     the files' fingerprint, the patterns and the folder."""
+    started = time.perf_counter()
     label = host._options.per_item
     assert label is not None
     code_version = host._code_version()  # first: it rebuilds _state if the code changed
@@ -331,7 +332,9 @@ def _prepare(host: Host, request: _Request) -> _Prepared:
         full, host._with_self(()), request.params, code_version, state=host._state.values()
     )
     kwargs = _item_kwargs(signature, dataclasses.replace(base, args=base.args[host._is_bound :]))
+    scanned = time.perf_counter()
     source = _scan(label, request.source, request.patterns, host._rules)
+    scan_seconds = time.perf_counter() - scanned
     fp = source.fingerprint
     where = "" if host._rules.portable else source.real
     extra: tuple[Any, ...] = ("ragged",) if request.ragged else ()
@@ -357,6 +360,8 @@ def _prepare(host: Host, request: _Request) -> _Prepared:
         given_paths={**base.given_paths, label: source.root},
         warned=set(),
         shown_as=_shown_as(request.name, source),
+        fingerprint_seconds=base.fingerprint_seconds + scan_seconds,
+        started=started,
     )
     return _Prepared(call, source, label, kwargs, dict(base.sources))
 

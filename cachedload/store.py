@@ -32,6 +32,7 @@ from cachedload.entry import (
     MANIFEST_FILE,
     META_FILE,
     OWNER_SUFFIX,
+    SUPERSEDED_FILE,
     SYNCED_SUFFIX,
     TAG_CONTENT,
     TAG_FILE,
@@ -153,6 +154,14 @@ def _delete(path: Path) -> None:
             path.unlink()
 
 
+def _unlink_file(path: Path) -> None:
+    """Delete a file (or a symlink, never what it points to); a folder is left alone."""
+    info = _lstat(path)
+    if info is not None and not stat.S_ISDIR(info.st_mode):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 def _folder_size(path: Path) -> int:
     try:
         with os.scandir(path) as children:  # closed even when a stat fails midway
@@ -252,6 +261,11 @@ class LocalRoot(CacheRoot):
 
     def __repr__(self) -> str:
         return f"LocalRoot({self.location!r})"
+
+    @property
+    def file_mode(self) -> int:
+        """The mode files are created with here (0600 private, 0666 less the umask shared)."""
+        return self._file_mode
 
     # -- names ---------------------------------------------------------------------------------
     @property
@@ -810,6 +824,9 @@ class LocalRoot(CacheRoot):
             return 0
         keys = {key for key in map(record_key, names) if key is not None and key not in names}
         tidied = 0
+        if SUPERSEDED_FILE in names and not any(map(is_entry_name, names)):
+            # Records of entries deleted as superseded, with no newer entry left to explain.
+            _unlink_file(folder / SUPERSEDED_FILE)
         for key in sorted(keys):
             with self.claim(fdir, key) as free:  # the lock file goes when the claim ends
                 if not free or os.path.lexists(folder / key):
