@@ -33,7 +33,10 @@ from cachedload.images import (
     check_options,
     decode_image,
     decode_rows,
+    image_files,
     opencv_threads_off,
+    unreadable_error,
+    unreadable_images,
 )
 from cachedload.options import options_for
 from cachedload.per_item import ItemMap
@@ -135,7 +138,8 @@ def cached_image_folder(
 
     Raises:
         NoImagesFoundError: ``root`` is missing, not a folder, or holds no (readable) image.
-        ImageReadError: an image is unreadable (``on_error="raise"``).
+        ImageReadError: images are unreadable, truncated or corrupt (``on_error="raise"``): it
+            names them all (the first ten in its message).
         ItemShapeMismatchError: images differ in shape (no ``size``) or channel count.
         ConfigurationError: an option has an invalid value.
 
@@ -152,7 +156,7 @@ def cached_image_folder(
             found = ItemMap(plan.loader, "cached_image_folder")(plan.folder, **plan.arguments)
     except ImageReadError as error:
         if not plan.arguments["skip"]:
-            raise
+            raise _every_unreadable(plan, error) from None
         # Skipping, .map raises only when every image was skipped (there is no row).
         raise NoImagesFoundError(plan.folder, "none of its image files is readable") from error
     except ItemShapeMismatchError as error:
@@ -262,6 +266,20 @@ def _folder_data(plan: _Plan, found: ItemArray) -> ImageFolderData:
             np.diff([start for _, start in blocks] + [len(paths)]),
         )
     return ImageFolderData(images, labels, classes, paths, skipped)
+
+
+def _every_unreadable(plan: _Plan, first: ImageReadError) -> ImageReadError:
+    """The error naming every unreadable image of the folder, not only the one the build
+    stopped at: one decoding pass over the images (the build failed: nothing was stored), so
+    that one run shows all there is to fix, as ``load_image_folder`` does."""
+    arguments = plan.arguments
+    try:
+        files = image_files(plan.folder, plan.extensions)
+    except NoImagesFoundError:  # the folder went away meanwhile
+        return unreadable_error([first])
+    found = unreadable_images(files, size=arguments["size"], color=arguments["color"],
+                              n_jobs=arguments["n_jobs"])  # fmt: skip
+    return unreadable_error(found or [first])
 
 
 def _class_blocks(paths: Sequence[str]) -> list[tuple[str, int]] | None:
