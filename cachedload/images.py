@@ -594,16 +594,17 @@ class _Decoder:
 def _read(path: str, buffer: list[npt.NDArray[np.uint8]]) -> npt.NDArray[np.uint8]:
     """The file's bytes, read into ``buffer[0]`` (grown, and replaced there, for a larger
     file): a view of it, valid until the next read."""
-    data, size = buffer[0], 0
+    data = buffer[0]
     try:
         fd = os.open(path, _OPEN_FLAGS)
         try:
-            while True:
+            # Into the whole buffer first (no view made): most files take one read, and one
+            # more that says the file ended.
+            size = got = _read_into(fd, data)
+            while got:
                 if size == len(data):
                     data = buffer[0] = np.concatenate((data, np.empty_like(data)))
                 got = _read_into(fd, data[size:])
-                if not got:
-                    break
                 size += got
         finally:
             os.close(fd)
