@@ -191,6 +191,7 @@ def test_cached_image_folder_serves_spawned_and_forked_workers(
     np.testing.assert_array_equal(torch.cat(images).numpy(), expected.images.transpose(0, 3, 1, 2))
     assert expected.labels is not None and labels == expected.labels.tolist()
     assert workers == {0, 1} and all(mapped)
+    assert not dataset._report_if_changed()  # the entry it serves is the current one
 
 
 @pytest.mark.parametrize("context", CONTEXTS)
@@ -204,6 +205,7 @@ def test_a_per_item_map_serves_spawned_and_forked_workers(dataset_root: Path, co
     expected = small_image.map(dataset_root)
     np.testing.assert_array_equal(torch.cat(rows).numpy(), expected.array.transpose(0, 3, 1, 2))
     assert tuple(paths) == expected.paths
+    assert not dataset._report_if_changed()
 
 
 def test_per_item_lookup_by_path(dataset_root: Path) -> None:
