@@ -142,7 +142,7 @@ def check_url(url: str, origin: str = "cache_dir") -> None:
     if scheme in _S3_SCHEMES:
         if importlib.util.find_spec("boto3") is None:
             raise ConfigurationError(
-                origin, f"{url!r} needs boto3: pip install 'cachedload[s3]', or use {_LOCAL}"
+                origin, f"{url!r} needs boto3: pip install boto3 (the s3 extra), or use {_LOCAL}"
             )
         if not rest.strip("/"):
             raise ConfigurationError(

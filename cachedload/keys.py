@@ -173,7 +173,10 @@ def racy_files_unchanged(call: Call, meta: dict[str, Any]) -> bool:
         root = call.sources[name][0]
         for relpath, digest in files.items():
             try:
-                if hash_regular_file(_source_file(root, relpath)) != digest:
+                # Sources are the user's files: a symlink among them is followed, as the walk
+                # follows it (the file must still be regular: a FIFO would block).
+                path = _source_file(root, relpath)
+                if hash_regular_file(path, follow_symlinks=True) != digest:
                     return False
             except OSError:
                 return False
@@ -469,8 +472,10 @@ class KeyRules:
             if given is not None and os.path.realpath(given) != path:
                 return None
             try:
+                # The path fingerprinted before: a single file's record is named after it (a
+                # symlink's name, not its target's).
                 now = fingerprint_source(
-                    path, mode=self.mode, include=self.include, exclude=self.exclude
+                    given or path, mode=self.mode, include=self.include, exclude=self.exclude
                 )
             except FileNotFoundError:
                 return None

@@ -89,6 +89,7 @@ class Host(Protocol):
     _state: LoaderState | None
     _is_bound: bool
 
+    def load_entry(self, path: str | os.PathLike[str]) -> Any: ...
     def _with_self(self, args: tuple[Any, ...]) -> tuple[Any, ...]: ...
     def _code_version(self) -> str: ...
     def _root(self) -> CacheRoot: ...
@@ -478,6 +479,19 @@ class ItemMap:
         host = self._host
         call = _prepare(host, _request(source, pattern, params)).call
         return host._root().entry_path(host._fdir(), call.key)
+
+    def load_entry(self, path: str | os.PathLike[str]) -> ItemArray:
+        """The result stored in the entry folder ``path`` (one :meth:`cache_path` returned),
+        without looking at the files, as :meth:`cachedload.CachedDataset.load_entry`.
+
+        Raises:
+            FileNotFoundError: no entry of this loader is there.
+            OSError: the entry is damaged.
+        """
+        found = self._host.load_entry(path)
+        if not isinstance(found, ItemArray):
+            raise OSError(f"damaged cache entry {os.fspath(path)}: not a per-item entry")
+        return found
 
     def cache_explain(self, source: Any, pattern: str | Sequence[str] | None = None,
                       **params: Any) -> Explanation:  # fmt: skip
