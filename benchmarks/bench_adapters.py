@@ -208,7 +208,7 @@ def main() -> None:
             warnings.simplefilter("ignore")
             lit = litdata_case(root, tmp / "litdata", args.quick)
         if lit is None:
-            print("litdata not installed (pip install 'cachedload[bench]'): its row is skipped\n")
+            print("litdata not installed (pip install '.[bench]'): its row is skipped\n")
         else:
             makers[f"{lit[1]} StreamingDataset"] = lit[0]
         first: dict[str, list[float]] = {name: [] for name in makers}

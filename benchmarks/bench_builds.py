@@ -290,7 +290,7 @@ def section_dask(args: Any, folder: Folder, rounds: int) -> None:
     try:
         import distributed
     except ImportError:
-        print("Dask: not installed (pip install 'cachedload[dask]'); skipped\n")
+        print("Dask: not installed (pip install '.[dask]' in a checkout); skipped\n")
         return
     n = len(folder.paths)
     with (

@@ -18,10 +18,11 @@ result is an :class:`ItemArray`); and the errors and
 warnings any cached call or management function can raise (a per-item loader's
 :class:`ItemShapeMismatchError`, :class:`UnsafeCacheWarning` for a cache directory another user
 can write, :class:`NotACacheDirectoryError` from ``prune`` pointed at a folder that is not a
-cache). The image loaders' own errors (``ImageReadError``, ``ImageShapeMismatchError``,
-``FolderImagesMismatchError``, ``NoImagesFoundError``, ``ImagesSkippedWarning``; defined in
-:mod:`cachedload.errors`, the first four re-exported by :mod:`cachedload.images`) are importable
-from here too, outside ``__all__``.
+cache, :class:`ReadOnlyCacheError` at one that cannot be written). The image loaders' own
+errors (``ImageReadError``, ``ImageShapeMismatchError``, ``FolderImagesMismatchError``,
+``NoImagesFoundError``, ``ImagesSkippedWarning``; defined in :mod:`cachedload.errors`, the
+first four re-exported by :mod:`cachedload.images`) are importable from here too, outside
+``__all__``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from cachedload.errors import (
     CorruptEntryWarning,
     ItemShapeMismatchError,
     NotACacheDirectoryError,
+    ReadOnlyCacheError,
     SourceChangedWarning,
     SourceNotFoundError,
     UnhashableArgumentError,
@@ -75,6 +77,7 @@ __all__ = [
     "ItemShapeMismatchError",
     "NotACacheDirectoryError",
     "PruneReport",
+    "ReadOnlyCacheError",
     "SourceChangedWarning",
     "SourceNotFoundError",
     "UnhashableArgumentError",

@@ -38,6 +38,7 @@ import bisect
 import contextlib
 import dataclasses
 import functools
+import io
 import itertools
 import logging
 import operator
@@ -61,6 +62,8 @@ from cachedload.fingerprint import (
     fingerprint_source,
     hash_file,
 )
+from cachedload.reading import read_exactly
+from cachedload.verified import open_regular
 
 __all__ = [
     "BuildReport",
@@ -69,6 +72,7 @@ __all__ = [
     "ItemTable",
     "PreviousBuild",
     "RowRecord",
+    "UnwrittenBuild",
     "build_items",
     "file_identity",
     "scan_items",
@@ -324,6 +328,23 @@ class BuildReport:
         return records
 
 
+class UnwrittenBuild(OSError):
+    """The data file of a build could not be written (a full disk, a file size limit), but
+    every row was computed all the same: ``report.value`` holds the result, in memory.
+
+    Attributes:
+        error: the ``OSError`` that stopped the writing (also ``__cause__``).
+        report: the build's :class:`BuildReport` (``size`` 0, ``checksum`` empty).
+    """
+
+    def __init__(self, error: OSError, report: BuildReport) -> None:
+        super().__init__(error.errno, error.strerror or str(error), error.filename)
+        self.error, self.report = error, report
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.error, self.report)
+
+
 def scan_items(
     root: str | os.PathLike[str],
     *,
@@ -570,26 +591,71 @@ def _same_contents(
     )  # fmt: skip
 
 
-def _previous_rows(previous: PreviousBuild | None) -> tuple[serialize.ArrayExtent | None, str]:
-    """The previous build's rows extent, or ``None`` and why it cannot be used."""
+class _Previous(NamedTuple):
+    """The previous build's file, open (rows are copied from it: another process removing
+    the entry meanwhile takes its name, not its rows; closed once the build is written, or
+    when dropped if the build fails before), its rows, and its identity when it was checked
+    (:attr:`PreviousBuild.identity`)."""
+
+    file: io.FileIO
+    extent: serialize.ArrayExtent
+    identity: tuple[int, ...] | None = None
+
+
+def _still_named(previous: PreviousBuild) -> None:
+    """Raise :class:`_PreviousChanged` unless the previous build's file is, by its name, the
+    one that was checked, unchanged (gone: removed meanwhile, rows perhaps not the same)."""
+    if previous.identity is None:
+        return
+    try:
+        info = os.stat(previous.path)
+    except OSError as error:
+        raise _PreviousChanged(f"previous build's file is gone ({error})") from None
+    _still_checked(previous, info)
+
+
+def _check_unchanged(opened: _Previous | None) -> None:
+    """Raise :class:`_PreviousChanged` if the previous build's open file was written since
+    it was checked (rows copied from it meanwhile may not be those checked)."""
+    if opened is None or opened.identity is None:
+        return
+    if file_identity(os.fstat(opened.file.fileno())) != opened.identity:
+        raise _PreviousChanged("previous build's file changed after it was checked")
+
+
+def _previous_rows(previous: PreviousBuild | None) -> tuple[_Previous | None, str]:
+    """The previous build's file opened, with its rows extent; or ``None`` and why it cannot
+    be used."""
     if previous is None:
         return None, "no previous build"
     try:
-        _still_checked(previous, os.stat(previous.path))
+        file = io.FileIO(open_regular(previous.path)[0], "r")  # never a FIFO's: it blocks
+    except OSError as exc:  # e.g. removed by another process's clear or keep=: compute them
+        return None, f"previous build unreadable ({type(exc).__name__}: {exc})"
+    try:
         extent = previous.extent or serialize.array_extents(previous.path, previous.safe_types)[0]
         paths = _row_paths(previous)
-        info = os.stat(previous.path)
-        _still_checked(previous, info)
-        size = info.st_size
+        opened, named = os.fstat(file.fileno()), os.stat(previous.path)
     except Exception as exc:  # a damaged or crafted file: a full build, whatever it raises
+        file.close()
         return None, f"previous build unreadable ({type(exc).__name__}: {exc})"
-    if not extent.shape or extent.order != "C" or extent.offset + extent.nbytes > size:
-        return None, "previous build holds no rows array"
-    if not _rows_match(previous.records, extent.shape[0], paths):
+    why = ""
+    if (opened.st_dev, opened.st_ino) != (named.st_dev, named.st_ino):
+        why = "previous build replaced while it was read"
+    elif previous.identity is not None and file_identity(opened) != previous.identity:
+        # Read by name above, but the same file as checked, unchanged (a rename changes
+        # the ctime too): its index and paths are the checked file's.
+        why = "previous build's file changed after it was checked"
+    elif not extent.shape or extent.order != "C" or extent.offset + extent.nbytes > opened.st_size:
+        why = "previous build holds no rows array"
+    elif not _rows_match(previous.records, extent.shape[0], paths):
         # Row i came from the i-th file of its records: a count that differs (a damaged or
         # crafted entry) would shift every row after the difference.
-        return None, f"previous build's records do not match its {extent.shape[0]} rows"
-    return extent, ""
+        why = f"previous build's records do not match its {extent.shape[0]} rows"
+    if why:
+        file.close()
+        return None, why
+    return _Previous(file, extent, previous.identity), ""
 
 
 def _row_paths(previous: PreviousBuild) -> tuple[str, ...] | None:
@@ -619,7 +685,7 @@ def _rows_match(
 def build_items(
     fn: Callable[..., Any],
     items: Sequence[Item],
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | None,
     *,
     params: Mapping[str, Any] | None = None,
     previous: PreviousBuild | None = None,
@@ -643,7 +709,8 @@ def build_items(
             (``cached_image_folder`` on 2 threads: ~40 µs per 64x64 JPEG instead of ~60).
             ``fn`` then computes the row it stopped at (and raises its error).
         items: the files, sorted by ``relpath`` (as :func:`scan_items` gives them).
-        path: the data file to write (a new file; fsynced when this returns).
+        path: the data file to write (a new file; fsynced when this returns); ``None``: no
+            file, the result in memory only (``report.value``).
         params: keyword arguments for ``fn``.
         previous: an earlier build; its unchanged rows are copied, not computed.
         taken_ns: ``time.time_ns()`` from just before the items were stat-ed (racy files are
@@ -668,6 +735,9 @@ def build_items(
         The :class:`BuildReport`; the file holds an :class:`ItemArray`.
 
     Raises:
+        UnwrittenBuild: the file could not be written (a full disk, a file size limit); the
+            rows were computed all the same, in memory: its ``report.value``. No row is
+            computed twice: those written before the failure are read back.
         ItemShapeMismatchError: rows differ in shape or dtype (not ``ragged``).
         ValueError: ``items`` are not sorted by ``relpath`` or repeat one.
         Whatever ``fn`` raises, with a note naming the file.
@@ -687,7 +757,7 @@ def build_items(
 def _build_items(
     fn: Callable[..., Any],
     items: Sequence[Item],
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | None,
     *,
     params: Mapping[str, Any] | None,
     previous: PreviousBuild | None,
@@ -706,14 +776,14 @@ def _build_items(
     taken_ns = time.time_ns() if taken_ns is None else taken_ns
     params = dict(params or {})
     old_rows: Any = None
+    opened: _Previous | None = None
     if ragged:
         old_rows, reason = _previous_list(previous)
         previous_rows = len(old_rows) if old_rows is not None else 0
-        extent = None
     else:
-        extent, reason = _previous_rows(previous)
-        previous_rows = extent.shape[0] if extent is not None else 0
-    usable = old_rows is not None or extent is not None
+        opened, reason = _previous_rows(previous)
+        previous_rows = opened.extent.shape[0] if opened is not None else 0
+    usable = old_rows is not None or opened is not None
     plan = _classify(table, previous.records if previous else None, previous_rows, taken_ns)
     if not usable and previous is not None:
         _log.info("full build of %s items: %s", len(table), reason)
@@ -721,25 +791,35 @@ def _build_items(
     runner = _Runner(_Skipping(fn, skip) if skip else fn, params, n_jobs, backend, batch_bytes)
     left_out: dict[int, BaseException] = {}  # row -> why (rows in the order of the table)
     advance = _advancer(progress, len(plan.compute))
+    value: ItemArray | None = None
     if ragged:
-        size, checksum = _build_ragged(runner, table, plan, old_rows, path, left_out, advance)
+        size, checksum, value, unwritten = _build_ragged(
+            runner, table, plan, old_rows, path, left_out, advance
+        )
         if plan.copies:  # written or replaced while its rows were copied: not those rows
             assert previous is not None
-            _still_checked(previous, os.stat(previous.path))
+            _still_named(previous)
         shape = dtype = None
         kept = None
     else:
         kept = np.empty(0) if in_memory and not plan.copies and runner.threads() else None
-        size, checksum, shape, dtype, kept = _build_stacked(
-            runner, table, plan, previous, extent, paths, path, kept, left_out, advance
+        size, checksum, shape, dtype, kept, unwritten = _build_stacked(
+            runner, table, plan, opened, paths, path, kept, left_out, advance
         )
     skipped: dict[str, BaseException] = {}
     if left_out:
         good, paths, skipped = _leave_out(table, left_out)
         if not ragged:  # a ragged file is written without them
             assert shape is not None and dtype is not None
-            size, checksum = _compact(path, good, paths, tuple(skipped), shape, dtype)
+            if path is not None and unwritten is None:
+                try:
+                    size, checksum = _compact(path, good, paths, tuple(skipped), shape, dtype)
+                except OSError as error:  # no room for the compacted copy: go on in memory
+                    kept = _read_rows(path, kept)
+                    size, checksum, unwritten = 0, "", error
             kept = None if kept is None else _compact_rows(kept, good)
+    if value is None and kept is not None:
+        value = ItemArray(kept, paths, tuple(skipped))
     reused = sum(count for _first, _source, count in plan.copies)
     report = BuildReport(
         size=size,
@@ -752,11 +832,15 @@ def _build_items(
         row_shape=shape,
         dtype=dtype,
         full_build_reason=reason if previous is not None and not usable else None,
-        value=None if ragged or kept is None else ItemArray(kept, paths, tuple(skipped)),
+        value=value,
         skipped=skipped,
     )
-    _log.debug("built %s: %s rows computed, %s copied, %s bytes in %.3f s", os.fspath(path),
+    where = "memory" if path is None or unwritten is not None else os.fspath(path)
+    _log.debug("built %s: %s rows computed, %s copied, %s bytes in %.3f s", where,
                report.computed, report.reused, size, report.seconds)  # fmt: skip
+    if unwritten is not None:
+        _log.info("could not write %s (%s): the rows are kept in memory", path, unwritten)
+        raise UnwrittenBuild(unwritten, report) from unwritten
     return report
 
 
@@ -800,6 +884,17 @@ class _Runner:
         # manager set another one explicitly.
         active, _jobs = get_active_backend(prefer="threads")
         return bool(getattr(active, "uses_threads", False))
+
+    def one(self, path: str) -> np.ndarray[Any, Any] | _Skipped:
+        """One item's row, computed where the batches run: on a cluster's or a process
+        pool's workers (the calling process may lack what the function needs: a GPU, the
+        memory), else here (this process's threads run the batches anyway, and a pool for
+        one item would cost more than most items: ~12 ms)."""
+        if self.threads():
+            return _as_row(_load(self.fn, path, self.params))
+        (found,) = self.run([[path]], None, None)  # to its end: the pool is left tidy
+        row: np.ndarray[Any, Any] | _Skipped = found[0]
+        return row
 
     def batches(self, rows: list[int], row_bytes: int) -> list[list[int]]:
         """Split ``rows`` into batches of about ``batch_bytes``, several per worker."""
@@ -881,17 +976,19 @@ def _build_stacked(
     runner: _Runner,
     table: ItemTable,
     plan: _Plan,
-    previous: PreviousBuild | None,
-    extent: serialize.ArrayExtent | None,
+    opened: _Previous | None,
     paths: tuple[str, ...],
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | None,
     kept: np.ndarray[Any, Any] | None,
     left_out: dict[int, BaseException],
     advance: Callable[[int], None],
-) -> tuple[int, str, tuple[int, ...], np.dtype[Any], np.ndarray[Any, Any] | None]:
+) -> tuple[int, str, tuple[int, ...], np.dtype[Any], np.ndarray[Any, Any] | None, OSError | None]:
     """Write the rows; ``kept`` (not ``None``: a full build on threads, every row computed)
     is replaced by the result array, the batches computed straight into it. Rows left out
-    are added to ``left_out`` (their bytes in the file are left as they are)."""
+    are added to ``left_out`` (their bytes in the file are left as they are). Returns the
+    file's size and checksum, the rows' shape and dtype, the rows in memory (``kept``, or
+    all of them if the file could not be written: then with the error, else ``None``)."""
+    extent = None if opened is None else opened.extent
     shape, dtype, reference, first = _row_layout(runner, table, plan, extent, left_out)
     compute = plan.compute[len(left_out) :]  # those left out before the first row: done
     row_bytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
@@ -900,10 +997,9 @@ def _build_stacked(
         if first is not None:
             kept[compute[0]] = first
     value = ItemArray(serialize.ArraySlot((len(table), *shape), dtype), paths)
-    out = serialize.dump_slotted(value, path)
-    source_fd = -1
+    out = _RowsOut(value, path, kept)
+    source_fd = -1 if opened is None else opened.file.fileno()
     try:
-        source_fd = _open_previous(plan, previous)
         copies = iter(plan.copies)
         pending_copy = next(copies, None)
 
@@ -913,7 +1009,7 @@ def _build_stacked(
             while pending_copy is not None and pending_copy[0] < row:
                 here, there, count = pending_copy
                 assert extent is not None
-                out.copy_from(source_fd, extent.offset + there * row_bytes, 0,
+                out.copy_from(source_fd, extent.offset + there * row_bytes,
                               here * row_bytes, count * row_bytes)  # fmt: skip
                 pending_copy = next(copies, None)
 
@@ -923,7 +1019,7 @@ def _build_stacked(
             for end in range(1, len(rows) + 1):
                 if end == len(rows) or rows[end] != rows[end - 1] + 1:
                     copy_until(rows[start])
-                    out.write_rows(0, rows[start], block[start:end])
+                    out.write_rows(rows[start], block[start:end])
                     start = end
 
         if first is not None:
@@ -943,40 +1039,101 @@ def _build_stacked(
             write(rows, _noting_left_out(result, rows, left_out))
             advance(len(rows))
         copy_until(len(table))
-        copied_from, source_fd = source_fd, -1
-        _close_previous(previous, copied_from)
+        _check_unchanged(opened)  # written while its rows were copied: not those rows
         size, checksum = out.finish()
     finally:
         out.close()
-        if source_fd >= 0:
-            os.close(source_fd)
-    return size, checksum, shape, dtype, kept
+        if opened is not None:
+            opened.file.close()
+    return size, checksum, shape, dtype, out.memory, out.error
 
 
-def _open_previous(plan: _Plan, previous: PreviousBuild | None) -> int:
-    """A descriptor of the previous build's file if rows are copied from it, else -1."""
-    if not plan.copies:
-        return -1
-    assert previous is not None
-    fd = os.open(previous.path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+class _RowsOut:
+    """Where a stacked build's rows go: the data file at ``path`` (and ``kept``, the rows
+    in memory, if given). From the first write that fails (a full disk, a file size limit),
+    or with no ``path``, the rows go to memory only: those written before are read back
+    (rows are written in ascending order), so no row is computed twice."""
+
+    def __init__(self, value: ItemArray, path: str | os.PathLike[str] | None, kept: Any) -> None:
+        slot: serialize.ArraySlot = value.array
+        self.shape, self.dtype = slot.shape, slot.dtype
+        self.row_bytes = slot.nbytes // slot.shape[0] if slot.shape[0] else 0
+        self.memory: np.ndarray[Any, Any] | None = kept
+        self.fill = False  # the rows are written into memory (not there already: kept)
+        self.error: OSError | None = None
+        self.file: serialize.SlottedFile | None = None
+        if path is None:
+            self._spill(None, 0)
+            return
+        try:
+            self.file = serialize.dump_slotted(value, path)
+        except OSError as error:
+            self._spill(error, 0)
+
+    def write_rows(self, first_row: int, rows: np.ndarray[Any, Any]) -> None:
+        if self.file is not None:
+            try:
+                self.file.write_rows(0, first_row, rows)
+            except OSError as error:
+                self._spill(error, first_row * self.row_bytes)
+        if self.fill:
+            assert self.memory is not None
+            self.memory[first_row : first_row + len(rows)] = rows
+
+    def copy_from(self, src_fd: int, src_offset: int, byte_offset: int, count: int) -> None:
+        if self.file is not None:
+            try:
+                self.file.copy_from(src_fd, src_offset, 0, byte_offset, count)
+            except OSError as error:
+                self._spill(error, byte_offset)
+        if self.fill:
+            read_exactly(src_fd, self._bytes()[byte_offset : byte_offset + count], src_offset)
+
+    def finish(self) -> tuple[int, str]:
+        if self.file is not None:
+            try:
+                return self.file.finish()
+            except OSError as error:
+                self._spill(error, self.row_bytes * self.shape[0])
+        return 0, ""
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+    def _bytes(self) -> memoryview:
+        assert self.memory is not None
+        return self.memory.reshape(-1).view(np.uint8).data
+
+    def _spill(self, error: OSError | None, written: int) -> None:
+        """Go on in memory; ``written``: the bytes of rows in the file so far."""
+        file, self.file, self.error = self.file, None, error
+        try:
+            if self.memory is None:
+                self.memory, self.fill = np.empty(self.shape, self.dtype), True
+                if file is not None and written:
+                    read_exactly(file.fd, self._bytes()[:written], file.slots[0].offset)
+        except (OSError, EOFError):
+            assert error is not None  # there is a file: its error
+            raise error from None  # what is written cannot be read back either
+        finally:
+            if file is not None:
+                with contextlib.suppress(OSError):
+                    file.close()
+
+
+def _read_rows(path: str | os.PathLike[str], kept: Any) -> np.ndarray[Any, Any]:
+    """The rows array of a finished data file, in memory (``kept`` if it is there)."""
+    if kept is not None:
+        return kept  # type: ignore[no-any-return]
+    extent = serialize.array_extents(path)[0]
+    rows = np.empty(extent.shape, extent.dtype)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
-        _still_checked(previous, os.fstat(fd))
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _close_previous(previous: PreviousBuild | None, fd: int) -> None:
-    """Close the previous build's file once its rows are copied: raise
-    :class:`_PreviousChanged` if it was written or replaced meanwhile (not those rows)."""
-    if fd < 0:
-        return
-    try:
-        assert previous is not None
-        _still_checked(previous, os.fstat(fd))
+        read_exactly(fd, rows.reshape(-1).view(np.uint8).data, extent.offset)
     finally:
         os.close(fd)
+    return rows
 
 
 def _row_layout(
@@ -999,7 +1156,7 @@ def _row_layout(
     else:
         # The first row fixes the shape and dtype (and so the batch size and the layout).
         for row in plan.compute:
-            found = _as_row(_load(runner.fn, table.path(row), runner.params))
+            found = runner.one(table.path(row))
             if not isinstance(found, _Skipped):
                 first, shape, dtype = found, found.shape, found.dtype
                 reference = table.relpaths[row]
@@ -1038,12 +1195,14 @@ def _build_ragged(
     table: ItemTable,
     plan: _Plan,
     old_rows: Any,
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | None,
     left_out: dict[int, BaseException],
     advance: Callable[[int], None],
-) -> tuple[int, str]:
+) -> tuple[int, str, ItemArray | None, OSError | None]:
     """Rows of any shape: a list, in memory (copied rows read from the previous build); the
-    rows left out are added to ``left_out`` and not written."""
+    rows left out are added to ``left_out`` and not written. Returns the file's size and
+    checksum, and the result if it is not in the file (no ``path``, or it could not be
+    written: then with the error)."""
     rows: list[Any] = [None] * len(table)
     for here, there, count in plan.copies:
         for k in range(count):
@@ -1062,7 +1221,13 @@ def _build_ragged(
     good = [row for row in range(len(table)) if row not in left_out]
     value = ItemArray([rows[row] for row in good], tuple(relpaths[row] for row in good),
                       tuple(relpaths[row] for row in sorted(left_out)))  # fmt: skip
-    return serialize.dump(value, path)
+    if path is None:
+        return 0, "", value, None
+    try:
+        size, checksum = serialize.dump(value, path)
+    except OSError as error:
+        return 0, "", value, error
+    return size, checksum, None, None
 
 
 # -- items left out (build_items(skip=...)) ----------------------------------------------------

@@ -20,12 +20,21 @@ from pathlib import Path
 from cachedload import config
 from cachedload._version import __version__
 from cachedload.backends import remote_url
-from cachedload.config import check_cache_dir, default_cache_dir, parse_size
+from cachedload.config import (
+    cache_dir_origin,
+    cache_dir_variable,
+    check_cache_dir,
+    default_cache_dir,
+    not_a_folder,
+    parse_size,
+    platform_cache_dir,
+)
 from cachedload.errors import ConfigurationError
-from cachedload.explain import compare
+from cachedload.explain import compare, compare_with_superseded, last_superseded
 from cachedload.manage import (
     EntryRecord,
     PruneReport,
+    VerifyResult,
     format_age,
     format_size,
     is_busy,
@@ -50,8 +59,14 @@ exit status:
   0  success
   1  `verify` found damaged entries (even when --fix deleted them), or a deletion was
      declined or could not be confirmed
-  2  invalid usage: a bad option, or an ID or FUNCTION that matches no entry or several
+  2  invalid usage: a bad option, a cache directory that is a file (or, for ls, info,
+     why and verify, that does not exist), an ID or FUNCTION that matches no entry or
+     several, or a cache directory to delete from that is not cachedload's, or is read-only
 """
+
+# What only reads a cache: a cache directory that does not exist is then an error (a typo,
+# or a variable not set here), where clear and prune find nothing to do.
+_READ_ONLY = ("ls", "info", "why", "verify")
 
 
 class _UsageError(Exception):
@@ -217,13 +232,15 @@ def _print_leftovers(cache_dir: Path | str) -> None:
     print(f"{_plural(len(found), 'leftover', 'leftovers')}, {format_size(total)}")
 
 
-def _tidy(cache_dir: Path | str, dry_run: bool) -> None:
-    """Remove dead writers' leftovers and records of removed entries, saying what went."""
+def _tidy(cache_dir: Path | str, dry_run: bool, *, quiet: bool = False) -> None:
+    """Remove dead writers' leftovers and records of removed entries, saying what went
+    (unless ``quiet``: the output is JSON)."""
     dead = _dead_leftovers(cache_dir)
     if not dry_run:
         tidy(cache_dir)
         tidy_local_copies(cache_dir)
-    _say_removed(dead, dry_run)
+    if not quiet:
+        _say_removed(dead, dry_run)
 
 
 def _dead_leftovers(cache_dir: Path | str) -> list[Leftover]:
@@ -353,6 +370,18 @@ def _report(report: PruneReport, cache_dir: Path | str) -> None:
     print(text)
 
 
+def _damaged_and_strays(cache_dir: Path | str) -> tuple[list[VerifyResult], list[VerifyResult]]:
+    """The damaged entries (deleted by ``clear --all``), and the folders that are not
+    cachedload's (never deleted, named)."""
+    damaged, strays = [], []
+    for result in verify(cache_dir, checksums=False):
+        if result.unknown:
+            strays.append(result)
+        elif not result.ok:
+            damaged.append(result)
+    return damaged, strays
+
+
 def _clear(args: argparse.Namespace) -> int:
     cache_dir = _cache_dir(args)
     if args.all and (args.function or args.older_than is not None):
@@ -362,15 +391,15 @@ def _clear(args: argparse.Namespace) -> int:
     # The local copies of remote caches kept here are listed by `ls`: cleared like entries
     # (only this machine's copy goes; the next hit downloads it again).
     records = list_entries(cache_dir) + local_copies(cache_dir)
-    damaged = []
-    if args.all:
-        damaged = [result for result in verify(cache_dir, checksums=False) if not result.ok]
+    damaged, strays = _damaged_and_strays(cache_dir) if args.all else ([], [])
     if args.function:
         function = _match_function(records, args.function)
         records = [record for record in records if record.function == function]
     if args.older_than is not None:
         cutoff = time.time() - args.older_than
         records = [record for record in records if record.last_used < cutoff]
+    for stray in strays:
+        print(f"left alone: {stray.path} ({stray.problem})")
     if not records and not damaged:
         print("nothing to clear: no entry matches")
         _tidy(cache_dir, args.dry_run)
@@ -421,42 +450,71 @@ def _why(args: argparse.Namespace) -> int:
     if function is None:
         raise _no_function(records, args.function)
     mine = [record for record in records if record.function == function]
-    if len(mine) < 2:
-        print(f"{function}: only one entry is stored ({mine[0].id[:12]}), nothing to compare")
+    newer = mine[0]
+    # The entry it replaced, if keep= deleted it: that says why it was rebuilt.
+    replaced = last_superseded(newer.path.parent, newer.group)
+    if replaced is not None:
+        print(compare_with_superseded(replaced, newer.meta, manifest_of(newer)))
         return 0
-    newer, older = mine[0], mine[1]
+    if len(mine) < 2:
+        print(f"{function}: only one entry is stored ({newer.id[:12]}), nothing to compare")
+        return 0
+    older = mine[1]
     print(compare(older.meta, manifest_of(older), newer.meta, manifest_of(newer)))
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    checked = copies = damaged = 0
+    checked = copies = damaged = unknown = 0
     total = 0
+    found: list[dict[str, object]] = []
     for result in verify(_cache_dir(args)):
+        if result.unknown:  # not an entry, not cachedload's: named, never deleted
+            unknown += 1
+            if args.json:
+                found.append({**result.to_dict(), "action": "left alone"})
+            else:
+                print(f"UNKNOWN  {result.path}  {result.problem}")
+            continue
         checked += 1
         copies += result.copy_of is not None
         total += result.size_bytes
+        action = None
+        if not result.ok:
+            damaged += 1
+            if args.fix:
+                action = _fix(result)
+        if args.json:
+            found.append({**result.to_dict(), **({"action": action} if action else {})})
+            continue
         copy = f"  (local copy of {result.copy_of})" if result.copy_of else ""
         if result.ok:
             size = format_size(result.size_bytes)
             print(f"OK       {result.id[:12]}  {result.function}  {size}{copy}")
             continue
-        damaged += 1
         line = f"CORRUPT  {result.id[:12]}  {result.function}  {result.problem}{copy}"
-        if args.fix:
-            if result.unknown:
-                line += "  (left alone)"
-            else:
-                line += "  (deleted)" if remove_damaged(result) else "  (in use: not deleted)"
-        print(line)
+        print(line + (f"  ({action})" if action else ""))
     if args.fix:
-        _tidy(_cache_dir(args), dry_run=False)
+        _tidy(_cache_dir(args), dry_run=False, quiet=args.json)
+    if args.json:
+        summary = {"checked": checked, "damaged": damaged, "unknown": unknown}
+        print(json.dumps({**summary, "size_bytes": total, "entries": found}, indent=2))
+        return 1 if damaged else 0
     what = _entries_text(checked - copies) + (f" and {_copies_text(copies)}" if copies else "")
+    strays = f"; {_plural(unknown, 'folder', 'folders')} not cachedload's left alone"
     print(
         f"checked {what} ({format_size(total)}): {damaged} damaged"
         + ("" if damaged == 0 or args.fix else "; run with --fix to delete")
+        + (strays if unknown else "")
     )
     return 1 if damaged else 0
+
+
+def _fix(result: VerifyResult) -> str:
+    """Delete a damaged entry unless it is not ours or in use; say which."""
+    if result.unknown:
+        return "left alone"
+    return "deleted" if remove_damaged(result) else "in use: not deleted"
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -468,17 +526,78 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_cache_dir(args: argparse.Namespace) -> int | None:
+    """Check the cache directory the command works on (``args.cache_dir`` checked in place);
+    the exit status if the command ends here (saying why), else None."""
+    try:
+        if args.cache_dir is None:
+            args.cache_dir = args.global_cache_dir
+        if args.cache_dir is not None:
+            checked = check_cache_dir(args.cache_dir, "--cache-dir")
+            args.cache_dir = checked if isinstance(checked, str) else os.fspath(checked)
+        missing = _missing_cache(args)
+    except ConfigurationError as error:
+        print(f"cachedload: error: {error}", file=sys.stderr)
+        return 2
+    if missing is None:
+        return None
+    if args.command in _READ_ONLY:
+        print(f"cachedload {args.command}: {missing}: it does not exist", file=sys.stderr)
+        return 2
+    if args.command in ("clear", "prune"):
+        print(f"nothing to {args.command}: {missing}")
+        return 0
+    return None
+
+
+def _missing_cache(args: argparse.Namespace) -> str | None:
+    """What to say if the local cache directory the command would use does not exist ("no
+    cache directory at DIR (from ORIGIN)"), else None.
+
+    Raises:
+        ConfigurationError: it is a file (or below one), named with where it came from.
+    """
+    origin = cache_dir_origin(args.cache_dir, "--cache-dir")
+    location = _cache_dir(args)
+    if isinstance(location, str):
+        return None  # a remote cache: its commands say what they find
+    problem = not_a_folder(location)
+    if problem is not None:
+        raise ConfigurationError(origin, problem)
+    if args.command == "demo":
+        return None  # it makes the cache
+    try:
+        os.stat(location)
+    except FileNotFoundError:  # (or a dangling symlink)
+        where = origin if origin.startswith("the ") else f"from {origin}"
+        return f"no cache directory at {location} ({where})"
+    except OSError:
+        pass  # e.g. a folder above it that cannot be read: the command says so
+    return None
+
+
 # -- the parser --------------------------------------------------------------------------------
 _AGE_HELP = "delete entries not used for AGE: 30d, 12h, 15m or 45s (never-used ones: since created)"
 
 
+def _default_text() -> str:
+    """The help's default cache directory: the variable, else the platform's folder (and what
+    the variable is set to now, apart: it is not the default)."""
+    text = f"$CACHEDLOAD_DIR, else {platform_cache_dir()}"
+    raw = cache_dir_variable()
+    if raw:
+        text += f"; $CACHEDLOAD_DIR is set to {raw}"
+    return text.replace("%", "%%")  # argparse %-formats help texts
+
+
 def _parser() -> argparse.ArgumentParser:
+    default = _default_text()
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--cache-dir",
         metavar="DIR",
-        help="the cache directory, or a remote cache's URL such as s3://bucket/prefix (default: "
-        f"$CACHEDLOAD_DIR, else {default_cache_dir()})",
+        help="the cache directory, or a remote cache's URL such as s3://bucket/prefix "
+        f"(default: {default})",
     )
     parser = argparse.ArgumentParser(
         prog="cachedload",
@@ -497,8 +616,8 @@ def _parser() -> argparse.ArgumentParser:
         dest="global_cache_dir",
         metavar="DIR",
         help="the cache directory to work on, or a remote cache's URL such as "
-        "s3://bucket/prefix, for any command (default: $CACHEDLOAD_DIR, else "
-        f"{default_cache_dir()}); a --cache-dir after the command wins",
+        f"s3://bucket/prefix, for any command (default: {default}); a --cache-dir after the "
+        "command wins",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -573,7 +692,9 @@ def _parser() -> argparse.ArgumentParser:
     why = command(
         "why",
         _why,
-        "explain how the two newest entries of a function differ (code, parameters, files)",
+        "explain why a function's newest entry was made: how it differs (code, parameters, "
+        "files) from the entry it replaced (recorded when keep= deleted it), else from the "
+        "next newest entry",
         "cachedload why load_images",
     )
     why.add_argument(
@@ -586,6 +707,12 @@ def _parser() -> argparse.ArgumentParser:
         "recompute every entry's checksum; exit status 1 if any entry is damaged",
         "cachedload verify",
         "cachedload verify --fix",
+        "cachedload verify --json",
+    )
+    check.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON: the totals, and one object per entry checked (with its problem)",
     )
     check.add_argument(
         "--fix",
@@ -615,16 +742,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
-    try:
-        args = _parser().parse_args(argv)  # the help names the default cache dir: may raise
-        if args.cache_dir is None:
-            args.cache_dir = args.global_cache_dir
-        if args.cache_dir is not None:
-            checked = check_cache_dir(args.cache_dir, "--cache-dir")
-            args.cache_dir = checked if isinstance(checked, str) else os.fspath(checked)
-    except ConfigurationError as error:
-        print(f"cachedload: error: {error}", file=sys.stderr)
-        return 2
+    args = _parser().parse_args(argv)
+    refused = _check_cache_dir(args)
+    if refused is not None:
+        return refused
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     handler: Callable[[argparse.Namespace], int] = args.handler

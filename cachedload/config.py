@@ -33,6 +33,7 @@ import importlib.util
 import json
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -41,6 +42,8 @@ from cachedload.errors import ConfigurationError
 __all__ = [
     "CACHE_DIR_ENV",
     "cache_dir_from_env",
+    "cache_dir_origin",
+    "cache_dir_variable",
     "check_cache_dir",
     "check_url",
     "default_cache_dir",
@@ -48,6 +51,7 @@ __all__ = [
     "lease_seconds",
     "lock_kind",
     "max_size_from_env",
+    "not_a_folder",
     "parse_size",
     "platform_cache_dir",
     "root_settings",
@@ -138,7 +142,7 @@ def check_url(url: str, origin: str = "cache_dir") -> None:
     if scheme in _S3_SCHEMES:
         if importlib.util.find_spec("boto3") is None:
             raise ConfigurationError(
-                origin, f"{url!r} needs boto3: pip install 'cachedload[s3]', or use {_LOCAL}"
+                origin, f"{url!r} needs boto3: pip install boto3 (the s3 extra), or use {_LOCAL}"
             )
         if not rest.strip("/"):
             raise ConfigurationError(
@@ -179,6 +183,40 @@ def cache_dir_from_env() -> str | Path | None:
 def _checked_env(raw: str) -> str | Path:
     # Read on every call of a loader without cache_dir=: checked once per value.
     return check_cache_dir(raw.strip() or raw, CACHE_DIR_ENV)
+
+
+def cache_dir_origin(given: object, given_as: str = "cache_dir") -> str:
+    """Where a cache directory came from, as messages name it: ``given_as`` if one was
+    ``given`` (not None), else ``$CACHEDLOAD_DIR`` if it is set, else the platform default."""
+    if given is not None:
+        return given_as
+    return CACHE_DIR_ENV if cache_dir_variable() else "the platform default"
+
+
+def cache_dir_variable() -> str | None:
+    """``$CACHEDLOAD_DIR`` as set, unchecked (for messages such as the command's help); None
+    if unset or empty."""
+    return root_settings()[0] or None
+
+
+def not_a_folder(path: Path) -> str | None:
+    """What keeps ``path`` from ever being a cache directory: it, or the nearest existing
+    folder above it, is a file (or anything but a folder). None if it is a folder, or does not
+    exist under a folder (then it can be made); also None if it cannot be looked at (a
+    permission problem is reported by whatever then uses it)."""
+    for candidate in (path, *path.parents):
+        try:
+            info = os.stat(candidate)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # look further up: what is in the way is there
+        except OSError:
+            return None
+        if stat.S_ISDIR(info.st_mode):
+            return None
+        if stat.S_ISREG(info.st_mode):
+            return f"{candidate} is a file, not a folder"
+        return f"{candidate} is not a folder"
+    return None
 
 
 def root_settings() -> tuple[str | None, ...]:

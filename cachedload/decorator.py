@@ -35,7 +35,12 @@ from cachedload.errors import (
     warn_at_caller,
     warn_skipped,
 )
-from cachedload.explain import Explanation, explain_against_closest
+from cachedload.explain import (
+    Explanation,
+    compare_with_superseded,
+    explain_against_closest,
+    last_superseded,
+)
 from cachedload.hashing import code_digest, function_identity, value_digest
 from cachedload.keys import (
     Call,
@@ -265,7 +270,10 @@ class CachedDataset(Generic[P, R]):
         )
 
     def _prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
-        return self._rules.finish(self._bind(args, kwargs))
+        started = time.perf_counter()
+        call = self._rules.finish(self._bind(args, kwargs))
+        call.started = started
+        return call
 
     def _reads_ahead(self) -> bool:
         # Memory maps are instant; compressed entries are read by joblib.
@@ -326,11 +334,14 @@ class CachedDataset(Generic[P, R]):
             return found
         self._remember(call, found.size)
         self._warn_skipped(found.meta, call)
+        now = time.perf_counter()
         logger.info(
-            "hit %s [%s] in %.1f ms (%s bytes%s)",
+            "hit %s [%s] in %.1f ms (fingerprint %.1f ms, load %.1f ms; %s bytes%s)",
             self._identity,
             call.key[:12],
-            (time.perf_counter() - started) * 1e3,
+            (now - call.started) * 1e3,  # the whole call: binding, fingerprint, lookup, load
+            call.fingerprint_seconds * 1e3,
+            (now - started) * 1e3,
             found.size,
             ", read ahead" if ahead is not None and ahead.used else "",
         )
@@ -384,6 +395,29 @@ class CachedDataset(Generic[P, R]):
             CacheStoreWarning,
         )
 
+    def _cannot_lock(self, root: CacheRoot, fdir: str, call: Call, error: OSError) -> None:
+        """Say that a call is not cached because no lock could be made: once per process if
+        the cache directory can never be one (it, or a folder above it, is a file), naming
+        where its path came from; else as any failure to store, once per call."""
+        local = Path(root.local.location)
+        problem = config.not_a_folder(local)
+        if problem is None:
+            self._store_failed(call, root.entry_path(fdir, call.key).parent, error)
+            return
+        if local in _WARNED_UNUSABLE:
+            logger.debug("not caching %s: %s", self._identity, problem)
+            return
+        _WARNED_UNUSABLE.add(local)
+        if root.local is root:
+            origin = config.cache_dir_origin(self._options.cache_location)
+        else:  # a remote cache's local copy
+            origin = "local_cache_dir" if self._options.local_cache_dir else "its local copy"
+        warn_at_caller(
+            f"cachedload: not caching {self._identity}: the cache directory {local} ({origin}) "
+            f"cannot be used: {problem}. The loader runs uncached (said once per process).",
+            CacheStoreWarning,
+        )
+
     def _compute_and_store(self, root: CacheRoot, fdir: str, call: Call, *, replace: bool) -> R:
         racy_before, newest_racy = self._rules.racy_digests(call)
         self._stats.misses += 1
@@ -423,13 +457,17 @@ class CachedDataset(Generic[P, R]):
             return result
         self._stats.stores += 1
         self._remember(call, size)
+        now = time.perf_counter()
         logger.info(
-            "stored %s [%s]: %s bytes in %.1f ms (computed in %.2f s)",
+            "stored %s [%s]: %s bytes in %.1f ms (computed in %.2f s, fingerprint %.1f ms; "
+            "%.2f s in all)",
             self._identity,
             call.key[:12],
             size,
-            (time.perf_counter() - started) * 1e3,
+            (now - started) * 1e3,
             compute_seconds,
+            call.fingerprint_seconds * 1e3,
+            now - call.started,
         )
         if self._options.mmap_mode is not None:
             result = self._load_stored(root, fdir, call, result)
@@ -537,7 +575,7 @@ class CachedDataset(Generic[P, R]):
                 )
             except OSError as error:
                 # No lock, so no store either (the directory is unwritable): compute and return.
-                self._store_failed(call, root.entry_path(fdir, call.key).parent, error)
+                self._cannot_lock(root, fdir, call, error)
                 self._stats.misses += 1
                 return uncached()
             if not force:
@@ -555,10 +593,12 @@ class CachedDataset(Generic[P, R]):
         if not self.enabled:
             self._stats.misses += 1
             return self.__wrapped__(*self._with_self(args), **kwargs)
+        started = time.perf_counter()
         prepared = self._bind(args, kwargs)
         guess = self._read_ahead(prepared.group)  # overlaps the fingerprinting below
         try:
             call = self._rules.finish(prepared)
+            call.started = started
             ahead = None
             if guess is not None:
                 key, reading = guess
@@ -623,6 +663,20 @@ class CachedDataset(Generic[P, R]):
         prefix = function_dir_prefix(self._identity)
         return [fdir for fdir in root.function_dirs() if fdir.startswith(prefix)]
 
+    def _listed(self) -> tuple[CacheRoot, list[str]]:
+        """This machine's part of the cache and this loader's function folders in it; none
+        (warned as a call warns) in a cache another user could write, or cannot be listed."""
+        root = self._root()
+        problem = root.untrusted(self._fdir())
+        if problem is not None:
+            _warn_untrusted(problem)
+            return root.local, []
+        try:
+            return root.local, self._function_dirs(root.local)
+        except OSError as error:  # e.g. a shared cache this user cannot read
+            logger.info("cannot list %s: %s", root.local.location, error)
+            return root.local, []
+
     def _local_function_dirs(self) -> list[Path]:
         """This loader's function folders on this machine (a remote cache's: its copy's)."""
         local = self._root().local
@@ -635,8 +689,8 @@ class CachedDataset(Generic[P, R]):
         with their file counts, the result summary, size on disk, created, last used and hits
         (see :func:`cachedload.list_entries`).
         """
-        local = self._root().local
-        return records_of(local, self._function_dirs(local))
+        local, fdirs = self._listed()
+        return records_of(local, fdirs)
 
     def cache_explain(self, *args: P.args, **kwargs: P.kwargs) -> Explanation:
         """Why a call with these arguments would miss: how its key differs from the closest
@@ -657,7 +711,8 @@ class CachedDataset(Generic[P, R]):
             stored = root.read_meta(fdir, call.key)
             if stored is not None and self._racy_files_unchanged(root, fdir, call, stored):
                 note = "an entry for these arguments is stored: the call would be a hit"
-                return Explanation(self._identity, new_key=call.key, note=note)
+                rebuilt = self._why_rebuilt(root, fdir, call.key, stored)
+                return Explanation(self._identity, new_key=call.key, note=note + rebuilt)
         except CorruptEntry as error:
             note = f"the entry for these arguments is damaged ({error.reason}); will recompute"
             return Explanation(self._identity, new_key=call.key, note=note)
@@ -669,11 +724,25 @@ class CachedDataset(Generic[P, R]):
             return Explanation(self._identity, new_key=call.key, note=note)
         return found
 
+    def _why_rebuilt(self, root: CacheRoot, fdir: str, key: str, meta: dict[str, Any]) -> str:
+        """``"; it replaced entry …: <differences>"`` if the entry stored at ``key`` replaced
+        one that ``keep=`` deleted (its record says how they differ), else ``""``."""
+        local = root.local
+        replaced = last_superseded(local.folder(fdir), meta.get("group"))
+        if replaced is None:
+            return ""
+        try:
+            manifest = local.manifest(fdir, key, meta)
+        except CorruptEntry:  # damaged: its files are not named
+            manifest = None
+        found = compare_with_superseded(replaced, meta, manifest)
+        return f"; it replaced entry {replaced.key[:12]} (deleted by keep=): {found.summary()}"
+
     def cache_info(self) -> CacheInfo:
         """Hits, misses and stores in this process; entries and bytes on disk (all code
         versions of this loader)."""
-        local = self._root().local
-        entries = [entry for d in self._function_dirs(local) for entry in local.entries(d)]
+        local, fdirs = self._listed()
+        entries = [entry for d in fdirs for entry in local.entries(d)]
         return CacheInfo(
             hits=self._stats.hits,
             misses=self._stats.misses,
@@ -743,6 +812,8 @@ class _PerItemDataset(CachedDataset[P, R]):
 
 
 _WARNED_UNTRUSTED: set[str] = set()
+#: Cache directories found unusable (a file in the way), warned about once per process.
+_WARNED_UNUSABLE: set[Path] = set()
 
 
 def _warn_untrusted(problem: str) -> None:

@@ -20,6 +20,9 @@ A local cache directory (``cache_dir=``, ``$CACHEDLOAD_DIR`` or the user cache d
         <key>.owner                             "pid N on host": who holds the lock (for the log)
         <key>.used                              one byte appended per hit: size = hits,
                                                 mtime = last use; the entry is never rewritten
+        superseded.json                         the last few entries deleted as superseded
+                                                (keep=): their key components and small file
+                                                lists, for ``cachedload why`` (superseded.py)
         .tmp-<host>-<pid>-<random>/             an entry (or a file) being written
         .trash-<host>-<pid>-<random>/           an entry being deleted (renamed away first)
 
@@ -27,7 +30,8 @@ A writer killed mid-write leaves its ``.tmp-*`` (or ``.trash-*``) folder; a kill
 lock its ``<key>.lock`` and ``<key>.owner``; a removed entry may leave its ``<key>.used``. These
 leftovers are listed by ``cachedload ls``; those of dead writers, and records beside entries that
 no longer exist (only when the entry's lock is free), are removed by ``prune``, ``clear`` and
-``verify --fix`` (a store removes the dead writers' temporary folders of its function folder).
+``verify --fix`` (a store removes the dead writers' temporary folders of its function folder);
+so is ``superseded.json`` once its function folder holds no entry.
       remote/                                   read-through copies of remote caches
         <bucket-prefix>-<sha256(url)[:8]>/      one per remote cache URL
           .url                                  the remote cache's URL (``cachedload ls``)
@@ -82,6 +86,8 @@ from typing import Any, BinaryIO, NamedTuple
 import numpy as np
 import xxhash
 
+from cachedload.verified import open_regular
+
 __all__ = [
     "DATA_FILE",
     "FETCH_SUFFIX",
@@ -97,6 +103,7 @@ __all__ = [
     "META_FILE",
     "OWNER_SUFFIX",
     "RECORD_SUFFIXES",
+    "SUPERSEDED_FILE",
     "SYNCED_SUFFIX",
     "TAG_CONTENT",
     "TAG_FILE",
@@ -157,6 +164,9 @@ USED_SUFFIX = ".used"
 FETCH_SUFFIX = ".fetch"
 SYNCED_SUFFIX = ".synced"
 LEASE_SUFFIX = ".lease"
+#: In a function folder: records of the entries deleted as superseded (superseded.py). Not an
+#: entry's name, a record's (``<key>.<suffix>``) nor a leftover's.
+SUPERSEDED_FILE = "superseded.json"
 #: The folder of a local cache directory holding the read-through copies of remote caches.
 LOCAL_COPIES_DIR = "remote"
 #: In a local copy's root: the URL of the remote cache it copies.
@@ -214,16 +224,21 @@ def is_tagged(cache_dir: Path) -> bool:
 
 
 def is_entry_shaped(entry: Path) -> bool:
-    """True if ``entry`` is a real folder holding only names an entry holds (a data file,
-    metadata, a manifest): safe to delete as a damaged entry. Anything else is not ours."""
+    """True if ``entry`` is a real folder (not a symlink) holding only what an entry holds,
+    by name *and* type: regular files named as a data file, metadata or a manifest. Only
+    such a folder is safe to delete as a damaged entry; anything else (a folder named
+    ``result.joblib``, a symlink…) is not ours."""
     try:
+        if not stat.S_ISDIR(os.lstat(entry).st_mode):
+            return False
         with os.scandir(entry) as children:
-            names = [child.name for child in children]
+            return all(
+                (child.name in (META_FILE, MANIFEST_FILE) or _DATA_NAME_RE.match(child.name))
+                and child.is_file(follow_symlinks=False)
+                for child in children
+            )
     except OSError:
         return False
-    return not entry.is_symlink() and all(
-        name in (META_FILE, MANIFEST_FILE) or _DATA_NAME_RE.match(name) for name in names
-    )
 
 
 def write_new_file(path: Path, data: bytes, mode: int = 0o600, *, replace: bool = False) -> None:
@@ -233,10 +248,14 @@ def write_new_file(path: Path, data: bytes, mode: int = 0o600, *, replace: bool 
     Raises:
         OSError: ``ELOOP`` for a symlink, ``EEXIST`` if it exists and not ``replace``.
     """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    # Non-blocking, then only a regular file is written: a FIFO planted at ``path`` must
+    # neither hang the writer nor be fed.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     flags |= os.O_TRUNC if replace else os.O_EXCL
     fd = os.open(path, flags, mode)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
@@ -305,6 +324,7 @@ def _data_ok(data: Any) -> bool:
         isinstance(data, dict)
         and _is_count(data.get("size"))
         and isinstance(data.get("xxh3"), str)
+        and isinstance(data.get("sha256", ""), str)
         and isinstance(data.get("file"), str)
         and "/" not in data["file"]
         and not data["file"].startswith(".")
@@ -424,23 +444,23 @@ def parse_meta(
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
 
-def read_regular_file(name: str | Path, *, dir_fd: int | None = None) -> bytes:
-    """A regular file's bytes, never following a symlink at its last component, never
-    blocking on a FIFO or device (opened non-blocking, read only if ``fstat`` says regular).
+def read_regular_file(
+    name: str | Path, *, dir_fd: int | None = None, limit: int | None = None
+) -> bytes:
+    """A regular file's bytes (at most ``limit`` of them), never following a symlink at its
+    last component, never blocking on a FIFO or device (see
+    :func:`~cachedload.verified.open_regular`).
 
     Raises:
         OSError: it cannot be opened (``ELOOP``: a symlink), or is not a regular file
             (``EISDIR`` for a folder, ``EINVAL`` for anything else).
     """
-    fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    fd, info = open_regular(name, dir_fd=dir_fd)
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            code = errno.EISDIR if stat.S_ISDIR(info.st_mode) else errno.EINVAL
-            raise OSError(code, "not a regular file", os.fspath(name))
+        if limit is not None:
+            return os.read(fd, limit)
         chunks = []
         while chunk := os.read(fd, max(info.st_size, 4096) + 1):
             chunks.append(chunk)

@@ -124,6 +124,24 @@ class NotACacheDirectoryError(ConfigurationError):
         return (type(self), (self.path,))
 
 
+class ReadOnlyCacheError(ConfigurationError, OSError):
+    """A management command or function was asked to delete from a cache directory that
+    cannot be written (a read-only mount, or no write permission): nothing is deleted.
+
+    ``except OSError`` catches it too.
+
+    Attributes:
+        path: the cache directory.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        super().__init__("cache_dir", f"{self.path} is read-only: nothing is deleted")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path,))
+
+
 class SourceNotFoundError(CachedloadError, FileNotFoundError):
     """A source path given to a cached loader does not exist.
 
@@ -172,23 +190,46 @@ class UnhashableArgumentError(CachedloadError, TypeError):
 
 
 class ImageReadError(CachedloadError, OSError):
-    """An image file could not be read or decoded.
+    """An image file could not be read or decoded (truncated, corrupt, empty, denied).
+
+    Raised for a folder (``on_error="raise"``), it names every unreadable image: the first
+    in ``path`` and ``reason``, the others in ``others``, and says how to leave them out.
 
     Attributes:
-        path: the file at fault.
+        path: the file at fault (the first of them, for a folder).
         reason: what went wrong.
+        others: the folder's other unreadable files, ``(path, reason)`` pairs, in order.
+        remedy: what to do about it, as the message ends (empty: nothing said).
     """
 
-    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        reason: str,
+        others: Sequence[tuple[str, str]] = (),
+        remedy: str = "",
+    ) -> None:
         self.path = os.fspath(path)
         self.reason = reason
-        super().__init__(f"cannot read image {self.path!r}: {reason}")
+        self.others = tuple((os.fspath(p), r) for p, r in others)
+        self.remedy = remedy
+        super().__init__(str(self))
 
     def __str__(self) -> str:
-        return f"cannot read image {self.path!r}: {self.reason}"
+        if self.others:
+            listed = [(self.path, self.reason), *self.others]
+            named = ", ".join(f"{p!r} ({r})" for p, r in listed[:_LISTED])
+            more = f", and {len(listed) - _LISTED} more" if len(listed) > _LISTED else ""
+            message = f"cannot read {len(listed)} images: {named}{more}"
+        else:
+            message = f"cannot read image {self.path!r}: {self.reason}"
+        return f"{message}; {self.remedy}" if self.remedy else message
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.path, self.reason))
+        return (type(self), (self.path, self.reason, self.others, self.remedy))
+
+
+_LISTED = 10  # files an ImageReadError names; then how many more
 
 
 class NoImagesFoundError(CachedloadError, FileNotFoundError):

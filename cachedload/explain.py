@@ -9,11 +9,14 @@ mtime_ns)`` of every source file, so a difference can be named down to single fi
       - parameter size: (128, 128) → (64, 64)
       - source image_dir (/data/train): 3 files added (a.jpg, b.jpg, c.jpg), 1 modified (d.jpg)
 
-Manifests are written at store time and read only here, never on the hit path.
+Manifests are written at store time and read only here, never on the hit path. An entry that
+``keep=`` deleted is still known from its record (:mod:`cachedload.superseded`): its key
+components and, when small, its file list, so the entry that replaced it can say why.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -27,13 +30,16 @@ from cachedload.entry import (
     read_local_meta,
     scan_entry_dirs,
 )
+from cachedload.superseded import Superseded, read_superseded
 
 __all__ = [
     "Difference",
     "Explanation",
     "closest_entry",
     "compare",
+    "compare_with_superseded",
     "explain_against_closest",
+    "last_superseded",
     "read_manifest",
     "read_meta",
 ]
@@ -92,6 +98,8 @@ class Explanation:
         old_created: when the stored entry was created (seconds since the epoch).
         new_created: when the newer entry was created (None for a call).
         note: a remark when there is nothing (or nothing more) to compare.
+        old_removed: when the entry compared against was deleted as superseded (``keep=``),
+            if it is one: it is known from its record (:mod:`cachedload.superseded`).
     """
 
     function: str
@@ -101,6 +109,7 @@ class Explanation:
     old_created: float | None = None
     new_created: float | None = None
     note: str | None = None
+    old_removed: float | None = None
 
     def __bool__(self) -> bool:
         """False if no key component differs."""
@@ -113,12 +122,15 @@ class Explanation:
         return self.note or "no key component differs"
 
     def _header(self) -> str:
-        def entry(key: str | None, created: float | None) -> str:
+        def stamp(moment: float) -> str:
+            return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(moment))
+
+        def entry(key: str | None, created: float | None, removed: float | None = None) -> str:
             text = f"entry {key[:12]}" if key else "an entry"
-            if created is not None:
-                stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created))
-                text += f" (created {stamp})"
-            return text
+            when = [f"created {stamp(created)}"] if created is not None else []
+            if removed is not None:
+                when.append(f"deleted by keep= {stamp(removed)}")
+            return f"{text} ({', '.join(when)})" if when else text
 
         if self.old_key is None:
             return (
@@ -129,7 +141,9 @@ class Explanation:
         new = entry(self.new_key, self.new_created)
         if self.new_created is None:
             new = f"this call [{self.new_key[:12]}]" if self.new_key else "this call"
-        return f"{self.function}: {new} vs. stored {entry(self.old_key, self.old_created)}"
+        old = entry(self.old_key, self.old_created, self.old_removed)
+        state = "stored" if self.old_removed is None else "superseded"
+        return f"{self.function}: {new} vs. {state} {old}"
 
     def __str__(self) -> str:
         lines = [self._header()]
@@ -408,6 +422,26 @@ def closest_entry(
         if best is None or rank < best:
             best, found = rank, (path, stored)
     return found
+
+
+# -- superseded entries -------------------------------------------------------------------------
+def last_superseded(function_dir: Path, group: str | None) -> Superseded | None:
+    """The record of the entry of ``group`` most recently deleted as superseded from a function
+    folder (:mod:`cachedload.superseded`); None if there is none."""
+    if group is None:
+        return None
+    found = [record for record in read_superseded(function_dir) if record.group == group]
+    return max(found, key=lambda record: record.removed) if found else None
+
+
+def compare_with_superseded(
+    record: Superseded, meta: dict[str, Any], manifest: Manifest | None
+) -> Explanation:
+    """Compare an entry's (or a call's) key components with those of the entry it replaced,
+    known from its record: why it was rebuilt. Files are named if the record kept its file
+    list; else a changed fingerprint is said with its counts."""
+    found = compare(record.meta, record.files, meta, manifest)
+    return dataclasses.replace(found, old_key=record.key, old_removed=record.removed)
 
 
 def explain_against_closest(

@@ -129,14 +129,16 @@ def hash_file(path: str | os.PathLike[str]) -> str:
 _REGULAR_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
 
-def hash_regular_file(path: str | os.PathLike[str]) -> str:
-    """:func:`hash_file` for a path read from stored metadata: never follows a symlink at its
-    last component, never blocks on a FIFO or device (read only if ``fstat`` says regular).
+def hash_regular_file(path: str | os.PathLike[str], *, follow_symlinks: bool = False) -> str:
+    """:func:`hash_file` for a path read from stored metadata: never blocks on a FIFO or device
+    (read only if ``fstat`` says regular), and never follows a symlink at its last component
+    unless ``follow_symlinks`` (a user's source file, which the walk follows too).
 
     Raises:
         OSError: it cannot be opened, or is not a regular file.
     """
-    fd = os.open(path, _REGULAR_FLAGS)
+    flags = _REGULAR_FLAGS & ~os.O_NOFOLLOW if follow_symlinks else _REGULAR_FLAGS
+    fd = os.open(path, flags)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))

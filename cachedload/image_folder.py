@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from cachedload._version import __version__
+from cachedload.builder import ItemArray
 from cachedload.decorator import CachedDataset
 from cachedload.errors import (
     FolderImagesMismatchError,
@@ -30,7 +33,10 @@ from cachedload.images import (
     check_options,
     decode_image,
     decode_rows,
+    image_files,
     opencv_threads_off,
+    unreadable_error,
+    unreadable_images,
 )
 from cachedload.options import options_for
 from cachedload.per_item import ItemMap
@@ -132,7 +138,8 @@ def cached_image_folder(
 
     Raises:
         NoImagesFoundError: ``root`` is missing, not a folder, or holds no (readable) image.
-        ImageReadError: an image is unreadable (``on_error="raise"``).
+        ImageReadError: images are unreadable, truncated or corrupt (``on_error="raise"``): it
+            names them all (the first ten in its message).
         ItemShapeMismatchError: images differ in shape (no ``size``) or channel count.
         ConfigurationError: an option has an invalid value.
 
@@ -141,6 +148,72 @@ def cached_image_folder(
         data = cached_image_folder("data/train", size=(128, 128), mmap_mode="r")
         data.images, data.labels, data.classes, data.paths
     """
+    plan = _plan(root, size=size, color=color, dtype=dtype, extensions=extensions,
+                 on_error=on_error, n_jobs=n_jobs, progress=progress, backend=backend,
+                 cache_dir=cache_dir, mmap_mode=mmap_mode, keep=keep, **cache_options)  # fmt: skip
+    try:
+        with opencv_threads_off():  # it serialises concurrent callers (see images.py)
+            found = ItemMap(plan.loader, "cached_image_folder")(plan.folder, **plan.arguments)
+    except ImageReadError as error:
+        if not plan.arguments["skip"]:
+            raise _every_unreadable(plan, error) from None
+        # Skipping, .map raises only when every image was skipped (there is no row).
+        raise NoImagesFoundError(plan.folder, "none of its image files is readable") from error
+    except ItemShapeMismatchError as error:
+        raise _mismatch(error, resized=plan.arguments["size"] is not None) from None
+    return _folder_data(plan, found)
+
+
+def cache_path(root: str | os.PathLike[str], **options: Any) -> Path:
+    """The entry folder where ``cached_image_folder(root, **options)`` is (or would be)
+    stored, as :meth:`cachedload.CachedDataset.cache_path` says it for a loader."""
+    plan = _plan(root, **options)
+    return ItemMap(plan.loader).cache_path(plan.folder, **plan.arguments)
+
+
+def load_entry(
+    entry: str | os.PathLike[str], root: str | os.PathLike[str], **options: Any
+) -> ImageFolderData:
+    """What ``cached_image_folder(root, **options)`` stored in the entry folder ``entry``,
+    without looking at the images (as :meth:`cachedload.CachedDataset.load_entry`): a worker
+    handed an entry serves that one, even if the folder changed meanwhile.
+
+    Raises:
+        FileNotFoundError: no such entry (deleted since, e.g. by ``keep=``).
+        OSError: the entry is damaged.
+    """
+    plan = _plan(root, **options)
+    return _folder_data(plan, ItemMap(plan.loader).load_entry(entry))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A ``cached_image_folder`` call checked: the per-item wrapper, the folder and the
+    ``.map`` arguments."""
+
+    loader: CachedDataset[..., Any]
+    folder: str
+    arguments: dict[str, Any]
+    extensions: tuple[str, ...]  # sorted, as messages name them
+
+
+def _plan(
+    root: str | os.PathLike[str],
+    *,
+    size: tuple[int, int] | None = None,
+    color: Literal["rgb", "bgr", "gray", "unchanged"] = "rgb",
+    dtype: npt.DTypeLike | None = None,
+    extensions: Iterable[str] | None = None,
+    on_error: Literal["raise", "skip"] = "raise",
+    n_jobs: int | None = None,
+    progress: bool | None = None,
+    backend: Any = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    mmap_mode: Literal["r", "c"] | None = None,
+    keep: int | None = 1,
+    **cache_options: Any,
+) -> _Plan:
+    """Check ``cached_image_folder``'s arguments (its signature) into a :class:`_Plan`."""
     out_size, out_dtype, exts = check_options(size, color, dtype, extensions, on_error, n_jobs)
     folder = os.fspath(root)
     if not os.path.isdir(folder):
@@ -148,30 +221,27 @@ def cached_image_folder(
         raise NoImagesFoundError(folder, reason)
     loader = _wrapper({"cache_dir": cache_dir, "mmap_mode": mmap_mode, "keep": keep,
                        **cache_options})  # fmt: skip
-    skip = (ImageReadError,) if on_error == "skip" else ()
-    try:
-        with opencv_threads_off():  # it serialises concurrent callers (see images.py)
-            found = ItemMap(loader, "cached_image_folder")(
-                folder,
-                pattern=_extension_globs(exts),
-                n_jobs=n_jobs,
-                backend=backend,
-                skip=skip,
-                progress=progress,
-                size=out_size,
-                color=color,
-                dtype=None if out_dtype is None else out_dtype.str,
-            )
-    except ImageReadError as error:
-        if not skip:
-            raise
-        # Skipping, .map raises only when every image was skipped (there is no row).
-        raise NoImagesFoundError(folder, "none of its image files is readable") from error
-    except ItemShapeMismatchError as error:
-        raise _mismatch(error, resized=out_size is not None) from None
+    arguments = {
+        "pattern": _extension_globs(exts),
+        "n_jobs": n_jobs,
+        "backend": backend,
+        "skip": (ImageReadError,) if on_error == "skip" else (),
+        "progress": progress,
+        "size": out_size,
+        "color": color,
+        "dtype": None if out_dtype is None else out_dtype.str,
+    }
+    return _Plan(loader, folder, arguments, tuple(sorted(exts)))
+
+
+def _folder_data(plan: _Plan, found: ItemArray) -> ImageFolderData:
+    """The ``ImageFolderData`` of a ``.map`` result: rows in path-component order, labels
+    from the class folders."""
     paths: tuple[str, ...] = found.paths
     if not paths:
-        raise NoImagesFoundError(folder, f"no {', '.join(sorted(exts))} file in it or below")
+        raise NoImagesFoundError(
+            plan.folder, f"no {', '.join(plan.extensions)} file in it or below"
+        )
     skipped = _skipped(found.skipped)
     images = found.array
     # load_image_folder sorts by path component ("a/b" before "a-c/d"); the rows are sorted
@@ -196,6 +266,20 @@ def cached_image_folder(
             np.diff([start for _, start in blocks] + [len(paths)]),
         )
     return ImageFolderData(images, labels, classes, paths, skipped)
+
+
+def _every_unreadable(plan: _Plan, first: ImageReadError) -> ImageReadError:
+    """The error naming every unreadable image of the folder, not only the one the build
+    stopped at: one decoding pass over the images (the build failed: nothing was stored), so
+    that one run shows all there is to fix, as ``load_image_folder`` does."""
+    arguments = plan.arguments
+    try:
+        files = image_files(plan.folder, plan.extensions)
+    except NoImagesFoundError:  # the folder went away meanwhile
+        return unreadable_error([first])
+    found = unreadable_images(files, size=arguments["size"], color=arguments["color"],
+                              n_jobs=arguments["n_jobs"])  # fmt: skip
+    return unreadable_error(found or [first])
 
 
 def _class_blocks(paths: Sequence[str]) -> list[tuple[str, int]] | None:

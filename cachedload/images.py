@@ -36,8 +36,11 @@ __all__ = [
     "check_options",
     "decode_image",
     "decode_rows",
+    "image_files",
     "load_image_folder",
     "opencv_threads_off",
+    "unreadable_error",
+    "unreadable_images",
 ]
 
 _log = logging.getLogger("cachedload")
@@ -55,6 +58,7 @@ _FLAGS = {
 }
 _REDUCED_BITS = {2: 16, 4: 32, 8: 64}  # OR-ed into a colour flag: IMREAD_REDUCED_*_<factor>
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_SOS_MARKER = frozenset({0xDA})  # start of scan: the entropy-coded data follows
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
 _READ_BUFFER = 1 << 16  # bytes; grown for a larger file
 _HAS_READV = hasattr(os, "readv")  # not on Windows
@@ -139,14 +143,20 @@ def load_image_folder(
 
     Raises:
         NoImagesFoundError: ``root`` is missing, not a folder, or holds no image.
-        ImageReadError: an image is unreadable, empty or corrupt (``on_error="raise"``).
+        ImageReadError: images are unreadable, empty, truncated or corrupt
+            (``on_error="raise"``): it names them all (the first ten in its message).
         ImageShapeMismatchError: images differ in shape (no ``size``) or in channel count.
         ConfigurationError: an option has an invalid value.
 
+    Truncated JPEGs (a partial download or copy: libjpeg's "Premature end of JPEG file",
+    which OpenCV decodes grey below the cut) are unreadable: the file's bytes must hold the
+    end-of-image marker. With ``on_error="raise"`` the error names every unreadable image.
+
     Speed: ``n_jobs`` threads decode straight into the output array with the least Python
-    per image (on small images the GIL, not the decoder, bounds a second thread): one
-    ``cv2.imread`` where a full decode is the right one and the path is ASCII, else the file
-    read into a reused buffer and decoded by ``cv2.imdecode`` (non-ASCII paths work); OpenCV's
+    per image (on small images the GIL, not the decoder, bounds a second thread): each file
+    read into a reused buffer (checked there for truncation: it is never read twice) and
+    decoded by ``cv2.imdecode``, at full size without looking at its header where the image
+    before proved that right (non-ASCII paths work); OpenCV's
     own thread pool is switched off meanwhile, as it serialises concurrent callers. A JPEG is
     decoded at 1/2, 1/4 or 1/8 scale (``IMREAD_REDUCED_*``) when the factor divides both
     sides and leaves at least twice ``size``, then ``INTER_AREA`` does the rest. Decoding
@@ -263,6 +273,47 @@ def decode_rows(
     return _Decoder(color, size, out_dtype, False, _ignore).rows_into(paths, out)
 
 
+def image_files(root: str, extensions: Iterable[str]) -> list[str]:
+    """The image files :func:`load_image_folder` reads from ``root`` (of ``extensions``,
+    normalised), in its row order."""
+    return [os.path.join(root, p) for p in _scan(root, frozenset(extensions))[0]]
+
+
+def unreadable_error(errors: Sequence[ImageReadError]) -> ImageReadError:
+    """One error naming every unreadable image of a folder (``errors``, in order: at least
+    one), and the option that leaves them out."""
+    first, *others = errors
+    return ImageReadError(first.path, first.reason, [(e.path, e.reason) for e in others],
+                          'pass on_error="skip" to leave unreadable images out')  # fmt: skip
+
+
+def unreadable_images(
+    paths: Sequence[str],
+    *,
+    size: tuple[int, int] | None = None,
+    color: Literal["rgb", "bgr", "gray", "unchanged"] = "rgb",
+    n_jobs: int | None = None,
+) -> list[ImageReadError]:
+    """The errors of the images among ``paths`` that :func:`decode_image` cannot decode, in
+    order (each decoded in ``n_jobs`` threads, then dropped: memory stays bounded)."""
+    decoder = _Decoder(color, size, None, True, _ignore)
+
+    def check(rows: range) -> list[ImageReadError]:
+        errors = []
+        for i in rows:
+            try:
+                decoder.decode(paths[i])
+            except ImageReadError as err:
+                errors.append(err)
+        return errors
+
+    jobs = n_jobs or getattr(os, "process_cpu_count", os.cpu_count)() or 1
+    step = max(1, min(32, len(paths) // (4 * jobs)))
+    chunks = [range(i, min(i + step, len(paths))) for i in range(0, len(paths), step)]
+    with contextlib.closing(_ordered_map(check, chunks, jobs)) as results:
+        return [err for errors in results for err in errors]
+
+
 def _ignore(count: int) -> None:
     return None
 
@@ -357,24 +408,26 @@ class _Decoder:
 
     def run(self, files: list[str], n_jobs: int, root: str) -> tuple[npt.NDArray[Any], list[Any]]:
         """Fill the output; return it and the skipped (index, ImageReadError) pairs."""
+        # Unreadable images are collected even when not skipping: the error then names them
+        # all, so that one run shows what to fix.
         skipped = []
         for first, path in enumerate(files):  # serially, until one image decodes
             try:
                 img, factor = self._decode_file(path)
                 break
             except ImageReadError as err:
-                if not self.skip:
-                    raise
                 skipped.append((first, err))
                 self.advance(1)
         else:
+            if not self.skip:
+                raise unreadable_error([err for _, err in skipped])
             raise NoImagesFoundError(root, f"none of its {len(files)} image files is readable")
         shape = img.shape if self.size is None else self.size + img.shape[2:]
         self.out = np.empty((len(files), *shape), self.dtype or img.dtype)
         self.first = (path, img.shape)
         self.place(path, img, self.out[first])
         self.advance(1)
-        # The first image predicts the others' decode: rows_into tries cv2.imread first if full.
+        # The first image predicts the others' decode: rows_into tries a full decode first.
         guess = factor == 1 and self._full_decode_is_right(img.shape)
 
         def work(rows: range) -> list[tuple[int, ImageReadError]]:
@@ -384,10 +437,10 @@ class _Decoder:
         chunks = [range(i, min(i + step, len(files))) for i in range(first + 1, len(files), step)]
         with contextlib.closing(_ordered_map(work, chunks, n_jobs)) as results:
             for rows, errors in zip(chunks, results, strict=True):
-                if errors and not self.skip:
-                    raise errors[0][1]
                 skipped += errors
                 self.advance(len(rows))
+        if skipped and not self.skip:
+            raise unreadable_error([err for _, err in skipped])
         bad = {i for i, _ in skipped}
         good = [i for i in range(len(files)) if i not in bad]
         for row, i in enumerate(good):  # close the gaps in place: no second array
@@ -397,7 +450,7 @@ class _Decoder:
 
     def _fill(self, files: list[str], rows: range, guess: bool) -> list[tuple[int, ImageReadError]]:
         """Decode files[i] into self.out[i] for i in rows; return the (index, error) pairs of
-        the unreadable ones, stopping at the first unless skipping.
+        the unreadable ones.
 
         The batch path (:meth:`rows_into`, the least Python per image: small images are bound
         by the GIL, not by the decoder) does each run of images that decode into a row; the
@@ -416,8 +469,6 @@ class _Decoder:
                 self.place(files[i], self.decode(files[i]), self.out[i])
             except ImageReadError as err:
                 errors.append((i, err))
-                if not self.skip:
-                    break
             i += 1
         return errors
 
@@ -436,9 +487,23 @@ class _Decoder:
             raise ImageReadError(path, "the file is empty")
         return self._decode_data(path, np.frombuffer(data, np.uint8))
 
-    def _decode_data(self, path: str, data: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[Any], int]:
-        """The image in data (a file's bytes), and the JPEG scale factor it was decoded at."""
+    def _decode_data(
+        self, path: str, data: npt.NDArray[np.uint8], full: bool = False
+    ) -> tuple[npt.NDArray[Any], int]:
+        """The image in data (a file's bytes), and the JPEG scale factor it was decoded at.
+
+        ``full``: try a full decode first, without reading the JPEG header (the previous
+        image of a batch proved it right for its sides); kept if its sides prove it right too.
+        """
         flags, size = _FLAGS[self.color], self.size
+        if _truncated_jpeg(data.data):
+            # libjpeg only warns ("Premature end of JPEG file"); OpenCV returns the image,
+            # grey below where the data ends.
+            raise ImageReadError(path, "truncated: the file ends before the JPEG data does")
+        if full:
+            img = _imdecode(path, data, flags)
+            if self._full_decode_is_right(img.shape):
+                return self._to_rgb(img), 1
         factor = _reduction(data.data, size) if self.reducible and size else 1
         img = _imdecode(path, data, flags | _REDUCED_BITS.get(factor, 0))
         if size is not None and (img.shape[0] < size[0] or img.shape[1] < size[1]) and factor > 1:
@@ -455,13 +520,13 @@ class _Decoder:
         """Decode paths into out's rows; return how many were done (see :func:`decode_rows`).
 
         Small images spend more time around the decoder than in it, and two threads share one
-        GIL, so each image gets one ``cv2.imread`` (the file opened, read and decoded without
-        the GIL) and one ``cv2.resize`` into its row, while the previous image had sides too
-        small for a reduced JPEG decode: then a full decode is what :meth:`decode` does, which
-        the decoded sides prove. Other images are read into one reused buffer (``os.open``,
-        ``os.readv``, no allocation), their JPEG header looked at, and decoded from it.
-        ``guess=False``: the first image is read into the buffer too (a reduced decode is
-        expected: a full one would be wasted).
+        GIL, so each file is read into one reused buffer (``os.open``, ``os.readv``, no
+        allocation), checked for truncation there, and decoded with one ``cv2.imdecode`` and
+        one ``cv2.resize`` into its row. While the previous image had sides too small for a
+        reduced JPEG decode, the decode is a full one without looking at the JPEG header:
+        that is what :meth:`decode` does, which the decoded sides prove (else it is decoded
+        again as :meth:`decode` does). ``guess=False``: the first image's header is looked at
+        (a reduced decode is expected: a full one would be wasted).
         """
         dtype, n = out.dtype, 0 if self.size is None else 2
         row_shape = out.shape[1:]
@@ -471,30 +536,17 @@ class _Decoder:
             return 0
         any_dtype = self.dtype is not None  # converted to dtype; else decoded as dtype
         buffer = [np.empty(_READ_BUFFER, np.uint8)]
-        imread, write = self._imread, self._write
+        decode, write = self._decode_data, self._write
         for done, path in enumerate(paths):
-            img = imread(path) if guess and path.isascii() else None
-            if img is None:
-                try:
-                    img, factor = self._decode_data(path, _read(path, buffer))
-                except Exception:  # decode_image on it raises the error, named and explained
-                    return done
-                guess = factor == 1 and self._full_decode_is_right(img.shape)
+            try:
+                img, factor = decode(path, _read(path, buffer), guess)
+            except Exception:  # decode_image on it raises the error, named and explained
+                return done
+            guess = factor == 1 and self._full_decode_is_right(img.shape)
             if img.shape[n:] != row_shape[n:] or not (any_dtype or img.dtype == dtype):
                 return done
             write(img, out[done])
         return len(paths)
-
-    def _imread(self, path: str) -> npt.NDArray[Any] | None:
-        """The image by ``cv2.imread`` (str paths pass as UTF-8 bytes: ASCII ones only), if
-        :meth:`decode` decodes one of its sides at full size too; else ``None``."""
-        try:
-            img: npt.NDArray[Any] | None = cv2.imread(path, _FLAGS[self.color])
-        except cv2.error:
-            return None
-        if img is None or not img.size or not self._full_decode_is_right(img.shape):
-            return None
-        return self._to_rgb(img)
 
     def _full_decode_is_right(self, shape: tuple[int, ...]) -> bool:
         """Whether :meth:`decode` decodes an image of these (decoded) sides at full size: no
@@ -542,16 +594,17 @@ class _Decoder:
 def _read(path: str, buffer: list[npt.NDArray[np.uint8]]) -> npt.NDArray[np.uint8]:
     """The file's bytes, read into ``buffer[0]`` (grown, and replaced there, for a larger
     file): a view of it, valid until the next read."""
-    data, size = buffer[0], 0
+    data = buffer[0]
     try:
         fd = os.open(path, _OPEN_FLAGS)
         try:
-            while True:
+            # Into the whole buffer first (no view made): most files take one read, and one
+            # more that says the file ended.
+            size = got = _read_into(fd, data)
+            while got:
                 if size == len(data):
                     data = buffer[0] = np.concatenate((data, np.empty_like(data)))
                 got = _read_into(fd, data[size:])
-                if not got:
-                    break
                 size += got
         finally:
             os.close(fd)
@@ -581,6 +634,46 @@ def _imdecode(path: str, data: npt.NDArray[np.uint8], flags: int) -> npt.NDArray
     return img
 
 
+# What may follow a JPEG's end-of-image marker without making it truncated: padding.
+_PADDING = b"\x00\xff \t\r\n"
+_PADDING_WINDOW = 4096  # bytes of padding looked through before the slower search
+
+
+def _truncated_jpeg(data: bytes | memoryview) -> bool:
+    """Whether data is a JPEG whose image data ends before its end-of-image marker (FF D9).
+
+    Cheap for a whole file: it ends with that marker, maybe followed by padding. Else (data
+    after the image: a motion photo's video, a maker's trailer) the marker is looked for
+    after the first scan header: inside the entropy-coded data of a scan every FF byte is
+    followed by 00 or a restart marker, so an FF D9 there is the end of the image.
+    """
+    if data[:3] != b"\xff\xd8\xff":
+        return False
+    if data[-2:] == b"\xff\xd9":
+        return False
+    if bytes(data[-_PADDING_WINDOW:]).rstrip(_PADDING).endswith(b"\xff\xd9"):
+        return False
+    scan = _marker(data, _SOS_MARKER)  # none: no image data at all, OpenCV says corrupt
+    return scan >= 0 and bytes(data[scan:]).find(b"\xff\xd9") < 0
+
+
+def _marker(data: bytes | memoryview, wanted: frozenset[int]) -> int:
+    """The offset of the first of the ``wanted`` JPEG markers among data's headers (walked
+    from the start of image, segment by segment), or -1."""
+    i, n = 2, len(data)
+    while i + 9 < n and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker in wanted:
+            return i
+        if marker == 0xFF:
+            i += 1  # a fill byte
+        elif 0xD0 <= marker <= 0xD8 or marker == 0x01:
+            i += 2  # a marker without a length field
+        else:
+            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return -1
+
+
 def _reduction(data: bytes | memoryview, size: tuple[int, int]) -> int:
     """The JPEG scale-down factor to decode data at (1: full size) for a target size.
 
@@ -591,19 +684,11 @@ def _reduction(data: bytes | memoryview, size: tuple[int, int]) -> int:
     """
     if data[:3] != b"\xff\xd8\xff":
         return 1
-    i, n = 2, len(data)
-    while i + 9 < n and data[i] == 0xFF:  # walk the markers to the start-of-frame header
-        marker = data[i + 1]
-        if marker in _SOF_MARKERS:
-            h, w = struct.unpack_from(">HH", data, i + 5)
-            return _factor(h, w, size)
-        if marker == 0xFF:
-            i += 1  # a fill byte
-        elif 0xD0 <= marker <= 0xD8 or marker == 0x01:
-            i += 2  # a marker without a length field
-        else:
-            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-    return 1
+    frame = _marker(data, _SOF_MARKERS)  # the start-of-frame header: the image's sides
+    if frame < 0:
+        return 1
+    h, w = struct.unpack_from(">HH", data, frame + 5)
+    return _factor(h, w, size)
 
 
 def _factor(h: int, w: int, size: tuple[int, int]) -> int:

@@ -102,6 +102,8 @@ class Call:
     # name -> the absolute path as given, before symlinks were resolved into ``sources``
     given_paths: dict[str, str] = field(default_factory=dict)
     fingerprint_seconds: float = 0.0  # how long fingerprinting the sources took
+    # time.perf_counter() when the call began (its binding), so that logs time all of it
+    started: float = 0.0
     # the loader's state (cachedload.state): label -> (digest, readable text)
     state: dict[str, tuple[str, str]] = field(default_factory=dict)
     warned: set[str] = field(default_factory=set)
@@ -171,7 +173,10 @@ def racy_files_unchanged(call: Call, meta: dict[str, Any]) -> bool:
         root = call.sources[name][0]
         for relpath, digest in files.items():
             try:
-                if hash_regular_file(_source_file(root, relpath)) != digest:
+                # Sources are the user's files: a symlink among them is followed, as the walk
+                # follows it (the file must still be regular: a FIFO would block).
+                path = _source_file(root, relpath)
+                if hash_regular_file(path, follow_symlinks=True) != digest:
                     return False
             except OSError:
                 return False
@@ -414,6 +419,7 @@ class KeyRules:
             sources=sources,
             given_paths={label: source.paths[0] for label, source in prepared.pending.items()},
             fingerprint_seconds=fingerprint_seconds,
+            started=started,  # the caller may know an earlier start
             state={
                 label: (digest, readable(value))
                 for label, (digest, value) in prepared.state.items()
@@ -466,8 +472,10 @@ class KeyRules:
             if given is not None and os.path.realpath(given) != path:
                 return None
             try:
+                # The path fingerprinted before: a single file's record is named after it (a
+                # symlink's name, not its target's).
                 now = fingerprint_source(
-                    path, mode=self.mode, include=self.include, exclude=self.exclude
+                    given or path, mode=self.mode, include=self.include, exclude=self.exclude
                 )
             except FileNotFoundError:
                 return None

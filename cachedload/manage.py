@@ -30,6 +30,7 @@ from cachedload.errors import ConfigurationError
 from cachedload.options import check_keep
 from cachedload.root import CacheRoot, Checked, EntryInfo, Leftover
 from cachedload.store import LocalRoot
+from cachedload.superseded import keep_superseded, superseded_record
 
 __all__ = [
     "EntryRecord",
@@ -211,8 +212,9 @@ class VerifyResult:
         function: the loader's ``module.qualname`` (the folder name if the metadata is unreadable).
         size_bytes: the entry's size on disk.
         problem: what is wrong, or None if the entry is intact.
-        unknown: damaged, and not shaped as an entry (it holds other files): not cachedload's,
-            so never deleted.
+        unknown: not an entry: a folder that is not cachedload's (in the cache directory, a
+            function folder or ``remote/``), or one named as an entry but damaged and not
+            shaped as one (it holds other things than an entry's files). Never deleted.
         url: for a remote cache, the entry in the bucket.
         copy_of: for a local copy of a remote entry, the remote cache (see
             :attr:`EntryRecord.copy_of`).
@@ -248,6 +250,21 @@ class VerifyResult:
     def id(self) -> str:
         """The entry's key."""
         return self.path.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the result (``cachedload verify --json``), keyed as
+        :meth:`EntryRecord.to_dict` is."""
+        return {
+            "id": self.id,
+            "function": self.function,
+            "path": str(self.path),
+            "size_bytes": self.size_bytes,
+            "ok": self.ok,
+            "problem": self.problem,
+            "unknown": self.unknown,
+            **({"url": self.url} if self.url is not None else {}),
+            **({"copy_of": self.copy_of} if self.copy_of is not None else {}),
+        }
 
     @property
     def ok(self) -> bool:
@@ -449,6 +466,27 @@ def tidy_local_copies(cache_dir: str | os.PathLike[str] | None = None) -> None:
     open_root(cache_dir).tidy_copies()
 
 
+def _remove_superseded(records: Iterable[EntryRecord], *, dry_run: bool = False) -> PruneReport:
+    """Delete superseded entries, keeping a small record of each in its function folder (see
+    :mod:`cachedload.superseded`) so that ``why`` can still explain the entry replacing it."""
+    if dry_run:
+        return remove_entries(records, dry_run=True, reason="superseded")
+    report = PruneReport()
+    for record in records:
+        root = _root_of(record.root, record.path)
+        kept = None
+        if isinstance(root, LocalRoot):  # a remote cache's own entries: no record
+            kept = superseded_record(record.meta, record.path)
+        outcome = remove_entries([record], reason="superseded")
+        if outcome.removed and kept is not None and isinstance(root, LocalRoot):
+            try:
+                keep_superseded(record.path.parent, [kept], root.file_mode)
+            except OSError as error:  # a diagnostic: never a reason to fail a store
+                logger.debug("cannot record superseded entry %s: %s", record.path, error)
+        report += outcome
+    return report
+
+
 def _superseded(records: Iterable[EntryRecord], keep: int) -> list[EntryRecord]:
     """The entries beyond the ``keep`` newest of each group."""
     groups: dict[tuple[str, str], list[EntryRecord]] = {}
@@ -524,7 +562,7 @@ def prune(
     if keep is not None:
         gone = {record.path for record in report.removed}
         remaining = [record for record in records if record.path not in gone]
-        report += remove_entries(_superseded(remaining, keep), dry_run=dry_run, reason="superseded")
+        report += _remove_superseded(_superseded(remaining, keep), dry_run=dry_run)
     if limit is not None:
         gone = {record.path for record in report.removed}
         remaining = [record for record in records if record.path not in gone]
@@ -564,7 +602,7 @@ def enforce_after_store(
             if record.id != key and record.group == group
         ]
         # The new entry is the newest of its group: it counts as one of the ``keep``.
-        report += remove_entries(_superseded(siblings, keep - 1), reason="superseded")
+        report += _remove_superseded(_superseded(siblings, keep - 1))
     if max_size is not None:
         records = records_of(local)
         report += _evict_lru(records, max_size, protect=local.entry_path(fdir, key), dry_run=False)
@@ -581,7 +619,8 @@ def verify(
     the data file's checksum (reads every byte). Entries whose metadata is unreadable, or from
     another format version, count as damaged. Entries still being written are not visible here
     (they live in temporary folders). The local copies of remote caches kept in the directory
-    are checked too (their results' ``copy_of`` says so).
+    are checked too (their results' ``copy_of`` says so). Folders that are not
+    cachedload's are named too (``unknown``: never deleted).
     """
     root = open_root(cache_dir)
     for checked in root.verify(checksums=checksums):

@@ -50,6 +50,7 @@ from cachedload.builder import (
     ItemArray,
     ItemTable,
     PreviousBuild,
+    UnwrittenBuild,
     build_items,
     file_identity,
 )
@@ -89,6 +90,7 @@ class Host(Protocol):
     _state: LoaderState | None
     _is_bound: bool
 
+    def load_entry(self, path: str | os.PathLike[str]) -> Any: ...
     def _with_self(self, args: tuple[Any, ...]) -> tuple[Any, ...]: ...
     def _code_version(self) -> str: ...
     def _root(self) -> CacheRoot: ...
@@ -317,6 +319,7 @@ def _item_kwargs(signature: inspect.Signature, call: Call) -> dict[str, Any]:
 def _prepare(host: Host, request: _Request) -> _Prepared:
     """Bind a ``.map`` call: the decorator's key rules on the loader's other parameters, then
     the files' fingerprint, the patterns and the folder."""
+    started = time.perf_counter()
     label = host._options.per_item
     assert label is not None
     code_version = host._code_version()  # first: it rebuilds _state if the code changed
@@ -331,7 +334,9 @@ def _prepare(host: Host, request: _Request) -> _Prepared:
         full, host._with_self(()), request.params, code_version, state=host._state.values()
     )
     kwargs = _item_kwargs(signature, dataclasses.replace(base, args=base.args[host._is_bound :]))
+    scanned = time.perf_counter()
     source = _scan(label, request.source, request.patterns, host._rules)
+    scan_seconds = time.perf_counter() - scanned
     fp = source.fingerprint
     where = "" if host._rules.portable else source.real
     extra: tuple[Any, ...] = ("ragged",) if request.ragged else ()
@@ -357,6 +362,8 @@ def _prepare(host: Host, request: _Request) -> _Prepared:
         given_paths={**base.given_paths, label: source.root},
         warned=set(),
         shown_as=_shown_as(request.name, source),
+        fingerprint_seconds=base.fingerprint_seconds + scan_seconds,
+        started=started,
     )
     return _Prepared(call, source, label, kwargs, dict(base.sources))
 
@@ -474,6 +481,19 @@ class ItemMap:
         call = _prepare(host, _request(source, pattern, params)).call
         return host._root().entry_path(host._fdir(), call.key)
 
+    def load_entry(self, path: str | os.PathLike[str]) -> ItemArray:
+        """The result stored in the entry folder ``path`` (one :meth:`cache_path` returned),
+        without looking at the files, as :meth:`cachedload.CachedDataset.load_entry`.
+
+        Raises:
+            FileNotFoundError: no entry of this loader is there.
+            OSError: the entry is damaged.
+        """
+        found = self._host.load_entry(path)
+        if not isinstance(found, ItemArray):
+            raise OSError(f"damaged cache entry {os.fspath(path)}: not a per-item entry")
+        return found
+
     def cache_explain(self, source: Any, pattern: str | Sequence[str] | None = None,
                       **params: Any) -> Explanation:  # fmt: skip
         """Why this ``.map`` call would miss: which files were added, removed or modified
@@ -531,39 +551,71 @@ def _unwrapped(run: Callable[[], Any]) -> Any:
     raise error  # outside the except clause: no "during handling" context added
 
 
-def _build_uncached(host: Host, prepared: _Prepared, request: _Request) -> ItemArray:
-    """Build into a temporary file and load it (no cache to write to, or caching disabled)."""
-    with tempfile.TemporaryDirectory(prefix="cachedload-") as folder:
-        path = Path(folder) / DATA_FILE
-        report: BuildReport = _unwrapped(lambda: _build_file(host, prepared, request, path, None))
-        if report.value is not None:
-            return report.value
-        # A memory map outlives the file's name (POSIX): deleting the folder is safe.
-        value: ItemArray = serialize.load(path, mmap_mode=host._options.mmap_mode)
+def _build_uncached(
+    host: Host, prepared: _Prepared, request: _Request, previous: PreviousBuild | None = None
+) -> ItemArray:
+    """Build into a temporary file and load it (no cache to write to, or caching disabled);
+    in memory where no temporary file can be written (``TMPDIR`` full, or missing)."""
+    return _unwrapped(lambda: _uncached(host, prepared, request, previous))  # type: ignore[no-any-return]
+
+
+def _uncached(
+    host: Host, prepared: _Prepared, request: _Request, previous: PreviousBuild | None
+) -> ItemArray:
+    try:
+        with tempfile.TemporaryDirectory(prefix="cachedload-", ignore_cleanup_errors=True) as tmp:
+            path = Path(tmp) / DATA_FILE
+            report = _build_file(host, prepared, request, path, previous)
+            # A memory map outlives the file's name (POSIX): deleting the folder is safe.
+            value: ItemArray | None = report.value
+            if value is None:
+                value = serialize.load(path, mmap_mode=host._options.mmap_mode)
+    except UnwrittenBuild as unwritten:
+        value = unwritten.report.value
+    except OSError as error:
+        logger.info("no temporary file for %s (%s): building in memory", host._identity, error)
+        value = _build_file(host, prepared, request, None, previous).value
+    assert value is not None
     return value
 
 
 def _build_file(
-    host: Host, prepared: _Prepared, request: _Request, path: Path, previous: PreviousBuild | None
+    host: Host,
+    prepared: _Prepared,
+    request: _Request,
+    path: Path | None,
+    previous: PreviousBuild | None,
 ) -> BuildReport:
-    """Build the data file at ``path``; warn about the items left out (``skip=``), or raise
-    the first one's error (wrapped in ``_ItemFailed``) when every item was."""
+    """Build the data file at ``path`` (``None``: in memory only); warn about the items
+    left out (``skip=``), or raise the first one's error (wrapped in ``_ItemFailed``) when
+    every item was. Raises ``UnwrittenBuild`` (after the same checks) if the file could not
+    be written: it holds the result."""
     with _progress_bar(request.progress) as progress:
-        report = build_items(
-            _Guarded.of(host, request.skip),
-            prepared.source.items,
-            path,
-            params=prepared.kwargs,
-            previous=previous,
-            # The result is wanted in memory: built there, it is not read back from the file.
-            in_memory=host._options.mmap_mode is None,
-            taken_ns=prepared.source.fingerprint.taken_ns,
-            n_jobs=request.n_jobs,
-            backend=request.backend,
-            ragged=request.ragged,
-            skip=request.skip,
-            progress=progress,
-        )
+        try:
+            report = build_items(
+                _Guarded.of(host, request.skip),
+                prepared.source.items,
+                path,
+                params=prepared.kwargs,
+                previous=previous,
+                # The result is wanted in memory: built there, it is not read back from the file.
+                in_memory=host._options.mmap_mode is None,
+                taken_ns=prepared.source.fingerprint.taken_ns,
+                n_jobs=request.n_jobs,
+                backend=request.backend,
+                ragged=request.ragged,
+                skip=request.skip,
+                progress=progress,
+            )
+        except UnwrittenBuild as unwritten:
+            _check_built(host, prepared, unwritten.report)
+            raise
+    _check_built(host, prepared, report)
+    return report
+
+
+def _check_built(host: Host, prepared: _Prepared, report: BuildReport) -> None:
+    """Raise the error of the first item left out if all were; warn about those left out."""
     if report.skipped and len(report.skipped) == len(report.records):  # no row: not a result
         error = next(iter(report.skipped.values()))
         if hasattr(error, "add_note"):  # Python >= 3.11
@@ -574,7 +626,6 @@ def _build_file(
         call.warned.add("skipped")  # once, even if the call builds twice
         skipped = [(rel, _reason(error)) for rel, error in report.skipped.items()]
         warn_skipped(call.shown_as or repr(prepared.source.root), skipped, cached=False)
-    return report
 
 
 def _reason(error: BaseException) -> str:
@@ -631,8 +682,7 @@ class _Build:
         except _ItemFailed as failed:  # the loader's error: not a failure to store
             item_error = failed.error
         except OSError as error:
-            host._store_failed(call, self.root.entry_path(self.fdir, call.key).parent, error)
-            return _build_uncached(host, self.prepared, self.request)
+            return self.not_stored(error, previous)
         if item_error is not None:
             raise item_error  # outside the except clause: as the loader raised it
         if size is None:
@@ -640,6 +690,21 @@ class _Build:
             return self.unpublished
         host._stats.stores += 1
         return self.load_stored()
+
+    def not_stored(self, error: OSError, previous: PreviousBuild | None) -> ItemArray:
+        """The result of a build that could not be stored (a full disk, a file size limit):
+        the rows it computed, in memory. Built again (in memory if ``TMPDIR`` cannot be
+        written either, as on the same full disk) only if the entry's folder could not be
+        made, or it failed once the rows were written (they went with its folder)."""
+        host, call = self.host, self.prepared.call
+        where = self.root.entry_path(self.fdir, call.key).parent
+        host._store_failed(call, where, error.error if isinstance(error, UnwrittenBuild) else error)
+        if isinstance(error, UnwrittenBuild):
+            assert error.report.value is not None
+            return error.report.value
+        if self.built is not None:
+            return self.built
+        return _build_uncached(host, self.prepared, self.request, previous)
 
     def previous(self, skip_own: bool) -> tuple[PreviousBuild | None, str]:
         """The newest entry of this call's group, and why there is none. In a remote cache,
@@ -677,7 +742,12 @@ class _Build:
         if self.prepared.source.items.contents is not None and raw.contents is None:
             # fingerprint="content": a row is reused only if its file's content is known.
             return None, f"previous entry {best.key[:12]} records no file contents"
-        return PreviousBuild(data, raw, safe_types=safe_types, identity=checked), ""
+        # Where others can write the file, its rows are copied only while it is unchanged
+        # (in a private cache, only a clear or keep= removing it changes it: rows copied
+        # from the open file are still the checked ones).
+        others_write = local.safe_types is not None or local.signing_key is not None
+        identity = checked if others_write else None
+        return PreviousBuild(data, raw, safe_types=safe_types, identity=identity), ""
 
     def build(self, data: Path, previous: PreviousBuild | None, why: str) -> Built | None:
         """Write the data file ``data``; the entry's metadata and manifest, or None if the

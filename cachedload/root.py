@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cachedload import serialize
-from cachedload.entry import OWNER_SUFFIX, CorruptEntry, write_new_file
+from cachedload.entry import OWNER_SUFFIX, CorruptEntry, read_regular_file, write_new_file
 from cachedload.reading import ReadAhead
 
 __all__ = [
@@ -375,8 +375,9 @@ class CacheRoot(abc.ABC):
             return True
         except Timeout:
             pass
-        try:
-            owner = owner_file.read_text()
+        try:  # a record someone else may write: bounded, never a FIFO's
+            owner = read_regular_file(owner_file, limit=200).decode("utf-8", "replace")
+            owner = "".join(c if c.isprintable() else "?" for c in owner) or "another process"
         except OSError:
             owner = "another process"
         logger.info("waiting for %s [%s], being computed by %s", name, key[:12], owner)

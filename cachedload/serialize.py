@@ -52,6 +52,7 @@ from cachedload.entry import HashingWriter
 from cachedload.errors import UnsafePickleError
 from cachedload.reading import SharedReader, read_exactly, read_parallel
 from cachedload.safe_pickle import RestrictedUnpickler, restricted_loads
+from cachedload.verified import open_regular
 
 __all__ = [
     "ArrayExtent",
@@ -65,6 +66,8 @@ __all__ = [
     "dump_slotted",
     "layout_problem",
     "load",
+    "load_buffer",
+    "load_open",
 ]
 
 _MAGIC = b"cachedload-index\0"
@@ -363,28 +366,103 @@ def load(
     Raises:
         UnsafePickleError: with ``safe_types``, the file names something not allowed, or is
             compressed / written by joblib (not loadable without trusting its writer).
+        OSError: the path is a symlink or not a regular file.
         ValueError, EOFError, pickle.UnpicklingError (and whatever joblib raises): the file is
         damaged.
     """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    fd, info = open_regular(path)
     try:
         if on_open is not None:
             on_open(fd)
-        size = os.fstat(fd).st_size
-        head = os.pread(fd, _PROBE, 0)
-        start = len(_HEAD) + _U64.size
-        if head[: len(_HEAD)] != _HEAD or head[start : start + len(_MAGIC)] != _MAGIC:
-            if safe_types is not None:
-                raise UnsafePickleError(os.fspath(path), "only uncompressed entries load safely")
-            if reader is not None:
-                reader.before_unpickling(size)
-            return _load_with_joblib(path, mmap_mode)  # compressed, or written by joblib
-        skeleton, table, offsets = _read_layout(fd, head, size, reader, safe_types)
-        arrays = _read_arrays(fd, path, size, table, offsets, mmap_mode, reader)
+        return load_open(
+            fd, info.st_size, path=path, mmap_mode=mmap_mode, reader=reader, safe_types=safe_types
+        )
     finally:
         os.close(fd)
+
+
+def load_open(
+    fd: int,
+    size: int,
+    *,
+    path: str | os.PathLike[str] | None,
+    mmap_mode: str | None,
+    reader: SharedReader | None = None,
+    safe_types: Iterable[type] | None = None,
+) -> Any:
+    """:func:`load` from an open file of ``size`` bytes: every byte used is read from ``fd``
+    (memory maps are made from it too); ``path`` only names the maps' file (``filename``),
+    None for a private copy. The caller keeps ``fd`` and closes it (maps stay valid).
+
+    Raises:
+        as :func:`load`.
+    """
+    head = os.pread(fd, _PROBE, 0)
+    start = len(_HEAD) + _U64.size
+    if head[: len(_HEAD)] != _HEAD or head[start : start + len(_MAGIC)] != _MAGIC:
+        if safe_types is not None:
+            where = os.fspath(path) if path is not None else "<private copy>"
+            raise UnsafePickleError(where, "only uncompressed entries load safely")
+        if reader is not None:
+            reader.before_unpickling(size)
+        return _load_with_joblib(fd, path, mmap_mode)  # compressed, or written by joblib
+    skeleton, table, offsets = _read_layout(fd, head, size, reader, safe_types)
+    arrays = _read_arrays(fd, path, size, table, offsets, mmap_mode, reader)
     if reader is not None:
         reader.before_unpickling(0)  # a cancelled read-ahead stops here, before unpickling
+    return _unpickle(skeleton, arrays, safe_types)
+
+
+def load_buffer(
+    buffer: bytearray, *, mmap_mode: str | None, safe_types: Iterable[type] | None = None
+) -> Any:
+    """:func:`load` from a file's bytes already in memory (read and verified by the caller).
+    The arrays are views of ``buffer``: read-only with ``mmap_mode="r"``, as a map would be.
+
+    Raises:
+        as :func:`load`.
+    """
+    size = len(buffer)
+    head = bytes(buffer[:_PROBE])
+    start = len(_HEAD) + _U64.size
+    if head[: len(_HEAD)] != _HEAD or head[start : start + len(_MAGIC)] != _MAGIC:
+        if safe_types is not None:
+            raise UnsafePickleError("<verified copy>", "only uncompressed entries load safely")
+        import joblib
+
+        return joblib.load(io.BytesIO(buffer))
+    index_len = _U64.unpack_from(head, len(_HEAD))[0]
+    if start + index_len > size:
+        raise ValueError("index runs past the end of the file")
+    skeleton_len, table, offsets = _parse_index(
+        bytes(buffer[start + len(_MAGIC) : start + index_len]), safe_types
+    )
+    if offsets[0] + skeleton_len > size:
+        raise ValueError("skeleton runs past the end of the file")
+    skeleton = bytes(buffer[offsets[0] : offsets[0] + skeleton_len])
+    whole = np.frombuffer(buffer, np.uint8)
+    if mmap_mode == "r":
+        whole.flags.writeable = False
+    arrays: list[np.ndarray[Any, Any]] = []
+    for (dtype, shape, order), offset in zip(table, offsets[1:], strict=True):
+        nbytes = _count(shape) * dtype.itemsize
+        if offset + nbytes > size:
+            raise ValueError("an array runs past the end of the file")
+        array = whole[offset : offset + nbytes].view(dtype).reshape(shape, order=order)
+        arrays.append(array if mmap_mode is not None else _native(array))
+    return _unpickle(skeleton, arrays, safe_types)
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _unpickle(
+    skeleton: bytes, arrays: list[np.ndarray[Any, Any]], safe_types: Iterable[type] | None
+) -> Any:
     if safe_types is not None:
         restricted = RestrictedUnpickler(io.BytesIO(skeleton), safe_types=safe_types, arrays=arrays)
         return restricted.load()
@@ -464,27 +542,20 @@ def _is_count(value: object) -> bool:
 
 def _read_arrays(
     fd: int,
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | None,
     size: int,
     table: _Table,
     offsets: tuple[int, ...],
     mmap_mode: str | None,
     reader: SharedReader | None,
 ) -> list[np.ndarray[Any, Any]]:
-    """The arrays a file's table lists, memory-mapped (``mmap_mode``) or read."""
+    """The arrays a file's table lists, memory-mapped from ``fd`` (``mmap_mode``) or read."""
     arrays: list[np.ndarray[Any, Any]] = []
     for (dtype, shape, order), offset in zip(table, offsets[1:], strict=True):
-        count = 1
-        for dim in shape:
-            count *= dim
-        if offset + count * dtype.itemsize > size:
+        if offset + _count(shape) * dtype.itemsize > size:
             raise ValueError("an array runs past the end of the file")
         if mmap_mode is not None:
-            mode: Any = mmap_mode
-            mapped = np.memmap(
-                path, dtype=dtype, mode=mode, offset=offset, shape=shape, order=order
-            )
-            arrays.append(mapped)
+            arrays.append(_map(fd, path, dtype, shape, order, offset, mmap_mode))
             continue
         array = np.empty(shape, dtype, order=order)
         view = array.ravel(order=order).view(np.uint8).data
@@ -496,10 +567,37 @@ def _read_arrays(
     return arrays
 
 
-def _load_with_joblib(path: str | os.PathLike[str], mmap_mode: str | None) -> Any:
+def _map(
+    fd: int,
+    path: str | os.PathLike[str] | None,
+    dtype: np.dtype[Any],
+    shape: tuple[int, ...],
+    order: _Order,
+    offset: int,
+    mmap_mode: str,
+) -> np.memmap[Any, Any]:
+    """Map one array of the open file ``fd`` (never reopened by name: the file mapped is the
+    file checked); its ``filename`` is ``path``, as if mapped by name."""
+    with open(fd, "rb", closefd=False) as handle:
+        mode: Any = mmap_mode
+        mapped: np.memmap[Any, Any] = np.memmap(
+            handle, dtype=dtype, mode=mode, offset=offset, shape=shape, order=order
+        )
+    mapped.filename = None if path is None else os.path.abspath(path)
+    return mapped
+
+
+def _load_with_joblib(fd: int, path: str | os.PathLike[str] | None, mmap_mode: str | None) -> Any:
+    """A file written by ``joblib.dump`` (compressed, or by older code): read from ``fd``.
+    Memory-mapped only by name (joblib maps by name) when the caller gave one, which it does
+    only for a file nobody else can write."""
     import joblib
 
-    return joblib.load(path, mmap_mode=mmap_mode)
+    if mmap_mode is not None and path is not None:
+        return joblib.load(path, mmap_mode=mmap_mode)
+    with open(os.dup(fd), "rb") as handle:
+        handle.seek(0)
+        return joblib.load(handle)
 
 
 def check_safe(value: Any, *, safe_types: Iterable[type] = ()) -> None:
@@ -599,9 +697,9 @@ def array_extents(
             damaged), or its index places an array outside its data area.
         UnsafePickleError: with ``safe_types``, its index holds what is not allowed.
     """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    fd, info = open_regular(path)
     try:
-        size = os.fstat(fd).st_size
+        size = info.st_size
         head = os.pread(fd, _PROBE, 0)
         if not _indexed(head):
             raise ValueError(f"{os.fspath(path)!r} is not an indexed cachedload data file")

@@ -33,6 +33,7 @@ from cachedload.entry import (
     MANIFEST_FILE,
     META_FILE,
     OWNER_SUFFIX,
+    SUPERSEDED_FILE,
     SYNCED_SUFFIX,
     TAG_CONTENT,
     TAG_FILE,
@@ -41,6 +42,7 @@ from cachedload.entry import (
     USED_SUFFIX,
     CorruptEntry,
     encoded_manifest,
+    is_entry_name,
     is_entry_shaped,
     is_function_dir_name,
     is_leftover_name,
@@ -57,12 +59,20 @@ from cachedload.entry import (
     temporary_name,
     write_new_file,
 )
-from cachedload.errors import NotACacheDirectoryError
-from cachedload.fingerprint import hash_file
+from cachedload.errors import NotACacheDirectoryError, ReadOnlyCacheError
 from cachedload.mount import entry_lock, uses_lease
-from cachedload.reading import NOTHING, ReadAhead
+from cachedload.reading import NOTHING, ReadAhead, SharedReader
 from cachedload.root import Built, CacheRoot, Checked, EntryInfo, Leftover
 from cachedload.signing import SIGNATURE_FIELD, sign, verify_signature
+from cachedload.verified import (
+    DigestMismatch,
+    hash_descriptor,
+    open_regular,
+    private_copy,
+    read_verified,
+    sha256_of,
+    writable_by_others,
+)
 
 __all__ = ["LocalRoot", "atomic_write_bytes"]
 
@@ -81,6 +91,11 @@ def _lstat(path: Path) -> os.stat_result | None:
         return os.lstat(path)
     except OSError:
         return None
+
+
+def _identity(info: os.stat_result) -> tuple[int, ...]:
+    """What tells a folder from one put in its place: device, inode, owner and mode."""
+    return (info.st_dev, info.st_ino, info.st_uid, info.st_mode)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -138,6 +153,14 @@ def _delete(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _unlink_file(path: Path) -> None:
+    """Delete a file (or a symlink, never what it points to); a folder is left alone."""
+    info = _lstat(path)
+    if info is not None and not stat.S_ISDIR(info.st_mode):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
@@ -232,14 +255,20 @@ class LocalRoot(CacheRoot):
         self.signing_key = signing_key
         # Function folder name -> its path: a hit then joins one name, not two.
         self._folders: dict[str, Path] = {}
-        # Function folders found owned by this user and not writable by others (see untrusted).
-        self._trusted: set[str] = set()
+        # Function folder -> the identities of the cache directory and of that folder when
+        # they were found owned by this user and not writable by others (see untrusted).
+        self._trusted: dict[str, tuple[tuple[int, ...], tuple[int, ...] | None]] = {}
         self._tagged = False
         self._dir_mode, self._file_mode = (0o777, 0o666) if shared else (0o700, 0o600)
         self._lock_mode = -1 if shared else 0o600
 
     def __repr__(self) -> str:
         return f"LocalRoot({self.location!r})"
+
+    @property
+    def file_mode(self) -> int:
+        """The mode files are created with here (0600 private, 0666 less the umask shared)."""
+        return self._file_mode
 
     # -- names ---------------------------------------------------------------------------------
     @property
@@ -282,8 +311,11 @@ class LocalRoot(CacheRoot):
         for child in children:
             if child.name.startswith(".") or not child.is_dir(follow_symlinks=False):
                 continue
+            if not is_tagged(Path(child.path)):
+                continue  # not a copy cachedload made: verify names it, nothing touches it
             try:
-                url = (Path(child.path) / URL_FILE).read_text().strip()
+                raw = read_regular_file(Path(child.path) / URL_FILE, limit=4096)
+                url = raw.decode().strip()
             except (OSError, UnicodeDecodeError):
                 url = ""
             copy = LocalRoot(child.path, safe_types=self.safe_types or ())
@@ -331,21 +363,17 @@ class LocalRoot(CacheRoot):
         verify: bool,
         ahead: ReadAhead | None = None,
     ) -> Any:
-        """Load an entry: checks its data file's size (and checksum when ``verify``); uses
-        ``ahead`` if it read the same file.
+        """Load an entry: checks its data file's size (and checksum when ``verify``, and
+        signature with a signing key) on the very bytes it then uses; uses ``ahead`` if it
+        read the same file.
 
         Raises:
-            CorruptEntry: the data file is missing, of the wrong size or checksum, or cannot be
-                loaded.
+            CorruptEntry: the data file is missing, not a regular file, not this user's own
+                in a private cache, of the wrong size or checksum, or cannot be loaded.
         """
         entry = self.entry_path(fdir, key)
-        data_path = entry / DATA_FILE
         try:
-            try:
-                info = os.stat(data_path)
-            except FileNotFoundError:
-                raise CorruptEntry(entry, "data file is missing") from None
-            return self._load(entry, data_path, info, meta, mmap_mode, verify, ahead)
+            return self._load(entry, meta, mmap_mode, verify, ahead)
         except CorruptEntry:
             if _vanished(entry, meta):  # removed or replaced while read: a plain miss
                 raise FileNotFoundError(errno.ENOENT, "entry vanished while read", entry) from None
@@ -354,46 +382,100 @@ class LocalRoot(CacheRoot):
     def _load(
         self,
         entry: Path,
-        data_path: Path,
-        info: os.stat_result,
         meta: dict[str, Any],
         mmap_mode: str | None,
         verify: bool,
         ahead: ReadAhead | None,
     ) -> Any:
-        safe_types = self._checked(entry, data_path, info.st_size, meta, verify)
-        if ahead is not None:
-            value = ahead.take(info)
-            if value is not NOTHING:
-                return value
+        expected = self._expected_digests(entry, meta, verify)  # the signature, before a read
+        safe_types = None if self.signing_key is not None else self.safe_types
+        fd, info = self._open_data(entry)
         try:
-            return serialize.load(data_path, mmap_mode=mmap_mode, safe_types=safe_types)
+            problem = size_problem(info.st_size, meta)
+            if problem is not None:
+                raise CorruptEntry(entry, problem)
+            path = entry / DATA_FILE
+            return self._read_data(fd, info, path, expected, mmap_mode, safe_types, ahead)
+        except CorruptEntry:
+            raise
+        except DigestMismatch as error:
+            raise CorruptEntry(entry, str(error)) from None
         except Exception as error:  # joblib/pickle raise many types on a garbled file
             raise CorruptEntry(
                 entry, f"cannot load data ({type(error).__name__}: {error})"
             ) from error
+        finally:
+            os.close(fd)
 
-    def _checked(
-        self, entry: Path, data_path: Path, size: int, meta: dict[str, Any], verify: bool
-    ) -> tuple[type, ...] | None:
-        """Check an entry's data file as a load does: its size; with ``verify`` its checksum;
-        with a signing key the signature, then the checksum (it covers the checksum only).
-        Return the ``safe_types`` to read it with (None: unrestricted: private, or signed).
+    def _open_data(self, entry: Path) -> tuple[int, os.stat_result]:
+        """The entry's data file, opened once for every check and read of a load.
 
         Raises:
-            CorruptEntry: a check failed.
+            CorruptEntry: it is missing, a symlink, not a regular file, or (in a private
+                cache) not this user's own file.
         """
-        safe_types = self.safe_types
+        try:
+            fd, info = open_regular(entry / DATA_FILE)
+        except FileNotFoundError:
+            raise CorruptEntry(entry, "data file is missing") from None
+        except OSError as error:
+            if error.errno in (errno.ELOOP, errno.EISDIR, errno.EINVAL):
+                raise CorruptEntry(entry, "data file is a symlink or not a regular file") from None
+            raise
+        if not self.shared and writable_by_others(info):
+            os.close(fd)
+            raise CorruptEntry(
+                entry, "data file is not this user's own (another owner, or writable by others)"
+            )
+        return fd, info
+
+    def _expected_digests(self, entry: Path, meta: dict[str, Any], verify: bool) -> dict[str, str]:
+        """The digests the data must have before it is used: with a signing key the signed
+        SHA-256 (after checking the signature), with ``verify`` the xxh3, else none.
+
+        Raises:
+            CorruptEntry: the entry is not signed with the signing key.
+        """
         if self.signing_key is not None:
-            if not verify_signature(meta, meta["data"]["xxh3"], self.signing_key):
+            digest = meta["data"].get("sha256")
+            if not isinstance(digest, str) or not verify_signature(meta, digest, self.signing_key):
                 raise CorruptEntry(entry, "entry is not signed with the signing key")
-            verify, safe_types = True, None
-        problem = size_problem(size, meta)
-        if problem is None and verify and hash_file(data_path) != meta["data"]["xxh3"]:
-            problem = "data file checksum does not match"
-        if problem is not None:
-            raise CorruptEntry(entry, problem)
-        return safe_types
+            return {"sha256": digest}
+        return {"xxh3": meta["data"]["xxh3"]} if verify else {}
+
+    @staticmethod
+    def _read_data(
+        fd: int,
+        info: os.stat_result,
+        path: Path,
+        expected: dict[str, str],
+        mmap_mode: str | None,
+        safe_types: tuple[type, ...] | None,
+        ahead: ReadAhead | None,
+    ) -> Any:
+        """The value in the open data file: used where it lies only if nobody else can write
+        it, else from a private copy; checked against ``expected`` in either case first."""
+        size = info.st_size
+        if writable_by_others(info) or (expected and mmap_mode is None):
+            # In memory (one read, then hashed), or for a map a private copy hashed on the
+            # way: the bytes used are the bytes verified, whatever the writer does meanwhile.
+            if mmap_mode is None:
+                buffer = read_verified(fd, size, expected)
+                return serialize.load_buffer(buffer, mmap_mode=None, safe_types=safe_types)
+            copy = private_copy(fd, size, expected)
+            try:
+                return serialize.load_open(
+                    copy, size, path=None, mmap_mode=mmap_mode, safe_types=safe_types
+                )
+            finally:
+                os.close(copy)
+        if expected:  # a map of a file only this user can write: hash it, then map it
+            hash_descriptor(fd, size, expected)
+        elif ahead is not None:
+            value = ahead.take(info)
+            if value is not NOTHING:
+                return value
+        return serialize.load_open(fd, size, path=path, mmap_mode=mmap_mode, safe_types=safe_types)
 
     def reusable(
         self, fdir: str, key: str, meta: dict[str, Any], *, verify: bool
@@ -407,36 +489,73 @@ class LocalRoot(CacheRoot):
             OSError: its data file cannot be read.
         """
         entry = self.entry_path(fdir, key)
-        data_path = entry / DATA_FILE
-        return self._checked(entry, data_path, os.stat(data_path).st_size, meta, verify)
+        expected = self._expected_digests(entry, meta, verify)
+        fd, info = self._open_data(entry)
+        try:
+            problem = size_problem(info.st_size, meta)
+            if problem is None and expected:
+                try:
+                    hash_descriptor(fd, info.st_size, expected)
+                except DigestMismatch as error:
+                    problem = str(error)
+            if problem is not None:
+                raise CorruptEntry(entry, problem)
+        finally:
+            os.close(fd)
+        return None if self.signing_key is not None else self.safe_types
 
     def read_ahead(self, fdir: str, key: str) -> ReadAhead:
         """Start loading an entry's data (``mmap_mode=None``) in a background thread, before
-        it is known whether the call will ask for it; see :meth:`load`."""
+        it is known whether the call will ask for it; see :meth:`load`. Only in a private,
+        unsigned cache, and only a file this user owns and nobody else can write: nothing is
+        unpickled before it is checked.
+
+        Raises:
+            OSError: the cache is shared or signed (its entries are verified first).
+        """
+        if self.shared or self.signing_key is not None:
+            raise OSError(errno.EPERM, "entries of a shared or signed cache are not read ahead")
         data_path = self.entry_path(fdir, key) / DATA_FILE
-        safe_types = None if self.signing_key is not None else self.safe_types
-        return ReadAhead(
-            lambda reader, opened: serialize.load(
-                data_path, mmap_mode=None, reader=reader, on_open=opened, safe_types=safe_types
-            )
-        )
+        safe_types = self.safe_types
+
+        def load(reader: SharedReader, opened: Callable[[int], None]) -> Any:
+            fd, info = open_regular(data_path)
+            try:
+                if writable_by_others(info):
+                    return NOTHING  # the caller's own load refuses it
+                opened(fd)
+                return serialize.load_open(
+                    fd,
+                    info.st_size,
+                    path=data_path,
+                    mmap_mode=None,
+                    reader=reader,
+                    safe_types=safe_types,
+                )
+            finally:
+                os.close(fd)
+
+        return ReadAhead(load)
 
     def record_hit(self, fdir: str, key: str) -> None:
         """Note one use of an entry (appends one byte beside it; never rewrites the entry)."""
         try:
+            # Non-blocking: a FIFO planted here must not hang the hit (ENXIO without a reader).
             fd = os.open(
                 self._beside(fdir, key, USED_SUFFIX),
                 os.O_WRONLY
                 | os.O_APPEND
                 | os.O_CREAT
                 | os.O_NOFOLLOW
+                | os.O_NONBLOCK
                 | getattr(os, "O_CLOEXEC", 0),
                 self._file_mode,
             )
         except OSError:
             return  # a read-only cache still serves hits
         try:
-            os.write(fd, b".")
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.write(fd, b".")
         except OSError:
             pass
         finally:
@@ -496,7 +615,10 @@ class LocalRoot(CacheRoot):
                 manifest, meta[MANIFEST_FIELD] = encoded_manifest(built.manifest)
                 _write_file(tmp / MANIFEST_FILE, manifest, self._file_mode, sync=False)
             if self.signing_key is not None:
-                meta[SIGNATURE_FIELD] = sign(meta, built.checksum, self.signing_key)
+                # Signed over a cryptographic digest: xxh3 is no defence against a writer
+                # crafting other bytes with the same checksum.
+                meta["data"]["sha256"] = digest = sha256_of(tmp / DATA_FILE)
+                meta[SIGNATURE_FIELD] = sign(meta, digest, self.signing_key)
             meta_bytes = json.dumps(meta, indent=1).encode()
             _write_file(tmp / META_FILE, meta_bytes, self._file_mode, sync=False)
             # Every file on disk, then their names, before the entry is renamed into sight:
@@ -514,7 +636,8 @@ class LocalRoot(CacheRoot):
     def rewrite_meta(self, fdir: str, key: str, meta: dict[str, Any]) -> None:
         """Atomically replace an entry's metadata (used to clear verified racy-file records)."""
         if self.signing_key is not None:  # the signature covers every field
-            meta = {**meta, SIGNATURE_FIELD: sign(meta, meta["data"]["xxh3"], self.signing_key)}
+            digest = str(meta["data"].get("sha256", ""))  # set: the entry was loaded signed
+            meta = {**meta, SIGNATURE_FIELD: sign(meta, digest, self.signing_key)}
         atomic_write_bytes(
             self.entry_path(fdir, key) / META_FILE,
             json.dumps(meta, indent=1).encode(),
@@ -538,7 +661,7 @@ class LocalRoot(CacheRoot):
                 with contextlib.suppress(FileExistsError):
                     folder.mkdir(self._dir_mode)
             with contextlib.suppress(FileExistsError):  # an old cache is tagged on first write
-                write_new_file(self.path / TAG_FILE, TAG_CONTENT, self._file_mode | 0o444)
+                write_new_file(self.path / TAG_FILE, TAG_CONTENT, self._file_mode)
             self._tagged = True
         function_dir = self.folder(fdir)
         try:
@@ -554,31 +677,55 @@ class LocalRoot(CacheRoot):
             return self.make_folder(fdir)
         return function_dir
 
-    def check_deletable(self) -> None:
+    def check_deletable(self, fdir: str = "") -> None:
         """Raise unless this folder is a cache cachedload made (``CACHEDIR.TAG``), or does not
         exist: nothing is deleted elsewhere (a typo in ``--cache-dir``, ``$CACHEDLOAD_DIR``
-        one level too high…).
+        one level too high…); and unless it (the function folder ``fdir``, if given and
+        there) can be written: checked before the first deletion, not found halfway through.
 
         Raises:
             NotACacheDirectoryError: it exists without the tag.
+            ReadOnlyCacheError: it cannot be written (a read-only mount, permissions).
         """
         if self._tagged or is_tagged(self.path):
             self._tagged = True
         elif os.path.lexists(self.path):
             raise NotACacheDirectoryError(self.path)
+        self._check_writable(fdir)
+
+    def _check_writable(self, fdir: str = "") -> None:
+        """Raise ``ReadOnlyCacheError`` if the cache directory (its function folder ``fdir``,
+        if given and there) exists and cannot be written."""
+        effective = os.access in os.supports_effective_ids
+        for folder in (self.path / fdir, self.path) if fdir else (self.path,):
+            if os.access(folder, os.W_OK, effective_ids=effective):
+                return
+            if folder.exists():
+                raise ReadOnlyCacheError(self.path)
 
     def untrusted(self, fdir: str) -> str | None:
-        """Why this private cache must not be used (owned by another user, or writable by
-        group or others), or None. Checked once per function folder and process once both
-        exist: another user cannot change the owner or mode of this user's folders."""
-        if self.shared or fdir in self._trusted:
+        """Why this private cache must not be used (owned by another user, a symlinked
+        function folder, or writable by group or others), or None.
+
+        Checked on every call, cheaply: the cache directory and the function folder are
+        stat'ed (two system calls) and compared with what was found trustworthy before; only
+        when either changed (another user with write access to a parent folder can rename the
+        cache away and put a folder of their own in its place) are they checked again. Files
+        are checked once more when opened (:meth:`load`), so a swap between this check and a
+        read is refused too.
+        """
+        if self.shared:
             return None
-        for path, info in (
-            (self.path, _stat(self.path)),
-            (self.folder(fdir), _lstat(self.folder(fdir))),
-        ):
+        folder = self.folder(fdir)
+        root_info, folder_info = _stat(self.path), _lstat(folder)
+        if root_info is None:
+            return None  # created by this process when storing, then checked again
+        identity = (_identity(root_info), None if folder_info is None else _identity(folder_info))
+        if self._trusted.get(fdir) == identity:
+            return None
+        for path, info in ((self.path, root_info), (folder, folder_info)):
             if info is None:
-                return None  # created by this process when storing, then checked again
+                return None  # the function folder: made when storing, checked next call
             if stat.S_ISLNK(info.st_mode):
                 return f"{path} is a symlink"
             if info.st_uid != os.geteuid():
@@ -587,14 +734,16 @@ class LocalRoot(CacheRoot):
                 )
             if info.st_mode & 0o022:
                 return f"{path} is writable by group or others (mode {stat.filemode(info.st_mode)})"
-        self._trusted.add(fdir)
+        if len(self._trusted) > 64:
+            self._trusted.clear()
+        self._trusted[fdir] = identity
         return None
 
     # -- removing ------------------------------------------------------------------------------
     def remove(self, fdir: str, key: str) -> None:
         """Delete an entry: first move it out of sight atomically, then delete its files (and
         its records of uses)."""
-        self.check_deletable()
+        self.check_deletable(fdir)
         entry = self.entry_path(fdir, key)
         if os.path.lexists(entry) and not is_entry_shaped(entry):
             logger.warning("%s is not a cachedload entry: unknown, left alone", entry)
@@ -620,6 +769,7 @@ class LocalRoot(CacheRoot):
         """
         from filelock import Timeout
 
+        self._check_writable(fdir)  # no lock can be made in a read-only cache: say that
         lock_path = self._beside(fdir, key, LOCK_SUFFIX)
         lock = entry_lock(lock_path, 0, self._lock_mode)
         try:
@@ -653,7 +803,7 @@ class LocalRoot(CacheRoot):
     def remove_leftovers(self, fdir: str) -> int:
         """Delete temporary files of dead writers (same host, pid gone) or older than an hour;
         return how many."""
-        self.check_deletable()
+        self.check_deletable(fdir)
         now, removed = time.time(), 0
         try:
             with os.scandir(self.path / fdir) as found:
@@ -677,7 +827,7 @@ class LocalRoot(CacheRoot):
         """Delete the lock, owner and usage records of entries that no longer exist; return
         how many keys were tidied. A key whose lock another process holds is skipped: its
         entry is being computed (it has no folder yet) or removed."""
-        self.check_deletable()
+        self.check_deletable(fdir)
         folder = self.path / fdir
         try:
             with os.scandir(folder) as found:
@@ -686,6 +836,9 @@ class LocalRoot(CacheRoot):
             return 0
         keys = {key for key in map(record_key, names) if key is not None and key not in names}
         tidied = 0
+        if SUPERSEDED_FILE in names and not any(map(is_entry_name, names)):
+            # Records of entries deleted as superseded, with no newer entry left to explain.
+            _unlink_file(folder / SUPERSEDED_FILE)
         for key in sorted(keys):
             with self.claim(fdir, key) as free:  # the lock file goes when the claim ends
                 if not free or os.path.lexists(folder / key):
@@ -741,36 +894,102 @@ class LocalRoot(CacheRoot):
                 (self.path / LOCAL_COPIES_DIR).rmdir()
 
     def verify(self, *, checksums: bool = True) -> Iterator[Checked]:
-        """Check every entry folder: metadata, data file size and (``checksums``) checksum."""
+        """Check every entry folder: metadata, data file size and (``checksums``) checksum.
+        Every other folder met (not an entry, a leftover or a local copy) is named too, as
+        ``unknown``: not ours, left alone."""
         for fdir in self.function_dirs():
             for found in scan_entry_dirs(self.path / fdir):
-                function, problem, unknown = fdir, found.problem, False
+                function, problem = fdir, found.problem
                 if found.meta is not None:
                     function = str(found.meta.get("function", fdir))
                     problem = self._data_problem(found.path / DATA_FILE, found.meta, checksums)
                     problem = problem or _manifest_file_problem(found.path, found.meta)
                     problem = problem or _rows_problem(found.path, found.meta)
-                elif not is_entry_shaped(found.path):
-                    problem, unknown = (
-                        f"{problem}; not shaped as an entry: unknown, left alone",
-                        True,
-                    )
+                unknown = problem is not None and not is_entry_shaped(found.path)
+                if unknown:
+                    problem = f"{problem}; not shaped as an entry: unknown, left alone"
                 size = _folder_size(found.path)
                 yield Checked(found.path, function, size, problem, unknown=unknown)
+            yield from self._strays(self.path / fdir, fdir)
+        yield from self._strays(self.path, "")
+
+    def _strays(self, folder: Path, fdir: str) -> Iterator[Checked]:
+        """The folders (and symlinks to one) in ``folder`` (the cache directory, or one of
+        its function folders: ``fdir``) that are not cachedload's, as unknown."""
+        try:
+            with os.scandir(folder) as found:
+                children = sorted(found, key=lambda child: child.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for child in children:
+            name, path = child.name, Path(child.path)
+            if fdir:  # in a function folder: entries (real folders) and leftovers are ours
+                if is_leftover_name(name) or (
+                    is_entry_name(name) and child.is_dir(follow_symlinks=False)
+                ):
+                    continue
+            elif is_leftover_name(name):
+                continue
+            elif name == LOCAL_COPIES_DIR and child.is_dir(follow_symlinks=False):
+                yield from self._stray_copies(path)
+                continue
+            elif is_function_dir_name(name) and child.is_dir(follow_symlinks=False):
+                continue
+            if child.is_dir(follow_symlinks=False) or (child.is_symlink() and path.is_dir()):
+                yield self._unknown(path, fdir, "not a cachedload folder")
+
+    def _stray_copies(self, remote: Path) -> Iterator[Checked]:
+        """The folders under ``remote/`` that are not local copies (no ``CACHEDIR.TAG``)."""
+        copies = {Path(copy.location) for copy, _ in self.local_copies()}
+        try:
+            with os.scandir(remote) as found:
+                children = sorted(found, key=lambda child: child.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for child in children:
+            path = Path(child.path)
+            if (
+                path not in copies
+                and not is_leftover_name(child.name)
+                and (child.is_dir(follow_symlinks=False) or child.is_symlink())
+            ):
+                yield self._unknown(path, LOCAL_COPIES_DIR, "not a local copy (no CACHEDIR.TAG)")
+
+    @staticmethod
+    def _unknown(path: Path, function: str, why: str) -> Checked:
+        return Checked(path, function, _tree_size(str(path)), f"{why}: unknown, left alone",
+                       unknown=True)  # fmt: skip
 
     @staticmethod
     def _data_problem(data: Path, meta: dict[str, Any], checksums: bool) -> str | None:
         try:
-            problem = size_problem(os.stat(data).st_size, meta)
-            if problem is None and checksums and hash_file(data) != meta["data"]["xxh3"]:
-                problem = "data file checksum does not match"
-            if problem is None:
-                problem = serialize.layout_problem(data)
+            fd, info = open_regular(data)  # never a FIFO, a device or through a symlink
         except FileNotFoundError:
             return "data file is missing"
         except OSError as error:
             return f"cannot read the entry ({error})"
-        return problem
+        try:
+            problem = size_problem(info.st_size, meta)
+            if problem is None and checksums:
+                expected = {"xxh3": meta["data"]["xxh3"]}
+                if isinstance(meta["data"].get("sha256"), str):
+                    expected["sha256"] = meta["data"]["sha256"]
+                hash_descriptor(fd, info.st_size, expected)
+        except DigestMismatch:
+            return "data file checksum does not match"
+        except (OSError, EOFError) as error:
+            return f"cannot read the entry ({error})"
+        finally:
+            os.close(fd)
+        return problem or _layout_problem(data)
+
+
+def _layout_problem(data: Path) -> str | None:
+    """What is wrong with a data file's index (its arrays outside its data area), or None."""
+    try:
+        return serialize.layout_problem(data)
+    except OSError as error:
+        return f"cannot read the entry ({error})"
 
 
 def _rows_problem(entry: Path, meta: dict[str, Any]) -> str | None:

@@ -137,4 +137,8 @@ def _from_map(parts: ResultParts, shuffle: bool) -> tf.data.Dataset:
         signature: Any = image_spec
     else:
         signature = (image_spec, tf.TensorSpec((None,), tf.as_dtype(labels.dtype)))
-    return tf.data.Dataset.from_generator(chunks, output_signature=signature).unbatch()
+    rows = tf.data.Dataset.from_generator(chunks, output_signature=signature).unbatch()
+    # A generator's length is unknown to tf.data: without it `len(ds)` raises and Keras, which
+    # counts the steps of the first epoch, warns that later epochs "ran out of data". `batch`
+    # derives its own count from this one.
+    return rows.apply(tf.data.experimental.assert_cardinality(len(images)))

@@ -9,8 +9,9 @@
 
 What a DataLoader worker receives is the loader and its arguments (decorated loaders pickle by
 their import path: a few hundred bytes), never the pixels. A spawned worker opens the memory
-map itself the first time it needs an item (``CachedDataset.load_entry``: that entry, without a
-walk over the sources); a forked one inherits the parent's map. Either way every worker serves
+map itself the first time it needs an item (``load_entry`` of a decorated loader, of its
+``.map`` or of ``cached_image_folder``: that entry, without a walk over the sources; any other
+callable is called again); a forked one inherits the parent's map. Either way every worker serves
 the entry the dataset opened, so an epoch is consistent even if the sources change meanwhile.
 
 A DataLoader asks for a batch's items in one ``__getitems__`` call: their rows are read in
@@ -37,8 +38,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from cachedload import image_folder
 from cachedload.decorator import CachedDataset
 from cachedload.errors import CachedloadError, ConfigurationError
+from cachedload.image_folder import cached_image_folder
+from cachedload.per_item import ItemMap
 from cachedload.results import ResultParts, normalize_path, split_result
 
 __all__ = ["MappedImages"]
@@ -135,13 +139,26 @@ class MappedImages(Dataset[Any]):
 
     # -- opening the map -----------------------------------------------------------------------
     def _current_entry(self) -> str | None:
-        """The entry folder a call would use now (None for an undecorated loader)."""
-        if not isinstance(self.loader, CachedDataset):
-            return None
+        """The entry folder a call would use now (None for a loader that is not cached)."""
+        loader = self.loader
         try:
-            return os.path.abspath(self.loader.cache_path(*self.args, **self.kwargs))
+            if isinstance(loader, CachedDataset | ItemMap):
+                return os.path.abspath(loader.cache_path(*self.args, **self.kwargs))
+            if loader is cached_image_folder:
+                return os.path.abspath(image_folder.cache_path(*self.args, **self.kwargs))
         except (CachedloadError, OSError):  # e.g. the source folder was removed
             return "?"
+        return None
+
+    def _load_entry(self, entry: str) -> Any:
+        """The result stored in ``entry`` by the loader, without a walk over the sources;
+        ``None`` if the loader cannot open an entry by itself."""
+        loader = self.loader
+        if isinstance(loader, CachedDataset | ItemMap):
+            return loader.load_entry(entry)
+        if loader is cached_image_folder:
+            return image_folder.load_entry(entry, *self.args, **self.kwargs)
+        return None
 
     def _load(self) -> ResultParts:
         data = split_result(self.loader(*self.args, **self.kwargs))
@@ -170,7 +187,7 @@ class MappedImages(Dataset[Any]):
         info = get_worker_info()
         first_worker = info is None or info.id == 0
         if self._data is None:
-            self._data = self._load() if self._entry is None else self._reopen()
+            self._data = self._load() if self._entry is None else self._reopen(self._entry)
             if self._entry is not None and first_worker:
                 self._report_if_changed()
         elif (
@@ -186,7 +203,8 @@ class MappedImages(Dataset[Any]):
     def _report_if_changed(self) -> bool:
         """True if a call would now use another entry; logged once per process (and once for
         a dataset and its forked workers)."""
-        if self._current_entry() == self._entry:
+        current = self._current_entry()
+        if current is None or current == self._entry:  # None: a loader that is not cached
             return False
         if self._checked is not None:
             self._checked.value = math.inf  # said: forked workers need not look again
@@ -201,15 +219,16 @@ class MappedImages(Dataset[Any]):
             )
         return True
 
-    def _reopen(self) -> ResultParts:
-        """The entry this dataset opened, in this process (the current one if it is gone)."""
-        assert isinstance(self.loader, CachedDataset) and self._entry is not None
+    def _reopen(self, entry: str) -> ResultParts:
+        """The entry this dataset opened, in this process (the current one if it is gone, or
+        if the loader cannot open an entry by itself: any callable returning a map)."""
         try:
-            data = split_result(self.loader.load_entry(self._entry))
+            stored = self._load_entry(entry)
+            data = self._load() if stored is None else split_result(stored)
         except OSError as error:  # removed since, e.g. by keep=1 once the new entry was stored
             logger.warning(
                 "entry %s of %r is gone (%s): serving the current one",
-                self._entry,
+                entry,
                 self.loader,
                 error,
             )

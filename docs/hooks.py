@@ -3,7 +3,8 @@ at build time, so the page cannot drift from the command.
 
 The marker ``<!-- cli-reference -->`` on a page is replaced by each command's ``--help`` text.
 The help is formatted 100 columns wide whatever the terminal, and names the default cache
-directory as Linux's (the machine building the docs has its own).
+directory as Linux's (the machine building the docs has its own, and maybe a
+``$CACHEDLOAD_DIR``, which the help would name).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ def cli_reference() -> str:
 
     with (
         mock.patch.dict(os.environ, {"COLUMNS": "100"}),
-        mock.patch.object(cli, "default_cache_dir", return_value="~/.cache/cachedload"),
+        mock.patch.object(cli, "platform_cache_dir", return_value="~/.cache/cachedload"),
     ):
+        os.environ.pop("CACHEDLOAD_DIR", None)  # put back when the patch ends
         return _format(cli._parser())
 
 

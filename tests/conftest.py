@@ -3,6 +3,7 @@ the S3 servers of tests/servers.py."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -219,3 +220,71 @@ def data_dir(tmp_path: Path) -> Path:
         (folder / f"part{index}.bin").write_bytes(bytes([index]) * (1000 + index))
     age(folder)
     return folder
+
+
+@contextlib.contextmanager
+def mounted(where: Path, *how: str) -> Iterator[Path]:
+    """Mount something at ``where`` for the block (``mount *how where``), unmounted after;
+    the test is skipped where mounting is impossible (not root, no mount namespace)."""
+    where.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", *how, str(where)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount {how} here: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+@contextlib.contextmanager
+def full_tmpfs(where: Path, size: str = "256k") -> Iterator[Path]:
+    """A real tmpfs of ``size`` at ``where``: writes past it fail with ENOSPC."""
+    with mounted(where, "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs") as mount:
+        yield mount
+
+
+@contextlib.contextmanager
+def read_only(folder: Path) -> Iterator[Path]:
+    """``folder`` bound onto itself read-only for the block (writes fail with EROFS)."""
+    with mounted(folder, "--bind", str(folder)):
+        done = subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)],
+                              capture_output=True, text=True)  # fmt: skip
+        if done.returncode != 0:
+            pytest.skip(f"cannot remount {folder} read-only: {done.stderr.strip()}")
+        yield folder
+
+
+def _interpreter_for(uid: int) -> tuple[str, str]:
+    """An interpreter another user can run (this one may live under root's home), and the
+    path of this environment's packages for it."""
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for candidate in (sys.executable, f"/usr/bin/{version}", f"/usr/local/bin/{version}"):
+        try:
+            probe = subprocess.run([candidate, "-c", ""], user=uid, group=uid, capture_output=True)
+        except OSError:  # not executable by that user (e.g. under root's home)
+            continue
+        if probe.returncode == 0:
+            return candidate, site
+    pytest.skip(f"no {version} that uid {uid} can run")
+
+
+def run_as(
+    uid: int, code: str, *, timeout: float = 120, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter as the user ``uid`` (group ``uid``, no other
+    groups): another user, whose permissions are enforced (root's are not)."""
+    python, site = _interpreter_for(uid)
+    extra = subprocess_env(**env)
+    extra["PYTHONPATH"] = os.pathsep.join([extra["PYTHONPATH"], site])
+    return subprocess.run(
+        [python, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=extra,
+        user=uid,
+        group=uid,
+        extra_groups=[],
+        cwd="/",
+        timeout=timeout,
+    )

@@ -42,6 +42,13 @@ def row_of(path: str, counter: str | None = None, shape: tuple[int, ...] = (2, 3
     return np.full(shape, value, dtype=np.int64) + np.arange(int(np.prod(shape))).reshape(shape)
 
 
+def row_off_the_driver(path: str, driver: int, counter: str) -> Any:
+    """``row_of``, refusing to run in the process that started the build (``driver``)."""
+    if os.getpid() == driver:
+        raise AssertionError(f"{path} computed in the driver process")
+    return row_of(path, counter)
+
+
 def calls(counter: Path) -> int:
     return len(counter.read_text().splitlines()) if counter.exists() else 0
 
@@ -359,6 +366,31 @@ def test_a_dask_cluster_computes_each_item_once(folder: Path, tmp_path: Path) ->
         path, report = Builds(folder, tmp_path, counter, batch_bytes=64).build()
     assert calls(counter) == 20 and report.computed == 20
     assert sorted(counter.read_text().split()) == sorted(p.name for p in folder.rglob("*.txt"))
+    assert path.read_bytes() == local.read_bytes()
+
+
+def build_off_the_driver(folder: Path, path: Path, counter: Path, **options: Any) -> Any:
+    items, fp = scan_items(folder)
+    params = {"driver": os.getpid(), "counter": str(counter)}
+    return build_items(row_off_the_driver, items, path, params=params, taken_ns=fp.taken_ns,
+                       batch_bytes=64, **options)  # fmt: skip
+
+
+def test_a_dask_cluster_computes_every_item_on_its_workers(folder: Path, tmp_path: Path) -> None:
+    distributed = pytest.importorskip("distributed")
+    local = Builds(folder, tmp_path / "local").scratch()
+    counter, path = tmp_path / "calls.txt", tmp_path / "built.joblib"
+    with dask_backend(distributed):
+        report = build_off_the_driver(folder, path, counter)
+    assert calls(counter) == 20 and report.computed == 20
+    assert path.read_bytes() == local.read_bytes()
+
+
+def test_loky_computes_every_item_in_its_workers(folder: Path, tmp_path: Path) -> None:
+    local = Builds(folder, tmp_path / "local").scratch()
+    counter, path = tmp_path / "calls.txt", tmp_path / "built.joblib"
+    report = build_off_the_driver(folder, path, counter, backend="loky", n_jobs=2)
+    assert calls(counter) == 20 and report.computed == 20
     assert path.read_bytes() == local.read_bytes()
 
 

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cachedload import cached_dataset, list_entries
+from cachedload import ReadOnlyCacheError, cached_dataset, list_entries, prune
 from cachedload.cli import main
-from tests.conftest import subprocess_env
+from tests.conftest import read_only, subprocess_env
 
 OLD = time.time() - 7200
 
@@ -101,6 +101,7 @@ def test_ls_table_has_totals(cache: Path) -> None:
     assert len(rows) == 3 and "size=2000" in rows[0] and "(2 files)" in rows[0]
     total = sum(r.size_bytes for r in list_entries(cache))
     assert totals.startswith("3 entries, ") and f"{total / 1000:.1f} KB" in totals
+    (cache.parent / "empty").mkdir()
     assert cli("ls", cache=cache.parent / "empty").stdout.startswith("no entries")
 
 
@@ -447,3 +448,233 @@ def test_why_says_whose_code_changed(cache: Path, data: Path) -> None:
     result = cli("why", "_other", cache=cache)
     assert result.returncode == 0, result.stderr
     assert f"code changed in the loader ({__name__}._other)" in result.stdout
+
+
+def _tree(folder: Path) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
+
+
+def _collapsed(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.mark.parametrize("command", [[], ["ls"], ["verify"]])
+def test_help_names_the_platform_default_not_the_variable_s_value(
+    command: list[str], tmp_path: Path
+) -> None:
+    from cachedload.config import platform_cache_dir
+
+    elsewhere = tmp_path / "set-by-the-variable"
+    result = subprocess.run(
+        [sys.executable, "-m", "cachedload", *command, "--help"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(CACHEDLOAD_DIR=str(elsewhere), COLUMNS="1000"),  # no wrapping
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    out = _collapsed(result.stdout)
+    assert f"$CACHEDLOAD_DIR, else {platform_cache_dir()}" in out
+    assert f"else {elsewhere}" not in out
+    assert f"$CACHEDLOAD_DIR is set to {elsewhere}" in out  # said apart from the default
+
+
+def test_verify_json_reports_each_entry_and_the_totals(cache: Path) -> None:
+    intact = cli("verify", "--json", cache=cache)
+    assert intact.returncode == 0, intact.stderr
+    report = json.loads(intact.stdout)
+    assert (report["checked"], report["damaged"]) == (3, 0)
+    assert {e["id"] for e in report["entries"]} == {r.id for r in list_entries(cache)}
+    assert all(e["ok"] and e["problem"] is None for e in report["entries"])
+    assert report["size_bytes"] == sum(e["size_bytes"] for e in report["entries"])
+
+    damaged = list_entries(cache)[1]
+    (damaged.path / "result.joblib").write_bytes(b"garbage")
+    found = cli("verify", "--json", cache=cache)
+    assert found.returncode == 1
+    report = json.loads(found.stdout)
+    assert report["damaged"] == 1
+    (bad,) = [e for e in report["entries"] if not e["ok"]]
+    assert bad["id"] == damaged.id and bad["function"] == damaged.function
+    assert bad["path"] == str(damaged.path) and "bytes" in bad["problem"]
+
+    fixed = cli("verify", "--fix", "--json", cache=cache)
+    assert fixed.returncode == 1
+    (bad,) = [e for e in json.loads(fixed.stdout)["entries"] if not e["ok"]]
+    assert bad["action"] == "deleted" and not damaged.path.exists()
+
+
+def _one_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return result.stderr.strip()
+
+
+READ_ONLY = [["ls"], ["ls", "--json"], ["info", "abc"], ["verify"], ["verify", "--json"],
+             ["why", "_body"]]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", READ_ONLY, ids=" ".join)
+def test_a_read_only_command_on_a_missing_cache_fails_with_one_line(
+    command: list[str], tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-such-cache"
+    given = cli(*command, cache=missing)
+    assert given.returncode == 2 and given.stdout == ""
+    line = _one_line(given)
+    assert line == (
+        f"cachedload {command[0]}: no cache directory at {missing} (from --cache-dir): "
+        "it does not exist"
+    )
+    from_env = subprocess.run(
+        [sys.executable, "-m", "cachedload", *command],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(CACHEDLOAD_DIR=str(missing)),
+        timeout=120,
+    )
+    assert from_env.returncode == 2
+    assert f"{missing} (from $CACHEDLOAD_DIR): it does not exist" in _one_line(from_env)
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["clear", "--all", "--yes"],
+        ["clear", "--function", "_body"],
+        ["prune", "--max-size", "0"],
+        ["prune", "--keep", "1"],
+    ],
+)
+def test_clear_and_prune_on_a_read_only_cache_say_so_and_delete_nothing(
+    cache: Path, command: list[str]
+) -> None:
+    before = _tree(cache)
+    with read_only(cache):
+        result = cli(*command, cache=cache)
+        assert _tree(cache) == before
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"{cache} is read-only: nothing is deleted" in result.stderr
+
+
+def test_prune_of_a_read_only_cache_raises_read_only_cache_error(cache: Path) -> None:
+    before = _tree(cache)
+    with read_only(cache), pytest.raises(ReadOnlyCacheError, match="read-only") as raised:
+        prune(cache, max_size=0)
+    assert isinstance(raised.value, OSError) and raised.value.path == str(cache)
+    assert _tree(cache) == before
+
+
+def _strays(cache: Path, tmp_path: Path) -> list[Path]:
+    """Folders of the user's in a real cache, none of them an entry: at the top, in a
+    function folder (named as an entry or not, a symlink to one), and under ``remote/``."""
+    fdir = next(cache.glob("tests.test_cli._body-*"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    folders = [
+        cache / "photos",
+        fdir / "thesis",
+        fdir / ("e" * 32),  # named as an entry, holding the user's file
+        cache / "remote" / "stray",
+        cache / "remote" / "empty",
+    ]
+    for folder in folders:
+        folder.mkdir(parents=True)
+        if folder.name != "empty":
+            (folder / "mine.txt").write_text("precious")
+    (fdir / ("f" * 32)).symlink_to(elsewhere, target_is_directory=True)
+    return [*folders, fdir / ("f" * 32)]
+
+
+def test_verify_names_every_folder_it_leaves_alone(cache: Path, tmp_path: Path) -> None:
+    strays = _strays(cache, tmp_path)
+    for fix in ([], ["--fix"]):
+        result = cli("verify", *fix, cache=cache)
+        assert result.returncode == 0, result.stdout + result.stderr  # nothing is damaged
+        for folder in strays:
+            [line] = [line for line in result.stdout.splitlines() if str(folder) in line]
+            assert "unknown, left alone" in line, line
+        assert "3 entries" in result.stdout
+    assert all(os.path.lexists(folder) for folder in strays)
+    kept = [f for f in strays if f.name != "empty" and not f.is_symlink()]
+    assert all((f / "mine.txt").read_text() == "precious" for f in kept)
+
+
+def test_a_stray_folder_under_remote_is_left_alone_and_the_rest_processed(
+    cache: Path, tmp_path: Path
+) -> None:
+    strays = _strays(cache, tmp_path)
+    data = next(cache.glob("tests.test_cli._other-*/*/result.joblib"))
+    data.write_bytes(b"damaged")
+    fixed = cli("verify", "--fix", cache=cache)
+    assert fixed.returncode == 1, fixed.stdout + fixed.stderr  # damage found (and deleted)
+    assert "(deleted)" in fixed.stdout and not data.exists()
+    cleared = cli("clear", "--all", "--yes", cache=cache)
+    assert cleared.returncode == 0, cleared.stdout + cleared.stderr
+    assert f"left alone: {cache / 'remote' / 'stray'}" in cleared.stdout
+    assert ls_json(cache) == []
+    assert all(os.path.lexists(folder) for folder in strays)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [*READ_ONLY, ["clear", "--all", "--yes"], ["prune", "--keep", "1"], ["demo", "--images", "2"]],
+    ids=" ".join,
+)
+def test_a_cache_dir_that_is_a_file_is_an_error_naming_it(
+    command: list[str], tmp_path: Path
+) -> None:
+    file = tmp_path / "a-file"
+    file.write_text("not a cache")
+    for given, origin in ((file, file), (file / "below", file)):
+        result = cli(*command, cache=given)
+        assert result.returncode == 2 and result.stdout == ""
+        line = _one_line(result)
+        assert line.startswith("cachedload: error: --cache-dir: ")
+        assert f"{origin} is a file, not a folder" in line
+    assert file.read_text() == "not a cache"
+
+
+@pytest.mark.parametrize("command", [["clear", "--all", "--yes"], ["prune", "--keep", "1"]])
+def test_clear_and_prune_of_a_missing_cache_say_there_is_nothing(
+    command: list[str], tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-such-cache"
+    result = cli(*command, cache=missing)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == (
+        f"nothing to {command[0]}: no cache directory at {missing} (from --cache-dir)"
+    )
+    assert not missing.exists()
+
+
+def test_why_after_a_data_change_compares_with_the_entry_keep_deleted(
+    tmp_path: Path, data: Path
+) -> None:
+    cache = tmp_path / "cache"
+    load = cached_dataset(cache_dir=cache)(_body)
+    load(str(data))
+    (data / "a.txt").write_text("longer than before")
+    os.utime(data / "a.txt", (OLD + 60, OLD + 60))
+    load(str(data))
+    assert len(list_entries(cache)) == 1  # keep=1 deleted the entry of the old contents
+
+    result = cli("why", "_body", cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert "vs. superseded entry" in result.stdout and "deleted by keep=" in result.stdout
+    assert f"source data_dir ({data.resolve()}): 1 file modified (a.txt)" in result.stdout
+    explained = load.cache_explain(str(data))
+    assert not explained and "would be a hit" in explained.summary()
+    assert "it replaced entry" in explained.summary()
+    assert "1 file modified (a.txt)" in explained.summary()
+    listed = cli("ls", cache=cache)  # the record is neither an entry nor a leftover
+    assert listed.returncode == 0 and "leftover" not in listed.stdout
+    assert "1 entry, " in listed.stdout
+    checked = cli("verify", cache=cache)
+    assert checked.returncode == 0 and "unknown" not in checked.stdout
+
+    cleared = cli("clear", "--all", "--yes", cache=cache)
+    assert cleared.returncode == 0, cleared.stderr
+    assert [p.name for p in cache.iterdir()] == ["CACHEDIR.TAG"]  # the record went too

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
+import re
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -823,3 +826,82 @@ def test_load_entry_refuses_what_is_not_an_entry_of_this_loader(
     (path / "meta.json").write_text("{")
     with pytest.raises(OSError, match="damaged"):
         load.load_entry(path)
+
+
+def test_a_cache_dir_variable_naming_a_file_warns_once_naming_it(
+    image_dir: Path, tmp_path: Path
+) -> None:
+    file = tmp_path / "a-file"
+    file.write_text("not a cache")
+    result = run_python(
+        f"""
+        import json, warnings
+        from cachedload import cached_dataset
+
+        @cached_dataset
+        def load(image_dir):
+            return 7
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results = [load({str(image_dir)!r}) for _ in range(3)]
+        print(json.dumps([results, [str(w.message) for w in caught]]))
+        """,
+        CACHEDLOAD_DIR=str(file),
+    )
+    results, messages = json.loads(result.stdout)
+    assert results == [7, 7, 7]
+    assert len(messages) == 1, messages
+    assert f"{file} ($CACHEDLOAD_DIR)" in messages[0]
+    assert f"{file} is a file, not a folder" in messages[0]
+    assert "CACHEDIR.TAG" not in messages[0]
+    assert file.read_text() == "not a cache"
+
+
+def test_a_cache_dir_below_a_file_warns_once_per_location(image_dir: Path, tmp_path: Path) -> None:
+    file = tmp_path / "a-file"
+    file.write_text("not a cache")
+    counter: list[int] = []
+    load = counting_loader(counter, cache_dir=file / "cache")
+    with pytest.warns(CacheStoreWarning) as caught:
+        load(image_dir)
+        load(image_dir)
+        counting_loader(counter, cache_dir=file / "cache")(image_dir)  # same place: said
+    assert len(counter) == 3
+    (warned,) = caught
+    assert f"{file / 'cache'} (cache_dir)" in str(warned.message)
+    assert f"{file} is a file, not a folder" in str(warned.message)
+
+
+def _milliseconds(pattern: str, messages: list[str]) -> list[float]:
+    (found,) = [match for m in messages if (match := re.search(pattern, m))]
+    return [float(value) for value in found.groups()]
+
+
+def test_the_hit_and_store_lines_time_the_whole_call(
+    tmp_path: Path, cache_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for index in range(3000):  # fingerprinted by content: the slow part of a hit
+        (folder / f"{index:05d}.txt").write_bytes(b"x" * 64)
+    age(folder)
+    load = cached_dataset(cache_dir=cache_dir, fingerprint="content")(lambda data_dir: 1)
+    with caplog.at_level(logging.INFO, logger="cachedload"):
+        started = time.perf_counter()
+        load(str(folder))
+        miss_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        load(str(folder))
+        hit_ms = (time.perf_counter() - started) * 1e3
+    messages = [r.getMessage() for r in caplog.records if r.name == "cachedload"]
+    total, fingerprint, lookup = _milliseconds(
+        r"^hit .* in ([\d.]+) ms \(fingerprint ([\d.]+) ms, load ([\d.]+) ms", messages
+    )
+    # The logged call includes the fingerprint (the slow part here) and fits in the call as
+    # the caller timed it (no ratio: another process may take the CPU between the two).
+    assert fingerprint > lookup and fingerprint + lookup <= total <= hit_ms
+    stored_fingerprint, in_all = _milliseconds(
+        r"^stored .*fingerprint ([\d.]+) ms; ([\d.]+) s in all\)$", messages
+    )
+    assert stored_fingerprint / 1e3 <= in_all <= miss_seconds

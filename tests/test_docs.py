@@ -126,3 +126,18 @@ def test_the_framework_pages_have_a_block_for_every_workflow() -> None:
     assert any("from_tensor_slices(" in text for text in tf_blocks)  # in memory
     assert any("output_signature" in text for text in tf_blocks)  # a generator over a map
     assert any("cachedload.tf.dataset(" in text for text in tf_blocks)
+
+
+def test_install_instructions_name_a_checkout_or_a_wheel_not_an_index() -> None:
+    # cachedload is not on a package index: "pip install cachedload" (or "cachedload[s3]")
+    # fails for whoever copies it.
+    by_name = re.compile(r"""pip install (-[-\w]+ )*["']?cachedload\b|cachedload\[""")
+    texts = [REPO_ROOT / "README.md", REPO_ROOT / "CONTRIBUTING.md", *PAGES]
+    texts += [*(REPO_ROOT / "cachedload").glob("*.py"), *(REPO_ROOT / "benchmarks").glob("*.py")]
+    found = [f"{path.name}:{line}" for path in texts
+             for line, text in enumerate(path.read_text().splitlines(), 1)
+             if by_name.search(text)]  # fmt: skip
+    assert found == []
+    install = (DOCS / "index.md").read_text()
+    assert "pip install ." in install and "python -m build" in install
+    assert "pip install dist/cachedload-" in install

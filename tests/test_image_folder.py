@@ -378,3 +378,28 @@ def test_its_entries_are_found_and_logged_under_the_name_cached_image_folder(
     (listed,) = ls_json(cache, "--function", "cached_image_folder")
     assert "cached_image_folder" in listed["function"]
     assert listed["sources"]["path"]["file_count"] == 6
+
+
+def test_truncated_jpegs_are_unreadable_and_all_named(tmp_path: Path) -> None:
+    from .test_images import jpeg, truncated_jpeg
+
+    root = tmp_path / "photos"
+    for index in range(24):
+        put(root, f"{'ab'[index % 2]}/{index:02d}.jpg", jpeg(noise(index, (64, 64, 3))))
+    for name, seed in (("a/04.jpg", 4), ("b/13.jpg", 13)):
+        put(root, name, truncated_jpeg(seed))
+    cache = tmp_path / "cache"
+    for size in (None, (16, 16)):
+        with pytest.raises(ImageReadError, match="ends before the JPEG data") as info:
+            cached_image_folder(root, size=size, cache_dir=cache)
+        assert [Path(info.value.path).name, *(Path(p).name for p, _ in info.value.others)] == [
+            "04.jpg",
+            "13.jpg",
+        ]
+        assert str(info.value).endswith('pass on_error="skip" to leave unreadable images out')
+        with pytest.warns(ImagesSkippedWarning, match=r"a/04\.jpg \(truncated"):
+            data = cached_image_folder(root, size=size, on_error="skip", cache_dir=cache)
+        assert data.skipped == ("a/04.jpg", "b/13.jpg")
+        with pytest.warns(ImagesSkippedWarning):
+            expected = load_image_folder(root, size=size, on_error="skip")
+        same(data, expected)

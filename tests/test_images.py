@@ -814,3 +814,71 @@ def test_progress_counts_every_image_skipped_or_not(
                                  progress=True)  # fmt: skip
     assert len(data.paths) == 40
     assert "43/43" in capsys.readouterr().err
+
+
+def jpeg(img: np.ndarray) -> bytes:
+    ok, encoded = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    return encoded.tobytes()
+
+
+def truncated_jpeg(seed: int) -> bytes:
+    """A JPEG cut in its entropy-coded data, as a partial download leaves it: libjpeg says
+    "Premature end of JPEG file" and OpenCV returns an image, grey below the cut."""
+    whole = jpeg(noise(seed, (64, 64, 3)))
+    return whole[: len(whole) * 2 // 3]
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_a_truncated_jpeg_is_unreadable(tmp_path: Path, n_jobs: int) -> None:
+    for i in range(30):
+        (tmp_path / f"{i:02d}.jpg").write_bytes(jpeg(noise(i, (64, 64, 3))))
+    (tmp_path / "00.jpg").write_bytes(truncated_jpeg(0))  # the first: the serial path
+    (tmp_path / "17.jpg").write_bytes(truncated_jpeg(17))  # in a batch of rows
+    assert cv2.imread(str(tmp_path / "17.jpg")) is not None  # OpenCV alone accepts it
+    for size in (None, (16, 16)):  # a full decode, and a reduced one
+        with pytest.raises(ImageReadError, match="ends before the JPEG data") as info:
+            load_image_folder(tmp_path, size=size, n_jobs=n_jobs)
+        assert info.value.path == str(tmp_path / "00.jpg")
+        assert "17.jpg" in str(info.value) and 'on_error="skip"' in str(info.value)
+        with pytest.warns(ImagesSkippedWarning, match=r"00\.jpg \(truncated") as record:
+            data = load_image_folder(tmp_path, size=size, n_jobs=n_jobs, on_error="skip")
+        assert "17.jpg" in str(record[0].message)
+        assert data.skipped == ("00.jpg", "17.jpg") and len(data.images) == 28
+    with pytest.raises(ImageReadError, match="ends before the JPEG data"):
+        images_module.decode_image(str(tmp_path / "17.jpg"))
+    paths = [str(tmp_path / f"{i:02d}.jpg") for i in range(1, 30)]
+    for size in (None, (16, 16)):
+        out = np.zeros((len(paths), *(size or (64, 64)), 3), np.uint8)
+        assert images_module.decode_rows(paths, out, size=size) == 16  # stops before 17.jpg
+
+
+def test_a_complete_jpeg_with_padding_or_data_after_its_end_is_readable(tmp_path: Path) -> None:
+    whole = jpeg(noise(1, (64, 64, 3)))
+    # zero padding (cameras, sector-sized copies), then a trailer after the image: a motion
+    # photo's video, a maker's block (it may hold any bytes, FF D8 and FF DA included)
+    (tmp_path / "padded.jpg").write_bytes(whole + bytes(300))
+    (tmp_path / "trailer.jpg").write_bytes(whole + b"ftypmp42\xff\xda\x00\x08" + bytes(5000))
+    decoded = cv2.imdecode(np.frombuffer(whole, np.uint8), cv2.IMREAD_COLOR)
+    assert decoded is not None
+    expected = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+    data = load_image_folder(tmp_path)
+    np.testing.assert_array_equal(data.images, [expected, expected])
+
+
+def test_unreadable_images_are_all_named_first_ten_then_a_count(tmp_path: Path) -> None:
+    for i in range(20):
+        write(tmp_path / f"{i:02d}.png", noise(i))
+    for i in range(3, 16):
+        (tmp_path / f"{i:02d}.png").write_bytes(b"garbage")
+    with pytest.raises(ImageReadError) as info:
+        load_image_folder(tmp_path, n_jobs=2)
+    message = str(info.value)
+    assert info.value.path == str(tmp_path / "03.png")
+    assert [path for path, _ in info.value.others] == [str(tmp_path / f"{i:02d}.png")
+                                                       for i in range(4, 16)]  # fmt: skip
+    assert "cannot read 13 images" in message and "and 3 more" in message
+    assert all(f"{i:02d}.png" in message for i in range(3, 13))
+    assert not any(f"{i:02d}.png" in message for i in range(13, 16))
+    assert message.endswith('pass on_error="skip" to leave unreadable images out')
+    assert pickle.loads(pickle.dumps(info.value)).others == info.value.others

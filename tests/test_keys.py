@@ -31,7 +31,7 @@ from cachedload.keys import (
     summarize,
 )
 from cachedload.options import Options
-from tests.conftest import age
+from tests.conftest import age, write_old
 from tests.test_decorator import counting_loader
 
 
@@ -410,6 +410,35 @@ def test_racy_files_are_checked_by_content_until_their_records_expire(tmp_path: 
     assert racy_records_expired(long_ago)
     assert not racy_records_expired({"racy": {}, "racy_newest_mtime_ns": 0})
     assert rules(fingerprint="content").racy_digests(call) == ({}, 0)  # no mtimes trusted
+
+
+def test_a_just_written_symlinked_source_file_hits(tmp_path: Path, cache_dir: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "a.txt").write_text("one")  # racy: written within the mtime window
+    folder = tmp_path / "linked"
+    folder.mkdir()
+    (folder / "a.txt").symlink_to(elsewhere / "a.txt")
+    (tmp_path / "single.txt").symlink_to(elsewhere / "a.txt")
+    calls: list[int] = []
+    load = counting_loader(calls, cache_dir=cache_dir)
+    for source in (folder, tmp_path / "single.txt"):
+        load(source)
+        load(source)  # the racy content check follows the link, as the walk does
+    assert len(calls) == 2
+    (elsewhere / "a.txt").write_text("two")  # same size, maybe the same mtime tick
+    load(folder)
+    assert len(calls) == 3
+
+
+def test_a_symlink_to_a_source_file_is_cached(tmp_path: Path, cache_dir: Path) -> None:
+    write_old(tmp_path / "data.csv", "one")
+    (tmp_path / "link.csv").symlink_to(tmp_path / "data.csv")
+    calls: list[int] = []
+    load = counting_loader(calls, cache_dir=cache_dir)
+    load(tmp_path / "link.csv")  # stored: the file's record is named the same after the body
+    load(tmp_path / "link.csv")
+    assert len(calls) == 1
 
 
 def test_call_meta_describes_the_keys_components(image_dir: Path) -> None:

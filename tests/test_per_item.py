@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import zlib
 from pathlib import Path
@@ -31,7 +32,7 @@ from cachedload.entry import decode_manifest
 from cachedload.errors import UnsafeCacheWarning
 from cachedload.options import Options
 
-from .conftest import another_users_cache, subprocess_env, write_images
+from .conftest import another_users_cache, full_tmpfs, run_python, subprocess_env, write_images
 from .test_builder import OLD_NS, calls, dask_backend, row_of, write
 
 
@@ -353,6 +354,83 @@ def test_a_cache_that_cannot_be_written_warns_and_returns(folder: Path, tmp_path
     with pytest.warns(CacheStoreWarning):
         result = loader(cache_dir=blocked / "cache", mmap_mode="r").map(folder)
     assert result.array.shape == (20, 2, 3) and int(result.array[19, 0, 0]) == 19
+
+
+def expected_rows(folder: Path, shape: tuple[int, ...]) -> Any:
+    files = sorted(folder.rglob("*.txt"))
+    return np.stack([row_of(str(f), None, shape) for f in files])
+
+
+@pytest.mark.parametrize("mmap_mode", [None, "r"])
+def test_a_full_disk_returns_the_rows_computed_with_a_warning(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mmap_mode: str | None
+) -> None:
+    # The cache and TMPDIR on one real tmpfs far too small for the result (640 KB).
+    with full_tmpfs(tmp_path / "disk", "256k") as disk:
+        (disk / "tmp").mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(disk / "tmp"))
+        counter = tmp_path / "calls.txt"
+        full = loader(cache_dir=disk / "cache", mmap_mode=mmap_mode)
+        with pytest.warns(CacheStoreWarning, match="could not store"):
+            result = full.map(folder, shape=(64, 64), counter=str(counter))
+        assert np.array_equal(result.array, expected_rows(folder, (64, 64)))
+        assert calls(counter) == 20  # each row computed once: not built again elsewhere
+        assert not full.map.is_cached(folder, shape=(64, 64), counter=str(counter))
+        # A small result still fits: the cache works again once there is room.
+        assert full.map(folder, shape=(2,)).array.shape == (20, 2)
+        assert full.map.is_cached(folder, shape=(2,))
+
+
+@pytest.mark.parametrize("mmap_mode", [None, "r"])
+def test_an_incremental_build_on_a_full_disk_returns_its_rows_computing_only_the_changed(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mmap_mode: str | None
+) -> None:
+    # Room for one entry (640 KB), not for the next one.
+    with full_tmpfs(tmp_path / "disk", "1m") as disk:
+        (disk / "tmp").mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(disk / "tmp"))
+        counter = tmp_path / "calls.txt"
+        full = loader(cache_dir=disk / "cache", mmap_mode=mmap_mode, keep=2)
+        full.map(folder, shape=(64, 64), counter=str(counter))
+        write(folder, "b/f0019.txt", 1000, mtime_ns=OLD_NS + 10**9)
+        with pytest.warns(CacheStoreWarning, match="No space left"):
+            result = full.map(folder, shape=(64, 64), counter=str(counter))
+        assert np.array_equal(result.array, expected_rows(folder, (64, 64)))
+        assert calls(counter) == 21  # the 19 others copied from the previous entry
+
+
+def test_a_ragged_build_on_a_full_disk_returns_its_rows_with_a_warning(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with full_tmpfs(tmp_path / "disk", "256k") as disk:
+        (disk / "tmp").mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(disk / "tmp"))
+        full = loader(cache_dir=disk / "cache")
+        with pytest.warns(CacheStoreWarning):
+            result = full.map(folder, shape=(64, 64), ragged=True)
+        assert np.array_equal(np.stack(result.array), expected_rows(folder, (64, 64)))
+
+
+def test_a_file_size_limit_returns_the_rows_computed_with_a_warning(
+    folder: Path, tmp_path: Path
+) -> None:
+    run_python(f"""
+        import resource, signal, warnings
+        import numpy as np
+        from cachedload import CacheStoreWarning
+        from tests.test_per_item import expected_rows, loader
+        from pathlib import Path
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit: EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+        folder = Path({str(folder)!r})
+        for mmap_mode in (None, "r"):
+            wrapper = loader(cache_dir={str(tmp_path / "cache")!r}, mmap_mode=mmap_mode)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = wrapper.map(folder, shape=(64, 64))
+            assert [w.category for w in caught] == [CacheStoreWarning], caught
+            assert np.array_equal(result.array, expected_rows(folder, (64, 64)))
+        """, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
 
 
 def test_per_item_must_name_a_parameter() -> None:

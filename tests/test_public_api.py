@@ -31,6 +31,7 @@ PUBLIC_API = [
     "ItemShapeMismatchError",
     "NotACacheDirectoryError",
     "PruneReport",
+    "ReadOnlyCacheError",
     "SourceChangedWarning",
     "SourceNotFoundError",
     "UnhashableArgumentError",

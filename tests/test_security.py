@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,9 @@ from cachedload import (
 )
 from cachedload.cli import main
 from cachedload.errors import UnsafeCacheWarning
-from tests.conftest import another_users_cache, write_old
+from tests.conftest import another_users_cache, run_as, write_old
+
+VICTIM = 65533  # a real user other than root (whose permissions would hide the bug)
 
 
 def _loader(cache: Path, counter: list[int], **options: Any) -> CachedDataset[..., Any]:
@@ -105,7 +108,9 @@ def test_deep_or_folder_metadata_is_healed_and_info_ls_verify_do_not_crash(
     load = _loader(cache, counter)
     load(src)
     _plant(_entry_of(load, src), how)
-    assert "1 damaged" in _cli_survives(cache, capsys)
+    # A folder named meta.json is not an entry's file: verify names it, --fix leaves it.
+    expected = "unknown, left alone" if how == "folder" else "1 damaged"
+    assert expected in _cli_survives(cache, capsys)
     assert load.cache_info().entries == 0
     with pytest.warns(CorruptEntryWarning):
         load(src)
@@ -201,6 +206,38 @@ def test_inside_a_cache_an_unknown_folder_is_left_alone(
     assert "left alone" in capsys.readouterr().out
     main(["clear", "--all", "--yes", "--cache-dir", str(cache)])
     assert stranger.read_text() == "precious"
+
+
+def _forged_cache_with_folders_named_like_ours(home: Path) -> list[Path]:
+    """A user's folder with a forged ``CACHEDIR.TAG`` whose "entries" hold folders (and a
+    symlink) with the names of an entry's files: theirs, not ours."""
+    home.mkdir()
+    (home / entry.TAG_FILE).write_bytes(entry.TAG_CONTENT)
+    fdir = home / "proj.mod-0123abcd"
+    files = [
+        fdir / ("1" * 32) / "result.joblib" / "chapter1.tex",
+        fdir / ("2" * 32) / "manifest" / "notes.txt",
+        fdir / ("3" * 32) / "meta.json" / "draft.md",
+        fdir / ("4" * 32) / "result.joblib" / "deep" / "data.csv",
+        home / "elsewhere" / "thesis.tex",
+    ]
+    for path in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("precious")
+    (fdir / ("4" * 32) / "meta.json").write_text("{}")  # a file: the folder beside it is not
+    (fdir / ("5" * 32)).mkdir()
+    (fdir / ("5" * 32) / "result.joblib").symlink_to(home / "elsewhere" / "thesis.tex")
+    return [*files, fdir / ("5" * 32) / "result.joblib"]
+
+
+@pytest.mark.parametrize("command", [["verify", "--fix"], ["clear", "--all", "--yes"]])
+def test_folders_named_like_an_entry_s_files_are_never_deleted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    mine = _forged_cache_with_folders_named_like_ours(tmp_path / "home")
+    main([*command, "--cache-dir", str(tmp_path / "home")])
+    assert [path for path in mine if not os.path.lexists(path)] == []
+    assert all(path.read_text() == "precious" for path in mine)
 
 
 # -- item 2: other users ------------------------------------------------------------------------
@@ -322,12 +359,22 @@ def test_a_private_cache_is_0700_and_its_files_0600_under_umask_022(tmp_path: Pa
         _loader(cache, counter)(src)
     finally:
         os.umask(old)
+    assert (cache / entry.TAG_FILE).is_file()
     for path in [cache.parent, *cache.rglob("*")]:
         mode = path.lstat().st_mode & 0o777
-        if path.name == entry.TAG_FILE:
-            assert mode == 0o644  # read by backup tools; says nothing
-        else:
-            assert mode == (0o700 if path.is_dir() else 0o600), path
+        assert mode == (0o700 if path.is_dir() else 0o600), path
+
+
+def test_a_shared_cache_s_tag_keeps_the_mode_of_its_files_under_umask_022(
+    tmp_path: Path,
+) -> None:
+    cache, src = tmp_path / "cache", _source(tmp_path)
+    old = os.umask(0o022)
+    try:
+        _loader(cache, [], shared=True)(src)
+    finally:
+        os.umask(old)
+    assert (cache / entry.TAG_FILE).stat().st_mode & 0o777 == 0o644
 
 
 def test_a_planted_lock_symlink_is_never_followed(tmp_path: Path) -> None:
@@ -361,6 +408,152 @@ def test_a_shared_cache_keeps_the_setgid_group_of_its_root(tmp_path: Path) -> No
     assert folders and all(p.stat().st_mode & stat.S_ISGID for p in folders)
     assert all(p.stat().st_mode & stat.S_IRGRP for p in made)
     assert load(_source(tmp_path))["n"] == 1 and len(counter) == 1  # and it is used
+
+
+# -- FIFOs and devices planted in an entry: every operation ends ---------------------------------
+_FIFO_SCRIPT = """
+import faulthandler, json, os, signal, sys, time, warnings
+import numpy as np
+from cachedload import cached_dataset
+from cachedload.cli import main
+
+warnings.simplefilter("ignore")
+faulthandler.dump_traceback_later(100, exit=True)  # a hang beyond the alarms below
+CACHE, SRC, WHAT, VERIFY = sys.argv[1:5]
+
+def read_row(path):
+    with open(path, "rb") as handle:
+        return np.frombuffer(handle.read().ljust(8, b"0")[:8], np.uint8).copy()
+
+whole = cached_dataset(cache_dir=CACHE, source="folder", verify=VERIFY)(
+    lambda folder: {"n": len(os.listdir(folder))})
+rows = cached_dataset(cache_dir=CACHE, per_item="path", verify=VERIFY)(read_row)
+whole(SRC)
+rows.map(SRC)
+
+def plant(entry):
+    target = entry / WHAT if not WHAT.startswith(".") else entry.with_name(entry.name + WHAT)
+    if target.exists():
+        target.unlink()
+    if WHAT == "result.joblib->/dev/zero":
+        os.unlink(entry / "result.joblib")
+        os.symlink("/dev/zero", entry / "result.joblib")
+    else:
+        os.mkfifo(target)
+    if WHAT.startswith("result.joblib"):  # the metadata fixed up to match its size, 0
+        meta = json.loads((entry / "meta.json").read_text())
+        meta["data"]["size"] = 0
+        (entry / "meta.json").write_text(json.dumps(meta))
+
+for entry in (whole.cache_path(SRC), rows.map.cache_path(SRC)):
+    plant(entry)
+
+class Hung(Exception):
+    pass
+
+def alarm(signum, frame):
+    raise Hung
+
+signal.signal(signal.SIGALRM, alarm)
+hung = []
+def run(name, operation):
+    signal.alarm(15)
+    try:
+        operation()
+    except Hung:
+        hung.append(name)
+    except (Exception, SystemExit):
+        pass  # an error is an answer; only a hang is not
+    finally:
+        signal.alarm(0)
+
+def change_one_file():
+    path = os.path.join(SRC, "f0.txt")
+    with open(path, "w") as handle:
+        handle.write("changed")
+    os.utime(path, (time.time() - 50,) * 2)
+
+run("hit", lambda: whole(SRC))
+run("map hit", lambda: rows.map(SRC))
+run("recompute", lambda: whole.recompute(SRC))
+run("info", lambda: main(["info", "--cache-dir", CACHE, whole.cache_path(SRC).name]))
+run("verify", lambda: main(["verify", "--cache-dir", CACHE]))
+for entry in (whole.cache_path(SRC), rows.map.cache_path(SRC)):
+    if entry.exists():
+        plant(entry)
+change_one_file()
+run("rebuild", lambda: rows.map(SRC))
+run("verify again", lambda: main(["verify", "--cache-dir", CACHE]))
+print(json.dumps(hung))
+"""
+
+
+@pytest.mark.parametrize(
+    ("what", "verify"),
+    [
+        (entry.USED_SUFFIX, "size"),
+        (entry.OWNER_SUFFIX, "size"),
+        (entry.MANIFEST_FILE, "size"),
+        (entry.DATA_FILE, "size"),
+        ("result.joblib->/dev/zero", "always"),
+    ],
+)
+def test_a_planted_fifo_or_device_hangs_no_operation(
+    tmp_path: Path, what: str, verify: str
+) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import subprocess_env
+
+    src = tmp_path / "src"
+    for index in range(3):
+        write_old(src / f"f{index}.txt", f"row {index}")
+    result = subprocess.run(
+        [sys.executable, "-c", _FIFO_SCRIPT, str(tmp_path / "cache"), str(src), what, verify],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=200,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == [], result.stderr[-3000:]
+
+
+def test_cache_info_and_entries_of_a_cache_another_user_owns_warn_and_report_nothing(
+    tmp_path: Path,
+) -> None:
+    # A folder the victim (a real non-root uid) can reach, a source in it, and her cache dir
+    # that another user (nobody) created first, 0700: she cannot even list it.
+    shared = Path(tempfile.mkdtemp(prefix="cachedload-victim-"))
+    try:
+        shared.chmod(0o755)
+        write_old(shared / "src" / "x.txt", "x")
+        cache = shared / "cache"
+        cache.mkdir(0o700)
+        os.chown(cache, 65534, 65534)
+        done = run_as(VICTIM, f"""
+            import warnings
+            from cachedload import cached_dataset
+            from cachedload.errors import UnsafeCacheWarning
+
+            @cached_dataset(cache_dir={str(cache)!r}, source="folder")
+            def load(folder):
+                return 42
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                info = load.cache_info()  # first: it warns as a call would
+                assert (info.entries, info.size_bytes) == (0, 0), info
+                assert load.entries() == []
+                assert load({str(shared / "src")!r}) == 42
+                assert load.cache_info().misses == 1 and load.entries() == []
+            assert caught and all(w.category is UnsafeCacheWarning for w in caught), caught
+            assert str(caught[0].message).count("owned by uid 65534"), caught[0].message
+            """)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+    finally:
+        shutil.rmtree(shared)
 
 
 def test_a_signed_entry_whose_signature_does_not_cover_its_manifest_gives_no_rows(

@@ -102,3 +102,38 @@ def test_bad_options_raise_a_configuration_error() -> None:
         cachedload.tf.dataset(load_arrays, 2, batch_size=0)
     with pytest.raises(ConfigurationError, match="in_memory"):
         cachedload.tf.dataset(load_arrays, 2, in_memory="lots")
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+@pytest.mark.parametrize(("batch_size", "expected"), [(None, 50), (16, 4), (25, 2), (64, 1)])
+def test_the_dataset_knows_its_length(
+    in_memory: bool, batch_size: int | None, expected: int
+) -> None:
+    data = cachedload.tf.dataset(
+        load_arrays, 50, in_memory=in_memory, shuffle=True, batch_size=batch_size
+    )
+    assert len(data) == expected
+    assert int(data.cardinality()) == expected
+    assert sum(1 for _ in data) == expected
+
+
+def test_keras_fits_a_mapped_dataset_for_every_epoch_without_running_out_of_data() -> None:
+    keras = pytest.importorskip("keras")
+    data = cachedload.tf.dataset(
+        load_arrays,
+        40,
+        in_memory=False,
+        shuffle=True,
+        batch_size=16,
+        transform=lambda image: tf.cast(image, tf.float32) / 255,
+    )
+    model = keras.Sequential(
+        [keras.Input((4, 4, 3)), keras.layers.Flatten(), keras.layers.Dense(40)]
+    )
+    model.compile(
+        optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    # Keras warns (an error here) when an epoch ends before the steps it expected. shuffle=False:
+    # the dataset shuffles itself, and Keras warns that its own default shuffle=True is ignored.
+    history = model.fit(data, epochs=2, verbose=0, shuffle=False)
+    assert len(history.history["loss"]) == 2

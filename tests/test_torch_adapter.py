@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from cachedload import ImageFolderData, cached_dataset, load_image_folder
+from cachedload import ImageFolderData, cached_dataset, cached_image_folder, load_image_folder
 from tests.conftest import age, run_python, write_images
 
 torch = pytest.importorskip("torch", reason="the PyTorch adapter needs the torch extra")
@@ -44,6 +44,14 @@ def load_arrays(count: int, side: int = 8, channels: int = 3) -> tuple[Any, Any]
 @cached_dataset(mmap_mode="r")
 def load_images_only(count: int) -> Any:
     return np.full((count, 4, 4, 3), 7, np.uint8)
+
+
+@cached_dataset(per_item="path", mmap_mode="r")
+def small_image(path: str) -> Any:
+    """A per-item loader: one image, 4x4."""
+    image = cv2.imread(path)
+    assert image is not None
+    return cv2.resize(image, (4, 4))
 
 
 def noisy_flip(image: Any) -> tuple[Any, Any]:
@@ -163,6 +171,41 @@ def test_a_random_transform_differs_per_epoch_over_the_same_pixels(context: str)
         epochs.append(augmented)
     differing = sum(not torch.equal(epochs[0][i], epochs[1][i]) for i in range(40))
     assert differing >= 35  # a collision of flip and noise is possible, 5 in 40 is not
+
+
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_cached_image_folder_serves_spawned_and_forked_workers(
+    dataset_root: Path, cache_dir: Path, context: str
+) -> None:
+    options: dict[str, Any] = {"size": (8, 8), "mmap_mode": "r", "cache_dir": cache_dir}
+    dataset = MappedImages(cached_image_folder, dataset_root, target_transform=where_served,
+                           **options)  # fmt: skip
+    loader = DataLoader(dataset, batch_size=3, num_workers=2, multiprocessing_context=context)
+    images, labels, workers, mapped = [], [], set(), []
+    for image, (label, worker, is_mapped) in loader:
+        images.append(image)
+        labels += label.tolist()
+        workers |= set(worker.tolist())
+        mapped += is_mapped.tolist()
+    expected = cached_image_folder(dataset_root, **options)
+    np.testing.assert_array_equal(torch.cat(images).numpy(), expected.images.transpose(0, 3, 1, 2))
+    assert expected.labels is not None and labels == expected.labels.tolist()
+    assert workers == {0, 1} and all(mapped)
+    assert not dataset._report_if_changed()  # the entry it serves is the current one
+
+
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_a_per_item_map_serves_spawned_and_forked_workers(dataset_root: Path, context: str) -> None:
+    dataset = MappedImages(small_image.map, dataset_root)
+    loader = DataLoader(dataset, batch_size=3, num_workers=2, multiprocessing_context=context)
+    rows, paths = [], []
+    for row, path in loader:  # an ItemArray is (rows, paths): its paths are the labels
+        rows.append(row)
+        paths += path
+    expected = small_image.map(dataset_root)
+    np.testing.assert_array_equal(torch.cat(rows).numpy(), expected.array.transpose(0, 3, 1, 2))
+    assert tuple(paths) == expected.paths
+    assert not dataset._report_if_changed()
 
 
 def test_per_item_lookup_by_path(dataset_root: Path) -> None:

@@ -66,6 +66,7 @@ from cachedload.entry import (
     manifest_problem,
     parse_manifest,
     parse_meta,
+    read_regular_file,
     size_problem,
     temporary_name,
     write_new_file,
@@ -84,6 +85,8 @@ _CAPABILITIES_LOCK = threading.Lock()
 _PROGRESS_MIN_BYTES = 64 * 1024 * 1024
 _USED_CAP = 1_000_000
 _SIZE_TAG, _CHECKSUM_TAG = "cachedload-size", "cachedload-xxh3"
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_SHA256_TAG = "cachedload-sha256"  # of signed entries' data (what their signature covers)
 _FETCHERS = 8  # metadata requests in flight when listing a function folder
 
 
@@ -198,6 +201,11 @@ class RemoteRoot(CacheRoot):
             logger.info("dropping the damaged local copy %s: %s", error.path, error.reason)
             self.copy.remove(fdir, key)
             return None
+
+    def untrusted(self, fdir: str) -> str | None:
+        """Why the local copy must not be used (it is checked as a private cache directory
+        is: another user who can write it could plant entries in it), or None."""
+        return self.copy.untrusted(fdir)
 
     # -- reading -------------------------------------------------------------------------------
     def read_meta(self, fdir: str, key: str) -> dict[str, Any] | None:
@@ -323,9 +331,9 @@ class RemoteRoot(CacheRoot):
             self._download_data(fdir, key, meta, tmp / DATA_FILE)
             manifest = self.objects.get(self.object_key(fdir, key, MANIFEST_FILE))
             if manifest is not None:
-                (tmp / MANIFEST_FILE).write_bytes(manifest)
+                write_new_file(tmp / MANIFEST_FILE, manifest)
             local = {**meta, "data": {**meta["data"], "file": DATA_FILE}}
-            (tmp / META_FILE).write_bytes(json.dumps(local, indent=1).encode())
+            write_new_file(tmp / META_FILE, json.dumps(local, indent=1).encode())
             if self.entry_path(fdir, key).exists():
                 self.copy.remove(fdir, key)
             replace_folder(tmp, self.entry_path(fdir, key), replace=False)
@@ -343,8 +351,9 @@ class RemoteRoot(CacheRoot):
     def _download_data(self, fdir: str, key: str, meta: dict[str, Any], path: Path) -> None:
         data = meta["data"]
         try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
             with (
-                open(path, "wb") as handle,
+                open(os.open(path, flags, 0o600), "wb") as handle,  # only this user's
                 _progress(f"download {key[:12]}", data["size"]) as progress,
             ):
                 sink = HashingWriter(handle)
@@ -378,7 +387,7 @@ class RemoteRoot(CacheRoot):
             try:
                 if time.time() - os.stat(synced).st_mtime < self.usage_interval:
                     return
-                previous = int(synced.read_text() or 0)
+                previous = int(read_regular_file(synced, limit=32) or 0)
             except (FileNotFoundError, ValueError):
                 previous = 0
             self.add_uses(fdir, key, max(used - previous, 1))
@@ -493,6 +502,8 @@ class RemoteRoot(CacheRoot):
                 # Another writer uploaded its data, maybe then died before its metadata: its
                 # object is complete and describes itself, so publish it.
                 data = {"size": existing.size, "xxh3": existing.metadata.get(_CHECKSUM_TAG, "")}
+                if _SHA256_TAG in existing.metadata:
+                    data["sha256"] = existing.metadata[_SHA256_TAG]
             else:
                 name = f"result-{uuid.uuid4().hex}.joblib"
                 self._upload_file(fdir, key, name, path, data, False)
@@ -502,6 +513,8 @@ class RemoteRoot(CacheRoot):
         self, fdir: str, key: str, name: str, path: Path, data: dict[str, Any], if_none_match: bool
     ) -> None:
         tags = {_SIZE_TAG: str(data["size"]), _CHECKSUM_TAG: str(data["xxh3"])}
+        if "sha256" in data:
+            tags[_SHA256_TAG] = str(data["sha256"])
         with open(path, "rb") as handle, _progress(f"upload {key[:12]}", data["size"]) as bar:
             self.objects.put(
                 self.object_key(fdir, key, name),
