@@ -11,15 +11,18 @@ the state they would pickle (``__reduce_ex__``), encoded canonically.
 from __future__ import annotations
 
 import ast
+import collections
 import copyreg
 import dis
 import enum
 import functools
+import importlib
 import inspect
 import linecache
 import math
 import os
 import pathlib
+import pickle
 import struct
 import textwrap
 import types
@@ -255,12 +258,26 @@ def _update_const(hasher: Any, const: object) -> None:
         hasher.update(repr(const).encode() + b"\0")
 
 
+def _is_global(value: object, name: str) -> bool:
+    """Is ``value`` the global that its reduction ``name`` refers to? Checked as pickle checks
+    it: import the module ``pickle.whichmodule`` finds, follow the name, compare identities
+    (``np.frompyfunc`` gives every ufunc of a lambda one name, none of them a global)."""
+    try:
+        target: Any = importlib.import_module(pickle.whichmodule(value, name))
+        for part in name.split("."):
+            target = getattr(target, part)
+    except Exception:  # no such module or name, or an import failing: not that global
+        return False
+    return target is value
+
+
 _FUNCTION_TYPES = (
     types.FunctionType,
     types.BuiltinFunctionType,
     types.MethodType,
     types.MethodWrapperType,
 )
+_HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class made by a class statement, not in C
 _INT = struct.Struct("<q")
 _FLOAT = struct.Struct("<d")
 
@@ -430,7 +447,10 @@ class _Encoder:
                 f"{type(value).__qualname__} object cannot be pickled ({error})"
             ) from error
         if isinstance(reduced, str):  # a global singleton referenced by name
-            self.tag(b"G", f"{type(value).__module__}.{reduced}".encode())
+            if _is_global(value, reduced):
+                self.tag(b"G", f"{type(value).__module__}.{reduced}".encode())
+                return
+            self.encode_impostor(value, reduced, depth)
             return
         self.tag(b"R", f"{type(value).__module__}.{type(value).__qualname__}".encode())
         constructor, args, *rest = tuple(reduced) + (None,) * (6 - len(reduced))
@@ -450,5 +470,23 @@ class _Encoder:
             self.encode(state, depth + 1)
         if listitems is not None:
             self.encode(list(listitems), depth + 1)
-        if dictitems is not None:
+        if dictitems is not None and isinstance(value, collections.OrderedDict):
+            # Order is part of an OrderedDict's value (its == says so, a plain dict's does not).
+            pairs = [self.sub_digest(pair, depth) for pair in dictitems]
+            self.tag(b"o", b"".join(pairs))
+        elif dictitems is not None:
             self.encode_mapping(list(dictitems), depth)
+
+    def encode_impostor(self, value: object, name: str, depth: int) -> None:
+        """A value pickling as the global ``name`` that is not that global (pickle would
+        refuse it): by its attributes where they are all its state (classes written in
+        Python), or not at all (a ufunc keeps its function out of reach)."""
+        state = getattr(value, "__dict__", None)
+        in_python = all(cls.__flags__ & _HEAP_TYPE for cls in type(value).__mro__[:-1])
+        if not isinstance(state, dict) or not in_python:
+            raise UnhashableError(
+                f"{type(value).__qualname__} object {name!r} pickles by name but is not the "
+                f"global of that name, and has no state to hash instead"
+            )
+        self.tag(b"I", f"{type(value).__module__}.{type(value).__qualname__}".encode())
+        self.encode_mapping(state.items(), depth)

@@ -422,3 +422,42 @@ PINNED_FUNCTION_DIGESTS = {
     "partial": "0b5d0d5572ad811389bf4e938e9d7c19",
     "closure": "4c9d628a8db9d2f3d1e0cece5d21c55f",
 }
+
+
+def test_an_ordered_dicts_order_is_part_of_its_digest() -> None:
+    import collections
+
+    forward = collections.OrderedDict(a=1, b=2)
+    assert value_digest(forward) != value_digest(collections.OrderedDict(b=2, a=1))
+    assert value_digest(forward) == value_digest(collections.OrderedDict([("a", 1), ("b", 2)]))
+    assert value_digest({"a": 1, "b": 2}) == value_digest({"b": 2, "a": 1})  # plain: equal
+
+
+class _Named:
+    """Pickles by name, as a module-level singleton does."""
+
+    def __init__(self, payload: object) -> None:
+        self.payload = payload
+
+    def __reduce__(self) -> str:
+        return "NAMED"
+
+
+NAMED = _Named("the global")
+
+
+def test_a_value_reducing_to_a_name_is_that_global_or_hashed_by_value() -> None:
+    assert value_digest(NAMED) == value_digest(NAMED)
+    impostors = [_Named("one"), _Named("two")]  # not the global they name
+    digests = {value_digest(NAMED), *(value_digest(value) for value in impostors)}
+    assert len(digests) == 3
+    assert value_digest(_Named("one")) == value_digest(impostors[0])
+
+
+def test_ufuncs_made_from_python_functions_do_not_share_a_digest() -> None:
+    first = np.frompyfunc(lambda x: x + 1, 1, 1)
+    second = np.frompyfunc(lambda x: x * 2, 1, 1)
+    assert first.__name__ == second.__name__  # both "<lambda> (vectorized)"
+    with pytest.raises(UnhashableError, match="vectorized"):
+        value_digest(first)
+    assert value_digest(np.add) != value_digest(np.multiply)

@@ -469,3 +469,25 @@ def test_readable_shortens_long_values() -> None:
 )
 def test_summarize_describes_a_result_by_type_and_shape(value: Any, text: str) -> None:
     assert summarize(value) == text
+
+
+def test_ordered_dicts_in_another_order_are_another_call(tmp_path: Path, cache_dir: Path) -> None:
+    import collections
+
+    @cached_dataset(cache_dir=cache_dir)
+    def columns(order: collections.OrderedDict[str, int]) -> list[str]:
+        return list(order)
+
+    assert columns(collections.OrderedDict(a=1, b=2)) == ["a", "b"]
+    assert columns(collections.OrderedDict(b=2, a=1)) == ["b", "a"]
+    assert columns.cache_info().misses == 2
+
+
+def test_a_ufunc_made_from_a_python_function_is_refused_not_confused(cache_dir: Path) -> None:
+    @cached_dataset(cache_dir=cache_dir)
+    def apply(values: list[int], func: Any) -> list[int]:
+        return list(func(np.array(values)))
+
+    assert apply([1, 2], np.negative) == [-1, -2]
+    with pytest.raises(UnhashableArgumentError, match="func"):
+        apply([1, 2], np.frompyfunc(lambda x: x + 1, 1, 1))
