@@ -22,8 +22,8 @@ import linecache
 import math
 import os
 import pathlib
-import pickle
 import struct
+import sys
 import textwrap
 import types
 from collections.abc import Callable, Iterable
@@ -260,15 +260,30 @@ def _update_const(hasher: Any, const: object) -> None:
 
 def _is_global(value: object, name: str) -> bool:
     """Is ``value`` the global that its reduction ``name`` refers to? Checked as pickle checks
-    it: import the module ``pickle.whichmodule`` finds, follow the name, compare identities
-    (``np.frompyfunc`` gives every ufunc of a lambda one name, none of them a global)."""
+    it: import the module it names (or find one holding it), follow the name, compare
+    identities (``np.frompyfunc`` gives every ufunc of a lambda one name, none a global)."""
+    module = getattr(value, "__module__", None)
+    if not isinstance(module, str):
+        return any(
+            _lookup(found, name) is value
+            for found in list(sys.modules.values())
+            if isinstance(found, types.ModuleType)
+        )
     try:
-        target: Any = importlib.import_module(pickle.whichmodule(value, name))
-        for part in name.split("."):
-            target = getattr(target, part)
-    except Exception:  # no such module or name, or an import failing: not that global
+        return _lookup(importlib.import_module(module), name) is value
+    except Exception:  # an import failing: not that global
         return False
-    return target is value
+
+
+def _lookup(module: types.ModuleType, name: str) -> object:
+    """``module``'s attribute at the dotted ``name``, or None."""
+    target: Any = module
+    try:
+        for part in name.split("."):
+            target = getattr(target, part, None)
+    except Exception:  # a module's __getattr__ failing otherwise
+        return None
+    return target
 
 
 _FUNCTION_TYPES = (
