@@ -195,8 +195,30 @@ def _quick_source(func: Callable[..., Any]) -> ast.Module | None:
     return tree
 
 
+def _with_source_file(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``func``, or where cloudpickle rebuilt it (its code's file name is ``<dynamic-code>``)
+    a stand-in whose code names the file of the module it was defined in again, so that its
+    source, and so its digest, are the sender's (cloudpickle keeps that module's
+    ``__file__`` in the function's globals). Where the file is not that function's, its
+    definition is not found there or differs: a miss, never another function's digest,
+    as the bytecode is hashed too."""
+    if not isinstance(func, types.FunctionType):
+        return func
+    code = func.__code__
+    if code.co_filename != "<dynamic-code>":
+        return func
+    filename = func.__globals__.get("__file__")
+    if not isinstance(filename, str):
+        return func
+    return types.FunctionType(
+        code.replace(co_filename=filename), func.__globals__, func.__name__,
+        func.__defaults__, func.__closure__,
+    )  # fmt: skip
+
+
 def _parsed_source(func: Callable[..., Any]) -> str | None:
     """``ast.dump`` of a function's definition, or None where the source is unavailable."""
+    func = _with_source_file(func)
     tree = _quick_source(func)
     if tree is None:
         try:

@@ -461,3 +461,40 @@ def test_ufuncs_made_from_python_functions_do_not_share_a_digest() -> None:
     with pytest.raises(UnhashableError, match="vectorized"):
         value_digest(first)
     assert value_digest(np.add) != value_digest(np.multiply)
+
+
+UNPICKLE_AND_HASH = """
+import pickle, sys
+from cachedload.hashing import value_digest
+print(value_digest(pickle.loads(bytes.fromhex(sys.stdin.read()))))
+"""
+
+
+def _digest_in_a_new_process(payload: bytes) -> str:
+    import subprocess
+
+    from tests.conftest import subprocess_env
+
+    child = subprocess.run(
+        [sys.executable, "-c", UNPICKLE_AND_HASH],
+        input=payload.hex(),
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
+    )
+    assert child.returncode == 0, child.stderr
+    return child.stdout.strip()
+
+
+def test_a_function_sent_by_value_keeps_its_digest_in_a_new_process() -> None:
+    import cloudpickle  # type: ignore[import-untyped]
+
+    def nested(x: float) -> float:
+        return scale(x) + 1  # with a comment
+
+    functions = [nested, lambda x: x * 3, _multiplier(2)]
+    for function in functions:
+        payload = cloudpickle.dumps(function)
+        assert b"nested" in payload or b"lambda" in payload or b"multiply" in payload  # by value
+        assert _digest_in_a_new_process(payload) == value_digest(function), function
