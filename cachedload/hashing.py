@@ -5,7 +5,9 @@ randomised ``hash()``, on ``id()`` or on the iteration order of sets and dicts. 
 hashed from their buffer with xxh3 (with dtype and shape), never pickled. Functions are hashed by
 their module, qualified name and the *parsed* code of their source (so comments and formatting do
 not count), falling back to bytecode when no source is available. Other objects are hashed from
-the state they would pickle (``__reduce_ex__``), encoded canonically.
+the state they would pickle (``__reduce_ex__``), encoded canonically; the few types of other
+libraries whose pickled state is no stable key (torch tensors, pandas extension arrays, pyarrow
+tables, numba and ``torch.compile`` wrappers) by what they mean (:mod:`cachedload._library_values`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from cachedload._library_values import compiled_function, plain_form
 from cachedload.errors import CachedloadError
 
 __all__ = [
@@ -448,6 +451,11 @@ class _Encoder:
             self.encode(func.__self__, depth + 1)
             self.encode(func.__func__, depth + 1)
             return
+        compiled = compiled_function(func) if isinstance(func, types.FunctionType) else None
+        if compiled is not None:  # torch.compile's wrapper: the function it compiles
+            self.tag(b"C")
+            self.encode(compiled, depth + 1)
+            return
         self.tag(b"F", function_identity(func).encode())
         if not isinstance(func, types.FunctionType):
             # A built-in's object is part of what it does: re.compile("a").match is not
@@ -474,6 +482,11 @@ class _Encoder:
         if callable(getattr(value, "__cachedload_key__", None)):
             self.tag(b"K", type(value).__qualname__.encode())
             self.encode(value.__cachedload_key__(), depth + 1)  # type: ignore[attr-defined]
+            return
+        form = plain_form(value)  # a tensor, a pyarrow table…: by what it means
+        if form is not None:
+            self.tag(b"V")
+            self.encode(form, depth + 1)
             return
         try:
             # As pickle does: a reducer registered with copyreg first (re.Pattern has one).

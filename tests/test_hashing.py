@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -498,3 +499,116 @@ def test_a_function_sent_by_value_keeps_its_digest_in_a_new_process() -> None:
         payload = cloudpickle.dumps(function)
         assert b"nested" in payload or b"lambda" in payload or b"multiply" in payload  # by value
         assert _digest_in_a_new_process(payload) == value_digest(function), function
+
+
+def _digests_in_new_processes(code: str, count: int = 2) -> set[str]:
+    return {run_python(code).stdout.strip() for _ in range(count)}
+
+
+def test_torch_tensors_hash_by_dtype_shape_strides_and_bytes() -> None:
+    torch = pytest.importorskip("torch")
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    assert value_digest(base) == value_digest(base.clone())
+    assert value_digest(base) != value_digest(base.to(torch.float64))
+    assert value_digest(base) != value_digest(base.reshape(4, 3))
+    assert value_digest(base.t()) != value_digest(base.t().contiguous())  # strides differ
+    changed = base.clone()
+    changed[2, 3] = 99
+    assert value_digest(base) != value_digest(changed)
+    assert value_digest(torch.tensor(1.0, dtype=torch.bfloat16)) != value_digest(
+        torch.tensor(2.0, dtype=torch.bfloat16)
+    )
+    code = "import torch\nfrom cachedload.hashing import value_digest\n"
+    digests = _digests_in_new_processes(code + "print(value_digest(torch.arange(6.0)[1::2]))")
+    assert digests == {value_digest(torch.arange(6.0)[1::2])}
+
+
+def test_a_torch_generator_hashes_by_its_state() -> None:
+    torch = pytest.importorskip("torch")
+    generator = torch.Generator().manual_seed(7)
+    assert value_digest(generator) == value_digest(torch.Generator().manual_seed(7))
+    assert value_digest(generator) != value_digest(torch.Generator().manual_seed(8))
+    before = value_digest(generator)
+    torch.rand(3, generator=generator)
+    assert value_digest(generator) != before  # its state moved on
+    code = """
+        import torch
+        from cachedload.hashing import value_digest
+        print(value_digest(torch.Generator().manual_seed(7)))
+    """
+    assert _digests_in_new_processes(code) == {value_digest(torch.Generator().manual_seed(7))}
+
+
+def test_pandas_extension_arrays_keep_their_digest_after_use() -> None:
+    pd = pytest.importorskip("pandas")
+    makers: list[Callable[[], Any]] = [
+        lambda: pd.array([1, None, 3], dtype="Int64"),
+        lambda: pd.period_range("2020-01", periods=3, freq="M").array,
+        lambda: pd.array(["a", None], dtype="string"),
+        lambda: pd.Categorical(["x", "y", "x"]),
+    ]
+    for make in makers:
+        array = make()
+        before = value_digest(array)
+        repr(array), array.isna(), array.unique(), array.astype(object), pd.Series(array).sum
+        assert value_digest(array) == before == value_digest(make())
+    assert value_digest(pd.array([1, None], dtype="Int64")) != value_digest(
+        pd.array([1, 2], dtype="Int64")
+    )
+    assert value_digest(pd.array([1, None], dtype="Int64")) != value_digest(
+        pd.array([1, None], dtype="Int32")
+    )
+    frame = pd.DataFrame({"n": pd.array([1, None], dtype="Int64")})
+    before = value_digest(frame)
+    frame.describe(), frame["n"].mean()
+    assert value_digest(frame) == before
+
+
+def test_pyarrow_tables_hash_by_logical_value_not_chunking() -> None:
+    pa = pytest.importorskip("pyarrow")
+    whole = pa.table({"x": [1, 2, None, 4], "s": ["a", "b", "c", None]})
+    chunked = pa.concat_tables([whole.slice(0, 1), whole.slice(1, 3)])
+    assert chunked.column("x").num_chunks == 2
+    assert value_digest(whole) == value_digest(chunked)
+    assert value_digest(whole.column("x")) == value_digest(chunked.column("x"))
+    assert value_digest(whole) != value_digest(pa.table({"x": [1, 2, 3, 4], "s": whole["s"]}))
+    assert value_digest(whole) != value_digest(
+        whole.cast(whole.schema.set(0, pa.field("x", pa.int32())))
+    )
+    nested = pa.table({"l": [[1, None], None, [3]]})
+    assert value_digest(nested) == value_digest(
+        pa.concat_tables([nested.slice(0, 2), nested.slice(2)])
+    )
+    assert value_digest(nested) != value_digest(pa.table({"l": [[1, 2], None, [3]]}))
+
+
+def test_numba_dispatchers_hash_by_their_python_function_in_any_process() -> None:
+    numba = pytest.importorskip("numba")
+    jitted = numba.njit(scale)
+    assert value_digest(jitted) != value_digest(numba.njit(shift))
+    assert value_digest(jitted) != value_digest(numba.njit(fastmath=True)(scale))
+    jitted(1.0)  # compiling does not change it
+    code = """
+        import numba
+        from cachedload.hashing import value_digest
+        from tests.test_hashing import scale
+        print(value_digest(numba.njit(scale)))
+    """
+    assert _digests_in_new_processes(code) == {value_digest(jitted)}
+
+
+# torch.compile's first use imports torch.jit, whose script_method decorator warns.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_torch_compiled_functions_hash_by_the_function_they_compile() -> None:
+    torch = pytest.importorskip("torch")
+    compiled = torch.compile(scale)
+    assert value_digest(compiled) != value_digest(torch.compile(shift))
+    assert value_digest(compiled) == value_digest(torch.compile(scale))
+    code = """
+        import torch
+        from cachedload.hashing import value_digest
+        from tests.test_hashing import scale, shift
+        torch.compile(shift)  # another function compiled first, in another order
+        print(value_digest(torch.compile(scale)))
+    """
+    assert _digests_in_new_processes(code) == {value_digest(compiled)}
