@@ -203,21 +203,29 @@ class Options:
         return (_options, (self.given(),))
 
 
-def options_for(caller: str, given: dict[str, Any], **fixed: Any) -> Options:
+def options_for(
+    caller: str, given: dict[str, Any], *, takes: Collection[str] = (), **fixed: Any
+) -> Options:
     """:class:`Options` from the keyword arguments a user passed to ``caller`` (plus the
-    ``fixed`` ones ``caller`` sets itself).
+    ``fixed`` ones ``caller`` sets itself; ``takes``: the keywords ``caller`` takes besides
+    the cache options, named by the error too).
 
     Raises:
-        TypeError: a name is not an option of ``caller`` (the error names ``caller`` and its
-            options, not ``Options.__init__``).
+        TypeError: a name is not an option of ``caller`` (the error names ``caller`` and every
+            keyword it takes, not ``Options.__init__``'s).
         ConfigurationError: an option is invalid.
     """
     names = {f.name for f in dataclasses.fields(Options) if f.init} - set(fixed)
     unknown = sorted(set(given) - names)
     if unknown:
+        import difflib  # only for the error
+
+        keywords = sorted(names | set(takes))
+        close = difflib.get_close_matches(unknown[0], keywords, n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise TypeError(
-            f"{caller}() got an unexpected keyword argument {unknown[0]!r}; its cache "
-            f"options are: {', '.join(sorted(names))}"
+            f"{caller}() got an unexpected keyword argument {unknown[0]!r}{hint}; it takes: "
+            f"{', '.join(keywords)}"
         )
     return Options(**fixed, **given)
 
