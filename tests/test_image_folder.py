@@ -315,7 +315,7 @@ def test_an_option_it_does_not_take_is_a_type_error_naming_it(folder: Path) -> N
             given: dict[str, Any] = {option: True}
             cached_image_folder(folder, **given)
     with pytest.raises(TypeError) as caught:
-        cached_image_folder(folder, sizes=(32, 32))  # type: ignore[call-arg]
+        cached_image_folder(folder, sizes=(32, 32))
     message = str(caught.value)
     assert "'sizes' (did you mean 'size'?)" in message
     taken = message.partition("it takes: ")[2].split(", ")
