@@ -239,14 +239,17 @@ def _patterns(option: str, value: object) -> tuple[str, ...] | None:
     """``include=``/``exclude=`` as a tuple of glob patterns (one pattern: a str), or None."""
     if value is None:
         return None
-    patterns = (value,) if isinstance(value, str) else value
-    if isinstance(patterns, (list, tuple, set, frozenset)) and all(
-        isinstance(pattern, str) for pattern in patterns
-    ):
-        return tuple(sorted(patterns) if isinstance(patterns, (set, frozenset)) else patterns)
-    raise ConfigurationError(
-        option, f"must be a glob pattern or a list of them, or None, not {value!r}"
-    )
+    if isinstance(value, str):
+        return (value,)
+    patterns: tuple[object, ...] | None = None
+    if isinstance(value, Iterable) and not isinstance(value, (bytes, bytearray)):
+        patterns = tuple(value)
+    if patterns is None or not all(isinstance(pattern, str) for pattern in patterns):
+        raise ConfigurationError(
+            option, f"must be a glob pattern or a list of them, or None, not {value!r}"
+        )
+    checked = tuple(str(pattern) for pattern in patterns)
+    return tuple(sorted(checked)) if isinstance(value, (set, frozenset)) else checked
 
 
 def _check_compress(compress: object) -> None:
