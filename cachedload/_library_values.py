@@ -76,12 +76,21 @@ def _tensor_form(torch: Any, tensor: Any) -> tuple[object, ...]:
     head: tuple[object, ...] = (_name(tensor), *shape, strides, bool(tensor.requires_grad))
     if data.device.type == "meta":  # no data
         return head
-    if data.is_quantized:
-        head = (*head, str(data.qscheme()), data.q_scale(), data.q_zero_point())
+    if data.is_quantized:  # its integers and how they map to values
+        scheme = data.qscheme()
+        if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            head = (*head, str(scheme), data.q_scale(), data.q_zero_point())
+        else:
+            scales = (data.q_per_channel_scales(), data.q_per_channel_zero_points())
+            head = (*head, str(scheme), data.q_per_channel_axis(), *map(_plain_tensor, scales))
         data = data.int_repr()
     flat = data.resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
     content = flat.view(torch.uint8).numpy() if flat.numel() else np.zeros(0, np.uint8)
     return (*head, content, getattr(tensor, "__dict__", None) or {})
+
+
+def _plain_tensor(tensor: Any) -> np.ndarray[Any, Any]:
+    return np.asarray(tensor.detach().cpu().contiguous().numpy())
 
 
 def _pandas_form(pandas: Any, value: object) -> tuple[object, ...] | None:
