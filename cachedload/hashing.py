@@ -5,22 +5,27 @@ randomised ``hash()``, on ``id()`` or on the iteration order of sets and dicts. 
 hashed from their buffer with xxh3 (with dtype and shape), never pickled. Functions are hashed by
 their module, qualified name and the *parsed* code of their source (so comments and formatting do
 not count), falling back to bytecode when no source is available. Other objects are hashed from
-the state they would pickle (``__reduce_ex__``), encoded canonically.
+the state they would pickle (``__reduce_ex__``), encoded canonically; the few types of other
+libraries whose pickled state is no stable key (torch tensors, pandas extension arrays, pyarrow
+tables, numba and ``torch.compile`` wrappers) by what they mean (:mod:`cachedload._library_values`).
 """
 
 from __future__ import annotations
 
 import ast
+import collections
 import copyreg
 import dis
 import enum
 import functools
+import importlib
 import inspect
 import linecache
 import math
 import os
 import pathlib
 import struct
+import sys
 import textwrap
 import types
 from collections.abc import Callable, Iterable
@@ -29,6 +34,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from cachedload._library_values import compiled_function, plain_form
 from cachedload.errors import CachedloadError
 
 __all__ = [
@@ -192,8 +198,30 @@ def _quick_source(func: Callable[..., Any]) -> ast.Module | None:
     return tree
 
 
+def _with_source_file(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``func``, or where cloudpickle rebuilt it (its code's file name is ``<dynamic-code>``)
+    a stand-in whose code names the file of the module it was defined in again, so that its
+    source, and so its digest, are the sender's (cloudpickle keeps that module's
+    ``__file__`` in the function's globals). Where the file is not that function's, its
+    definition is not found there or differs: a miss, never another function's digest,
+    as the bytecode is hashed too."""
+    if not isinstance(func, types.FunctionType):
+        return func
+    code = func.__code__
+    if code.co_filename != "<dynamic-code>":
+        return func
+    filename = func.__globals__.get("__file__")
+    if not isinstance(filename, str):
+        return func
+    return types.FunctionType(
+        code.replace(co_filename=filename), func.__globals__, func.__name__,
+        func.__defaults__, func.__closure__,
+    )  # fmt: skip
+
+
 def _parsed_source(func: Callable[..., Any]) -> str | None:
     """``ast.dump`` of a function's definition, or None where the source is unavailable."""
+    func = _with_source_file(func)
     tree = _quick_source(func)
     if tree is None:
         try:
@@ -255,12 +283,41 @@ def _update_const(hasher: Any, const: object) -> None:
         hasher.update(repr(const).encode() + b"\0")
 
 
+def _is_global(value: object, name: str) -> bool:
+    """Is ``value`` the global that its reduction ``name`` refers to? Checked as pickle checks
+    it: import the module it names (or find one holding it), follow the name, compare
+    identities (``np.frompyfunc`` gives every ufunc of a lambda one name, none a global)."""
+    module = getattr(value, "__module__", None)
+    if not isinstance(module, str):
+        return any(
+            _lookup(found, name) is value
+            for found in list(sys.modules.values())
+            if isinstance(found, types.ModuleType)
+        )
+    try:
+        return _lookup(importlib.import_module(module), name) is value
+    except Exception:  # an import failing: not that global
+        return False
+
+
+def _lookup(module: types.ModuleType, name: str) -> object:
+    """``module``'s attribute at the dotted ``name``, or None."""
+    target: Any = module
+    try:
+        for part in name.split("."):
+            target = getattr(target, part, None)
+    except Exception:  # a module's __getattr__ failing otherwise
+        return None
+    return target
+
+
 _FUNCTION_TYPES = (
     types.FunctionType,
     types.BuiltinFunctionType,
     types.MethodType,
     types.MethodWrapperType,
 )
+_HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class made by a class statement, not in C
 _INT = struct.Struct("<q")
 _FLOAT = struct.Struct("<d")
 
@@ -394,6 +451,11 @@ class _Encoder:
             self.encode(func.__self__, depth + 1)
             self.encode(func.__func__, depth + 1)
             return
+        compiled = compiled_function(func) if isinstance(func, types.FunctionType) else None
+        if compiled is not None:  # torch.compile's wrapper: the function it compiles
+            self.tag(b"C")
+            self.encode(compiled, depth + 1)
+            return
         self.tag(b"F", function_identity(func).encode())
         if not isinstance(func, types.FunctionType):
             # A built-in's object is part of what it does: re.compile("a").match is not
@@ -421,6 +483,11 @@ class _Encoder:
             self.tag(b"K", type(value).__qualname__.encode())
             self.encode(value.__cachedload_key__(), depth + 1)  # type: ignore[attr-defined]
             return
+        form = plain_form(value)  # a tensor, a pyarrow table…: by what it means
+        if form is not None:
+            self.tag(b"V")
+            self.encode(form, depth + 1)
+            return
         try:
             # As pickle does: a reducer registered with copyreg first (re.Pattern has one).
             reducer = copyreg.dispatch_table.get(type(value))
@@ -430,7 +497,10 @@ class _Encoder:
                 f"{type(value).__qualname__} object cannot be pickled ({error})"
             ) from error
         if isinstance(reduced, str):  # a global singleton referenced by name
-            self.tag(b"G", f"{type(value).__module__}.{reduced}".encode())
+            if _is_global(value, reduced):
+                self.tag(b"G", f"{type(value).__module__}.{reduced}".encode())
+                return
+            self.encode_impostor(value, reduced, depth)
             return
         self.tag(b"R", f"{type(value).__module__}.{type(value).__qualname__}".encode())
         constructor, args, *rest = tuple(reduced) + (None,) * (6 - len(reduced))
@@ -450,5 +520,23 @@ class _Encoder:
             self.encode(state, depth + 1)
         if listitems is not None:
             self.encode(list(listitems), depth + 1)
-        if dictitems is not None:
+        if dictitems is not None and isinstance(value, collections.OrderedDict):
+            # Order is part of an OrderedDict's value (its == says so, a plain dict's does not).
+            pairs = [self.sub_digest(pair, depth) for pair in dictitems]
+            self.tag(b"o", b"".join(pairs))
+        elif dictitems is not None:
             self.encode_mapping(list(dictitems), depth)
+
+    def encode_impostor(self, value: object, name: str, depth: int) -> None:
+        """A value pickling as the global ``name`` that is not that global (pickle would
+        refuse it): by its attributes where they are all its state (classes written in
+        Python), or not at all (a ufunc keeps its function out of reach)."""
+        state = getattr(value, "__dict__", None)
+        in_python = all(cls.__flags__ & _HEAP_TYPE for cls in type(value).__mro__[:-1])
+        if not isinstance(state, dict) or not in_python:
+            raise UnhashableError(
+                f"{type(value).__qualname__} object {name!r} pickles by name but is not the "
+                f"global of that name, and has no state to hash instead"
+            )
+        self.tag(b"I", f"{type(value).__module__}.{type(value).__qualname__}".encode())
+        self.encode_mapping(state.items(), depth)

@@ -10,6 +10,7 @@ the same layout rules; ``on_error="skip"`` is the per-item loader's ``skip=(Imag
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -80,7 +81,7 @@ def _wrapper(options: dict[str, Any]) -> CachedDataset[..., Any]:
         # cachedload makes new entries.
         version = ("cached_image_folder", __version__, options.pop("version", None))
         checked = options_for("cached_image_folder", {**options, "version": version},
-                              per_item="path", exclude=_EXCLUDE)  # fmt: skip
+                              takes=_KEYWORDS, per_item="path", exclude=_EXCLUDE)  # fmt: skip
         if len(_WRAPPERS) > 16:
             _WRAPPERS.clear()
         found = _WRAPPERS[token] = CachedDataset(_cached_image_folder_row, checked)
@@ -280,6 +281,14 @@ def _every_unreadable(plan: _Plan, first: ImageReadError) -> ImageReadError:
     found = unreadable_images(files, size=arguments["size"], color=arguments["color"],
                               n_jobs=arguments["n_jobs"])  # fmt: skip
     return unreadable_error(found or [first])
+
+
+# Its own keywords, which an unknown keyword's error lists with the cache options.
+_KEYWORDS = tuple(
+    parameter.name
+    for parameter in inspect.signature(cached_image_folder).parameters.values()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+)
 
 
 def _class_blocks(paths: Sequence[str]) -> list[tuple[str, int]] | None:

@@ -14,6 +14,7 @@ directories, sizes) and :mod:`cachedload.fingerprint` (the fingerprint modes).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -119,14 +120,18 @@ class Options:
                 f"must be None, 'r' (read-only maps) or 'c' (copy-on-write maps), "
                 f"not {self.mmap_mode!r}",
             )
+        _check_compress(self.compress)
         if self.mmap_mode is not None and _compressed(self.compress):
             # joblib would load such an entry into memory, warning at every call: the arrays
             # would be writable copies, not the read-only maps mmap_mode promises.
             raise ConfigurationError(
                 "compress",
-                f"cannot be combined with mmap_mode={self.mmap_mode!r}: a compressed result "
-                f"cannot be memory-mapped (drop compress=, or mmap_mode=), not {self.compress!r}",
+                f"compress={self.compress!r} and mmap_mode={self.mmap_mode!r} cannot be "
+                f"combined: a compressed result cannot be memory-mapped; drop compress= to map "
+                f"the result, or mmap_mode= to keep it compressed",
             )
+        for option in ("include", "exclude"):
+            derive(self, option, _patterns(option, getattr(self, option)))
         check_mode(self.fingerprint, "fingerprint")
         if self.verify not in ("size", "always"):
             raise ConfigurationError("verify", f"must be 'size' or 'always', not {self.verify!r}")
@@ -198,21 +203,29 @@ class Options:
         return (_options, (self.given(),))
 
 
-def options_for(caller: str, given: dict[str, Any], **fixed: Any) -> Options:
+def options_for(
+    caller: str, given: dict[str, Any], *, takes: Collection[str] = (), **fixed: Any
+) -> Options:
     """:class:`Options` from the keyword arguments a user passed to ``caller`` (plus the
-    ``fixed`` ones ``caller`` sets itself).
+    ``fixed`` ones ``caller`` sets itself; ``takes``: the keywords ``caller`` takes besides
+    the cache options, named by the error too).
 
     Raises:
-        TypeError: a name is not an option of ``caller`` (the error names ``caller`` and its
-            options, not ``Options.__init__``).
+        TypeError: a name is not an option of ``caller`` (the error names ``caller`` and every
+            keyword it takes, not ``Options.__init__``'s).
         ConfigurationError: an option is invalid.
     """
     names = {f.name for f in dataclasses.fields(Options) if f.init} - set(fixed)
     unknown = sorted(set(given) - names)
     if unknown:
+        import difflib  # only for the error
+
+        keywords = sorted(names | set(takes))
+        close = difflib.get_close_matches(unknown[0], keywords, n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise TypeError(
-            f"{caller}() got an unexpected keyword argument {unknown[0]!r}; its cache "
-            f"options are: {', '.join(sorted(names))}"
+            f"{caller}() got an unexpected keyword argument {unknown[0]!r}{hint}; it takes: "
+            f"{', '.join(keywords)}"
         )
     return Options(**fixed, **given)
 
@@ -220,6 +233,55 @@ def options_for(caller: str, given: dict[str, Any], **fixed: Any) -> Options:
 def _options(given: dict[str, Any]) -> Options:
     """Rebuild pickled :class:`Options` (checked again)."""
     return Options(**given)
+
+
+def _patterns(option: str, value: object) -> tuple[str, ...] | None:
+    """``include=``/``exclude=`` as a tuple of glob patterns (one pattern: a str), or None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    patterns: tuple[object, ...] | None = None
+    if isinstance(value, Iterable) and not isinstance(value, (bytes, bytearray)):
+        patterns = tuple(value)
+    if patterns is None or not all(isinstance(pattern, str) for pattern in patterns):
+        raise ConfigurationError(
+            option, f"must be a glob pattern or a list of them, or None, not {value!r}"
+        )
+    checked = tuple(str(pattern) for pattern in patterns)
+    return tuple(sorted(checked)) if isinstance(value, (set, frozenset)) else checked
+
+
+def _check_compress(compress: object) -> None:
+    """Refuse a ``compress=`` that joblib would refuse at the first store (checked as
+    ``joblib.dump`` checks it, against the compressors registered with joblib)."""
+    if isinstance(compress, bool):
+        return
+    method, level = "zlib", compress
+    if isinstance(compress, str):
+        method, level = compress, 0
+    elif isinstance(compress, tuple) and len(compress) == 2:
+        method, level = compress
+    methods = _compressors()
+    valid_level = isinstance(level, int) and not isinstance(level, bool) and 0 <= level <= 9
+    if method not in methods or not valid_level:
+        raise ConfigurationError(
+            "compress",
+            f"must be False, True, a level from 0 to 9, a method ({', '.join(methods)}) or a "
+            f"(method, level) pair, not {compress!r}",
+        )
+    if method == "lz4" and importlib.util.find_spec("lz4") is None:
+        raise ConfigurationError("compress", "'lz4' needs the lz4 package (pip install lz4)")
+
+
+def _compressors() -> list[str]:
+    """The compression methods joblib knows (``joblib.register_compressor`` adds some)."""
+    try:
+        from joblib.compressor import _COMPRESSORS
+
+        return sorted(_COMPRESSORS)
+    except ImportError:  # a joblib that keeps them elsewhere: its built-in ones
+        return ["bz2", "gzip", "lz4", "lzma", "xz", "zlib"]
 
 
 def _compressed(compress: object) -> bool:

@@ -776,8 +776,12 @@ class _Build:
                 "the result is returned but not cached",
                 SourceChangedWarning,
             )
+            # The file being built is in the cache: where others can write it (a shared
+            # cache, a signed one), it is read as any of their files is, data only.
+            local = host._root().local
+            trusted = local.safe_types is None and local.signing_key is None
             self.unpublished = report.value or serialize.load(
-                data, mmap_mode=host._options.mmap_mode
+                data, mmap_mode=host._options.mmap_mode, safe_types=None if trusted else ()
             )
             return None
         if racy[label]:

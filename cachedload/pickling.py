@@ -20,7 +20,9 @@ The wrapper class is passed along (pickled by reference), so this module needs n
 
 from __future__ import annotations
 
+import functools
 import importlib
+import io
 import linecache
 import os
 import pickle
@@ -28,6 +30,8 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from cachedload.hashing import code_function
 
 __all__ = ["reduce_loader"]
 
@@ -53,7 +57,7 @@ def reduce_loader(
         return by_path
     _DUMPING_BY_VALUE.add(dumping)
     try:
-        payload = _cloudpickle().dumps((func, options, bound))
+        payload = _dumps_by_value((func, options, bound))
     except Exception:  # e.g. a global it reads holds a lock: by path, if that resolves
         if by_path is not None:
             return by_path
@@ -97,12 +101,40 @@ def _cloudpickle() -> Any:
         return importlib.import_module("joblib.externals.cloudpickle")
 
 
+def _dumps_by_value(value: object) -> bytes:
+    """cloudpickle's bytes of ``value``, keeping the qualified names of the classes it
+    rebuilds by value: cloudpickle gives ``make.<locals>.Local`` back as ``Local`` in a new
+    process, and a ``self`` is hashed with its class's qualified name."""
+    buffer = io.BytesIO()
+    _qualname_pickler()(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    return buffer.getvalue()
+
+
+@functools.cache
+def _qualname_pickler() -> type:
+    base: Any = _cloudpickle().Pickler
+
+    class QualnamePickler(base):  # type: ignore[misc]
+        def reducer_override(self, obj: Any) -> Any:
+            reduced = super().reducer_override(obj)
+            # A class by value: (skeleton, args, (class dict, slots), None, None, setstate);
+            # setstate sets every item of the class dict on the new class.
+            if isinstance(obj, type) and isinstance(reduced, tuple) and len(reduced) == 6:
+                state = reduced[2]
+                if isinstance(state, tuple) and state and isinstance(state[0], dict):
+                    state[0].setdefault("__qualname__", obj.__qualname__)
+            return reduced
+
+    return QualnamePickler
+
+
 def _code_files(functions: Sequence[Any]) -> list[tuple[str, list[str] | None] | None]:
     """Where each function's code was defined, and the source lines of those that exist only
     in this process's ``linecache`` (a notebook cell's), for :func:`_restore_by_value`."""
     files: list[tuple[str, list[str] | None] | None] = []
     for function in functions:
-        filename = getattr(getattr(function, "__code__", None), "co_filename", None)
+        code = getattr(code_function(function), "__code__", None)
+        filename = getattr(code, "co_filename", None)
         if not isinstance(filename, str):
             files.append(None)
             continue
@@ -125,7 +157,10 @@ def _restore_by_value(
 ) -> Any:
     """Rebuild a wrapper pickled by value (see the module docstring)."""
     func, options, bound = pickle.loads(payload)
-    for function, file in zip((func, *options.depends_on), files, strict=True):
+    for loader, file in zip((func, *options.depends_on), files, strict=True):
+        # The function that runs: a bound method's (its __code__ is read-only), a partial's,
+        # a callable object's __call__.
+        function = code_function(loader)
         code = getattr(function, "__code__", None)
         if file is None or code is None:
             continue

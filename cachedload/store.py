@@ -597,7 +597,10 @@ class LocalRoot(CacheRoot):
         function_dir = self.make_folder(fdir)
         self.remove_leftovers(fdir)
         tmp = function_dir / temporary_name()
-        tmp.mkdir(self._dir_mode)
+        # Private while it is written, even in a shared cache: nobody else can swap, plant
+        # or redirect (a FIFO, a symlink) a file the build writes, reads back or signs. Opened
+        # to the others only once complete (a crashed writer's folder stays its own to clean).
+        tmp.mkdir(0o700)
         try:
             built = build(tmp / DATA_FILE)
             if built is None:
@@ -625,6 +628,8 @@ class LocalRoot(CacheRoot):
             # a crash never publishes an entry whose files are not all there. The data file
             # is synced here too (a build need not: a clean file's fsync costs nothing).
             _fsync_files(files)
+            if self.shared:  # the function folder's mode: the umask and setgid applied
+                os.chmod(tmp, stat.S_IMODE(os.stat(function_dir).st_mode))
             _fsync_dir(tmp)
             replace_folder(tmp, self.entry_path(fdir, key), replace=replace)
         except BaseException:

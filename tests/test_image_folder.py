@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import pickle
@@ -310,9 +311,18 @@ def test_images_of_two_bit_depths_need_dtype_and_say_so(tmp_path: Path) -> None:
 def test_an_option_it_does_not_take_is_a_type_error_naming_it(folder: Path) -> None:
     for option in ("ragged", "per_item", "exclude", "nonsense"):
         expected = rf"cached_image_folder\(\) got an unexpected keyword argument '{option}'; "
-        with pytest.raises(TypeError, match=expected + "its cache options are: cache_dir, "):
+        with pytest.raises(TypeError, match=expected + "it takes: backend, cache_dir, color, "):
             given: dict[str, Any] = {option: True}
             cached_image_folder(folder, **given)
+    with pytest.raises(TypeError) as caught:
+        cached_image_folder(folder, sizes=(32, 32))
+    message = str(caught.value)
+    assert "'sizes' (did you mean 'size'?)" in message
+    taken = message.partition("it takes: ")[2].split(", ")
+    keywords = [p for p in inspect.signature(cached_image_folder).parameters if p != "root"]
+    assert set(keywords) - {"cache_options"} <= set(taken)  # size, color, dtype, on_error…
+    assert {"compress", "max_size", "version"} <= set(taken)  # and the cache options
+    assert not {"per_item", "exclude"} & set(taken)  # which it sets itself
     with pytest.raises(TypeError, match=r"^cached_dataset\(\) got an unexpected keyword"):
         cached_dataset(nonsense=True)  # type: ignore[call-overload]
 

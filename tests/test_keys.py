@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import inspect
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from cachedload.keys import (
     summarize,
 )
 from cachedload.options import Options
-from tests.conftest import age, write_old
+from tests.conftest import age, runs, subprocess_env, write_old
 from tests.test_decorator import counting_loader
 
 
@@ -498,3 +500,73 @@ def test_readable_shortens_long_values() -> None:
 )
 def test_summarize_describes_a_result_by_type_and_shape(value: Any, text: str) -> None:
     assert summarize(value) == text
+
+
+def test_ordered_dicts_in_another_order_are_another_call(tmp_path: Path, cache_dir: Path) -> None:
+    import collections
+
+    @cached_dataset(cache_dir=cache_dir)
+    def columns(order: collections.OrderedDict[str, int]) -> list[str]:
+        return list(order)
+
+    assert columns(collections.OrderedDict(a=1, b=2)) == ["a", "b"]
+    assert columns(collections.OrderedDict(b=2, a=1)) == ["b", "a"]
+    assert columns.cache_info().misses == 2
+
+
+def test_a_ufunc_made_from_a_python_function_is_refused_not_confused(cache_dir: Path) -> None:
+    @cached_dataset(cache_dir=cache_dir)
+    def apply(values: list[int], func: Any) -> list[int]:
+        return list(func(np.array(values)))
+
+    assert apply([1, 2], np.negative) == [-1, -2]
+    with pytest.raises(UnhashableArgumentError, match="func"):
+        apply([1, 2], np.frompyfunc(lambda x: x + 1, 1, 1))
+
+
+# A script passing one of its own functions to a loader that joblib runs in loky workers: each
+# worker receives the function rebuilt by cloudpickle, without a source file of its own.
+FUNCTION_ARGUMENT_SCRIPT = """
+import os
+import sys
+
+import joblib
+
+from cachedload import cached_dataset
+
+
+def double(x):
+    return x * 2  # applied to every name
+
+
+@cached_dataset(cache_dir=os.environ["CACHE"])
+def load(image_dir, transform):
+    with open(os.environ["COUNTER"], "a") as counter:
+        counter.write("run\\\\n")
+    return [transform(name) for name in sorted(os.listdir(image_dir))]
+
+
+if __name__ == "__main__":
+    first = load(sys.argv[1], double)
+    with joblib.Parallel(n_jobs=2, backend="loky") as parallel:
+        from_loky = parallel(joblib.delayed(load)(sys.argv[1], double) for _ in range(2))
+    assert from_loky == [first] * 2, (from_loky, first)
+    print(len(load.entries()))
+"""
+
+
+def test_a_function_argument_hits_in_loky_workers(
+    image_dir: Path, cache_dir: Path, counter_file: Path, tmp_path: Path
+) -> None:
+    script = tmp_path / "transform.py"
+    script.write_text(FUNCTION_ARGUMENT_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(script), str(image_dir)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(CACHE=str(cache_dir), COUNTER=str(counter_file)),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "1\n"  # one entry
+    assert runs(counter_file) == 1  # computed in the parent; both workers hit

@@ -33,6 +33,9 @@ INVALID = {
     "keep": (0, "must be a whole number >= 1 or None, not 0"),
     "max_size": ("lots", "expected a size such as 20GB"),
     "storage_options": (3, "must be a dict or None, not 3"),
+    "include": (5, "must be a glob pattern or a list of them, or None, not 5"),
+    "exclude": ([".*", 5], r"must be a glob pattern or a list of them, or None, not \['.\*', 5\]"),
+    "compress": ("nope", "must be False, True, a level from 0 to 9, a method .*, not 'nope'"),
 }
 
 
@@ -176,11 +179,11 @@ def test_every_option_is_documented_by_cached_dataset() -> None:
         assert f"\n    {option.name}: " in doc, option.name
 
 
-@pytest.mark.parametrize("compress", [3, True, "zlib", ("lz4", 3)])
+@pytest.mark.parametrize("compress", [3, True, "zlib", ("bz2", 3)])
 def test_compress_with_mmap_mode_is_refused_at_decoration(compress: Any) -> None:
     # joblib would load a compressed entry into memory and warn at every call: the arrays would
     # not be the read-only maps mmap_mode promises.
-    with pytest.raises(ConfigurationError, match="cannot be combined with mmap_mode='r'") as caught:
+    with pytest.raises(ConfigurationError, match="and mmap_mode='r' cannot be combined") as caught:
         cached_dataset(compress=compress, mmap_mode="r")
     assert caught.value.option == "compress"
 
@@ -188,3 +191,32 @@ def test_compress_with_mmap_mode_is_refused_at_decoration(compress: Any) -> None
 @pytest.mark.parametrize("compress", [0, False, ("zlib", 0)])
 def test_no_compression_with_mmap_mode_is_fine(compress: Any) -> None:
     cached_dataset(compress=compress, mmap_mode="r")
+
+
+@pytest.mark.parametrize(
+    "compress", [("zlib", 10), ("nope", 3), ("zlib",), -1, 3.5, ("zlib", True), [3]]
+)
+def test_a_compression_joblib_would_refuse_is_refused_at_decoration(compress: Any) -> None:
+    with pytest.raises(ConfigurationError, match=r"^compress: must be False, True, a level"):
+        cached_dataset(compress=compress)
+
+
+@pytest.mark.parametrize("compress", [False, True, 0, 9, "zlib", "gzip", ("lzma", 3), ("bz2", 0)])
+def test_every_compression_joblib_takes_is_accepted(compress: Any) -> None:
+    cached_dataset(compress=compress)
+
+
+def test_a_single_include_pattern_is_one_pattern_not_its_characters() -> None:
+    assert Options(include="*.png").include == ("*.png",)
+    assert Options(exclude="*.tmp").exclude == ("*.tmp",)
+    assert Options(include=["*.png", "*.jpg"]).include == ("*.png", "*.jpg")
+
+
+def test_compression_with_memory_mapping_says_why_and_what_to_do() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        cached_dataset(compress=3, mmap_mode="r")
+    message = str(caught.value)
+    assert message == (
+        "compress: compress=3 and mmap_mode='r' cannot be combined: a compressed result cannot "
+        "be memory-mapped; drop compress= to map the result, or mmap_mode= to keep it compressed"
+    )

@@ -129,6 +129,72 @@ def test_a_notebook_loader_runs_in_joblib_and_spawned_workers_from_its_cache(
     assert runs(counter_file) == 1  # computed once, in the notebook; every worker hit
 
 
+# A bound method as the loader, of a class the workers cannot import: one of the script's own
+# (__main__) or one defined inside a function.
+METHOD_SCRIPT = """
+import multiprocessing
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+import joblib
+
+from cachedload import cached_dataset
+
+
+class Loader:
+    def __init__(self, scale):
+        self.scale = scale
+
+    def load(self, image_dir):
+        with open(os.environ["COUNTER"], "a") as counter:
+            counter.write("run\\n")
+        return sorted(os.listdir(image_dir)) * self.scale
+
+
+def make():
+    class Local(Loader):
+        def load(self, image_dir):
+            with open(os.environ["COUNTER"], "a") as counter:
+                counter.write("run\\n")
+            return sorted(os.listdir(image_dir)) * self.scale
+
+    return Local(2)
+
+
+if __name__ == "__main__":
+    loader = Loader(2) if sys.argv[1] == "__main__" else make()
+    load = cached_dataset(cache_dir=os.environ["CACHE"])(loader.load)
+    first = load(sys.argv[2])
+    # (a worker failing to unpickle its task breaks this pool, where a Pool would hang)
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(2, mp_context=spawn) as pool:
+        from_spawn = list(pool.map(load, [sys.argv[2]] * 2))
+    with joblib.Parallel(n_jobs=2, backend="loky") as parallel:
+        from_loky = parallel(joblib.delayed(load)(sys.argv[2]) for _ in range(2))
+    assert from_spawn == from_loky == [first] * 2, (from_spawn, from_loky, first)
+    print(len(load.entries()))
+"""
+
+
+@pytest.mark.parametrize("defined_in", ["__main__", "a function"])
+def test_a_bound_method_loader_runs_in_spawned_and_loky_workers_from_its_cache(
+    defined_in: str, image_dir: Path, cache_dir: Path, counter_file: Path, tmp_path: Path
+) -> None:
+    script = tmp_path / "methods.py"
+    script.write_text(METHOD_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(script), defined_in, str(image_dir)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(CACHE=str(cache_dir), COUNTER=str(counter_file)),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "1\n"  # one entry
+    assert runs(counter_file) == 1  # computed once, in the parent; every worker hit
+
+
 def test_a_module_level_loader_pickles_by_its_import_path() -> None:
     clone = pickle.loads(pickle.dumps(module_level_loader))
     assert clone.__wrapped__ is module_level_loader.__wrapped__  # imported, not rebuilt
