@@ -437,8 +437,7 @@ def load_buffer(
     skeleton_len, table, offsets = _parse_index(
         bytes(buffer[start + len(_MAGIC) : start + index_len]), safe_types
     )
-    if offsets[0] + skeleton_len > size:
-        raise ValueError("skeleton runs past the end of the file")
+    check_layout(index_len, skeleton_len, table, offsets, size)
     skeleton = bytes(buffer[offsets[0] : offsets[0] + skeleton_len])
     whole = np.frombuffer(buffer, np.uint8)
     if mmap_mode == "r":
@@ -491,8 +490,7 @@ def _read_layout(
     if len(index) < index_len:
         index = _pread(fd, index_len, start)
     skeleton_len, table, offsets = _parse_index(index[len(_MAGIC) :], safe_types)
-    if offsets[0] + skeleton_len > size:
-        raise ValueError("skeleton runs past the end of the file")
+    check_layout(index_len, skeleton_len, table, offsets, size)  # arrays are not other bytes
     if reader is not None:
         reader.before_unpickling(skeleton_len)
     if offsets[0] + skeleton_len <= len(head):  # usually: one read for the head and all
