@@ -73,7 +73,7 @@ from cachedload.entry import (
 )
 from cachedload.errors import ConditionalWritesWarning, warn_at_caller
 from cachedload.reading import ReadAhead
-from cachedload.root import Built, CacheRoot, Checked, EntryInfo
+from cachedload.root import Built, CacheRoot, Checked, EntryInfo, Reusable
 from cachedload.store import LocalRoot, atomic_write_bytes, replace_folder
 
 __all__ = ["EntryReplaced", "RemoteRoot", "capabilities"]
@@ -257,7 +257,7 @@ class RemoteRoot(CacheRoot):
 
     def reusable(
         self, fdir: str, key: str, meta: dict[str, Any], *, verify: bool
-    ) -> tuple[type, ...] | None:
+    ) -> contextlib.AbstractContextManager[Reusable]:
         """Checked in the local copy (:meth:`local_entry` downloads the entry there first)."""
         return self.copy.reusable(fdir, key, meta, verify=verify)
 
@@ -305,7 +305,7 @@ class RemoteRoot(CacheRoot):
         """Download an entry into the local copy (once per node); return the local metadata."""
         from filelock import FileLock, Timeout
 
-        (self.copy.path / fdir).mkdir(parents=True, exist_ok=True)
+        self.copy.make_folder(fdir)  # private (0700) and tagged, as a local cache's folders
         self._mark_local_root()
         fetching = FileLock(str(self.copy.path / fdir / f"{key}{FETCH_SUFFIX}"))
         try:
@@ -407,7 +407,7 @@ class RemoteRoot(CacheRoot):
     def lock(self, fdir: str, key: str, timeout: float | None) -> Any:
         """A lease in the bucket when its server honours conditional writes; else a lock on
         this node only (processes on other machines may then compute the same entry)."""
-        (self.copy.path / fdir).mkdir(parents=True, exist_ok=True)
+        self.copy.make_folder(fdir)
         found = capabilities(self.objects)
         if not (found.if_none_match and self.objects.has_server_clock):
             return self.copy.lock(fdir, key, timeout)
