@@ -52,7 +52,6 @@ from cachedload.builder import (
     PreviousBuild,
     UnwrittenBuild,
     build_items,
-    file_identity,
 )
 from cachedload.entry import DATA_FILE, CorruptEntry, item_records, skipped_fields
 from cachedload.errors import (
@@ -663,8 +662,14 @@ class _Build:
         self.prepared, self.request = prepared, request
         self.unpublished: ItemArray | None = None  # the result, if sources changed meanwhile
         self.built: ItemArray | None = None  # the result, if the builder kept it in memory
+        # What the previous entry's check holds (a private copy) until the build is done.
+        self.cleanup = contextlib.ExitStack()
 
     def run(self, *, replace: bool, use_previous: bool, skip_own: bool) -> ItemArray:
+        with self.cleanup:
+            return self._run(replace=replace, use_previous=use_previous, skip_own=skip_own)
+
+    def _run(self, *, replace: bool, use_previous: bool, skip_own: bool) -> ItemArray:
         host, call = self.host, self.prepared.call
         host._stats.misses += 1
         logger.info("miss %s [%s]: building %s item(s)", host._identity, call.key[:12],
@@ -721,18 +726,16 @@ class _Build:
                     best = entry
             if best is None:
                 return None, "no previous entry of these parameters and folder"
-            folder = root.local_entry(self.fdir, best.key, best.meta)
+            root.local_entry(self.fdir, best.key, best.meta)
             if not local.has_data(self.fdir, best.key, best.meta):
                 return None, f"previous entry {best.key[:12]} is incomplete"
             # Checked as strictly as `cachedload verify` checks it (the data file's checksum,
             # whatever verify= says; the signature), and its manifest against the metadata's
             # record: copying rows must not launder a damaged or tampered entry into a new,
             # valid one, nor put rows on the wrong files.
-            data = folder / DATA_FILE
-            checked = file_identity(os.stat(data))
-            safe_types = local.reusable(self.fdir, best.key, best.meta, verify=True)
-            if file_identity(os.stat(data)) != checked:  # what was hashed may not be it
-                return None, f"previous entry {best.key[:12]} changed while it was checked"
+            checked = self.cleanup.enter_context(
+                local.reusable(self.fdir, best.key, best.meta, verify=True)
+            )
             manifest = local.manifest(self.fdir, best.key, best.meta, columns=True)
             raw = item_records(manifest, best.meta, self.prepared.label)
             if raw is None:
@@ -742,12 +745,12 @@ class _Build:
         if self.prepared.source.items.contents is not None and raw.contents is None:
             # fingerprint="content": a row is reused only if its file's content is known.
             return None, f"previous entry {best.key[:12]} records no file contents"
-        # Where others can write the file, its rows are copied only while it is unchanged
-        # (in a private cache, only a clear or keep= removing it changes it: rows copied
-        # from the open file are still the checked ones).
-        others_write = local.safe_types is not None or local.signing_key is not None
-        identity = checked if others_write else None
-        return PreviousBuild(data, raw, safe_types=safe_types, identity=identity), ""
+        # Rows are copied from the bytes checked: a private copy of a file others can write,
+        # else the file itself while it is the one hashed (in a private cache, only a clear
+        # or keep= removing it changes it: rows copied from the open file are still those).
+        return PreviousBuild(
+            checked.path, raw, safe_types=checked.safe_types, identity=checked.identity
+        ), ""
 
     def build(self, data: Path, previous: PreviousBuild | None, why: str) -> Built | None:
         """Write the data file ``data``; the entry's metadata and manifest, or None if the

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from cachedload import serialize
 from cachedload.entry import OWNER_SUFFIX, CorruptEntry, read_regular_file, write_new_file
@@ -35,6 +35,7 @@ __all__ = [
     "Leftover",
     "Lookup",
     "Miss",
+    "Reusable",
 ]
 
 logger = logging.getLogger("cachedload")
@@ -105,6 +106,17 @@ class Miss:
     replace: bool = False
     stale: bool = False
     corrupt: CorruptEntry | None = None
+
+
+class Reusable(NamedTuple):
+    """A checked entry's data, to copy rows from: the file at ``path`` holds exactly the
+    bytes that were checked, as long as its :func:`~cachedload.reading.file_identity` is
+    ``identity`` (``None``: a private copy, or a private cache's own file); ``safe_types``
+    to read its index with (``None``: unrestricted)."""
+
+    path: Path
+    safe_types: tuple[type, ...] | None
+    identity: tuple[int, ...] | None
 
 
 @dataclass(frozen=True)
@@ -219,10 +231,10 @@ class CacheRoot(abc.ABC):
     @abc.abstractmethod
     def reusable(
         self, fdir: str, key: str, meta: dict[str, Any], *, verify: bool
-    ) -> tuple[type, ...] | None:
+    ) -> contextlib.AbstractContextManager[Reusable]:
         """Check an entry on this machine whose rows a per-item build will copy, as a hit
-        checks it (size; checksum with ``verify``; signature); return the ``safe_types`` to
-        read its data file's index with (None: unrestricted).
+        checks it (size; checksum with ``verify``; signature), and hold what was checked
+        while the rows are copied (see :class:`Reusable`).
 
         Raises:
             CorruptEntry: a check failed.

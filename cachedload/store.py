@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import stat
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +51,7 @@ from cachedload.entry import (
     leftover_is_dead,
     manifest_problem,
     read_entry_manifest,
+    read_entry_meta,
     read_local_meta,
     read_regular_file,
     record_key,
@@ -61,11 +63,12 @@ from cachedload.entry import (
 )
 from cachedload.errors import NotACacheDirectoryError, ReadOnlyCacheError
 from cachedload.mount import entry_lock, uses_lease
-from cachedload.reading import NOTHING, ReadAhead, SharedReader
-from cachedload.root import Built, CacheRoot, Checked, EntryInfo, Leftover
+from cachedload.reading import NOTHING, ReadAhead, SharedReader, file_identity
+from cachedload.root import Built, CacheRoot, Checked, EntryInfo, Leftover, Reusable
 from cachedload.signing import SIGNATURE_FIELD, sign, verify_signature
 from cachedload.verified import (
     DigestMismatch,
+    copy_verified,
     hash_descriptor,
     open_regular,
     private_copy,
@@ -91,6 +94,9 @@ def _lstat(path: Path) -> os.stat_result | None:
         return os.lstat(path)
     except OSError:
         return None
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
 def _identity(info: os.stat_result) -> tuple[int, ...]:
@@ -258,6 +264,9 @@ class LocalRoot(CacheRoot):
         # Function folder -> the identities of the cache directory and of that folder when
         # they were found owned by this user and not writable by others (see untrusted).
         self._trusted: dict[str, tuple[tuple[int, ...], tuple[int, ...] | None]] = {}
+        # (function folder, key) -> the entry folder its metadata was last read from (a load
+        # reads the data from that folder only).
+        self._meta_folders: dict[tuple[str, str], tuple[int, int, int]] = {}
         self._tagged = False
         self._dir_mode, self._file_mode = (0o777, 0o666) if shared else (0o700, 0o600)
         self._lock_mode = -1 if shared else 0o600
@@ -343,7 +352,12 @@ class LocalRoot(CacheRoot):
             CorruptEntry: the entry exists but its metadata is missing, invalid or from another
                 format version.
         """
-        return read_local_meta(self.entry_path(fdir, key))
+        meta, folder = read_entry_meta(self.entry_path(fdir, key))
+        if folder is not None:
+            if len(self._meta_folders) > 256:
+                self._meta_folders.clear()
+            self._meta_folders[fdir, key] = (id(meta), *folder)
+        return meta
 
     def has_data(self, fdir: str, key: str, meta: dict[str, Any]) -> bool:
         """True if the entry's data file is there with the size ``meta`` records."""
@@ -389,7 +403,7 @@ class LocalRoot(CacheRoot):
     ) -> Any:
         expected = self._expected_digests(entry, meta, verify)  # the signature, before a read
         safe_types = None if self.signing_key is not None else self.safe_types
-        fd, info = self._open_data(entry)
+        fd, info = self._open_data(entry, meta)
         try:
             problem = size_problem(info.st_size, meta)
             if problem is not None:
@@ -407,21 +421,44 @@ class LocalRoot(CacheRoot):
         finally:
             os.close(fd)
 
-    def _open_data(self, entry: Path) -> tuple[int, os.stat_result]:
-        """The entry's data file, opened once for every check and read of a load.
+    def _open_data(self, entry: Path, meta: dict[str, Any]) -> tuple[int, os.stat_result]:
+        """The entry's data file, opened once for every check and read of a load, from the
+        folder :meth:`read_meta` read ``meta`` from, if it did.
 
         Raises:
             CorruptEntry: it is missing, a symlink, not a regular file, or (in a private
                 cache) not this user's own file.
         """
         try:
-            fd, info = open_regular(entry / DATA_FILE)
+            folder_fd = os.open(entry, _DIR_FLAGS)
         except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, "entry vanished", entry) from None
+        except OSError as error:
+            if error.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise CorruptEntry(entry, "entry folder is a symlink or not a folder") from None
+            raise
+        try:
+            folder = os.fstat(folder_fd)
+            read_from = self._meta_folders.pop((entry.parent.name, entry.name), None)
+            if (
+                read_from is not None
+                and read_from[0] == id(meta)
+                and read_from[1:] != (folder.st_dev, folder.st_ino)
+            ):
+                # The folder its metadata came from was replaced meanwhile (or the cache
+                # directory swapped): not that entry's data, a plain miss.
+                raise FileNotFoundError(errno.ENOENT, "entry replaced while read", entry)
+            fd, info = open_regular(DATA_FILE, dir_fd=folder_fd)
+        except FileNotFoundError as error:
+            if error.filename == entry:
+                raise
             raise CorruptEntry(entry, "data file is missing") from None
         except OSError as error:
             if error.errno in (errno.ELOOP, errno.EISDIR, errno.EINVAL):
                 raise CorruptEntry(entry, "data file is a symlink or not a regular file") from None
             raise
+        finally:
+            os.close(folder_fd)
         if not self.shared and writable_by_others(info):
             os.close(fd)
             raise CorruptEntry(
@@ -477,32 +514,45 @@ class LocalRoot(CacheRoot):
                 return value
         return serialize.load_open(fd, size, path=path, mmap_mode=mmap_mode, safe_types=safe_types)
 
+    @contextlib.contextmanager
     def reusable(
         self, fdir: str, key: str, meta: dict[str, Any], *, verify: bool
-    ) -> tuple[type, ...] | None:
+    ) -> Iterator[Reusable]:
         """Check an entry whose rows a per-item build copies, as a hit checks it (see
-        :meth:`load`): a build must not launder a damaged or unsigned entry into a new one.
-        Return the ``safe_types`` to read its index with.
+        :meth:`load`: a build must not launder a damaged or unsigned entry into a new one),
+        and hold the bytes checked while the rows are copied: a data file another user can
+        write is copied into a private temporary folder while it is hashed, and the copy is
+        used (removed on exit); this user's own file is used in place, as long as it is the
+        file that was hashed (its identity). Indexes are read with the restricted unpickler
+        wherever others can write the cache.
 
         Raises:
             CorruptEntry: a check failed.
-            OSError: its data file cannot be read.
+            OSError: its data file cannot be read (or copied).
         """
         entry = self.entry_path(fdir, key)
         expected = self._expected_digests(entry, meta, verify)
-        fd, info = self._open_data(entry)
-        try:
+        others_write = self.safe_types is not None or self.signing_key is not None
+        with contextlib.ExitStack() as stack:
+            fd, info = self._open_data(entry, meta)
+            stack.callback(os.close, fd)
             problem = size_problem(info.st_size, meta)
-            if problem is None and expected:
-                try:
-                    hash_descriptor(fd, info.st_size, expected)
-                except DigestMismatch as error:
-                    problem = str(error)
             if problem is not None:
                 raise CorruptEntry(entry, problem)
-        finally:
-            os.close(fd)
-        return None if self.signing_key is not None else self.safe_types
+            try:
+                if writable_by_others(info):
+                    folder = stack.enter_context(
+                        tempfile.TemporaryDirectory(prefix="cachedload-previous-")
+                    )
+                    copy_verified(fd, info.st_size, expected, Path(folder) / DATA_FILE)
+                    found = Reusable(Path(folder) / DATA_FILE, (), None)
+                else:
+                    hash_descriptor(fd, info.st_size, expected)
+                    identity = file_identity(info) if others_write else None
+                    found = Reusable(entry / DATA_FILE, () if others_write else None, identity)
+            except DigestMismatch as error:
+                raise CorruptEntry(entry, str(error)) from None
+            yield found
 
     def read_ahead(self, fdir: str, key: str) -> ReadAhead:
         """Start loading an entry's data (``mmap_mode=None``) in a background thread, before
@@ -722,9 +772,13 @@ class LocalRoot(CacheRoot):
         if self.shared:
             return None
         folder = self.folder(fdir)
-        root_info, folder_info = _stat(self.path), _lstat(folder)
-        if root_info is None:
+        link, root_info, folder_info = _lstat(self.path), _stat(self.path), _lstat(folder)
+        if root_info is None or link is None:
             return None  # created by this process when storing, then checked again
+        if stat.S_ISLNK(link.st_mode) and link.st_uid != os.geteuid():
+            # A symlink another user made where the cache directory should be (a parent
+            # folder they can write): whatever it points to now, they choose what it will.
+            return f"{self.path} is a symlink owned by uid {link.st_uid}, not by this user"
         identity = (_identity(root_info), None if folder_info is None else _identity(folder_info))
         if self._trusted.get(fdir) == identity:
             return None

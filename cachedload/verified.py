@@ -19,6 +19,7 @@ import os
 import stat
 import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import xxhash
@@ -27,6 +28,7 @@ from cachedload.reading import read_parallel
 
 __all__ = [
     "DigestMismatch",
+    "copy_verified",
     "hash_descriptor",
     "open_regular",
     "private_copy",
@@ -117,6 +119,25 @@ def hash_descriptor(fd: int, size: int, expected: Mapping[str, str]) -> None:
     """
     hashers = _hashers(expected)
     _stream(fd, size, hashers)
+    _check(hashers, expected)
+
+
+def copy_verified(fd: int, size: int, expected: Mapping[str, str], path: Path) -> None:
+    """Copy the first ``size`` bytes of ``fd`` into a new file ``path`` (``O_EXCL``, 0600;
+    in a folder only this user can write), hashing them on the way, and compare.
+
+    Raises:
+        DigestMismatch: a digest differs (the copy is left for the caller's folder to go).
+        EOFError: the file is shorter than ``size``.
+        OSError: the copy cannot be written.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    out = os.open(path, flags, 0o600)
+    try:
+        hashers = _hashers(expected)
+        _stream(fd, size, hashers, out)
+    finally:
+        os.close(out)
     _check(hashers, expected)
 
 
