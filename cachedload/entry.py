@@ -459,8 +459,8 @@ def read_regular_file(
     """
     fd, info = open_regular(name, dir_fd=dir_fd)
     try:
-        if limit is not None:
-            return os.read(fd, limit)
+        if limit is not None:  # never a buffer of ``limit`` bytes for a small file
+            return os.read(fd, min(limit, info.st_size + 4096))
         chunks = []
         while chunk := os.read(fd, max(info.st_size, 4096) + 1):
             chunks.append(chunk)
@@ -469,13 +469,17 @@ def read_regular_file(
         os.close(fd)
 
 
-def _read_meta_file(entry: Path) -> bytes:
+def _read_meta_file(entry: Path) -> tuple[bytes, tuple[int, int]]:
     # The entry folder is opened without following a symlink, then its meta.json in it.
     dir_fd = os.open(entry, _DIR_FLAGS)
     try:
-        return read_regular_file(META_FILE, dir_fd=dir_fd)
+        info = os.fstat(dir_fd)
+        raw = read_regular_file(META_FILE, dir_fd=dir_fd, limit=MAX_META_BYTES + 1)
     finally:
         os.close(dir_fd)
+    if len(raw) > MAX_META_BYTES:
+        raise CorruptEntry(entry, f"metadata is larger than {MAX_META_BYTES} bytes")
+    return raw, (info.st_dev, info.st_ino)
 
 
 def read_local_meta(entry: Path, *, any_version: bool = False) -> dict[str, Any] | None:
@@ -483,25 +487,37 @@ def read_local_meta(entry: Path, *, any_version: bool = False) -> dict[str, Any]
 
     Raises:
         CorruptEntry: the entry exists but is not a real folder (a symlink, a file), or its
-            metadata is missing, not a regular file, or invalid.
+            metadata is missing, not a regular file, too large, or invalid.
+    """
+    return read_entry_meta(entry, any_version=any_version)[0]
+
+
+def read_entry_meta(
+    entry: Path, *, any_version: bool = False
+) -> tuple[dict[str, Any] | None, tuple[int, int] | None]:
+    """:func:`read_local_meta`, and the ``(st_dev, st_ino)`` of the folder it was read from
+    (a load then reads the data from that very folder, not from one put in its place).
+
+    Raises:
+        as :func:`read_local_meta`.
     """
     try:
-        raw = _read_meta_file(entry)
+        raw, folder = _read_meta_file(entry)
     except FileNotFoundError:
         if not entry.is_dir():
-            return None
+            return None, None
         try:  # the folder read was removed meanwhile and another published: read that one
-            raw = _read_meta_file(entry)
+            raw, folder = _read_meta_file(entry)
         except FileNotFoundError:
             if entry.is_dir():
                 raise CorruptEntry(entry, "metadata file is missing") from None
-            return None
+            return None, None
     except NotADirectoryError:
         if entry.is_symlink():
             raise CorruptEntry(entry, "entry folder is a symlink") from None
         if entry.exists():  # a file where the entry's folder should be
             raise CorruptEntry(entry, "entry is not a folder") from None
-        return None  # a file further up: no entry (storing will report the path)
+        return None, None  # a file further up: no entry (storing will report the path)
     except OSError as error:
         if error.errno == errno.ELOOP:
             what = "entry folder" if entry.is_symlink() else "metadata file"
@@ -509,7 +525,7 @@ def read_local_meta(entry: Path, *, any_version: bool = False) -> dict[str, Any]
         if error.errno in (errno.EISDIR, errno.EINVAL):
             raise CorruptEntry(entry, "metadata is not a regular file") from None
         raise
-    return parse_meta(raw, entry, any_version=any_version)
+    return parse_meta(raw, entry, any_version=any_version), folder
 
 
 def size_problem(size: int, meta: dict[str, Any], what: str = "data file") -> str | None:
@@ -622,6 +638,10 @@ _I64 = np.dtype("<i8")
 #: Longest relative path a manifest may hold, in bytes: the system's PATH_MAX (a walk cannot
 #: open a longer one), which bounds what a manifest not described by its metadata inflates to.
 _MAX_PATH_BYTES = 4096
+#: The largest manifest read when its metadata records no size (entries written before).
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+#: The largest ``meta.json`` read (a crafted, sparse one of a terabyte must not be read whole).
+MAX_META_BYTES = 64 * 1024 * 1024
 #: Longest record of a manifest written before 0.2 (a JSON list): a path escaped as JSON
 #: (``\\uXXXX``: six characters per byte at worst), then two integers.
 _MAX_JSON_RECORD = 6 * _MAX_PATH_BYTES + 64
@@ -735,8 +755,11 @@ def read_entry_manifest(
         CorruptEntry: as :func:`parse_manifest`; or it is missing though recorded, or is not
             a regular file.
     """
+    record = meta.get(MANIFEST_FIELD)
+    recorded: Any = record.get("size") if isinstance(record, dict) else None
+    limit = recorded + 1 if _is_count(recorded) else MAX_MANIFEST_BYTES  # never read whole
     try:
-        raw = read_regular_file(entry / MANIFEST_FILE)
+        raw = read_regular_file(entry / MANIFEST_FILE, limit=limit)
     except FileNotFoundError:
         if MANIFEST_FIELD in meta:
             raise CorruptEntry(entry, "manifest is missing") from None
