@@ -35,9 +35,9 @@ def markers(users_dir: Path) -> Path:
     return user_folder(users_dir, "markers", VICTIM, 0o777)
 
 
-def _shared_folder(parent: Path, name: str) -> Path:
+def _shared_folder(parent: Path, name: str, files: int = 1) -> Path:
     """A folder of the victim's that the group (the attacker too) can write, its files old."""
-    folder = _source(parent / name)
+    folder = _source(parent / name, files)
     for path in (folder, *folder.iterdir()):
         os.chown(path, VICTIM, GROUP)
         path.chmod(0o2775 if path.is_dir() else 0o664)
@@ -100,3 +100,92 @@ def test_a_shared_per_item_build_whose_sources_changed_never_unpickles_its_tempo
     finish(attacker)
     assert not (markers / "owned").exists(), "the attacker's pickle ran as the victim"
     assert report["kind"] == "ItemArray"
+
+
+def _indexed_payload(marker: Path) -> bytes:
+    """A data file whose index (a pickle, read first) runs code: the head of a cachedload data
+    file, then the payload where the index belongs."""
+    from cachedload import serialize
+
+    index = serialize._MAGIC + _payload(marker)
+    return serialize._HEAD + serialize._U64.pack(len(index)) + index
+
+
+def test_a_signed_shared_rebuild_never_unpickles_the_previous_entry_swapped_after_its_check(
+    users_dir: Path, markers: Path
+) -> None:
+    """``shared=True, signing_key=``: an incremental rebuild checks the previous entry's
+    signature on one descriptor (``reusable``), then reads its index by name again with the
+    full unpickler (``serialize.array_extents``) and copies its rows from a third open."""
+    cache = user_folder(users_dir, "cache", VICTIM, 0o2775)
+    src = _shared_folder(users_dir, "src", files=3)
+    mine = user_folder(users_dir, "attacker", ATTACKER, 0o700)
+    victim = start_as(
+        VICTIM,
+        f"""
+        import json, os, pathlib, time
+        import numpy as np
+        from cachedload import cached_dataset
+
+        @cached_dataset(cache_dir={str(cache)!r}, per_item="path", shared=True,
+                        signing_key="k")
+        def row(path):
+            return np.full(1_000_000, 1.0)
+
+        SRC = {str(src)!r}
+        row.map(SRC)
+        pathlib.Path("go").touch()
+        sums, started, i = set(), time.monotonic(), 0
+        while time.monotonic() - started < 7 and not pathlib.Path("owned").exists():
+            time.sleep(0.05)  # the newest entry stays the previous one of the next rebuild
+            # A file added: a rebuild copying the others' rows.
+            extra = pathlib.Path(SRC, f"x{{i}}.txt")
+            extra.write_text(str(i))
+            os.utime(extra, (time.time() - 3600,) * 2)
+            value = row.map(SRC)
+            sums.add(float(value.array.sum()) / len(value.array))
+            extra.unlink()
+            i += 1
+        pathlib.Path("done").touch()
+        print(json.dumps({{"rebuilds": i, "row_sums": sorted(sums)}}))
+        """,
+        cwd=markers,
+    )
+    _wait_ready(victim, markers / "go")
+    attacker = start_as(
+        ATTACKER,
+        f"""
+        import glob, os, time
+        cache, mine, done = {str(cache)!r}, {str(mine)!r}, {str(markers / "done")!r}
+        bad = {_indexed_payload(markers / "owned")!r}
+        seen = set()
+        started = time.monotonic()
+        while not os.path.exists(done) and time.monotonic() - started < 9:
+            for data in glob.glob(cache + "/*/*/result.joblib"):
+                entry = os.path.dirname(data)
+                key = os.path.basename(entry)
+                if key not in seen:  # a link to the genuine file, and a planted twin
+                    try:  # group-writable: fs.protected_hardlinks allows the link
+                        os.link(data, f"{{mine}}/good-{{key}}")
+                        size = os.stat(data).st_size
+                    except OSError:
+                        continue
+                    with open(f"{{mine}}/bad-{{key}}", "wb") as handle:
+                        handle.write(bad)
+                        handle.truncate(max(size, len(bad)))
+                    seen.add(key)
+                for name in ("good", "bad"):
+                    try:
+                        os.link(f"{{mine}}/{{name}}-{{key}}", f"{{entry}}/flip")
+                        os.rename(f"{{entry}}/flip", data)
+                        os.unlink(f"{{entry}}/flip")  # left by a rename onto the same file
+                    except OSError:
+                        pass  # replaced or removed meanwhile
+        """,
+        cwd=users_dir,
+    )
+    report = json.loads(finish(victim).splitlines()[-1])
+    finish(attacker)
+    assert report["rebuilds"] > 5
+    assert not (markers / "owned").exists(), "the attacker's pickle ran as the victim"
+    assert report["row_sums"] == [1_000_000.0]
