@@ -189,3 +189,79 @@ def test_a_signed_shared_rebuild_never_unpickles_the_previous_entry_swapped_afte
     assert report["rebuilds"] > 5
     assert not (markers / "owned").exists(), "the attacker's pickle ran as the victim"
     assert report["row_sums"] == [1_000_000.0]
+
+
+def test_a_private_cache_under_a_writable_parent_never_serves_another_entrys_data(
+    users_dir: Path, markers: Path
+) -> None:
+    """A private cache in a group-writable parent (no sticky bit): the root is checked with a
+    ``stat`` that follows a symlink, the metadata read from the entry folder, and the data
+    file opened again by its full path. The attacker renames the root away, puts a symlink to
+    it in its place (the same folder: trusted), and flips that symlink to a folder of hers
+    where the entry's name links to another of the victim's own entries: the metadata of one,
+    the data (the victim's own file, of the same size) of the other, no warning."""
+    parent = user_folder(users_dir, "parent", VICTIM, 0o2775)
+    cache = parent / "cache"
+    sources = {}
+    for name, content in (("a", "1"), ("b", "2")):
+        sources[name] = folder = _shared_folder(users_dir, name)
+        (folder / "f0000.txt").write_text(content)
+        os.utime(folder / "f0000.txt", (time.time() - 3600,) * 2)
+    victim = start_as(
+        VICTIM,
+        f"""
+        import json, pathlib, time, warnings
+        import numpy as np
+        from cachedload import cached_dataset
+
+        @cached_dataset(cache_dir={str(cache)!r}, source="folder")
+        def load(folder):
+            return np.full(5, float(pathlib.Path(folder, "f0000.txt").read_text()))
+
+        A, B = {str(sources["a"])!r}, {str(sources["b"])!r}
+        load(A), load(B), load(A)  # both stored, then a hit
+        pathlib.Path("ready").write_text(json.dumps([str(load.cache_path(A)),
+                                                     str(load.cache_path(B))]))
+        while not pathlib.Path("go").exists():
+            time.sleep(0.01)
+        results, started = [], time.monotonic()
+        while time.monotonic() - started < 5 and (not results or results[-1][0] == 5.0):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                value = load(A)
+            results.append((float(value.sum()), [str(w.message) for w in caught]))
+        pathlib.Path("done").touch()
+        print(json.dumps({{"calls": len(results), "wrong": [r for r in results if r[0] != 5.0]}}))
+        """,
+        cwd=markers,
+    )
+    entry_a, entry_b = map(Path, json.loads(_wait_ready(victim, markers / "ready").read_text()))
+    real, evil = parent / "real", parent / "evil"
+    fdir = entry_a.parent.name
+    attacker = start_as(
+        ATTACKER,
+        f"""
+        import os, time
+        cache, real, evil, done = {str(cache)!r}, {str(real)!r}, {str(evil)!r}, {str(markers / "done")!r}
+        os.rename(cache, real)
+        os.symlink(real, cache + ".new")
+        os.rename(cache + ".new", cache)  # the same folder, through a symlink: still trusted
+        os.makedirs(os.path.join(evil, {fdir!r}))
+        os.symlink(os.path.join(real, {fdir!r}, {entry_b.name!r}),
+                   os.path.join(evil, {fdir!r}, {entry_a.name!r}))
+        open({str(markers / "go")!r}, "w").close()
+        started = time.monotonic()
+        while not os.path.exists(done) and time.monotonic() - started < 8:
+            for target in (evil, real):
+                try:
+                    os.symlink(target, cache + ".new")
+                    os.rename(cache + ".new", cache)
+                except OSError:
+                    pass
+        """,
+        cwd=users_dir,
+    )
+    report = json.loads(finish(victim).splitlines()[-1])
+    finish(attacker)
+    assert report["calls"] > 10
+    assert report["wrong"] == [], "the victim got another entry's data"
