@@ -265,3 +265,56 @@ def test_a_private_cache_under_a_writable_parent_never_serves_another_entrys_dat
     finish(attacker)
     assert report["wrong"] == [], "the victim got another entry's data"
     assert report["calls"] > 10
+
+
+def test_a_huge_sparse_metadata_file_in_a_shared_cache_never_crashes_a_hit(
+    users_dir: Path, markers: Path
+) -> None:
+    """``shared=True``: ``meta.json`` (like ``manifest``) is read whole, whatever its size; a
+    sparse file of a terabyte costs the attacker no disk and the victim its process."""
+    cache = user_folder(users_dir, "cache", VICTIM, 0o2775)
+    src = _source(users_dir / "src")
+    victim = start_as(
+        VICTIM,
+        f"""
+        import json, pathlib, time, warnings
+        import numpy as np
+        from cachedload import cached_dataset
+
+        @cached_dataset(cache_dir={str(cache)!r}, source="folder", shared=True)
+        def load(folder):
+            return np.arange(5)
+
+        SRC = {str(src)!r}
+        load(SRC), load(SRC)
+        pathlib.Path("ready").write_text(str(load.cache_path(SRC)))
+        while not pathlib.Path("go").exists():
+            time.sleep(0.01)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            value = load(SRC)
+        print(json.dumps({{"sum": float(value.sum()),
+                           "warned": [f"{{w.category.__name__}}: {{w.message}}" for w in caught]}}))
+        """,
+        cwd=markers,
+    )
+    entry = Path(_wait_ready(victim, markers / "ready").read_text())
+    attacker = start_as(
+        ATTACKER,
+        f"""
+        import os
+        entry = {str(entry)!r}
+        with open(entry + "/planted", "wb") as handle:
+            handle.truncate(1 << 40)  # sparse: no disk used
+        os.rename(entry + "/planted", entry + "/meta.json")
+        """,
+        cwd=users_dir,
+    )
+    finish(attacker)
+    (markers / "go").touch()
+    try:
+        report = json.loads(finish(victim, timeout=60).splitlines()[-1])
+    finally:
+        (entry / "meta.json").unlink(missing_ok=True)
+    assert report["sum"] == 10.0
+    assert any("CorruptEntryWarning" in w for w in report["warned"])
