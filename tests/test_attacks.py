@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import subprocess_env
 from tests.test_hostile_users import _payload, _source, _wait_ready
 from tests.users import (
+    _PRELUDE,
     ATTACKER,
     GROUP,
     VICTIM,
@@ -242,7 +247,8 @@ def test_a_private_cache_under_a_writable_parent_never_serves_another_entrys_dat
         ATTACKER,
         f"""
         import os, time
-        cache, real, evil, done = {str(cache)!r}, {str(real)!r}, {str(evil)!r}, {str(markers / "done")!r}
+        cache, real, evil = {str(cache)!r}, {str(real)!r}, {str(evil)!r}
+        done = {str(markers / "done")!r}
         os.rename(cache, real)
         os.symlink(real, cache + ".new")
         os.rename(cache + ".new", cache)  # the same folder, through a symlink: still trusted
@@ -318,3 +324,117 @@ def test_a_huge_sparse_metadata_file_in_a_shared_cache_never_crashes_a_hit(
         (entry / "meta.json").unlink(missing_ok=True)
     assert report["sum"] == 10.0
     assert any("CorruptEntryWarning" in w for w in report["warned"])
+
+
+def _start_cli_as(uid: int, code: str, *, cwd: Path) -> subprocess.Popen[str]:
+    """:func:`start_as`, with the command line's modules imported before dropping privileges."""
+    program = "import argparse, cachedload.cli\n" + _PRELUDE.format(uid=uid, group=GROUP)
+    return subprocess.Popen(
+        [sys.executable, "-c", program + textwrap.dedent(code)],
+        cwd=cwd,
+        env=subprocess_env(HOME=str(cwd)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _plant_sparse(entry: Path, name: str) -> str:
+    """The attacker's code replacing ``entry/name`` by a sparse file of a terabyte."""
+    return f"""
+        import os
+        entry = {str(entry)!r}
+        with open(entry + "/planted", "wb") as handle:
+            handle.truncate(1 << 40)  # sparse: no disk used
+        os.rename(entry + "/planted", entry + "/" + {name!r})
+    """
+
+
+def test_a_huge_sparse_manifest_in_a_shared_cache_never_crashes_a_rebuild(
+    users_dir: Path, markers: Path
+) -> None:
+    """``shared=True``, ``loader.map``: the previous entry's manifest is read whole."""
+    cache = user_folder(users_dir, "cache", VICTIM, 0o2775)
+    src = _shared_folder(users_dir, "src", files=3)
+    victim = start_as(
+        VICTIM,
+        f"""
+        import json, os, pathlib, time, warnings
+        import numpy as np
+        from cachedload import cached_dataset
+
+        @cached_dataset(cache_dir={str(cache)!r}, per_item="path", shared=True)
+        def row(path):
+            return np.ones(4)
+
+        SRC = {str(src)!r}
+        row.map(SRC)
+        pathlib.Path("ready").write_text(str(row.map.cache_path(SRC)))
+        while not pathlib.Path("go").exists():
+            time.sleep(0.01)
+        extra = pathlib.Path(SRC, "new.txt")
+        extra.write_text("new")
+        os.utime(extra, (time.time() - 3600,) * 2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            value = row.map(SRC)
+        print(json.dumps({{"rows": len(value.array)}}))
+        """,
+        cwd=markers,
+    )
+    entry = Path(_wait_ready(victim, markers / "ready").read_text())
+    finish(start_as(ATTACKER, _plant_sparse(entry, "manifest"), cwd=users_dir))
+    (markers / "go").touch()
+    try:
+        report = json.loads(finish(victim, timeout=60).splitlines()[-1])
+    finally:
+        (entry / "manifest").unlink(missing_ok=True)
+    assert report["rows"] == 4
+
+
+def test_cli_ls_and_verify_survive_a_huge_sparse_metadata_file_in_a_shared_cache(
+    users_dir: Path, markers: Path
+) -> None:
+    """``cachedload ls`` and ``verify`` run by the victim over a shared cache."""
+    cache = user_folder(users_dir, "cache", VICTIM, 0o2775)
+    src = _source(users_dir / "src")
+    out = finish(
+        start_as(
+            VICTIM,
+            f"""
+            import numpy as np
+            from cachedload import cached_dataset
+
+            @cached_dataset(cache_dir={str(cache)!r}, source="folder", shared=True)
+            def load(folder):
+                return np.arange(5)
+
+            load({str(src)!r})
+            print(load.cache_path({str(src)!r}))
+            """,
+            cwd=markers,
+        )
+    )
+    entry = Path(out.splitlines()[-1])
+    finish(start_as(ATTACKER, _plant_sparse(entry, "meta.json"), cwd=users_dir))
+    try:
+        for command in ("ls", "verify"):
+            run = _start_cli_as(
+                VICTIM,
+                f"""
+                import sys
+                from cachedload.cli import main
+                sys.argv = ["cachedload", {command!r}, "--cache-dir", {str(cache)!r}]
+                try:
+                    code = main()
+                except SystemExit as exit:
+                    code = exit.code
+                print("exit", code)
+                """,
+                cwd=markers,
+            )
+            _, errors = run.communicate(timeout=60)
+            assert "Traceback" not in errors, f"cachedload {command} crashed:\n{errors[-2000:]}"
+            assert run.returncode in (0, 1), errors
+    finally:
+        (entry / "meta.json").unlink(missing_ok=True)
