@@ -438,3 +438,60 @@ def test_cli_ls_and_verify_survive_a_huge_sparse_metadata_file_in_a_shared_cache
             assert run.returncode in (0, 1), errors
     finally:
         (entry / "meta.json").unlink(missing_ok=True)
+
+
+def test_a_shared_per_item_build_that_skips_items_never_unpickles_its_temporary_file(
+    users_dir: Path, markers: Path
+) -> None:
+    """``shared=True`` (no signing key), ``loader.map(..., skip=...)`` (as
+    ``cached_image_folder(on_error="skip")``): the rows left out are compacted away by
+    reading the temporary data file's index back by name with the full unpickler
+    (``serialize.array_extents(path)`` in ``builder._compact``), in a folder the group can
+    write."""
+    cache = user_folder(users_dir, "cache", VICTIM, 0o2775)
+    src = _source(users_dir / "src", files=4)
+    victim = start_as(
+        VICTIM,
+        f"""
+        import json, pathlib, time, warnings
+        import numpy as np
+        from cachedload import cached_dataset
+
+        @cached_dataset(cache_dir={str(cache)!r}, per_item="path", shared=True)
+        def row(path):
+            time.sleep(0.4)
+            if path.endswith("f0001.txt"):
+                raise ValueError("a damaged file")
+            return np.ones(3)
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            value = row.map({str(src)!r}, skip=(ValueError,))
+        pathlib.Path("done").touch()
+        print(json.dumps({{"kind": type(value).__name__}}))
+        """,
+        cwd=markers,
+    )
+    attacker = start_as(
+        ATTACKER,
+        f"""
+        import glob, os, time
+        payload, done = {_indexed_payload(markers / "owned")!r}, {str(markers / "done")!r}
+        started = time.monotonic()
+        while not os.path.exists(done) and time.monotonic() - started < 9:
+            for data in glob.glob({str(cache)!r} + "/*/.tmp-*/result.joblib"):
+                planted = os.path.join(os.path.dirname(data), "planted")
+                try:
+                    with open(planted, "wb") as handle:
+                        handle.write(payload)
+                    os.rename(planted, data)
+                except OSError:
+                    pass  # the folder went meanwhile
+            time.sleep(0.002)
+        """,
+        cwd=users_dir,
+    )
+    _, errors = victim.communicate(timeout=60)
+    finish(attacker)
+    assert not (markers / "owned").exists(), "the attacker's pickle ran as the victim"
+    assert victim.returncode == 0, errors
