@@ -495,3 +495,71 @@ def test_a_shared_per_item_build_that_skips_items_never_unpickles_its_temporary_
     finish(attacker)
     assert not (markers / "owned").exists(), "the attacker's pickle ran as the victim"
     assert victim.returncode == 0, errors
+
+
+def test_a_signed_shared_cache_never_signs_a_data_file_swapped_before_it_is_hashed(
+    users_dir: Path, markers: Path
+) -> None:
+    """``shared=True, signing_key=``: ``put_built`` signs the SHA-256 of the temporary data
+    file read again by name (``sha256_of(tmp / DATA_FILE)``) after the build wrote it, in a
+    folder the group can write: a file swapped in between is signed by the victim, and then
+    every reader with the key unpickles it with the full unpickler."""
+    import numpy as np
+
+    from cachedload import serialize
+
+    cache = user_folder(users_dir, "cache", VICTIM, 0o2775)
+    src = _source(users_dir / "src")
+    size = serialize.dump(np.arange(5), users_dir / "size.joblib")[0]
+    victim = start_as(
+        VICTIM,
+        f"""
+        import json, pathlib, time
+        import numpy as np
+        from cachedload import cached_dataset
+
+        @cached_dataset(cache_dir={str(cache)!r}, source="folder", shared=True,
+                        signing_key="k")
+        def load(folder):
+            return np.arange(5)
+
+        SRC = {str(src)!r}
+        load(SRC)
+        pathlib.Path("go").touch()
+        started, sums = time.monotonic(), set()
+        while time.monotonic() - started < 6 and not pathlib.Path("owned").exists():
+            load.recompute(SRC)  # a store: data written, hashed, signed
+            value = load(SRC)  # a hit: the signature checked
+            sums.add(str(type(value)) if not hasattr(value, "sum") else float(value.sum()))
+        pathlib.Path("done").touch()
+        print(json.dumps({{"sums": sorted(map(str, sums))}}))
+        """,
+        cwd=markers,
+    )
+    _wait_ready(victim, markers / "go")
+    attacker = start_as(
+        ATTACKER,
+        f"""
+        import glob, os, time
+        payload, done = {_payload(markers / "owned", size)!r}, {str(markers / "done")!r}
+        swapped = set()
+        started = time.monotonic()
+        while not os.path.exists(done) and time.monotonic() - started < 9:
+            for data in glob.glob({str(cache)!r} + "/*/.tmp-*/result.joblib"):
+                try:
+                    if data in swapped or os.stat(data).st_size != len(payload):
+                        continue  # not written yet
+                    planted = os.path.join(os.path.dirname(data), "planted")
+                    with open(planted, "wb") as handle:
+                        handle.write(payload)
+                    os.rename(planted, data)
+                    swapped.add(data)
+                except OSError:
+                    pass  # the folder went meanwhile
+        """,
+        cwd=users_dir,
+    )
+    report = json.loads(finish(victim).splitlines()[-1])
+    finish(attacker)
+    assert not (markers / "owned").exists(), "the attacker's pickle ran as the victim"
+    assert report["sums"] == ["10.0"]
