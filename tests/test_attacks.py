@@ -563,3 +563,57 @@ def test_a_signed_shared_cache_never_signs_a_data_file_swapped_before_it_is_hash
     finish(attacker)
     assert not (markers / "owned").exists(), "the attacker's pickle ran as the victim"
     assert report["sums"] == ["10.0"]
+
+
+def test_a_fifo_planted_in_a_shared_builds_temporary_folder_never_hangs_the_build(
+    users_dir: Path, markers: Path
+) -> None:
+    """``shared=True``, ``loader.map(..., ragged=True)``: the rows are computed, then written
+    with ``open(tmp / "result.joblib", "wb")`` in a temporary folder the group can write; a
+    FIFO planted there meanwhile blocks that open for ever."""
+    cache = user_folder(users_dir, "cache", VICTIM, 0o2775)
+    src = _source(users_dir / "src", files=3)
+    victim = start_as(
+        VICTIM,
+        f"""
+        import json, pathlib, time
+        import numpy as np
+        from cachedload import cached_dataset
+
+        @cached_dataset(cache_dir={str(cache)!r}, per_item="path", shared=True)
+        def row(path):
+            time.sleep(0.5)
+            return np.ones(int(path[-5]) + 1)
+
+        value = row.map({str(src)!r}, ragged=True)
+        pathlib.Path("done").touch()
+        print(json.dumps({{"rows": len(value.array)}}))
+        """,
+        cwd=markers,
+    )
+    attacker = start_as(
+        ATTACKER,
+        f"""
+        import glob, os, time
+        done, planted = {str(markers / "done")!r}, set()
+        started = time.monotonic()
+        while not os.path.exists(done) and time.monotonic() - started < 9 and not planted:
+            for tmp in glob.glob({str(cache)!r} + "/*/.tmp-*"):
+                try:
+                    os.mkfifo(os.path.join(tmp, "result.joblib"))
+                    planted.add(tmp)
+                except OSError:
+                    pass
+            time.sleep(0.002)
+        print(len(planted))
+        """,
+        cwd=users_dir,
+    )
+    assert finish(attacker).strip() == "1"
+    try:
+        report = json.loads(victim.communicate(timeout=6)[0].splitlines()[-1])
+    except subprocess.TimeoutExpired:
+        victim.kill()
+        victim.communicate()
+        raise AssertionError("the victim hangs on a FIFO planted in its build folder") from None
+    assert report["rows"] == 3
