@@ -617,3 +617,54 @@ def test_a_fifo_planted_in_a_shared_builds_temporary_folder_never_hangs_the_buil
         victim.communicate()
         raise AssertionError("the victim hangs on a FIFO planted in its build folder") from None
     assert report["rows"] == 3
+
+
+def test_a_symlink_planted_in_a_shared_builds_temporary_folder_never_overwrites_its_target(
+    users_dir: Path, markers: Path
+) -> None:
+    """As above with a symlink to one of the victim's own files: ``open(path, "wb")``
+    follows it and truncates that file (any file the victim can write)."""
+    cache = user_folder(users_dir, "cache", VICTIM, 0o2775)
+    src = _source(users_dir / "src", files=3)
+    precious = markers / "precious.txt"
+    precious.write_text("the victim's own file")
+    os.chown(precious, VICTIM, GROUP)
+    precious.chmod(0o644)
+    victim = start_as(
+        VICTIM,
+        f"""
+        import json, pathlib, time
+        import numpy as np
+        from cachedload import cached_dataset
+
+        @cached_dataset(cache_dir={str(cache)!r}, per_item="path", shared=True)
+        def row(path):
+            time.sleep(0.5)
+            return np.ones(int(path[-5]) + 1)
+
+        value = row.map({str(src)!r}, ragged=True)
+        pathlib.Path("done").touch()
+        """,
+        cwd=markers,
+    )
+    attacker = start_as(
+        ATTACKER,
+        f"""
+        import glob, os, time
+        done, planted = {str(markers / "done")!r}, set()
+        started = time.monotonic()
+        while not os.path.exists(done) and time.monotonic() - started < 9 and not planted:
+            for tmp in glob.glob({str(cache)!r} + "/*/.tmp-*"):
+                try:
+                    os.symlink({str(precious)!r}, os.path.join(tmp, "result.joblib"))
+                    planted.add(tmp)
+                except OSError:
+                    pass
+            time.sleep(0.002)
+        print(len(planted))
+        """,
+        cwd=users_dir,
+    )
+    assert finish(attacker).strip() == "1"
+    victim.communicate(timeout=30)
+    assert precious.read_bytes() == b"the victim's own file", "the victim's file was overwritten"
