@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import subprocess_env
+from tests.servers import aws_env
 from tests.test_hostile_users import _payload, _source, _wait_ready
 from tests.users import (
     _PRELUDE,
@@ -668,3 +669,48 @@ def test_a_symlink_planted_in_a_shared_builds_temporary_folder_never_overwrites_
     assert finish(attacker).strip() == "1"
     victim.communicate(timeout=30)
     assert precious.read_bytes() == b"the victim's own file", "the victim's file was overwritten"
+
+
+def test_the_local_copy_of_a_bucket_is_downloaded_into_private_folders(
+    users_dir: Path, markers: Path, seaweed: str, url: str
+) -> None:
+    """``s3://`` with ``local_cache_dir=`` (umask 002, as on a group-oriented system): an
+    entry another node published is downloaded into folders made by ``_fetch`` with
+    ``mkdir(parents=True, exist_ok=True)``, i.e. with the umask's group write: the attacker
+    can write the local copy, and the next call refuses it (``UnsafeCacheWarning``, the
+    loader runs again on every call)."""
+    home = user_folder(users_dir, "home", VICTIM, 0o755)
+    src = _source(users_dir / "src")
+    program = f"""
+        import json, sys, warnings
+        import numpy as np
+        from cachedload import cached_dataset
+
+        @cached_dataset(cache_dir={url!r}, source="folder",
+                        local_cache_dir={str(home)!r} + "/" + sys.argv[1])
+        def load(folder):
+            return np.arange(5)
+
+        warned = []
+        for _ in range(2):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                load({str(src)!r})
+            warned += [f"{{w.category.__name__}}: {{w.message}}" for w in caught]
+        print(json.dumps({{"hits": load.cache_info().hits, "warned": warned}}))
+    """
+
+    def run(node: str) -> dict[str, object]:
+        code = program.replace("sys.argv[1]", repr(node))
+        process = start_as(VICTIM, code, cwd=markers, **aws_env(seaweed))
+        return dict(json.loads(finish(process).splitlines()[-1]))
+
+    run("node-1")  # stored, published
+    report = run("node-2")  # downloaded, then a hit
+    loose = [
+        f"{path} {oct(path.stat().st_mode & 0o777)}"
+        for path in (home / "node-2", *(home / "node-2").rglob("*"))
+        if path.is_dir() and path.stat().st_mode & 0o022
+    ]
+    assert report == {"hits": 2, "warned": []}
+    assert loose == [], "the local copy is writable by the group"
