@@ -197,6 +197,85 @@ def test_a_signed_shared_rebuild_never_unpickles_the_previous_entry_swapped_afte
     assert report["row_sums"] == [1_000_000.0]
 
 
+def test_a_signed_shared_rebuild_never_copies_rows_swapped_in_after_its_check(
+    users_dir: Path, markers: Path
+) -> None:
+    """As above, the planted file a copy of the genuine one with other row values: the
+    rows copied come from a third open by name (``builder._open_previous``), and the new
+    entry holding them is signed with the victim's key (a planted result, no warning)."""
+    cache = user_folder(users_dir, "cache", VICTIM, 0o2775)
+    src = _shared_folder(users_dir, "src", files=3)
+    mine = user_folder(users_dir, "attacker", ATTACKER, 0o700)
+    victim = start_as(
+        VICTIM,
+        f"""
+        import json, os, pathlib, time
+        import numpy as np
+        from cachedload import cached_dataset
+
+        @cached_dataset(cache_dir={str(cache)!r}, per_item="path", shared=True,
+                        signing_key="k")
+        def row(path):
+            return np.full(1_000_000, 1.0)
+
+        SRC = {str(src)!r}
+        row.map(SRC)
+        pathlib.Path("go").touch()
+        sums, started, i = set(), time.monotonic(), 0
+        while time.monotonic() - started < 7 and len(sums) < 2:
+            time.sleep(0.3)  # the newest entry stays the previous one of the next rebuild
+            # A file added: a rebuild copying the others' rows.
+            extra = pathlib.Path(SRC, f"x{{i}}.txt")
+            extra.write_text(str(i))
+            os.utime(extra, (time.time() - 3600,) * 2)
+            value = row.map(SRC)
+            sums.add(float(value.array.sum()) / len(value.array))
+            extra.unlink()
+            i += 1
+        pathlib.Path("done").touch()
+        print(json.dumps({{"rebuilds": i, "row_sums": sorted(sums)}}))
+        """,
+        cwd=markers,
+    )
+    _wait_ready(victim, markers / "go")
+    attacker = start_as(
+        ATTACKER,
+        f"""
+        import glob, os, time
+        cache, mine, done = {str(cache)!r}, {str(mine)!r}, {str(markers / "done")!r}
+        seen = set()
+        started = time.monotonic()
+        while not os.path.exists(done) and time.monotonic() - started < 9:
+            for data in glob.glob(cache + "/*/*/result.joblib"):
+                entry = os.path.dirname(data)
+                key = os.path.basename(entry)
+                if key not in seen:  # a link to the genuine file, and a planted twin
+                    try:  # group-writable: fs.protected_hardlinks allows the link
+                        os.link(data, f"{{mine}}/good-{{key}}")
+                        size = os.stat(data).st_size
+                    except OSError:
+                        continue
+                    with open(data, "rb") as handle:  # the rows' 1.0s become 2.0s
+                        bad = handle.read().replace(b"\\0" * 6 + b"\\xf0?", b"\\0" * 7 + b"@")
+                    with open(f"{{mine}}/bad-{{key}}", "wb") as handle:
+                        handle.write(bad)
+                    seen.add(key)
+                for name in ("good", "bad"):
+                    try:
+                        os.link(f"{{mine}}/{{name}}-{{key}}", f"{{entry}}/flip")
+                        os.rename(f"{{entry}}/flip", data)
+                        os.unlink(f"{{entry}}/flip")  # left by a rename onto the same file
+                    except OSError:
+                        pass  # replaced or removed meanwhile
+        """,
+        cwd=users_dir,
+    )
+    report = json.loads(finish(victim).splitlines()[-1])
+    finish(attacker)
+    assert report["row_sums"] == [1_000_000.0], "the victim got rows the attacker planted"
+    assert report["rebuilds"] > 5
+
+
 def test_a_private_cache_under_a_writable_parent_never_serves_another_entrys_data(
     users_dir: Path, markers: Path
 ) -> None:
