@@ -793,3 +793,103 @@ def test_the_local_copy_of_a_bucket_is_downloaded_into_private_folders(
     ]
     assert report == {"hits": 2, "warned": []}
     assert loose == [], "the local copy is writable by the group"
+
+
+def test_a_private_per_item_rebuild_under_a_writable_parent_never_unpickles_a_planted_file(
+    users_dir: Path, markers: Path
+) -> None:
+    """A private cache in a group-writable parent, ``loader.map`` (``verify="always"`` only
+    widens the window; the default is open too): ``reusable()`` checks the previous entry's
+    data file (owner, size, checksum) on one open, then the builder reads its index
+    by name again (``serialize.array_extents``, full unpickler in a private cache) with no
+    owner check. The attacker renames the root away, puts a symlink to it in its place
+    (trusted: the same folder) and flips it to a folder of hers holding her own files under
+    the entries' names (names she can compute by running the same loader on the same data)."""
+    parent = user_folder(users_dir, "parent", VICTIM, 0o2775)
+    cache = parent / "cache"
+    src = _shared_folder(users_dir, "src", files=3)
+    victim = start_as(
+        VICTIM,
+        f"""
+        import json, os, pathlib, shutil, time
+        import numpy as np
+        from cachedload import cached_dataset
+
+        @cached_dataset(cache_dir={str(cache)!r}, per_item="path", verify="always")
+        def row(path):
+            return np.ones(1_000_000)
+
+        SRC = {str(src)!r}
+        extra = pathlib.Path(SRC, "x.txt")
+
+        def toggle():  # the extra file comes and goes, the same each time: two keys
+            if extra.exists():
+                extra.unlink()
+            else:
+                extra.write_text("x")
+                os.utime(extra, (1_600_000_000, 1_600_000_000))
+
+        paths = []
+        for _ in range(2):
+            row.map(SRC)
+            paths.append(str(row.map.cache_path(SRC)))
+            toggle()
+        pathlib.Path("ready").write_text(json.dumps(paths))
+        while not pathlib.Path("go").exists():
+            time.sleep(0.01)
+        real = pathlib.Path({str(parent / "real")!r})
+        started, rebuilds = time.monotonic(), 0
+        while time.monotonic() - started < 8 and not pathlib.Path("owned").exists():
+            # keep=1 removes the superseded entry; a removal the flips made fail would leave
+            # both entries (then only hits): remove this call's own, as keep=1 would.
+            own, other = (real / pathlib.Path(path).relative_to({str(cache)!r})
+                          for path in (paths[::-1] if extra.exists() else paths))
+            if other.exists():
+                shutil.rmtree(own, ignore_errors=True)
+            try:
+                row.map(SRC)  # a rebuild from the other key's entry (keep=1 removed its own)
+            except Exception:
+                pass
+            toggle()
+            rebuilds += 1
+        pathlib.Path("done").touch()
+        print(json.dumps({{"rebuilds": rebuilds, "seconds": time.monotonic() - started}}))
+        """,
+        cwd=markers,
+    )
+    paths = json.loads(_wait_ready(victim, markers / "ready").read_text())
+    relatives = [str(Path(path).relative_to(cache)) for path in paths]
+    real, evil = parent / "real", parent / "evil"
+    attacker = start_as(
+        ATTACKER,
+        f"""
+        import os, time
+        cache, real, evil = {str(cache)!r}, {str(real)!r}, {str(evil)!r}
+        done = {str(markers / "done")!r}
+        os.umask(0o022)  # hers alone: the victim's tidying cannot remove them
+        for relative in {relatives!r}:
+            os.makedirs(os.path.join(evil, relative))
+            with open(os.path.join(evil, relative, "result.joblib"), "wb") as handle:
+                handle.write({_indexed_payload(markers / "owned")!r})
+        os.rename(cache, real)
+        os.symlink(real, cache + ".new")
+        os.rename(cache + ".new", cache)  # the same folder, through a symlink: still trusted
+        open({str(markers / "go")!r}, "w").close()
+        started = time.monotonic()
+        while not os.path.exists(done) and time.monotonic() - started < 10:
+            for target in (evil, real):
+                try:
+                    os.symlink(target, cache + ".new")
+                    os.rename(cache + ".new", cache)
+                except OSError as error:
+                    print(error)
+                    if os.path.lexists(cache + ".new"):
+                        os.unlink(cache + ".new")
+            time.sleep(0.0001)  # mostly the real folder: it must pass several checks first
+        """,
+        cwd=users_dir,
+    )
+    report = json.loads(finish(victim).splitlines()[-1])
+    finish(attacker)
+    assert not (markers / "owned").exists(), "the attacker's pickle ran as the victim"
+    assert report["rebuilds"] > 10
