@@ -88,8 +88,8 @@ def test_a_shared_per_item_build_whose_sources_changed_never_unpickles_its_tempo
         f"""
         import glob, os, time
         payload, done = {_payload(markers / "owned")!r}, {str(markers / "done")!r}
-        started = time.monotonic()
-        while not os.path.exists(done) and time.monotonic() - started < 9:
+        owned, end = {str(markers / "owned")!r}, time.monotonic() + 9
+        while not (os.path.exists(done) or os.path.exists(owned)) and time.monotonic() < end:
             for data in glob.glob({str(cache)!r} + "/*/.tmp-*/result.joblib"):
                 planted = os.path.join(os.path.dirname(data), "planted")
                 try:
@@ -102,10 +102,11 @@ def test_a_shared_per_item_build_whose_sources_changed_never_unpickles_its_tempo
         """,
         cwd=users_dir,
     )
-    report = json.loads(finish(victim).splitlines()[-1])
+    out, errors = victim.communicate(timeout=60)
     finish(attacker)
     assert not (markers / "owned").exists(), "the attacker's pickle ran as the victim"
-    assert report["kind"] == "ItemArray"
+    assert victim.returncode == 0, errors
+    assert json.loads(out.splitlines()[-1])["kind"] == "ItemArray"
 
 
 def _indexed_payload(marker: Path) -> bytes:
@@ -557,8 +558,8 @@ def test_a_shared_per_item_build_that_skips_items_never_unpickles_its_temporary_
         f"""
         import glob, os, time
         payload, done = {_indexed_payload(markers / "owned")!r}, {str(markers / "done")!r}
-        started = time.monotonic()
-        while not os.path.exists(done) and time.monotonic() - started < 9:
+        owned, end = {str(markers / "owned")!r}, time.monotonic() + 9
+        while not (os.path.exists(done) or os.path.exists(owned)) and time.monotonic() < end:
             for data in glob.glob({str(cache)!r} + "/*/.tmp-*/result.joblib"):
                 planted = os.path.join(os.path.dirname(data), "planted")
                 try:
