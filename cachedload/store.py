@@ -99,6 +99,15 @@ def _lstat(path: Path) -> os.stat_result | None:
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
+def _children(folder: Path) -> list[os.DirEntry[str]]:
+    """A folder's entries sorted by name; none if it is not there (or not a folder)."""
+    try:
+        with os.scandir(folder) as found:
+            return sorted(found, key=lambda child: child.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
 def _identity(info: os.stat_result) -> tuple[int, ...]:
     """What tells a folder from one put in its place: device, inode, owner and mode."""
     return (info.st_dev, info.st_ino, info.st_uid, info.st_mode)
@@ -975,12 +984,7 @@ class LocalRoot(CacheRoot):
     def _strays(self, folder: Path, fdir: str) -> Iterator[Checked]:
         """The folders (and symlinks to one) in ``folder`` (the cache directory, or one of
         its function folders: ``fdir``) that are not cachedload's, as unknown."""
-        try:
-            with os.scandir(folder) as found:
-                children = sorted(found, key=lambda child: child.name)
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        for child in children:
+        for child in _children(folder):
             name, path = child.name, Path(child.path)
             if fdir:  # in a function folder: entries (real folders) and leftovers are ours
                 if is_leftover_name(name) or (
@@ -1000,12 +1004,7 @@ class LocalRoot(CacheRoot):
     def _stray_copies(self, remote: Path) -> Iterator[Checked]:
         """The folders under ``remote/`` that are not local copies (no ``CACHEDIR.TAG``)."""
         copies = {Path(copy.location) for copy, _ in self.local_copies()}
-        try:
-            with os.scandir(remote) as found:
-                children = sorted(found, key=lambda child: child.name)
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        for child in children:
+        for child in _children(remote):
             path = Path(child.path)
             if (
                 path not in copies

@@ -308,7 +308,8 @@ def test_a_private_cache_under_a_writable_parent_never_serves_another_entrys_dat
         load(A), load(B), load(A)  # both stored, then a hit
         pathlib.Path("ready").write_text(json.dumps([str(load.cache_path(A)),
                                                      str(load.cache_path(B))]))
-        while not pathlib.Path("go").exists():
+        deadline = time.monotonic() + 60  # never left behind by a test that failed
+        while not pathlib.Path("go").exists() and time.monotonic() < deadline:
             time.sleep(0.01)
         results, started = [], time.monotonic()
         while time.monotonic() - started < 5 and (not results or results[-1][0] == 5.0):
@@ -375,7 +376,8 @@ def test_a_huge_sparse_metadata_file_in_a_shared_cache_never_crashes_a_hit(
         SRC = {str(src)!r}
         load(SRC), load(SRC)
         pathlib.Path("ready").write_text(str(load.cache_path(SRC)))
-        while not pathlib.Path("go").exists():
+        deadline = time.monotonic() + 60  # never left behind by a test that failed
+        while not pathlib.Path("go").exists() and time.monotonic() < deadline:
             time.sleep(0.01)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -451,7 +453,8 @@ def test_a_huge_sparse_manifest_in_a_shared_cache_never_crashes_a_rebuild(
         SRC = {str(src)!r}
         row.map(SRC)
         pathlib.Path("ready").write_text(str(row.map.cache_path(SRC)))
-        while not pathlib.Path("go").exists():
+        deadline = time.monotonic() + 60  # never left behind by a test that failed
+        while not pathlib.Path("go").exists() and time.monotonic() < deadline:
             time.sleep(0.01)
         extra = pathlib.Path(SRC, "new.txt")
         extra.write_text("new")
@@ -836,7 +839,8 @@ def test_a_private_per_item_rebuild_under_a_writable_parent_never_unpickles_a_pl
             paths.append(str(row.map.cache_path(SRC)))
             toggle()
         pathlib.Path("ready").write_text(json.dumps(paths))
-        while not pathlib.Path("go").exists():
+        deadline = time.monotonic() + 60  # never left behind by a test that failed
+        while not pathlib.Path("go").exists() and time.monotonic() < deadline:
             time.sleep(0.01)
         real = pathlib.Path({str(parent / "real")!r})
         started, rebuilds = time.monotonic(), 0

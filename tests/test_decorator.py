@@ -900,8 +900,9 @@ def test_the_hit_and_store_lines_time_the_whole_call(
     )
     # The logged call includes the fingerprint (the slow part here) and fits in the call as
     # the caller timed it (no ratio: another process may take the CPU between the two).
-    assert fingerprint > lookup and fingerprint + lookup <= total <= hit_ms
+    # (The log rounds: to 0.1 ms, and the stored line's whole call to 0.01 s.)
+    assert fingerprint > lookup and fingerprint + lookup <= total + 0.1 <= hit_ms + 0.2
     stored_fingerprint, in_all = _milliseconds(
         r"^stored .*fingerprint ([\d.]+) ms; ([\d.]+) s in all\)$", messages
     )
-    assert stored_fingerprint / 1e3 <= in_all <= miss_seconds
+    assert stored_fingerprint / 1e3 <= in_all + 0.005 <= miss_seconds + 0.01

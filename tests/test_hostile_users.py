@@ -75,7 +75,10 @@ def _victim(cache: Path | str, src: Path, options: str, value: str, steps: str) 
             return value, [f"{{w.category.__name__}}: {{w.message}}" for w in caught]
 
         def wait_for(name):
+            deadline = time.monotonic() + 60  # never left behind by a test that failed
             while not pathlib.Path(name).exists():
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"gave up waiting for {{name}}")
                 time.sleep(0.01)
 
         {steps}
