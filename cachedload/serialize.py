@@ -414,7 +414,7 @@ def load_open(
 
 
 def load_buffer(
-    buffer: bytearray, *, mmap_mode: str | None, safe_types: Iterable[type] | None = None
+    buffer: np.ndarray[Any, Any], *, mmap_mode: str | None, safe_types: Iterable[type] | None = None
 ) -> Any:
     """:func:`load` from a file's bytes already in memory (read and verified by the caller).
     The arrays are views of ``buffer``: read-only with ``mmap_mode="r"``, as a map would be.
@@ -430,7 +430,7 @@ def load_buffer(
             raise UnsafePickleError("<verified copy>", "only uncompressed entries load safely")
         import joblib
 
-        return joblib.load(io.BytesIO(buffer))
+        return joblib.load(io.BytesIO(buffer.data))
     index_len = _U64.unpack_from(head, len(_HEAD))[0]
     if start + index_len > size:
         raise ValueError("index runs past the end of the file")
@@ -439,7 +439,7 @@ def load_buffer(
     )
     check_layout(index_len, skeleton_len, table, offsets, size)
     skeleton = bytes(buffer[offsets[0] : offsets[0] + skeleton_len])
-    whole = np.frombuffer(buffer, np.uint8)
+    whole = buffer.view(np.uint8).reshape(-1)
     if mmap_mode == "r":
         whole.flags.writeable = False
     arrays: list[np.ndarray[Any, Any]] = []
