@@ -218,7 +218,7 @@ def is_entry_name(name: str) -> bool:
 def is_tagged(cache_dir: Path) -> bool:
     """True if ``cache_dir`` holds a ``CACHEDIR.TAG`` with the specification's signature."""
     try:
-        return read_regular_file(cache_dir / TAG_FILE).startswith(TAG_CONTENT[:43])
+        return read_regular_file(cache_dir / TAG_FILE, limit=64).startswith(TAG_CONTENT[:43])
     except OSError:
         return False
 
@@ -745,6 +745,15 @@ def parse_manifest(
     return found
 
 
+def manifest_read_limit(meta: Mapping[str, Any]) -> int:
+    """How many bytes of an entry's manifest to read at most: one more than its metadata
+    records (so a longer file is seen to be wrong), else :data:`MAX_MANIFEST_BYTES` (a sparse
+    file of a terabyte is never read whole)."""
+    record = meta.get(MANIFEST_FIELD)
+    recorded: Any = record.get("size") if isinstance(record, dict) else None
+    return recorded + 1 if _is_count(recorded) else MAX_MANIFEST_BYTES
+
+
 def read_entry_manifest(
     entry: Path, meta: Mapping[str, Any], *, signed: bool = False, columns: bool = False
 ) -> dict[str, Any] | None:
@@ -755,11 +764,8 @@ def read_entry_manifest(
         CorruptEntry: as :func:`parse_manifest`; or it is missing though recorded, or is not
             a regular file.
     """
-    record = meta.get(MANIFEST_FIELD)
-    recorded: Any = record.get("size") if isinstance(record, dict) else None
-    limit = recorded + 1 if _is_count(recorded) else MAX_MANIFEST_BYTES  # never read whole
     try:
-        raw = read_regular_file(entry / MANIFEST_FILE, limit=limit)
+        raw = read_regular_file(entry / MANIFEST_FILE, limit=manifest_read_limit(meta))
     except FileNotFoundError:
         if MANIFEST_FIELD in meta:
             raise CorruptEntry(entry, "manifest is missing") from None

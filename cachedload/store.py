@@ -50,6 +50,7 @@ from cachedload.entry import (
     is_tagged,
     leftover_is_dead,
     manifest_problem,
+    manifest_read_limit,
     read_entry_manifest,
     read_entry_meta,
     read_local_meta,
@@ -1080,7 +1081,8 @@ def _manifest_file_problem(entry: Path, meta: dict[str, Any]) -> str | None:
     if MANIFEST_FIELD not in meta:
         return None  # written before manifests were recorded
     try:
-        return manifest_problem(read_regular_file(entry / MANIFEST_FILE), meta)
+        raw = read_regular_file(entry / MANIFEST_FILE, limit=manifest_read_limit(meta))
+        return manifest_problem(raw, meta)
     except FileNotFoundError:
         return "manifest is missing"
     except OSError as error:
