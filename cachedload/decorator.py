@@ -170,7 +170,9 @@ class CachedDataset(Generic[P, R]):
         self._code_parts: dict[str, str] = {}
         self._state: LoaderState | None = None
         # The cache root and the settings it was resolved with (see _root).
-        self._resolved: tuple[tuple[str | None, ...], CacheRoot] | None = None
+        # [the settings it was resolved with, the root]: a list that a bound copy (one per
+        # attribute access of a decorated method) shares, so the root is opened once.
+        self._resolved: list[tuple[tuple[str | None, ...], CacheRoot]] = []
         self._fdir_of: tuple[str, str] | None = None  # (code version, its function folder)
 
     # -- descriptor: decorating a method --------------------------------------------------------
@@ -240,7 +242,7 @@ class CachedDataset(Generic[P, R]):
         # A folder named by cache_dir= depends on no setting.
         location = self._options.cache_location
         settings = () if isinstance(location, Path) else config.root_settings()
-        resolved = self._resolved
+        resolved = self._resolved[-1] if self._resolved else None
         if resolved is not None and resolved[0] == settings:
             return resolved[1]
         # A URL (s3://…) is a remote cache read through a local copy; see cachedload.backends.
@@ -253,7 +255,7 @@ class CachedDataset(Generic[P, R]):
             safe_types=tuple(options.safe_types),
             signing_key=options.key_bytes(),
         )
-        self._resolved = (settings, root)
+        self._resolved[:] = [(settings, root)]
         return root
 
     # -- one call --------------------------------------------------------------------------------

@@ -439,31 +439,27 @@ class ItemMap:
             ItemShapeMismatchError: two files gave rows of different shapes or dtypes.
             Exception: whatever the loader raises, unchanged (with a note naming the file).
         """
-        if progress not in (None, True, False):
-            raise ConfigurationError("progress", f"must be None, True or False, not {progress!r}")
-        if n_jobs is not None and (not _is_int(n_jobs) or n_jobs == 0):
-            raise ConfigurationError(
-                "n_jobs",
-                f"must be None or a whole number other than 0 (-1: every CPU), not {n_jobs!r}",
-            )
-        request = _Request(source, _patterns(pattern), params, n_jobs, backend, bool(ragged),
-                           _skip_types(skip), progress, self._name)  # fmt: skip
-        return self._run(request, force=False)
+        request = _request(source, pattern, params, n_jobs=n_jobs, backend=backend,
+                           ragged=ragged, skip=skip, progress=progress)  # fmt: skip
+        return self._run(dataclasses.replace(request, name=self._name), force=False)
 
     def recompute(
-        self, source: Any, pattern: str | Sequence[str] | None = None, **params: Any
+        self, source: Any, pattern: str | Sequence[str] | None = None, **options: Any
     ) -> ItemArray:
-        """Build every row again (no previous entry used) and overwrite the stored entry."""
-        request = dataclasses.replace(_request(source, pattern, params), name=self._name)
-        return self._run(request, force=True)
+        """Build every row again (no previous entry used) and overwrite the stored entry;
+        takes what a call takes (``n_jobs``, ``backend``… run the build)."""
+        request = _request(source, pattern, options)
+        return self._run(dataclasses.replace(request, name=self._name), force=True)
 
     def is_cached(self, source: Any, pattern: str | Sequence[str] | None = None,
-                  **params: Any) -> bool:  # fmt: skip
+                  **options: Any) -> bool:  # fmt: skip
         """True if this ``.map`` call would be answered from the cache now."""
-        host = self._host
-        if not host.enabled:
+        if not self._host.enabled:
             return False
-        call = _prepare(host, _request(source, pattern, params)).call
+        return self._is_cached(_prepare(self._host, _request(source, pattern, options)))
+
+    def _is_cached(self, prepared: _Prepared) -> bool:
+        host, call = self._host, prepared.call
         root, fdir = host._root(), host._fdir()
         try:
             meta = root.read_meta(fdir, call.key)
@@ -474,10 +470,10 @@ class ItemMap:
             return False
 
     def cache_path(self, source: Any, pattern: str | Sequence[str] | None = None,
-                   **params: Any) -> Path:  # fmt: skip
+                   **options: Any) -> Path:  # fmt: skip
         """The folder where the entry of this ``.map`` call is (or would be) stored."""
         host = self._host
-        call = _prepare(host, _request(source, pattern, params)).call
+        call = _prepare(host, _request(source, pattern, options)).call
         return host._root().entry_path(host._fdir(), call.key)
 
     def load_entry(self, path: str | os.PathLike[str]) -> ItemArray:
@@ -494,14 +490,14 @@ class ItemMap:
         return found
 
     def cache_explain(self, source: Any, pattern: str | Sequence[str] | None = None,
-                      **params: Any) -> Explanation:  # fmt: skip
+                      **options: Any) -> Explanation:  # fmt: skip
         """Why this ``.map`` call would miss: which files were added, removed or modified
         since the closest stored entry, which parameters changed (see
         :meth:`cachedload.CachedDataset.cache_explain`)."""
         host = self._host
-        call = _prepare(host, _request(source, pattern, params)).call
-        identity = host._identity
-        if self.is_cached(source, pattern, **params):
+        prepared = _prepare(host, _request(source, pattern, options))  # one walk, one key
+        call, identity = prepared.call, host._identity
+        if host.enabled and self._is_cached(prepared):
             note = "an entry for these arguments is stored: the call would be a hit"
             return Explanation(identity, new_key=call.key, note=note)
         found = explain_against_closest(
@@ -531,14 +527,56 @@ class ItemMap:
         return host._through_cache(prepared.call, build, uncached, force=force)
 
 
-def _request(source: Any, pattern: str | Sequence[str] | None, params: dict[str, Any]) -> _Request:
-    """A request of the management methods (build options accepted and ignored, but
-    ``ragged`` and ``skip``, which are part of the key)."""
-    ragged = bool(params.pop("ragged", False))
-    skip = _skip_types(params.pop("skip", ()))
-    for ignored in ("n_jobs", "backend", "progress"):
-        params.pop(ignored, None)
-    return _Request(source, _patterns(pattern), params, None, None, ragged, skip)
+def _request(
+    source: Any,
+    pattern: str | Sequence[str] | None,
+    params: dict[str, Any],
+    *,
+    n_jobs: int | None = None,
+    backend: Any = None,
+    ragged: bool = False,
+    skip: type[Exception] | tuple[type[Exception], ...] = (),
+    progress: bool | None = None,
+) -> _Request:
+    """A ``.map`` call's request, its own options checked once for every method that takes
+    them (a call, ``recompute``, ``is_cached``, ``cache_path``, ``cache_explain``): given in
+    ``params`` or as keywords, ``.map``'s options are taken out of the loader's parameters.
+
+    Raises:
+        ConfigurationError: ``n_jobs``, ``backend`` or ``progress`` is not valid.
+    """
+    params = dict(params)  # the caller's mapping is never changed
+    n_jobs = params.pop("n_jobs", n_jobs)
+    backend = params.pop("backend", backend)
+    progress = params.pop("progress", progress)
+    ragged = bool(params.pop("ragged", ragged))
+    skip = params.pop("skip", skip)
+    if progress not in (None, True, False):
+        raise ConfigurationError("progress", f"must be None, True or False, not {progress!r}")
+    if n_jobs is not None and (not _is_int(n_jobs) or n_jobs == 0):
+        raise ConfigurationError(
+            "n_jobs",
+            f"must be None or a whole number other than 0 (-1: every CPU), not {n_jobs!r}",
+        )
+    _check_backend(backend)
+    return _Request(source, _patterns(pattern), params, n_jobs, backend, ragged,
+                    _skip_types(skip), progress)  # fmt: skip
+
+
+def _check_backend(backend: Any) -> None:
+    """Raise unless ``backend`` is None, a joblib backend instance, or the name of one
+    registered with joblib (``"threading"``, ``"loky"``, ``"dask"`` once registered…).
+
+    Raises:
+        ConfigurationError: it is not.
+    """
+    if backend is None or not isinstance(backend, str):
+        return
+    from joblib.parallel import BACKENDS, EXTERNAL_BACKENDS
+
+    if backend not in BACKENDS and backend not in EXTERNAL_BACKENDS:
+        known = ", ".join(repr(name) for name in sorted({*BACKENDS, *EXTERNAL_BACKENDS}))
+        raise ConfigurationError("backend", f"must be a joblib backend ({known}), not {backend!r}")
 
 
 def _unwrapped(run: Callable[[], Any]) -> Any:

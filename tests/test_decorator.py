@@ -349,6 +349,31 @@ def test_enabled_false_passes_straight_through(image_dir: Path, cache_dir: Path)
     assert not cache_dir.exists()
 
 
+def test_a_decorated_method_opens_its_cache_root_once(
+    image_dir: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cachedload.decorator as decorator
+
+    opened: list[object] = []
+    real_open_root = decorator.open_root
+
+    def counting_open_root(*args: Any, **kwargs: Any) -> Any:
+        opened.append(1)
+        return real_open_root(*args, **kwargs)
+
+    monkeypatch.setattr(decorator, "open_root", counting_open_root)
+
+    class Loader:
+        @cached_dataset(cache_dir=cache_dir)
+        def load(self, image_dir: Path) -> int:
+            return 1
+
+    loader = Loader()
+    assert [loader.load(image_dir) for _ in range(5)] == [1] * 5
+    assert Loader.load.cache_info().hits == 4
+    assert len(opened) == 1  # every access makes a bound copy; they share one root
+
+
 def test_decorating_a_method(image_dir: Path, cache_dir: Path) -> None:
     calls: list[int] = []
 

@@ -319,6 +319,32 @@ def test_cache_explain_names_the_changed_file(folder: Path) -> None:
     assert [e.key for e in list_entries()] == [e.key for e in row.entries()]
 
 
+def test_cache_explain_of_a_cached_ragged_or_skipping_map_says_it_would_hit(
+    folder: Path,
+) -> None:
+    row.map(folder, ragged=True)
+    row.map(folder, skip=ValueError)
+    for options in ({"ragged": True}, {"skip": ValueError}):
+        assert row.map.is_cached(folder, **options)
+        assert "would be a hit" in str(row.map.cache_explain(folder, **options))
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"n_jobs": 0}, "n_jobs"),
+        ({"backend": "no-such-backend"}, "backend"),
+        ({"progress": "yes"}, "progress"),
+    ],
+)
+@pytest.mark.parametrize("method", ["__call__", "recompute", "is_cached", "cache_explain"])
+def test_map_options_are_checked_by_every_method_that_takes_them(
+    folder: Path, method: str, options: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=named):
+        getattr(row.map, method)(folder, **options)
+
+
 def test_patterns_parameters_and_ragged_make_other_entries(folder: Path) -> None:
     write(folder, "a/skip.dat", 1)
     only_txt = row.map(folder, pattern="**/*.txt")
