@@ -352,10 +352,11 @@ def test_enabled_false_passes_straight_through(image_dir: Path, cache_dir: Path)
 def test_a_decorated_method_opens_its_cache_root_once(
     image_dir: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import cachedload.backends
     import cachedload.decorator as decorator
 
     opened: list[object] = []
-    real_open_root = decorator.open_root
+    real_open_root = cachedload.backends.open_root
 
     def counting_open_root(*args: Any, **kwargs: Any) -> Any:
         opened.append(1)
