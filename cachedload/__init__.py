@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from cachedload._version import __version__
 from cachedload.builder import ItemArray
+from cachedload.cache import Cache
 from cachedload.config import default_cache_dir
 from cachedload.decorator import CachedDataset, CacheInfo, cached_dataset
 from cachedload.errors import (
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
     from cachedload.images import ImageFolderData, load_image_folder
 
 __all__ = [
+    "Cache",
     "CacheInfo",
     "CacheStoreWarning",
     "CacheWarning",

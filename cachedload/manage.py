@@ -47,12 +47,14 @@ __all__ = [
     "manifest_of",
     "parse_age",
     "prune",
+    "prune_root",
     "records_of",
     "remove_damaged",
     "remove_entries",
     "tidy",
     "tidy_local_copies",
     "verify",
+    "verify_root",
 ]
 
 logger = logging.getLogger("cachedload")
@@ -548,10 +550,23 @@ def prune(
     Raises:
         ConfigurationError: a limit is invalid.
     """
+    return prune_root(
+        open_root(cache_dir), max_size=max_size, keep=keep, older_than=older_than, dry_run=dry_run
+    )
+
+
+def prune_root(
+    root: CacheRoot,
+    *,
+    max_size: int | str | None = None,
+    keep: int | None = None,
+    older_than: float | str | None = None,
+    dry_run: bool = False,
+) -> PruneReport:
+    """:func:`prune` on an open cache root (a :class:`~cachedload.Cache`'s)."""
     check_keep(keep)
     limit = None if max_size is None else parse_size(max_size, "max_size")
     age = None if older_than is None else parse_age(older_than, "older_than")
-    root = open_root(cache_dir)
     records = records_of(root)
     report = PruneReport(dry_run=dry_run)
     if age is not None:
@@ -622,7 +637,11 @@ def verify(
     are checked too (their results' ``copy_of`` says so). Folders that are not
     cachedload's are named too (``unknown``: never deleted).
     """
-    root = open_root(cache_dir)
+    yield from verify_root(open_root(cache_dir), checksums=checksums)
+
+
+def verify_root(root: CacheRoot, *, checksums: bool = True) -> Iterator[VerifyResult]:
+    """:func:`verify` on an open cache root (a :class:`~cachedload.Cache`'s)."""
     for checked in root.verify(checksums=checksums):
         yield VerifyResult.from_checked(checked, root)
     for copy, url in root.local_copies():

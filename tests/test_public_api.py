@@ -15,6 +15,7 @@ from cachedload import errors
 from tests.conftest import REPO_ROOT, subprocess_env, write_images
 
 PUBLIC_API = [
+    "Cache",
     "CacheInfo",
     "CacheStoreWarning",
     "CacheWarning",
