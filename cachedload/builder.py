@@ -968,8 +968,12 @@ class _Runner:
                     yield ahead.popleft().result()
             while ahead:
                 yield ahead.popleft().result()
+            pool.shutdown(wait=True)  # every batch is done: the threads only have to end
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            # Never waiting here: a generator left unfinished (an error in the consumer) may be
+            # closed by the garbage collector on any thread, one of this very pool's included,
+            # which would then wait for itself (a hang seen in CI).
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _build_stacked(
