@@ -976,6 +976,17 @@ class _Runner:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
+@contextlib.contextmanager
+def _closing(results: Iterator[Any]) -> Iterator[None]:
+    """Close a runner's result generator when the loop over it ends, however it ends."""
+    try:
+        yield
+    finally:
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()
+
+
 def _build_stacked(
     runner: _Runner,
     table: ItemTable,
@@ -1035,13 +1046,15 @@ def _build_stacked(
         # Every row is computed (no copies): each batch is a run of consecutive rows.
         outs = None if kept is None else [kept[b[0] : b[-1] + 1] for b in batches]
         results = runner.run([table.paths_of(b) for b in batches], shape, dtype, outs)
-        for rows, result in zip(batches, results, strict=True):
-            if isinstance(result, _Mismatch):
-                bad = rows[result.position]
-                raise ItemShapeMismatchError(reference, shape, dtype.str, table.relpaths[bad],
-                                             result.shape, result.dtype)  # fmt: skip
-            write(rows, _noting_left_out(result, rows, left_out))
-            advance(len(rows))
+        with _closing(results):  # on error too, here: not by the garbage collector
+            for rows, result in zip(batches, results, strict=True):
+                if isinstance(result, _Mismatch):
+                    bad = rows[result.position]
+                    raise ItemShapeMismatchError(reference, shape, dtype.str,
+                                                 table.relpaths[bad], result.shape,
+                                                 result.dtype)  # fmt: skip
+                write(rows, _noting_left_out(result, rows, left_out))
+                advance(len(rows))
         copy_until(len(table))
         _check_unchanged(opened)  # written while its rows were copied: not those rows
         size, checksum = out.finish()
@@ -1214,13 +1227,14 @@ def _build_ragged(
             rows[here + k] = np.array(old, dtype=_canonical(old.dtype))
     batches = runner.batches(plan.compute, 1)
     results = runner.run([table.paths_of(b) for b in batches], None, None)
-    for batch, result in zip(batches, results, strict=True):
-        for row, array in zip(batch, result, strict=True):
-            if isinstance(array, _Skipped):
-                left_out[row] = array.error
-            else:
-                rows[row] = array
-        advance(len(batch))
+    with _closing(results):
+        for batch, result in zip(batches, results, strict=True):
+            for row, array in zip(batch, result, strict=True):
+                if isinstance(array, _Skipped):
+                    left_out[row] = array.error
+                else:
+                    rows[row] = array
+            advance(len(batch))
     relpaths = table.relpaths
     good = [row for row in range(len(table)) if row not in left_out]
     value = ItemArray([rows[row] for row in good], tuple(relpaths[row] for row in good),
