@@ -7,7 +7,7 @@
   bucket with conditional writes, read through a local copy.
 
 :func:`open_root` is the one place that tells them apart. boto3 and fsspec load on first use of
-a URL.
+a URL, and so do the remote root, the object stores and leases (a local hit never needs them).
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cachedload import config
-from cachedload.backends.objects import FsspecObjectStore, ObjectStore
-from cachedload.backends.remote import RemoteRoot
-from cachedload.backends.s3 import S3ObjectStore
 from cachedload.entry import LOCAL_COPIES_DIR
 from cachedload.root import CacheRoot
 from cachedload.store import LocalRoot
+
+if TYPE_CHECKING:
+    from cachedload.backends.objects import ObjectStore
 
 __all__ = ["default_local_root", "object_store", "open_root", "remote_url"]
 
@@ -57,6 +57,10 @@ def object_store(url: str, storage_options: dict[str, Any] | None = None) -> Obj
 
     ``storage_options`` default to ``$CACHEDLOAD_STORAGE_OPTIONS``.
     """
+    # The remote backends load on first use of a URL: a local cache never imports them.
+    from cachedload.backends.objects import FsspecObjectStore
+    from cachedload.backends.s3 import S3ObjectStore
+
     config.check_url(url, "cache_dir")
     options = config.storage_options_from_env() if storage_options is None else storage_options
     if url.split("://", 1)[0].lower() in _S3_SCHEMES:
@@ -105,6 +109,8 @@ def open_root(
         if local_cache_dir is None
         else Path(local_cache_dir).expanduser()
     )
+    from cachedload.backends.remote import RemoteRoot
+
     return RemoteRoot(
         object_store(checked, storage_options),
         LocalRoot(copy, safe_types=safe_types, signing_key=key),
