@@ -62,7 +62,7 @@ from cachedload.fingerprint import (
     fingerprint_source,
     hash_file,
 )
-from cachedload.reading import read_exactly
+from cachedload.reading import file_identity, read_exactly
 from cachedload.verified import open_regular
 
 __all__ = [
@@ -74,7 +74,6 @@ __all__ = [
     "RowRecord",
     "UnwrittenBuild",
     "build_items",
-    "file_identity",
     "scan_items",
 ]
 
@@ -254,12 +253,6 @@ class PreviousBuild:
     extent: serialize.ArrayExtent | None = None
     safe_types: tuple[type, ...] | None = None
     identity: tuple[int, ...] | None = None
-
-
-def file_identity(info: os.stat_result) -> tuple[int, ...]:
-    """Which file this is, and whether it changed: device, inode, size, mtime and ctime (a
-    write, a rename or a new link changes the ctime, which no user can set back)."""
-    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 class _PreviousChanged(Exception):

@@ -398,8 +398,7 @@ def load_open(
         as :func:`load`.
     """
     head = os.pread(fd, _PROBE, 0)
-    start = len(_HEAD) + _U64.size
-    if head[: len(_HEAD)] != _HEAD or head[start : start + len(_MAGIC)] != _MAGIC:
+    if not _indexed(head):
         if safe_types is not None:
             where = os.fspath(path) if path is not None else "<private copy>"
             raise UnsafePickleError(where, "only uncompressed entries load safely")
@@ -424,13 +423,13 @@ def load_buffer(
     """
     size = len(buffer)
     head = bytes(buffer[:_PROBE])
-    start = len(_HEAD) + _U64.size
-    if head[: len(_HEAD)] != _HEAD or head[start : start + len(_MAGIC)] != _MAGIC:
+    if not _indexed(head):
         if safe_types is not None:
             raise UnsafePickleError("<verified copy>", "only uncompressed entries load safely")
         import joblib
 
         return joblib.load(io.BytesIO(buffer.data))
+    start = len(_HEAD) + _U64.size
     index_len = _U64.unpack_from(head, len(_HEAD))[0]
     if start + index_len > size:
         raise ValueError("index runs past the end of the file")
